@@ -1,0 +1,123 @@
+/**
+ * Reading whole archives: the pipeline bytes -> decompress -> VmaReader, and
+ * the read-side jobs built on it (header only, full verification).
+ */
+import { type Duplex, type Readable, Writable } from 'node:stream'
+import pump from 'pump'
+import { EXIT, VmapipeError } from './errors.js'
+import { type ArchiveInfo, type DeviceInfo, VMSTATE_NAME } from './record.js'
+import { type Compression, createDecompressor } from './io/compression.js'
+import { type ProgressSink, counter } from './io/progress.js'
+import { type DeviceStats, VmaReader } from './vma/reader.js'
+
+export interface ReadOptions {
+  /** Receives the count of input bytes (compressed, as read) as they pass. */
+  progress?: ProgressSink
+  /** Aborting stops the pipeline with E_INTERRUPTED. */
+  signal?: AbortSignal
+}
+
+/**
+ * Runs input -> [progress] -> decompressor -> reader -> sink and resolves when
+ * the sink has finished, or rejects with the first error anywhere in the line.
+ */
+export async function runRecordPipeline (input: Readable, decompress: Duplex, reader: VmaReader, sink: Writable, options: ReadOptions = {}): Promise<void> {
+  const stages: Array<Readable | Writable> = [input]
+  if (options.progress !== undefined) stages.push(await counter(options.progress))
+  stages.push(decompress, reader, sink)
+  const stop = (): void => { input.destroy(new VmapipeError('E_INTERRUPTED', 'interrupted')) }
+  options.signal?.addEventListener('abort', stop, { once: true })
+  try {
+    await new Promise<void>((resolve, reject) => {
+      pump(stages, (err?: Error) => { if (err) reject(err); else resolve() })
+    })
+  } catch (err) {
+    throw annotate(err, reader)
+  } finally {
+    options.signal?.removeEventListener('abort', stop)
+  }
+}
+
+/** A decompression failure says where, in archive bytes, the data stopped making sense. */
+function annotate (err: unknown, reader: VmaReader): unknown {
+  if (err instanceof VmapipeError && err.code === 'E_COMPRESSED_DATA' && err.offset === undefined) {
+    return new VmapipeError(err.code, err.message, { offset: reader.offset, cause: err })
+  }
+  return err
+}
+
+/**
+ * Turns device names from the command line into devices of the archive.
+ * `scsi0` stands for `drive-scsi0`, as Proxmox names its drives.
+ */
+export function findDevices (devices: DeviceInfo[], names: string[]): DeviceInfo[] {
+  return names.map(name => {
+    const found = devices.find(d => d.name === name) ?? devices.find(d => d.name === `drive-${name}`)
+    if (found === undefined) {
+      throw new VmapipeError('E_NOT_FOUND', `the archive has no device ${name} (it has ${devices.map(d => d.name).join(', ')})`)
+    }
+    return found
+  })
+}
+
+/** The disks of an archive: every device but the saved RAM state. */
+export function disksOf (devices: DeviceInfo[]): DeviceInfo[] {
+  return devices.filter(d => d.name !== VMSTATE_NAME)
+}
+
+/** Reads just the header. Stops reading (and closes the input) right after. */
+export async function readArchiveInfo (input: Readable): Promise<{ info: ArchiveInfo, compression: Compression }> {
+  const decompress = createDecompressor()
+  const reader = new VmaReader({ requireComplete: false })
+  return await new Promise((resolve, reject) => {
+    let info: ArchiveInfo | undefined
+    reader.once('data', (item: ArchiveInfo) => {
+      info = item
+      resolve({ info, compression: decompress.chosen ?? 'none' })
+      reader.destroy()
+    })
+    pump(input, decompress, reader, (err?: Error) => {
+      if (info === undefined) reject(annotate(err ?? new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header'), reader))
+    })
+  })
+}
+
+export interface VerifyReport {
+  ok: boolean
+  /** The first problem, when not ok. */
+  error?: VmapipeError
+  info?: ArchiveInfo
+  compression?: Compression
+  extents: number
+  /** Bytes of the decompressed archive read. */
+  archiveBytes: number
+  devices: DeviceStats[]
+}
+
+/**
+ * Reads the whole archive and checks everything, completeness included.
+ * Problems with the data make a report with ok=false; failures of the system
+ * (unreadable input, missing tool) are thrown.
+ */
+export async function verifyArchive (input: Readable, options: ReadOptions = {}): Promise<VerifyReport> {
+  const decompress = createDecompressor()
+  const reader = new VmaReader()
+  const discard = new Writable({ objectMode: true, highWaterMark: 64, write: (_item, _enc, cb) => { cb() } })
+  let error: VmapipeError | undefined
+  try {
+    await runRecordPipeline(input, decompress, reader, discard, options)
+  } catch (err) {
+    if (!(err instanceof VmapipeError) || err.exitCode !== EXIT.INVALID) throw err
+    error = err
+  }
+  const compression = decompress.chosen
+  return {
+    ok: error === undefined,
+    ...(error !== undefined ? { error } : {}),
+    ...(reader.info !== undefined ? { info: reader.info } : {}),
+    ...(compression !== undefined ? { compression } : {}),
+    extents: reader.extents,
+    archiveBytes: reader.offset,
+    devices: reader.deviceStats(),
+  }
+}

@@ -1,0 +1,50 @@
+/** The shape of a command module, and argument parsing shared by all of them. */
+import { parseArgs, type ParseArgsConfig } from 'node:util'
+import { VmapipeError } from '../errors.js'
+import { COMMON_OPTIONS, type CliContext } from './context.js'
+
+type OptionSpec = NonNullable<ParseArgsConfig['options']>
+
+export interface Command {
+  name: string
+  /** One line for the command list. */
+  summary: string
+  /** The full --help text. */
+  help: string
+  options: OptionSpec
+  run: (positionals: string[], values: Record<string, unknown>, ctx: CliContext) => Promise<number>
+}
+
+export function parseCommandLine (command: Command, args: string[]): { positionals: string[], values: Record<string, unknown> } {
+  try {
+    const { positionals, values } = parseArgs({ args, options: { ...COMMON_OPTIONS, ...command.options }, allowPositionals: true, strict: true })
+    return { positionals, values }
+  } catch (err) {
+    throw new VmapipeError('E_USAGE', `${(err as Error).message.split('\n')[0]}`)
+  }
+}
+
+/** Checks the number of positional arguments. */
+export function expectPositionals (positionals: string[], min: number, max: number, what: string): void {
+  if (positionals.length < min || positionals.length > max) {
+    throw new VmapipeError('E_USAGE', positionals.length < min ? `missing ${what}` : `unexpected argument ${positionals[max]}`)
+  }
+}
+
+/** `-d a,b -d c` -> [a, b, c] */
+export function listOption (value: unknown): string[] | undefined {
+  if (value === undefined) return undefined
+  const items = (Array.isArray(value) ? value : [value]).flatMap(v => String(v).split(',')).filter(v => v !== '')
+  return items.length > 0 ? items : undefined
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }
+
+/** `540672`, `64K`, `10G`, `1.5M` (binary units) -> bytes. */
+export function parseSize (value: unknown, what: string): number | undefined {
+  if (value === undefined) return undefined
+  const m = /^(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?$/i.exec(String(value).trim())
+  const bytes = m === null ? NaN : Math.round(Number(m[1]) * SIZE_UNITS[m[2].toUpperCase()])
+  if (!Number.isSafeInteger(bytes)) throw new VmapipeError('E_USAGE', `${what}: ${String(value)} is not a size (e.g. 540672, 64K, 10G)`)
+  return bytes
+}

@@ -1,0 +1,66 @@
+import { extractToDirectory, extractToStream } from '../extract.js'
+import { openInput } from '../io/input.js'
+import { EXIT, VmapipeError } from '../errors.js'
+import { type Command, expectPositionals, listOption, parseSize } from './command.js'
+
+export const extract: Command = {
+  name: 'extract',
+  summary: 'restore disks and config blobs into a new directory, or one disk to stdout',
+  help: `Usage: vma extract ARCHIVE TARGETDIR [-d DRIVE[,DRIVE...]] [--force]
+       vma extract ARCHIVE [-] [-d DRIVE] [--tmpdir DIR]
+
+With TARGETDIR: writes each config blob under its own name, each disk as
+disk-<device>.raw (a sparse file of the exact size, holes where the archive
+has zero blocks) and the vmstate device as vmstate.bin. TARGETDIR must not
+exist yet. Files are written under temporary names and get their final names
+only when all are complete; after a failure no file has a final name.
+
+Without TARGETDIR (or with -): writes one disk (the only one, or the one -d
+names) to stdout as raw bytes in order, zeros included. Clusters that arrive
+early wait in memory (1 MiB) and then in a temporary file, so memory stays
+flat whatever the order.
+
+Options:
+  -d, --drive DRIVE   only these devices (repeat or separate with commas);
+                      scsi0 is short for drive-scsi0
+  --force             allow an existing empty TARGETDIR
+  --tmpdir DIR        where early clusters wait when writing to stdout
+                      (default $TMPDIR or /tmp)
+  --memory SIZE       memory for early clusters before they go to --tmpdir
+                      (default 1M)
+
+Examples:
+  vma extract vzdump-qemu-100-2024_01_31-02_00_01.vma.zst restored/
+  vma extract backup.vma.zst -d scsi1 restored/
+  vma extract backup.vma.zst - -d drive-scsi0 | dd of=/dev/sdX bs=1M
+  zstd -dc backup.vma.zst | vma extract - restored/`,
+  options: {
+    drive: { type: 'string', short: 'd', multiple: true },
+    force: { type: 'boolean' },
+    tmpdir: { type: 'string' },
+    memory: { type: 'string' },
+  },
+  async run (positionals, values, ctx) {
+    expectPositionals(positionals, 1, 2, 'ARCHIVE')
+    const [archive, target = '-'] = positionals
+    const devices = listOption(values.drive)
+    const input = openInput(archive)
+    const progress = ctx.progress('extract', input.size)
+    const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
+    if (target === '-') {
+      if (values.force === true) throw new VmapipeError('E_USAGE', '--force needs a TARGETDIR')
+      const memoryLimit = parseSize(values.memory, '--memory')
+      const result = await extractToStream(input.stream, process.stdout, {
+        ...common,
+        ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
+        ...(memoryLimit !== undefined ? { memoryLimit } : {}),
+      })
+      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes }, 'disk written to stdout')
+      return EXIT.OK
+    }
+    if (values.tmpdir !== undefined || values.memory !== undefined) throw new VmapipeError('E_USAGE', '--tmpdir and --memory only apply when writing to stdout')
+    const result = await extractToDirectory(input.stream, target, { ...common, force: values.force === true })
+    ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted')
+    return EXIT.OK
+  },
+}

@@ -1,0 +1,51 @@
+import { readArchiveInfo } from '../archive.js'
+import { openInput } from '../io/input.js'
+import { formatBytes } from '../io/progress.js'
+import { EXIT } from '../errors.js'
+import { type Command, expectPositionals } from './command.js'
+import { writeOut } from './context.js'
+
+export const list: Command = {
+  name: 'list',
+  summary: 'show the uuid, creation time, devices and config blobs of an archive',
+  help: `Usage: vma list ARCHIVE [--json]
+
+Reads only the archive header and prints what the archive holds. ARCHIVE is a
+path or - for stdin; .vma, .vma.zst, .vma.gz and .vma.lzo are all accepted
+(the compression is told by its magic bytes).
+
+Options:
+  --json   print one JSON object instead of text
+
+Example:
+  vma list vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
+  options: { json: { type: 'boolean' } },
+  async run (positionals, values) {
+    expectPositionals(positionals, 1, 1, 'ARCHIVE')
+    const input = openInput(positionals[0])
+    const { info, compression } = await readArchiveInfo(input.stream)
+    if (values.json === true) {
+      await writeOut(JSON.stringify({
+        uuid: info.uuid,
+        ctime: info.ctime,
+        created: new Date(info.ctime * 1000).toISOString(),
+        compression,
+        devices: info.devices,
+        configs: info.configs.map(c => ({ name: c.name, size: c.data.length })),
+      }, null, 2) + '\n')
+      return EXIT.OK
+    }
+    const width = Math.max(4, ...info.devices.map(d => d.name.length), ...info.configs.map(c => c.name.length))
+    const lines = [
+      `archive  ${input.name} (${compression === 'none' ? 'uncompressed' : compression})`,
+      `uuid     ${info.uuid}`,
+      `ctime    ${new Date(info.ctime * 1000).toISOString()} (${info.ctime})`,
+      'devices',
+      ...info.devices.map(d => `  ${String(d.id).padStart(3)}  ${d.name.padEnd(width)}  ${d.size} bytes (${formatBytes(d.size)})`),
+      'configs',
+      ...info.configs.map(c => `       ${c.name.padEnd(width)}  ${c.data.length} bytes`),
+    ]
+    await writeOut(lines.join('\n') + '\n')
+    return EXIT.OK
+  },
+}

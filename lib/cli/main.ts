@@ -1,0 +1,87 @@
+/** `vma COMMAND ...`: dispatch, help, and the exit code. */
+import { readFileSync } from 'node:fs'
+import { EXIT, VmapipeError } from '../errors.js'
+import { type Command, parseCommandLine } from './command.js'
+import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
+import { config } from './config.js'
+import { extract } from './extract.js'
+import { list } from './list.js'
+import { verify } from './verify.js'
+
+const COMMANDS: Command[] = [list, config, verify, extract]
+
+const EXIT_HELP = `Exit codes:
+  0    success
+  1    the archive or image is invalid, damaged or incomplete
+  2    wrong arguments, or a device or blob that does not exist
+  3    system failure: unreadable input, target exists, disk full, missing tool
+  130  interrupted (SIGINT or SIGTERM); partial output was removed`
+
+function usage (): string {
+  const width = Math.max(...COMMANDS.map(c => c.name.length))
+  return `Usage: vma COMMAND [options]
+
+Streams Proxmox VMA backups: .vma, .vma.zst, .vma.gz, .vma.lzo, from a file or stdin (-).
+
+Commands:
+${COMMANDS.map(c => `  ${c.name.padEnd(width)}  ${c.summary}`).join('\n')}
+
+Run vma COMMAND --help for its options and examples.
+
+${COMMON_HELP}
+
+${EXIT_HELP}
+`
+}
+
+function version (): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }
+  return pkg.version
+}
+
+export async function main (argv: string[]): Promise<number> {
+  const [name, ...args] = argv
+  if (name === undefined || name === '-h' || name === '--help' || name === 'help') {
+    process.stdout.write(usage())
+    return name === undefined ? EXIT.USAGE : EXIT.OK
+  }
+  if (name === '--version' || name === '-V') {
+    process.stdout.write(`vmapipe ${version()}\n`)
+    return EXIT.OK
+  }
+  const command = COMMANDS.find(c => c.name === name)
+  if (command === undefined) {
+    process.stderr.write(`vma: unknown command ${name}\n\n${usage()}`)
+    return EXIT.USAGE
+  }
+  return await runCommand(command, args, 'vma')
+}
+
+/** Runs one command with its own argument list; also the entry of pack-vma. */
+export async function runCommand (command: Command, args: string[], program: string): Promise<number> {
+  let parsed
+  try {
+    parsed = parseCommandLine(command, args)
+  } catch (err) {
+    process.stderr.write(`${program}: ${(err as Error).message}\nTry '${program === 'vma' ? `vma ${command.name}` : program} --help'.\n`)
+    return EXIT.USAGE
+  }
+  if (parsed.values.help === true) {
+    process.stdout.write(`${command.help}\n\n${COMMON_HELP}\n\n${EXIT_HELP}\n`)
+    return EXIT.OK
+  }
+  let ctx: CliContext
+  try {
+    ctx = new CliContext(command.name, parsed.values as CommonOptions)
+  } catch (err) {
+    process.stderr.write(`${program}: ${(err as Error).message}\n`)
+    return EXIT.USAGE
+  }
+  try {
+    return await command.run(parsed.positionals, parsed.values, ctx)
+  } catch (err) {
+    const code = ctx.fail(err)
+    if (err instanceof VmapipeError && code === EXIT.USAGE) process.stderr.write(`${program}: ${err.message}\n`)
+    return code
+  }
+}

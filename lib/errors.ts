@@ -1,0 +1,82 @@
+/**
+ * Typed errors with stable codes. Every error the library raises on purpose is
+ * a VmapipeError; its `code` is part of the API and never changes meaning.
+ */
+
+/** Exit status of the command-line tools, documented in the README and --help. */
+export const EXIT = {
+  OK: 0,
+  /** The input is not a valid, complete archive or image. */
+  INVALID: 1,
+  /** Wrong arguments. */
+  USAGE: 2,
+  /** The system failed us: unreadable input, target exists, disk full, missing tool. */
+  IO: 3,
+  /** Stopped by SIGINT or SIGTERM (128 + 2 is reported for both, as shells do for ^C). */
+  INTERRUPTED: 130,
+} as const
+
+/** Codes that say the system failed rather than the input being wrong. */
+const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS'])
+const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND'])
+
+export type ErrorCode =
+  // VMA format
+  | 'E_VMA_MAGIC' | 'E_VMA_VERSION' | 'E_VMA_HEADER' | 'E_VMA_HEADER_SIZE' | 'E_VMA_HEADER_MD5'
+  | 'E_VMA_BLOB' | 'E_VMA_NAME' | 'E_VMA_NO_DEVICES' | 'E_VMA_EXTENT_MAGIC' | 'E_VMA_EXTENT_MD5'
+  | 'E_VMA_EXTENT_UUID' | 'E_VMA_BLOCK_COUNT' | 'E_VMA_DEVICE' | 'E_VMA_DUPLICATE'
+  | 'E_VMA_CLUSTER_RANGE' | 'E_VMA_VMSTATE_ORDER' | 'E_VMA_TRUNCATED' | 'E_VMA_MISSING'
+  // streams of records handed to writers
+  | 'E_RECORD'
+  // compression
+  | 'E_COMPRESSED_DATA' | 'E_TOOL_MISSING'
+  // the command line and the file system
+  | 'E_USAGE' | 'E_NOT_FOUND' | 'E_TARGET_EXISTS' | 'E_NAME_CLASH' | 'E_IO' | 'E_INTERRUPTED'
+
+export interface ErrorPlace {
+  /** Byte offset in the (decompressed) input where the problem was found. */
+  offset?: number
+  /** Device name, when the problem belongs to one device. */
+  device?: string
+  /** Cluster number inside that device. */
+  cluster?: number
+}
+
+export class VmapipeError extends Error implements ErrorPlace {
+  readonly code: ErrorCode
+  readonly offset?: number
+  readonly device?: string
+  readonly cluster?: number
+
+  constructor (code: ErrorCode, message: string, place: ErrorPlace & { cause?: unknown } = {}) {
+    super(message + describePlace(place), place.cause === undefined ? undefined : { cause: place.cause })
+    this.name = 'VmapipeError'
+    this.code = code
+    if (place.offset !== undefined) this.offset = place.offset
+    if (place.device !== undefined) this.device = place.device
+    if (place.cluster !== undefined) this.cluster = place.cluster
+  }
+
+  get exitCode (): number {
+    if (USAGE_CODES.has(this.code)) return EXIT.USAGE
+    if (SYSTEM_CODES.has(this.code)) return EXIT.IO
+    if (this.code === 'E_INTERRUPTED') return EXIT.INTERRUPTED
+    return EXIT.INVALID
+  }
+}
+
+function describePlace (place: ErrorPlace): string {
+  const parts: string[] = []
+  if (place.device !== undefined) parts.push(`device ${place.device}`)
+  if (place.cluster !== undefined) parts.push(`cluster ${place.cluster}`)
+  if (place.offset !== undefined) parts.push(`byte offset ${place.offset}`)
+  return parts.length > 0 ? ` (${parts.join(', ')})` : ''
+}
+
+/** Wraps a system error (ENOSPC, EACCES, ...) so that callers see one error type. */
+export function ioError (err: unknown, what: string): VmapipeError {
+  if (err instanceof VmapipeError) return err
+  const e = err as NodeJS.ErrnoException
+  const reason = e?.code === 'ENOSPC' ? 'no space left on device' : (e?.message ?? String(err))
+  return new VmapipeError('E_IO', `${what}: ${reason}`, { cause: err })
+}

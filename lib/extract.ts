@@ -1,0 +1,140 @@
+/**
+ * Extraction: an archive's disks and config blobs into a new directory, or one
+ * disk to a stream. Files are written in a hidden staging directory inside the
+ * target and renamed to their final names only when every one is complete.
+ */
+import { mkdir, mkdtemp, open, readdir, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises'
+import { join } from 'node:path'
+import { once } from 'node:events'
+import type { Readable, Writable } from 'node:stream'
+import { VmapipeError, ioError } from './errors.js'
+import { type ArchiveInfo, type DeviceInfo, VMSTATE_NAME } from './record.js'
+import { DeviceRouter } from './router.js'
+import { RawFileWriter, RawStreamWriter } from './raw/writer.js'
+import { WriteQueue } from './io/write-queue.js'
+import { createDecompressor } from './io/compression.js'
+import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
+import { VmaReader } from './vma/reader.js'
+
+export interface ExtractOptions extends ReadOptions {
+  /** Only these devices (names, `scsi0` short for `drive-scsi0`); default all. */
+  devices?: string[]
+}
+
+export interface ExtractToDirOptions extends ExtractOptions {
+  /** Allow an existing, empty target directory. */
+  force?: boolean
+}
+
+export interface ExtractResult {
+  info: ArchiveInfo
+  /** Final paths written. */
+  files: string[]
+  /** Bytes of the decompressed archive read. */
+  archiveBytes: number
+}
+
+/** The file a device is extracted to, as the reference names it. */
+export function diskFileName (device: DeviceInfo): string {
+  return device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
+}
+
+export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult> {
+  const created = await prepareTarget(targetDir, options.force ?? false)
+  let staging: string | undefined
+  try {
+    staging = await mkdtemp(join(targetDir, '.vmapipe-partial-')).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
+    const stagingDir = staging
+    const names: string[] = []
+    const decompress = createDecompressor()
+    const reader = new VmaReader(options.devices === undefined ? {} : { select: devices => findDevices(devices, options.devices as string[]) })
+    const queue = new WriteQueue()
+    const router = new DeviceRouter(async (info, add) => {
+      const files = planFiles(info, reader.selected)
+      names.push(...files.configs.map(c => c.name), ...files.disks.map(d => d.file))
+      for (const c of files.configs) {
+        await writeFile(join(stagingDir, c.name), c.data, { flag: 'wx', mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${c.name}`) })
+      }
+      for (const d of files.disks) add(d.device.id, await RawFileWriter.create(join(stagingDir, d.file), d.device.size, queue))
+    })
+    await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
+      // The router may still be closing files; remove the staging area only after.
+      if (!router.closed) await once(router, 'close')
+      throw err
+    })
+    for (const name of names) await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
+    await rmdir(stagingDir)
+    await syncDirectory(targetDir)
+    return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset }
+  } catch (err) {
+    if (staging !== undefined) await rm(staging, { recursive: true, force: true }).catch(() => {})
+    if (created) await rmdir(targetDir).catch(() => {})
+    throw err
+  }
+}
+
+/**
+ * Writes one disk (the only one, or the one named) to `output` front to back,
+ * zeros included. Early clusters wait in a spill buffer (`tmpDir`).
+ */
+export async function extractToStream (input: Readable, output: Writable, options: ExtractOptions & { tmpDir?: string, memoryLimit?: number } = {}): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
+  let writer: RawStreamWriter | undefined
+  const decompress = createDecompressor()
+  const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices)] })
+  const router = new DeviceRouter(async (_info, add) => {
+    const device = reader.selected[0]
+    writer = new RawStreamWriter(output, device, {
+      ...(options.tmpDir !== undefined ? { tmpDir: options.tmpDir } : {}),
+      ...(options.memoryLimit !== undefined ? { memoryLimit: options.memoryLimit } : {}),
+    })
+    add(device.id, writer)
+  })
+  await runRecordPipeline(input, decompress, reader, router, options)
+  return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: writer?.spilledBytes ?? 0 }
+}
+
+function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined): DeviceInfo {
+  const chosen = names === undefined ? disksOf(devices) : findDevices(devices, names)
+  if (chosen.length !== 1) {
+    throw new VmapipeError('E_USAGE', names === undefined
+      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one with -d to write it to stdout`
+      : 'only one device can be written to stdout')
+  }
+  return chosen[0]
+}
+
+interface FilePlan {
+  configs: Array<{ name: string, data: Buffer }>
+  disks: Array<{ device: DeviceInfo, file: string }>
+}
+
+/** Final names of everything to be written; names were checked safe by the reader. */
+function planFiles (info: ArchiveInfo, selected: DeviceInfo[]): FilePlan {
+  const disks = selected.map(device => ({ device, file: diskFileName(device) }))
+  const diskFiles = new Set(disks.map(d => d.file))
+  for (const c of info.configs) {
+    if (diskFiles.has(c.name)) throw new VmapipeError('E_NAME_CLASH', `config blob ${c.name} has the name of a disk file`)
+  }
+  return { configs: info.configs, disks }
+}
+
+/** Creates the target, or with `force` accepts an existing empty directory. Returns whether it was created. */
+async function prepareTarget (dir: string, force: boolean): Promise<boolean> {
+  try {
+    await mkdir(dir)
+    return true
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw ioError(err, `cannot create ${dir}`)
+  }
+  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (use --force to extract into an existing empty directory)`)
+  const st = await stat(dir)
+  if (!st.isDirectory() || (await readdir(dir)).length > 0) {
+    throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory`)
+  }
+  return false
+}
+
+async function syncDirectory (dir: string): Promise<void> {
+  const handle = await open(dir, 'r')
+  try { await handle.sync() } finally { await handle.close() }
+}

@@ -1,0 +1,21 @@
+/**
+ * vmapipe: stream Proxmox VMA backups. The public face of the library.
+ *
+ *   bytes -> createDecompressor() -> VmaReader -> DeviceRouter(RawFileWriter | RawStreamWriter | ...)
+ */
+export * from './record.js'
+export { VmapipeError, EXIT, type ErrorCode, type ErrorPlace } from './errors.js'
+export { VmaReader, type VmaReaderOptions, type DeviceStats } from './vma/reader.js'
+export {
+  VMA_MAGIC, EXTENT_MAGIC, HEADER_FIXED_SIZE, MAX_HEADER_SIZE, EXTENT_HEADER_SIZE, MAX_EXTENT_CLUSTERS, MAX_CONFIGS, MAX_BLOB_SIZE,
+  parseHeader, parseExtentHeader, type VmaHeader, type ExtentHeader, type ExtentEntry,
+} from './vma/format.js'
+export { DeviceRouter, type DiskWriter, type WriterFactory } from './router.js'
+export { RawFileWriter, RawStreamWriter } from './raw/writer.js'
+export { WriteQueue, type WriteQueueOptions } from './io/write-queue.js'
+export { type ReorderOptions } from './io/reorder.js'
+export { createDecompressor, createCompressor, detectCompression, compressionForName, type Compression } from './io/compression.js'
+export { openInput, type Input } from './io/input.js'
+export { type ProgressSink } from './io/progress.js'
+export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './archive.js'
+export { extractToDirectory, extractToStream, diskFileName, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'

@@ -1,0 +1,97 @@
+/**
+ * Positional writes with a few in flight and adjacent pieces merged into one
+ * writev. One queue may serve several files: a run is only extended by a write
+ * to the same file right after it, so interleaved devices never pin more than
+ * one pending run plus what is in flight.
+ */
+import { writev } from 'node:fs'
+import { ioError } from '../errors.js'
+
+export interface WriteQueueOptions {
+  /** Writes submitted at once (default 8). */
+  maxInFlight?: number
+  /** Largest merged write in bytes (default 1 MiB). */
+  maxRun?: number
+}
+
+export class WriteQueue {
+  private readonly maxInFlight: number
+  private readonly maxRun: number
+  private run: Buffer[] = []
+  private runFd = -1
+  private runPosition = 0
+  private runLength = 0
+  private runWhat = ''
+  private inFlight = 0
+  private failure?: Error
+  private waiters: Array<() => void> = []
+
+  constructor (options: WriteQueueOptions = {}) {
+    this.maxInFlight = options.maxInFlight ?? 8
+    this.maxRun = options.maxRun ?? 1 << 20
+  }
+
+  /**
+   * Queues `bytes` for `fd` at `position`. The buffer must stay unchanged until
+   * drain(). Returns a promise when the caller should wait before queuing more.
+   */
+  write (fd: number, bytes: Buffer, position: number, what: string): Promise<void> | undefined {
+    if (this.failure !== undefined) throw this.failure
+    if (bytes.length === 0) return undefined
+    if (fd === this.runFd && position === this.runPosition + this.runLength && this.runLength + bytes.length <= this.maxRun) {
+      this.run.push(bytes)
+      this.runLength += bytes.length
+      return undefined
+    }
+    const wait = this.submit()
+    this.run = [bytes]
+    this.runWhat = what
+    this.runFd = fd
+    this.runPosition = position
+    this.runLength = bytes.length
+    return wait
+  }
+
+  /** Writes out everything queued and waits for it; throws the first write error. */
+  async drain (): Promise<void> {
+    await this.submit()
+    while (this.inFlight > 0) await new Promise<void>(resolve => this.waiters.push(resolve))
+    if (this.failure !== undefined) throw this.failure
+  }
+
+  private submit (): Promise<void> | undefined {
+    if (this.runLength === 0) return undefined
+    const what = this.runWhat
+    const buffers = this.run
+    const fd = this.runFd
+    const position = this.runPosition
+    this.run = []
+    this.runLength = 0
+    this.runFd = -1
+    this.inFlight++
+    writeAll(fd, buffers, position, err => {
+      this.inFlight--
+      if (err !== null && this.failure === undefined) this.failure = ioError(err, what)
+      const waiters = this.waiters
+      this.waiters = []
+      for (const wake of waiters) wake()
+    })
+    if (this.inFlight < this.maxInFlight) return undefined
+    return new Promise<void>(resolve => this.waiters.push(resolve))
+  }
+}
+
+/** writev until every byte is written (regular files may take less than asked). */
+function writeAll (fd: number, buffers: Buffer[], position: number, done: (err: Error | null) => void): void {
+  writev(fd, buffers, position, (err, written) => {
+    if (err !== null) { done(err); return }
+    let rest = written
+    let i = 0
+    while (i < buffers.length && rest >= buffers[i].length) rest -= buffers[i++].length
+    if (i === buffers.length) { done(null); return }
+    if (written === 0) { done(new Error('the write made no progress')); return }
+    const remaining = buffers.slice(i)
+    remaining[0] = remaining[0].subarray(rest)
+    writeAll(fd, remaining, position + written, done)
+  })
+}

@@ -1,0 +1,127 @@
+/**
+ * Raw writers. RawFileWriter: a sparse file written by position, holes where
+ * the records say zero, exact size. RawStreamWriter: the device front to back
+ * on a stream (stdout), zeros included, early clusters parked in a
+ * ReorderBuffer so memory stays flat whatever the order.
+ */
+import { open, type FileHandle } from 'node:fs/promises'
+import type { Writable } from 'node:stream'
+import { VmapipeError, ioError } from '../errors.js'
+import { type ClusterRecord, type DeviceInfo, clusterCount, expandCluster, forEachRun } from '../record.js'
+import type { DiskWriter } from '../router.js'
+import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
+import { WriteQueue } from '../io/write-queue.js'
+
+export class RawFileWriter implements DiskWriter {
+  private constructor (
+    private readonly file: FileHandle,
+    private readonly path: string,
+    private readonly size: number,
+    private readonly queue: WriteQueue,
+  ) {}
+
+  /** Creates `path` (which must not exist) for a device of `size` bytes. */
+  static async create (path: string, size: number, queue = new WriteQueue()): Promise<RawFileWriter> {
+    try {
+      return new RawFileWriter(await open(path, 'wx', 0o644), path, size, queue)
+    } catch (err) {
+      throw ioError(err, `cannot create ${path}`)
+    }
+  }
+
+  write (rec: ClusterRecord): Promise<void> | undefined {
+    let wait: Promise<void> | undefined
+    forEachRun(rec, this.size, (position, bytes) => {
+      wait = this.queue.write(this.file.fd, bytes, position, `writing ${this.path}`) ?? wait
+    })
+    return wait
+  }
+
+  async finish (): Promise<void> {
+    await this.queue.drain()
+    try {
+      await this.file.truncate(this.size)
+      await this.file.sync()
+      await this.file.close()
+    } catch (err) {
+      throw ioError(err, `finishing ${this.path}`)
+    }
+  }
+
+  async abort (): Promise<void> {
+    await this.queue.drain().catch(() => {})
+    await this.file.close().catch(() => {})
+  }
+}
+
+export class RawStreamWriter implements DiskWriter {
+  private next = 0
+  private readonly clusters: number
+  private readonly reorder: ReorderBuffer
+  private failure?: Error
+  private readonly onError = (err: Error): void => { this.failure ??= ioError(err, 'writing the output stream') }
+
+  constructor (private readonly out: Writable, private readonly device: DeviceInfo, options: ReorderOptions = {}) {
+    this.clusters = clusterCount(device.size)
+    this.reorder = new ReorderBuffer(device.size, options)
+    out.on('error', this.onError)
+  }
+
+  /** Bytes that had to wait in the spill file (for reports). */
+  get spilledBytes (): number { return this.reorder.spilledBytes }
+
+  write (rec: ClusterRecord): Promise<void> | undefined {
+    if (this.failure !== undefined) throw this.failure
+    if (rec.cluster < this.next || this.reorder.has(rec.cluster)) {
+      throw new VmapipeError('E_RECORD', 'cluster given twice', { device: this.device.name, cluster: rec.cluster })
+    }
+    if (rec.cluster >= this.clusters) {
+      throw new VmapipeError('E_RECORD', 'cluster past the device end', { device: this.device.name, cluster: rec.cluster })
+    }
+    if (rec.cluster !== this.next) return this.reorder.put(rec)
+    const flowing = this.out.write(expandCluster(rec, this.device.size))
+    this.next++
+    if (this.reorder.has(this.next)) return this.catchUp()
+    return flowing ? undefined : this.drained()
+  }
+
+  async finish (): Promise<void> {
+    this.reorder.close()
+    if (this.failure !== undefined) throw this.failure
+    if (this.next < this.clusters) {
+      throw new VmapipeError('E_RECORD', `the records stopped before the device was complete (${this.clusters - this.next} clusters never came)`, { device: this.device.name, cluster: this.next })
+    }
+    await this.drained()
+    this.out.off('error', this.onError)
+  }
+
+  async abort (): Promise<void> {
+    this.reorder.close()
+    this.out.off('error', this.onError)
+  }
+
+  /** Emits the parked clusters that are now due. */
+  private async catchUp (): Promise<void> {
+    while (this.reorder.has(this.next)) {
+      const { bytes, clusters, release } = await this.reorder.take(this.next)
+      this.next += clusters
+      if (!this.out.write(bytes, release)) await this.drained()
+      if (this.failure !== undefined) throw this.failure
+    }
+  }
+
+  private async drained (): Promise<void> {
+    if (this.out.writableNeedDrain) {
+      await new Promise<void>((resolve, reject) => {
+        const done = (err?: Error): void => {
+          this.out.off('drain', done)
+          this.out.off('error', done)
+          if (err !== undefined) reject(ioError(err, 'writing the output stream')); else resolve()
+        }
+        this.out.on('drain', done)
+        this.out.on('error', done)
+      })
+    }
+    if (this.failure !== undefined) throw this.failure
+  }
+}

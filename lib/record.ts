@@ -1,0 +1,117 @@
+/**
+ * The one kind of item that flows through every pipeline, in VMA's own unit.
+ * Readers turn bytes into these; writers turn these into bytes or files.
+ */
+import { VmapipeError } from './errors.js'
+
+export const CLUSTER_SIZE = 65536
+export const BLOCK_SIZE = 4096
+export const BLOCKS_PER_CLUSTER = 16
+export const FULL_MASK = 0xffff
+/** VMA stores cluster numbers in 32 bits. */
+export const MAX_CLUSTERS = 2 ** 32
+/** Name of the device that carries saved RAM instead of a disk. */
+export const VMSTATE_NAME = 'vmstate'
+
+/** Shared, never written: hand it out wherever zeros are needed. */
+export const ZERO_BLOCK: Buffer = Buffer.alloc(BLOCK_SIZE)
+export const ZERO_CLUSTER: Buffer = Buffer.alloc(CLUSTER_SIZE)
+
+export interface DeviceInfo {
+  /** dev_id in the archive, 1..255. */
+  id: number
+  name: string
+  /** Bytes; need not be a multiple of the cluster size. */
+  size: number
+}
+
+export interface ConfigBlob {
+  name: string
+  data: Buffer
+}
+
+/** Always the first item of a record stream. */
+export interface ArchiveInfo {
+  kind: 'archive'
+  uuid: string
+  /** Seconds since the epoch. */
+  ctime: number
+  configs: ConfigBlob[]
+  devices: DeviceInfo[]
+}
+
+export interface ClusterRecord {
+  kind: 'cluster'
+  /** dev_id of the device this cluster belongs to. */
+  device: number
+  /** Index of the 64 KiB cluster inside the device. */
+  cluster: number
+  /** Bit i set = 4 KiB block i holds data; clear = all zeros. */
+  mask: number
+  /** Exactly the blocks whose bit is set, in order: popcount(mask) * 4096 bytes. */
+  data: Buffer
+}
+
+export type StreamItem = ArchiveInfo | ClusterRecord
+
+export function clusterRecord (device: number, cluster: number, mask: number, data: Buffer): ClusterRecord {
+  return { kind: 'cluster', device, cluster, mask, data }
+}
+
+export function popcount16 (mask: number): number {
+  let m = mask - ((mask >>> 1) & 0x5555)
+  m = (m & 0x3333) + ((m >>> 2) & 0x3333)
+  m = (m + (m >>> 4)) & 0x0f0f
+  return (m + (m >>> 8)) & 0x1f
+}
+
+export function clusterCount (size: number): number {
+  return Math.ceil(size / CLUSTER_SIZE)
+}
+
+/** Mask of the blocks of `cluster` that lie (at least partly) inside a device of `size` bytes. */
+export function blocksInside (size: number, cluster: number): number {
+  const left = size - cluster * CLUSTER_SIZE
+  if (left >= CLUSTER_SIZE) return FULL_MASK
+  if (left <= 0) return 0
+  return (1 << Math.ceil(left / BLOCK_SIZE)) - 1
+}
+
+/**
+ * Calls `fn` once per run of consecutive data blocks in a record, with the
+ * byte position in the device and the run's bytes, clipped to the device size.
+ * Adjacent blocks become one call, so writers issue one write per run.
+ */
+export function forEachRun (rec: ClusterRecord, deviceSize: number, fn: (position: number, bytes: Buffer) => void): void {
+  if (rec.data.length !== popcount16(rec.mask) * BLOCK_SIZE) {
+    throw new VmapipeError('E_RECORD', `record data is ${rec.data.length} bytes but its mask 0x${rec.mask.toString(16)} needs ${popcount16(rec.mask) * BLOCK_SIZE}`, { cluster: rec.cluster })
+  }
+  if ((rec.mask & ~blocksInside(deviceSize, rec.cluster)) !== 0) {
+    throw new VmapipeError('E_RECORD', `record has data past the device end (${deviceSize} bytes)`, { cluster: rec.cluster })
+  }
+  const base = rec.cluster * CLUSTER_SIZE
+  let mask = rec.mask
+  let block = 0
+  let dataPos = 0
+  while (mask !== 0) {
+    while ((mask & 1) === 0) { mask >>>= 1; block++ }
+    let run = 0
+    while ((mask & 1) === 1) { mask >>>= 1; run++ }
+    const position = base + block * BLOCK_SIZE
+    const length = Math.min(run * BLOCK_SIZE, deviceSize - position)
+    fn(position, rec.data.subarray(dataPos, dataPos + length))
+    dataPos += run * BLOCK_SIZE
+    block += run
+  }
+}
+
+/** The whole cluster as bytes (zeros included), clipped to the device end. */
+export function expandCluster (rec: ClusterRecord, deviceSize: number): Buffer {
+  const length = Math.min(CLUSTER_SIZE, deviceSize - rec.cluster * CLUSTER_SIZE)
+  if (rec.mask === 0) return ZERO_CLUSTER.subarray(0, length)
+  if (rec.mask === FULL_MASK) return rec.data.subarray(0, length)
+  const out = Buffer.alloc(length)
+  const base = rec.cluster * CLUSTER_SIZE
+  forEachRun(rec, deviceSize, (position, bytes) => { bytes.copy(out, position - base) })
+  return out
+}

@@ -1,0 +1,70 @@
+/**
+ * DeviceRouter: the sink end of a record pipeline. It hands each record to the
+ * DiskWriter of its device. Writers make progress on their own (positional
+ * files, a pipe that drains), so one slow device waits only for itself and
+ * nothing is buffered without bound; there are no per-device child streams
+ * that would all have to be drained.
+ */
+import { Writable } from 'node:stream'
+import type { ArchiveInfo, ClusterRecord, StreamItem } from './record.js'
+
+/** What every format's writer offers to a router. */
+export interface DiskWriter {
+  /** Takes one record; returns a promise when the caller should wait before the next. */
+  write: (rec: ClusterRecord) => Promise<void> | undefined
+  /** All records given: complete the output (tables, size, fsync) and close it. */
+  finish: () => Promise<void>
+  /** Give up: close what is open. Removing files is the caller's business. */
+  abort: () => Promise<void>
+}
+
+/**
+ * Creates the writers once the archive's header is known, handing each to
+ * `add` as soon as it exists, so that an abort midway still closes it.
+ */
+export type WriterFactory = (info: ArchiveInfo, add: (device: number, writer: DiskWriter) => void) => Promise<void>
+
+export class DeviceRouter extends Writable {
+  private readonly writers = new Map<number, DiskWriter>()
+  private opening?: Promise<void>
+  private opened = false
+
+  constructor (private readonly open: WriterFactory) {
+    super({ objectMode: true, highWaterMark: 4 })
+  }
+
+  override _write (item: StreamItem, _enc: BufferEncoding, callback: (err?: Error | null) => void): void {
+    if (item.kind === 'archive') {
+      this.opening = this.open(item, (device, writer) => this.writers.set(device, writer))
+      this.opening.then(() => {
+        this.opened = true
+        callback()
+      }, callback)
+      return
+    }
+    const writer = this.writers.get(item.device)
+    if (writer === undefined) { callback(); return }
+    let wait: Promise<void> | undefined
+    try {
+      wait = writer.write(item)
+    } catch (err) {
+      callback(err as Error)
+      return
+    }
+    if (wait === undefined) callback()
+    else wait.then(() => callback(), callback)
+  }
+
+  override _final (callback: (err?: Error | null) => void): void {
+    if (!this.opened) { callback(new Error('the record stream ended before its ArchiveInfo')); return }
+    Promise.all([...this.writers.values()].map(async w => await w.finish())).then(() => callback(), callback)
+  }
+
+  override _destroy (err: Error | null, callback: (err?: Error | null) => void): void {
+    const abortAll = async (): Promise<void> => {
+      await this.opening?.catch(() => {})
+      await Promise.allSettled([...this.writers.values()].map(async w => await w.abort()))
+    }
+    abortAll().then(() => callback(err), () => callback(err))
+  }
+}

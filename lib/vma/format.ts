@@ -1,0 +1,212 @@
+/**
+ * VMA structures: decoding (and, for the writer, encoding) of the archive
+ * header and the 512-byte extent headers. Pure functions over Buffers.
+ * Layout: ../shared/specs/vma_spec.txt, corrected by VMA-NOTES.md.
+ */
+import { createHash } from 'node:crypto'
+import { VmapipeError } from '../errors.js'
+import {
+  type ConfigBlob, type DeviceInfo, BLOCK_SIZE, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
+} from '../record.js'
+
+export const VMA_MAGIC = Buffer.from('VMA\0', 'latin1')
+export const EXTENT_MAGIC = Buffer.from('VMAE', 'latin1')
+/** sizeof(VmaHeader): everything before the blob buffer. */
+export const HEADER_FIXED_SIZE = 12288
+/** The reference writer builds the header in a 512 KiB buffer; nothing larger is real. */
+export const MAX_HEADER_SIZE = 512 * 1024
+export const EXTENT_HEADER_SIZE = 512
+export const MAX_EXTENT_CLUSTERS = 59
+export const MAX_CONFIGS = 256
+/** Bytes needed to learn header_size. */
+export const HEADER_PREFIX_SIZE = 60
+export const MAX_BLOB_SIZE = 65535
+
+const OFF = {
+  version: 4, uuid: 8, ctime: 24, md5: 32, blobOffset: 48, blobSize: 52, headerSize: 56,
+  configNames: 2044, configData: 3068, devInfo: 4096,
+} as const
+const DEV_INFO_SIZE = 32
+const EXTENT_OFF = { reserved: 4, blockCount: 6, uuid: 8, md5: 24, blockInfo: 40 } as const
+const ZERO_MD5 = Buffer.alloc(16)
+
+export interface VmaHeader {
+  uuid: string
+  uuidBytes: Buffer
+  ctime: number
+  configs: ConfigBlob[]
+  devices: DeviceInfo[]
+}
+
+/** One used blockinfo slot of an extent header. */
+export interface ExtentEntry {
+  slot: number
+  mask: number
+  devId: number
+  cluster: number
+}
+
+export interface ExtentHeader {
+  blockCount: number
+  entries: ExtentEntry[]
+}
+
+/** MD5 of `buf` as if the 16 bytes at `at` were zero (how VMA checksums its headers). */
+export function md5WithHole (buf: Buffer, at: number): Buffer {
+  return createHash('md5').update(buf.subarray(0, at)).update(ZERO_MD5).update(buf.subarray(at + 16)).digest()
+}
+
+export function formatUuid (bytes: Buffer): string {
+  const h = bytes.toString('hex')
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`
+}
+
+export function checkMagic (start: Buffer): void {
+  if (!start.subarray(0, 4).equals(VMA_MAGIC)) {
+    throw new VmapipeError('E_VMA_MAGIC', `not a VMA archive: magic is 0x${start.subarray(0, 4).toString('hex')}, expected 0x564d4100 ("VMA\\0")`, { offset: 0 })
+  }
+}
+
+/** Checks the magic and returns header_size, from the first HEADER_PREFIX_SIZE bytes. */
+export function readHeaderSize (prefix: Buffer): number {
+  checkMagic(prefix)
+  const size = prefix.readUInt32BE(OFF.headerSize)
+  if (size <= HEADER_FIXED_SIZE || size > MAX_HEADER_SIZE) {
+    throw new VmapipeError('E_VMA_HEADER_SIZE', `header_size ${size} is outside ${HEADER_FIXED_SIZE + 1}..${MAX_HEADER_SIZE}`, { offset: OFF.headerSize })
+  }
+  return size
+}
+
+/** Returns the blob-table index: blob position (relative to the blob buffer) -> its bytes. */
+function indexBlobs (head: Buffer): Map<number, Buffer> {
+  const blobOffset = head.readUInt32BE(OFF.blobOffset)
+  const blobSize = head.readUInt32BE(OFF.blobSize)
+  if (blobOffset < HEADER_FIXED_SIZE) {
+    throw new VmapipeError('E_VMA_BLOB', `blob_buffer_offset ${blobOffset} points inside the fixed header`, { offset: OFF.blobOffset })
+  }
+  if (blobOffset + blobSize > head.length) {
+    throw new VmapipeError('E_VMA_BLOB', `blob buffer ${blobOffset}+${blobSize} runs past header_size ${head.length}`, { offset: OFF.blobSize })
+  }
+  const blobs = new Map<number, Buffer>()
+  const end = blobOffset + blobSize
+  // Position 0 means "none", so the first blob starts at 1.
+  for (let pos = blobOffset + 1; pos + 2 <= end;) {
+    const len = head.readUInt16LE(pos)
+    if (pos + 2 + len <= end) blobs.set(pos - blobOffset, head.subarray(pos + 2, pos + 2 + len))
+    pos += 2 + len
+  }
+  return blobs
+}
+
+/** Names become file names on extraction, so anything that could climb or hide is refused. */
+export function checkName (name: string, what: string, offset: number): void {
+  // eslint-disable-next-line no-control-regex
+  if (name === '' || name === '.' || name.includes('..') || /[/\\\x00-\x1f\x7f]/.test(name)) {
+    throw new VmapipeError('E_VMA_NAME', `${what} name ${JSON.stringify(name)} is not a safe file name (empty, '..', '/', '\\\\', NUL or a control character)`, { offset })
+  }
+}
+
+function blobString (blobs: Map<number, Buffer>, ptr: number, what: string, fieldOffset: number): string {
+  const blob = blobs.get(ptr)
+  if (blob === undefined) throw new VmapipeError('E_VMA_BLOB', `${what} points to ${ptr}, which is not a blob`, { offset: fieldOffset })
+  if (blob.length === 0 || blob[blob.length - 1] !== 0) {
+    throw new VmapipeError('E_VMA_BLOB', `${what} is not NUL-terminated`, { offset: fieldOffset })
+  }
+  const name = blob.subarray(0, blob.length - 1).toString('utf8')
+  checkName(name, what, fieldOffset)
+  return name
+}
+
+/** Decodes and checks a whole header (header_size bytes). */
+export function parseHeader (head: Buffer): VmaHeader {
+  const headerSize = readHeaderSize(head)
+  if (head.length !== headerSize) throw new Error(`parseHeader needs exactly ${headerSize} bytes`)
+  const md5 = md5WithHole(head, OFF.md5)
+  if (!md5.equals(head.subarray(OFF.md5, OFF.md5 + 16))) {
+    throw new VmapipeError('E_VMA_HEADER_MD5', `header checksum mismatch: stored ${head.subarray(OFF.md5, OFF.md5 + 16).toString('hex')}, computed ${md5.toString('hex')}`, { offset: OFF.md5 })
+  }
+  const version = head.readUInt32BE(OFF.version)
+  if (version !== 1) throw new VmapipeError('E_VMA_VERSION', `unsupported VMA version ${version} (only 1 exists)`, { offset: OFF.version })
+  const ctime = head.readBigUInt64BE(OFF.ctime)
+  if (ctime > BigInt(Number.MAX_SAFE_INTEGER)) throw new VmapipeError('E_VMA_HEADER', `ctime ${ctime} is not a plausible time`, { offset: OFF.ctime })
+  const blobs = indexBlobs(head)
+
+  const devices: DeviceInfo[] = []
+  const names = new Set<string>()
+  for (let id = 1; id < 256; id++) {
+    const at = OFF.devInfo + id * DEV_INFO_SIZE
+    const ptr = head.readUInt32BE(at)
+    const size = head.readBigUInt64BE(at + 8)
+    // The reference skips slots without a size; a size without a name is damage.
+    if (size === 0n) continue
+    const name = blobString(blobs, ptr, `device ${id}`, at)
+    if (size > BigInt(MAX_CLUSTERS * CLUSTER_SIZE)) {
+      throw new VmapipeError('E_VMA_HEADER', `device ${name} claims ${size} bytes, more than VMA's 32-bit cluster numbers can address`, { offset: at + 8 })
+    }
+    if (names.has(name)) throw new VmapipeError('E_VMA_NAME', `two devices are named ${name}`, { offset: at })
+    names.add(name)
+    devices.push({ id, name, size: Number(size) })
+  }
+  if (devices.length === 0) throw new VmapipeError('E_VMA_NO_DEVICES', 'the archive declares no devices', { offset: OFF.devInfo })
+
+  const configs: ConfigBlob[] = []
+  const configNames = new Set<string>()
+  for (let i = 0; i < MAX_CONFIGS; i++) {
+    const namePtr = head.readUInt32BE(OFF.configNames + 4 * i)
+    const dataPtr = head.readUInt32BE(OFF.configData + 4 * i)
+    if (namePtr === 0 || dataPtr === 0) continue
+    const name = blobString(blobs, namePtr, `config ${i}`, OFF.configNames + 4 * i)
+    const data = blobs.get(dataPtr)
+    if (data === undefined) throw new VmapipeError('E_VMA_BLOB', `config ${name} data points to ${dataPtr}, which is not a blob`, { offset: OFF.configData + 4 * i })
+    if (configNames.has(name)) throw new VmapipeError('E_VMA_NAME', `two config blobs are named ${name}`, { offset: OFF.configNames + 4 * i })
+    configNames.add(name)
+    configs.push({ name, data: Buffer.from(data) })
+  }
+
+  const uuidBytes = Buffer.from(head.subarray(OFF.uuid, OFF.uuid + 16))
+  return { uuid: formatUuid(uuidBytes), uuidBytes, ctime: Number(ctime), configs, devices }
+}
+
+/**
+ * Decodes and checks one extent header. `offset` is where it starts in the
+ * archive, for error messages. Slots with dev_id 0 are unused and skipped.
+ */
+export function parseExtentHeader (buf: Buffer, uuid: Buffer, offset: number): ExtentHeader {
+  const md5 = md5WithHole(buf, EXTENT_OFF.md5)
+  if (!md5.equals(buf.subarray(EXTENT_OFF.md5, EXTENT_OFF.md5 + 16))) {
+    if (!buf.subarray(0, 4).equals(EXTENT_MAGIC)) {
+      throw new VmapipeError('E_VMA_EXTENT_MAGIC', `expected an extent header ("VMAE"), found 0x${buf.subarray(0, 4).toString('hex')}`, { offset })
+    }
+    throw new VmapipeError('E_VMA_EXTENT_MD5', 'extent header checksum mismatch', { offset: offset + EXTENT_OFF.md5 })
+  }
+  if (!buf.subarray(EXTENT_OFF.uuid, EXTENT_OFF.uuid + 16).equals(uuid)) {
+    throw new VmapipeError('E_VMA_EXTENT_UUID', `extent uuid ${formatUuid(buf.subarray(EXTENT_OFF.uuid, EXTENT_OFF.uuid + 16))} differs from the archive's ${formatUuid(uuid)}`, { offset: offset + EXTENT_OFF.uuid })
+  }
+  if (!buf.subarray(0, 4).equals(EXTENT_MAGIC) || buf.readUInt16BE(EXTENT_OFF.reserved) !== 0) {
+    throw new VmapipeError('E_VMA_EXTENT_MAGIC', 'wrong extent magic or reserved field', { offset })
+  }
+  const blockCount = buf.readUInt16BE(EXTENT_OFF.blockCount)
+  const entries: ExtentEntry[] = []
+  let blocks = 0
+  for (let slot = 0; slot < MAX_EXTENT_CLUSTERS; slot++) {
+    const at = EXTENT_OFF.blockInfo + slot * 8
+    const devId = buf[at + 3]
+    if (devId === 0) continue
+    const mask = buf.readUInt16BE(at)
+    blocks += popcount16(mask)
+    entries.push({ slot, mask, devId, cluster: buf.readUInt32BE(at + 4) })
+  }
+  if (blocks !== blockCount) {
+    throw new VmapipeError('E_VMA_BLOCK_COUNT', `extent block_count is ${blockCount} but its masks hold ${blocks} blocks`, { offset: offset + EXTENT_OFF.blockCount })
+  }
+  return { blockCount, entries }
+}
+
+/** Where slot `slot`'s blockinfo lies inside an extent header. */
+export function blockInfoOffset (slot: number): number {
+  return EXTENT_OFF.blockInfo + slot * 8
+}
+
+export function extentSize (blockCount: number): number {
+  return EXTENT_HEADER_SIZE + blockCount * BLOCK_SIZE
+}

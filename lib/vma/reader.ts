@@ -1,0 +1,236 @@
+/**
+ * VmaReader: a Transform from archive bytes to records. The first item out is
+ * the ArchiveInfo, then one ClusterRecord per cluster, in archive order. Every
+ * check of the reference reader is made as the bytes pass (VMA-NOTES.md), and
+ * at the end every cluster of every selected device must have arrived once.
+ */
+import { Transform, type TransformCallback } from 'node:stream'
+import { VmapipeError } from '../errors.js'
+import {
+  type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, VMSTATE_NAME,
+  blocksInside, clusterCount, clusterRecord, popcount16,
+} from '../record.js'
+import { ClusterSet } from '../util/cluster-set.js'
+import { ByteQueue } from '../util/byte-queue.js'
+import {
+  type ExtentHeader, EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, VMA_MAGIC,
+  blockInfoOffset, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
+} from './format.js'
+
+export interface VmaReaderOptions {
+  /**
+   * Chooses, once the header is read, the devices whose records are passed on
+   * (default: all). The others are still read and checked, but not emitted.
+   * It may throw, e.g. when a device asked for does not exist.
+   */
+  select?: (devices: DeviceInfo[]) => DeviceInfo[]
+  /** Fail at the end when a selected device misses clusters (default true). */
+  requireComplete?: boolean
+}
+
+export interface DeviceStats {
+  device: DeviceInfo
+  /** Clusters present in the archive. */
+  clusters: number
+  /** Of those, clusters stored with mask 0. */
+  zeroClusters: number
+  /** 4 KiB blocks stored with data. */
+  dataBlocks: number
+  /** Clusters the device should have. */
+  expected: number
+  /** First cluster that never arrived, or -1. */
+  firstMissing: number
+}
+
+const EMPTY: Buffer = Buffer.alloc(0)
+const NO_ORDER = -1
+
+interface DeviceState {
+  info: DeviceInfo
+  clusters: number
+  selected: boolean
+  seen: ClusterSet
+  /** Next vmstate cluster, or NO_ORDER for ordinary disks. */
+  nextInOrder: number
+  zeroClusters: number
+  dataBlocks: number
+}
+
+type Phase = 'prefix' | 'header' | 'extent' | 'data'
+
+export class VmaReader extends Transform {
+  /** Set once the header has been read. */
+  info?: ArchiveInfo
+  /** Extents read so far. */
+  extents = 0
+
+  private readonly queue = new ByteQueue()
+  private readonly select?: (devices: DeviceInfo[]) => DeviceInfo[]
+  /** The devices whose records are emitted, once the header is read. */
+  selected: DeviceInfo[] = []
+  private readonly requireComplete: boolean
+  private phase: Phase = 'prefix'
+  private headerSize = 0
+  private prefix = EMPTY
+  private uuid = EMPTY
+  private readonly devices: Array<DeviceState | undefined> = []
+  private extent?: ExtentHeader
+  private extentOffset = 0
+  private entry = 0
+
+  constructor (options: VmaReaderOptions = {}) {
+    super({ readableObjectMode: true, readableHighWaterMark: 16, writableHighWaterMark: 1 << 20 })
+    this.select = options.select
+    this.requireComplete = options.requireComplete ?? true
+  }
+
+  /** Bytes of the (decompressed) archive consumed so far. */
+  get offset (): number { return this.queue.consumed }
+
+  /** Per-device counts, available once the header is read. */
+  deviceStats (): DeviceStats[] {
+    const out: DeviceStats[] = []
+    for (const d of this.devices) {
+      if (d === undefined) continue
+      out.push({
+        device: d.info,
+        clusters: d.seen.size,
+        zeroClusters: d.zeroClusters,
+        dataBlocks: d.dataBlocks,
+        expected: d.clusters,
+        firstMissing: d.seen.firstMissing(d.clusters),
+      })
+    }
+    return out
+  }
+
+  override _transform (chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    this.queue.push(chunk)
+    try {
+      this.parse()
+      callback()
+    } catch (err) {
+      callback(err as Error)
+    }
+  }
+
+  override _flush (callback: TransformCallback): void {
+    try {
+      this.finish()
+      callback()
+    } catch (err) {
+      callback(err as Error)
+    }
+  }
+
+  private parse (): void {
+    for (;;) {
+      switch (this.phase) {
+        case 'prefix': {
+          // Say "not a VMA" as soon as 4 bytes are in, even if the input is short.
+          const magic = this.queue.peek(VMA_MAGIC.length)
+          if (magic !== null) checkMagic(magic)
+          const prefix = this.queue.take(HEADER_PREFIX_SIZE)
+          if (prefix === null) return
+          this.headerSize = readHeaderSize(prefix)
+          this.prefix = Buffer.from(prefix)
+          this.phase = 'header'
+          break
+        }
+        case 'header': {
+          const rest = this.queue.take(this.headerSize - HEADER_PREFIX_SIZE)
+          if (rest === null) return
+          this.startArchive(Buffer.concat([this.prefix, rest]))
+          this.phase = 'extent'
+          break
+        }
+        case 'extent': {
+          this.extentOffset = this.queue.consumed
+          const head = this.queue.take(EXTENT_HEADER_SIZE)
+          if (head === null) return
+          this.extent = parseExtentHeader(head, this.uuid, this.extentOffset)
+          this.checkEntries(this.extent)
+          this.extents++
+          this.entry = 0
+          this.phase = 'data'
+          break
+        }
+        case 'data': {
+          const entries = (this.extent as ExtentHeader).entries
+          for (; this.entry < entries.length; this.entry++) {
+            const e = entries[this.entry]
+            const bytes = popcount16(e.mask) * BLOCK_SIZE
+            const data = bytes === 0 ? EMPTY : this.queue.take(bytes)
+            if (data === null) return
+            if ((this.devices[e.devId] as DeviceState).selected) this.push(clusterRecord(e.devId, e.cluster, e.mask, data))
+          }
+          this.phase = 'extent'
+          break
+        }
+      }
+    }
+  }
+
+  private startArchive (head: Buffer): void {
+    const header = parseHeader(head)
+    this.selected = this.select?.(header.devices) ?? header.devices
+    const selected = new Set(this.selected)
+    for (const info of header.devices) {
+      this.devices[info.id] = {
+        info,
+        clusters: clusterCount(info.size),
+        selected: selected.has(info),
+        seen: new ClusterSet(),
+        nextInOrder: info.name === VMSTATE_NAME ? 0 : NO_ORDER,
+        zeroClusters: 0,
+        dataBlocks: 0,
+      }
+    }
+    this.uuid = header.uuidBytes
+    this.info = { kind: 'archive', uuid: header.uuid, ctime: header.ctime, configs: header.configs, devices: header.devices }
+    this.push(this.info)
+  }
+
+  /** Everything about the slots that can be checked before their data arrives. */
+  private checkEntries (extent: ExtentHeader): void {
+    for (const e of extent.entries) {
+      const offset = this.extentOffset + blockInfoOffset(e.slot)
+      const dev = this.devices[e.devId]
+      if (dev === undefined) {
+        throw new VmapipeError('E_VMA_DEVICE', `blockinfo slot ${e.slot} names dev_id ${e.devId}, which the header does not declare`, { offset })
+      }
+      const place = { offset, device: dev.info.name, cluster: e.cluster }
+      if (e.cluster >= dev.clusters) {
+        throw new VmapipeError('E_VMA_CLUSTER_RANGE', `cluster is past the end of the device (${dev.clusters} clusters, ${dev.info.size} bytes)`, place)
+      }
+      if ((e.mask & ~blocksInside(dev.info.size, e.cluster)) !== 0) {
+        throw new VmapipeError('E_VMA_CLUSTER_RANGE', `mask 0x${e.mask.toString(16)} has blocks past the end of the device (${dev.info.size} bytes)`, place)
+      }
+      if (dev.nextInOrder !== NO_ORDER) {
+        if (e.cluster !== dev.nextInOrder) {
+          throw new VmapipeError('E_VMA_VMSTATE_ORDER', `vmstate cluster out of order: expected cluster ${dev.nextInOrder}`, place)
+        }
+        dev.nextInOrder++
+      }
+      if (!dev.seen.add(e.cluster)) throw new VmapipeError('E_VMA_DUPLICATE', 'cluster appears twice', place)
+      if (e.mask === 0) dev.zeroClusters++
+      dev.dataBlocks += popcount16(e.mask)
+    }
+  }
+
+  private finish (): void {
+    const end = this.queue.consumed + this.queue.length
+    if (this.phase === 'prefix' || this.phase === 'header') {
+      throw new VmapipeError('E_VMA_TRUNCATED', this.queue.length === 0 && end === 0 ? 'the input is empty' : `the archive ends inside its header (header_size ${this.headerSize || 'unknown'})`, { offset: end })
+    }
+    if (this.phase === 'data' || this.queue.length > 0) {
+      throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${this.extentOffset}`, { offset: end })
+    }
+    if (!this.requireComplete) return
+    for (const d of this.devices) {
+      if (d === undefined || !d.selected || d.seen.size === d.clusters) continue
+      const first = d.seen.firstMissing(d.clusters)
+      throw new VmapipeError('E_VMA_MISSING', `${d.clusters - d.seen.size} of ${d.clusters} clusters are missing (first missing: cluster ${first})`, { offset: end, device: d.info.name })
+    }
+  }
+}

@@ -1,0 +1,75 @@
+/** Running the command-line tools and the real peers from tests. */
+import { spawn, spawnSync } from 'node:child_process'
+import { createHash } from 'node:crypto'
+import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import type { Test } from 'tap'
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
+export const VMA = join(root, 'dist/bin/vma.js')
+export const PACK_VMA = join(root, 'dist/bin/pack-vma.js')
+/** ../shared beside the checkout (VMAPIPE_SHARED overrides, /work/shared as a last resort). */
+export const SHARED = [process.env.VMAPIPE_SHARED, resolve(root, '../shared'), '/work/shared']
+  .find(dir => dir !== undefined && existsSync(join(dir, 'fixtures'))) ?? resolve(root, '../shared')
+export const SAMPLE = join(SHARED, 'fixtures/proxmox-sample.vma.gz')
+
+export interface RunResult { code: number | null, stdout: Buffer, stderr: string }
+
+/** Runs a program; `stdin` is bytes to feed, or a shell-free file path via { file }. */
+export async function run (command: string, args: string[], options: { stdin?: Buffer | { file: string }, env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  // tap puts its process-info hooks into NODE_OPTIONS; the tools under test run without them.
+  const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, NODE_OPTIONS: '', ...options.env } })
+  const out: Buffer[] = []
+  const err: Buffer[] = []
+  child.stdout.on('data', (b: Buffer) => out.push(b))
+  child.stderr.on('data', (b: Buffer) => err.push(b))
+  child.stdin.on('error', () => {})
+  const stdin = options.stdin
+  if (stdin === undefined) child.stdin.end()
+  else if (Buffer.isBuffer(stdin)) child.stdin.end(stdin)
+  else createReadStream(stdin.file).on('error', () => child.stdin.end()).pipe(child.stdin)
+  const code = await new Promise<number | null>(resolve => child.on('close', resolve))
+  return { code, stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString('utf8') }
+}
+
+export async function vma (args: string[], options: Parameters<typeof run>[2] = {}): Promise<RunResult> {
+  return await run(process.execPath, [VMA, ...args], options)
+}
+
+/** Runs a shell pipeline (for real pipes between processes). */
+export async function sh (script: string): Promise<RunResult> {
+  return await run('sh', ['-c', script])
+}
+
+export const q = (s: string): string => `'${s.replace(/'/g, "'\\''")}'`
+export const vmaCmd = `${q(process.execPath)} ${q(VMA)}`
+
+export function tempDir (t: { teardown: (fn: () => void) => void }, prefix = 'vmapipe-test-'): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix))
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+export function sha256 (data: Buffer | string): string {
+  return createHash('sha256').update(typeof data === 'string' ? readFileSync(data) : data).digest('hex')
+}
+
+/** Bytes actually allocated on disk for a file. */
+export function allocated (path: string): number {
+  return statSync(path).blocks * 512
+}
+
+export function cmp (a: string, b: string): boolean {
+  return spawnSync('cmp', ['-s', a, b]).status === 0
+}
+
+export function have (tool: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${tool}`]).status === 0
+}
+
+/** Asserts an exit code, showing the tool's stderr only when it is wrong. */
+export function exits (t: Test, r: RunResult, code: number, message = `exits ${code}`): void {
+  t.equal(r.code, code, message, { stderr: r.stderr })
+}
