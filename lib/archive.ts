@@ -4,6 +4,7 @@
  */
 import { type Duplex, type Readable, Writable } from 'node:stream'
 import pump from 'pump'
+import { runStages } from './io/chain.js'
 import { EXIT, VmapipeError } from './errors.js'
 import { type ArchiveInfo, type DeviceInfo, VMSTATE_NAME } from './record.js'
 import { type Compression, createDecompressor } from './io/compression.js'
@@ -22,19 +23,16 @@ export interface ReadOptions {
  * the sink has finished, or rejects with the first error anywhere in the line.
  */
 export async function runRecordPipeline (input: Readable, decompress: Duplex, reader: VmaReader, sink: Writable, options: ReadOptions = {}): Promise<void> {
-  const stages: Array<Readable | Writable> = [input]
-  if (options.progress !== undefined) stages.push(await counter(options.progress))
-  stages.push(decompress, reader, sink)
-  const stop = (): void => { input.destroy(new VmapipeError('E_INTERRUPTED', 'interrupted')) }
-  options.signal?.addEventListener('abort', stop, { once: true })
   try {
-    await new Promise<void>((resolve, reject) => {
-      pump(stages, (err?: Error) => { if (err) reject(err); else resolve() })
-    })
+    await runStages([
+      { stream: input, what: 'reading the archive' },
+      ...(options.progress !== undefined ? [{ stream: await counter(options.progress), what: 'counting' }] : []),
+      { stream: decompress, what: 'decompressing' },
+      { stream: reader, what: 'reading the archive' },
+      { stream: sink, what: 'writing' },
+    ], options.signal)
   } catch (err) {
     throw annotate(err, reader)
-  } finally {
-    options.signal?.removeEventListener('abort', stop)
   }
 }
 

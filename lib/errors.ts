@@ -18,7 +18,7 @@ export const EXIT = {
 
 /** Codes that say the system failed rather than the input being wrong. */
 const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS'])
-const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND'])
+const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT'])
 
 export type ErrorCode =
   // VMA format
@@ -26,8 +26,10 @@ export type ErrorCode =
   | 'E_VMA_BLOB' | 'E_VMA_NAME' | 'E_VMA_NO_DEVICES' | 'E_VMA_EXTENT_MAGIC' | 'E_VMA_EXTENT_MD5'
   | 'E_VMA_EXTENT_UUID' | 'E_VMA_BLOCK_COUNT' | 'E_VMA_DEVICE' | 'E_VMA_DUPLICATE'
   | 'E_VMA_CLUSTER_RANGE' | 'E_VMA_VMSTATE_ORDER' | 'E_VMA_TRUNCATED' | 'E_VMA_MISSING'
-  // streams of records handed to writers
-  | 'E_RECORD'
+  // streams of records handed to writers, and inputs that break their promises
+  | 'E_RECORD' | 'E_INPUT_SIZE'
+  // what a format cannot hold
+  | 'E_LIMIT'
   // compression
   | 'E_COMPRESSED_DATA' | 'E_TOOL_MISSING'
   // the command line and the file system

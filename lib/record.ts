@@ -115,3 +115,37 @@ export function expandCluster (rec: ClusterRecord, deviceSize: number): Buffer {
   forEachRun(rec, deviceSize, (position, bytes) => { bytes.copy(out, position - base) })
   return out
 }
+
+function isZero (block: Buffer): boolean {
+  return block.equals(block.length === BLOCK_SIZE ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, block.length))
+}
+
+/**
+ * Makes a record from up to 64 KiB of disk bytes (less only for a device's last
+ * cluster): zero 4 KiB blocks are left out through the mask. When the data
+ * blocks are one run of whole blocks, the record's data is a subarray of
+ * `bytes`, not a copy.
+ */
+export function clusterFromBytes (device: number, cluster: number, bytes: Buffer): ClusterRecord {
+  let mask = 0
+  for (let b = 0, at = 0; at < bytes.length; b++, at += BLOCK_SIZE) {
+    if (!isZero(bytes.subarray(at, at + BLOCK_SIZE))) mask |= 1 << b
+  }
+  if (mask === 0) return clusterRecord(device, cluster, 0, EMPTY)
+  const first = 31 - Math.clz32(mask & -mask)
+  const run = mask >>> first
+  const contiguous = (run & (run + 1)) === 0
+  const end = (first + popcount16(mask)) * BLOCK_SIZE
+  if (contiguous && end <= bytes.length) return clusterRecord(device, cluster, mask, bytes.subarray(first * BLOCK_SIZE, end))
+  const data = Buffer.alloc(popcount16(mask) * BLOCK_SIZE)
+  let at = 0
+  for (let b = 0; b < BLOCKS_PER_CLUSTER; b++) {
+    if ((mask >> b) & 1) {
+      bytes.copy(data, at, b * BLOCK_SIZE, Math.min(bytes.length, (b + 1) * BLOCK_SIZE))
+      at += BLOCK_SIZE
+    }
+  }
+  return clusterRecord(device, cluster, mask, data)
+}
+
+const EMPTY: Buffer = Buffer.alloc(0)

@@ -4,11 +4,12 @@ import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, parseCommandLine } from './command.js'
 import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
 import { config } from './config.js'
+import { create } from './create.js'
 import { extract } from './extract.js'
 import { list } from './list.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract]
+const COMMANDS: Command[] = [list, config, verify, extract, create]
 
 const EXIT_HELP = `Exit codes:
   0    success

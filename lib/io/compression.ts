@@ -4,7 +4,7 @@
  * processes (the Debian tools), gzip in-process with zlib.
  */
 import { spawn } from 'node:child_process'
-import { Duplex, type Readable, type Writable } from 'node:stream'
+import { Duplex, type Readable, Writable } from 'node:stream'
 import { createGunzip, createGzip } from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
 
@@ -42,13 +42,15 @@ interface Filter {
   stop: () => void
 }
 
-function childFilter (command: string, args: string[], failure: ErrorCode): Filter {
-  const child = spawn(command, args, { stdio: ['pipe', 'pipe', 'pipe'] })
+/** Runs `command` as a filter; with `outputFd` its output goes straight there instead of to us. */
+function childFilter (command: string, args: string[], failure: ErrorCode, outputFd?: number): Filter {
+  const child = spawn(command, args, { stdio: ['pipe', outputFd ?? 'pipe', 'pipe'] })
+  // stdin and stderr are always pipes; stdout is one unless the child writes to outputFd.
+  const input = child.stdin as Writable
   let stderr = ''
-  child.stderr.setEncoding('utf8')
-  child.stderr.on('data', (s: string) => { if (stderr.length < 4096) stderr += s })
+  ;(child.stderr as Readable).setEncoding('utf8').on('data', (s: string) => { if (stderr.length < 4096) stderr += s })
   // A child that dies early makes our writes fail with EPIPE; its exit status tells the real story.
-  child.stdin.on('error', () => {})
+  input.on('error', () => {})
   const done = new Promise<void>((resolve, reject) => {
     child.on('error', (err: NodeJS.ErrnoException) => {
       reject(err.code === 'ENOENT'
@@ -60,7 +62,7 @@ function childFilter (command: string, args: string[], failure: ErrorCode): Filt
       else reject(new VmapipeError(failure, `${command} ${args.join(' ')} failed (${signal ?? `exit ${code}`}): ${stderr.trim() || 'no message'}`))
     })
   })
-  return { input: child.stdin, output: child.stdout, done, stop: () => child.kill('SIGKILL') }
+  return { input, output: child.stdout as Readable, done, stop: () => child.kill('SIGKILL') }
 }
 
 function zlibFilter (stream: ReturnType<typeof createGzip>, failure: ErrorCode): Filter {
@@ -80,12 +82,19 @@ function decompressor (kind: Compression): Filter | null {
   }
 }
 
-function compressor (kind: Compression, level?: number): Filter | null {
+const COMPRESS_COMMANDS = {
+  zstd: ['zstd', '-c', '-q', '-T0'],
+  lzo: ['lzop', '-c'],
+} as const
+
+function compressor (kind: Compression, level?: number, outputFd?: number): Filter | null {
   switch (kind) {
     case 'none': return null
-    case 'zstd': return childFilter('zstd', ['-c', '-q', '-T0', ...(level === undefined ? [] : [`-${level}`])], 'E_IO')
-    case 'lzo': return childFilter('lzop', ['-c', ...(level === undefined ? [] : [`-${level}`])], 'E_IO')
     case 'gzip': return zlibFilter(createGzip({ chunkSize: CHUNK, ...(level === undefined ? {} : { level }) }), 'E_IO')
+    default: {
+      const [command, ...args] = COMPRESS_COMMANDS[kind]
+      return childFilter(command, [...args, ...(level === undefined ? [] : [`-${level}`])], 'E_IO', outputFd)
+    }
   }
 }
 
@@ -185,4 +194,36 @@ export function createCompressor (kind: Compression, level?: number): Duplex {
   const stream = new FilterStream(() => compressor(kind, level), 0)
   stream.chosen = kind
   return stream
+}
+
+/** Whether a compression runs as a program that can write to a file descriptor itself. */
+export function compressesToFd (kind: Compression): boolean {
+  return kind in COMPRESS_COMMANDS
+}
+
+/**
+ * A sink that compresses into `fd` with zstd or lzop writing there directly,
+ * so the compressed bytes never pass through this process. Finishes once the
+ * program has exited cleanly.
+ */
+export function createCompressingSink (kind: Compression, fd: number, level?: number): Writable {
+  const filter = compressor(kind, level, fd)
+  if (filter === null || !compressesToFd(kind)) throw new Error(`${kind} cannot write to a file descriptor`)
+  const sink: Writable = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      if (filter.input.write(chunk)) callback()
+      else filter.input.once('drain', () => callback())
+    },
+    final (callback) {
+      filter.input.end()
+      filter.done.then(() => callback(), callback)
+    },
+    destroy (err, callback) {
+      filter.stop()
+      callback(err)
+    },
+  })
+  filter.done.catch((err: Error) => sink.destroy(err))
+  return sink
 }

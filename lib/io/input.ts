@@ -1,7 +1,7 @@
 /**
  * Opening an input named on the command line: a path, or `-` for stdin.
  */
-import { createReadStream, fstatSync, statSync } from 'node:fs'
+import { createReadStream, fstatSync, readFileSync, statSync, type Stats } from 'node:fs'
 import type { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 
@@ -9,7 +9,7 @@ export interface Input {
   stream: Readable
   /** Name for messages. */
   name: string
-  /** Byte size when known (regular files), for progress and ETA. */
+  /** Byte size when known (regular files, block devices), for progress and raw disks. */
   size?: number
 }
 
@@ -17,22 +17,68 @@ const CHUNK = 1 << 20
 
 export function openInput (path: string): Input {
   if (path === '-') return openStdin()
-  let size: number
+  let size: number | undefined
   try {
     const st = statSync(path)
     if (st.isDirectory()) throw new VmapipeError('E_IO', `${path} is a directory`)
-    size = st.isFile() ? st.size : 0
+    size = sizeOf(st)
   } catch (err) {
     throw ioError(err, `cannot open ${path}`)
   }
   const stream = createReadStream(path, { highWaterMark: CHUNK })
-  return { stream, name: path, ...(size > 0 ? { size } : {}) }
+  return { stream, name: path, ...(size !== undefined ? { size } : {}) }
 }
 
 function openStdin (): Input {
   const st = fstatSync(0)
   if (process.stdin.isTTY) throw new VmapipeError('E_USAGE', 'refusing to read binary input from a terminal; pipe it in or give a path')
+  const size = sizeOf(st)
   // Pipes and sockets go through process.stdin, which copes with non-blocking descriptors.
-  if (!st.isFile()) return { stream: process.stdin, name: 'stdin' }
+  if (!st.isFile()) return { stream: process.stdin, name: 'stdin', ...(size !== undefined ? { size } : {}) }
   return { stream: createReadStream('', { fd: 0, highWaterMark: CHUNK, autoClose: false }), name: 'stdin', size: st.size }
+}
+
+/** A regular file's size, or a block device's (stat says 0 for those; sysfs knows). */
+function sizeOf (st: Stats): number | undefined {
+  if (st.isFile()) return st.size
+  if (!st.isBlockDevice()) return undefined
+  const major = Math.floor(st.rdev / 256) & 0xfff
+  const minor = (st.rdev & 0xff) | ((Math.floor(st.rdev / 4096) & 0xfff00))
+  try {
+    return Number(readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim()) * 512
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * The first `n` bytes of a stream (fewer if it is shorter), left in the stream
+ * to be read again.
+ */
+export async function peek (stream: Readable, n: number): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  let length = 0
+  while (length < n) {
+    const chunk = stream.read() as Buffer | null
+    if (chunk !== null) {
+      chunks.push(chunk)
+      length += chunk.length
+      continue
+    }
+    if (stream.readableEnded || stream.destroyed) break
+    await new Promise<void>((resolve, reject) => {
+      const done = (err?: Error): void => {
+        stream.off('readable', done)
+        stream.off('end', done)
+        stream.off('error', done)
+        if (err instanceof Error) reject(err); else resolve()
+      }
+      stream.on('readable', done)
+      stream.on('end', done)
+      stream.on('error', done)
+    })
+  }
+  const head = Buffer.concat(chunks)
+  if (head.length > 0) stream.unshift(head)
+  return head.subarray(0, n)
 }

@@ -54,11 +54,17 @@ export class WriteQueue {
 
   /** Writes out everything queued and waits for it; throws the first write error. */
   async drain (): Promise<void> {
-    await this.submit()
-    while (this.inFlight > 0) await new Promise<void>(resolve => this.waiters.push(resolve))
+    this.submit()
+    await this.until(0)
     if (this.failure !== undefined) throw this.failure
   }
 
+  /** Resolves once at most `inFlight` writes are under way. */
+  private async until (inFlight: number): Promise<void> {
+    while (this.inFlight > inFlight) await new Promise<void>(resolve => this.waiters.push(resolve))
+  }
+
+  /** Starts the pending run; returns a promise when the queue is full. */
   private submit (): Promise<void> | undefined {
     if (this.runLength === 0) return undefined
     const what = this.runWhat
@@ -76,8 +82,7 @@ export class WriteQueue {
       this.waiters = []
       for (const wake of waiters) wake()
     })
-    if (this.inFlight < this.maxInFlight) return undefined
-    return new Promise<void>(resolve => this.waiters.push(resolve))
+    return this.inFlight < this.maxInFlight ? undefined : this.until(this.maxInFlight - 1)
   }
 }
 

@@ -6,7 +6,7 @@
 import { createHash } from 'node:crypto'
 import { VmapipeError } from '../errors.js'
 import {
-  type ConfigBlob, type DeviceInfo, BLOCK_SIZE, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
+  type ConfigBlob, type DeviceInfo, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
 } from '../record.js'
 
 export const VMA_MAGIC = Buffer.from('VMA\0', 'latin1')
@@ -16,7 +16,12 @@ export const HEADER_FIXED_SIZE = 12288
 /** The reference writer builds the header in a 512 KiB buffer; nothing larger is real. */
 export const MAX_HEADER_SIZE = 512 * 1024
 export const EXTENT_HEADER_SIZE = 512
+/** Slots in an extent header; readers accept 1..59 used. */
 export const MAX_EXTENT_CLUSTERS = 59
+/** The reference writer flushes an extent at 58 clusters; we write what it writes. */
+export const WRITER_EXTENT_CLUSTERS = 58
+/** dev_ids 1..254; the reference keeps 255 free. */
+export const MAX_DEVICES = 254
 export const MAX_CONFIGS = 256
 /** Bytes needed to learn header_size. */
 export const HEADER_PREFIX_SIZE = 60
@@ -98,11 +103,15 @@ function indexBlobs (head: Buffer): Map<number, Buffer> {
   return blobs
 }
 
-/** Names become file names on extraction, so anything that could climb or hide is refused. */
-export function checkName (name: string, what: string, offset: number): void {
-  // eslint-disable-next-line no-control-regex
+/**
+ * Names become file names on extraction, so anything that could climb or hide
+ * is refused: in an archive read (E_VMA_NAME, with its offset) and in one about
+ * to be written (E_USAGE).
+ */
+export function checkName (name: string, what: string, offset?: number): void {
   if (name === '' || name === '.' || name.includes('..') || /[/\\\x00-\x1f\x7f]/.test(name)) {
-    throw new VmapipeError('E_VMA_NAME', `${what} name ${JSON.stringify(name)} is not a safe file name (empty, '..', '/', '\\\\', NUL or a control character)`, { offset })
+    const message = `${what} name ${JSON.stringify(name)} is not a safe file name (empty, '..', '/', '\\', NUL or a control character)`
+    throw offset === undefined ? new VmapipeError('E_USAGE', message) : new VmapipeError('E_VMA_NAME', message, { offset })
   }
 }
 
@@ -207,6 +216,98 @@ export function blockInfoOffset (slot: number): number {
   return EXTENT_OFF.blockInfo + slot * 8
 }
 
-export function extentSize (blockCount: number): number {
-  return EXTENT_HEADER_SIZE + blockCount * BLOCK_SIZE
+/** What a header is made from. */
+export interface HeaderSpec {
+  uuid: Buffer
+  ctime: number
+  configs: ConfigBlob[]
+  devices: DeviceInfo[]
+}
+
+/** Builds the blob buffer as the reference does: entries from position 1, u16 LE length + bytes. */
+class BlobTable {
+  private readonly parts: Buffer[] = [Buffer.alloc(1)]
+  length = 1
+
+  add (bytes: Buffer, what: string): number {
+    if (bytes.length > MAX_BLOB_SIZE) {
+      throw new VmapipeError('E_LIMIT', `${what} is ${bytes.length} bytes; a VMA blob holds at most ${MAX_BLOB_SIZE}`)
+    }
+    const at = this.length
+    const size = Buffer.alloc(2)
+    size.writeUInt16LE(bytes.length)
+    this.parts.push(size, bytes)
+    this.length += 2 + bytes.length
+    return at
+  }
+
+  bytes (): Buffer { return Buffer.concat(this.parts) }
+}
+
+/** Encodes a header with its checksum; refuses what the format (or the reference) cannot hold. */
+export function encodeHeader (spec: HeaderSpec): Buffer {
+  if (spec.configs.length > MAX_CONFIGS) throw new VmapipeError('E_LIMIT', `${spec.configs.length} config blobs; VMA holds at most ${MAX_CONFIGS}`)
+  if (spec.devices.length === 0) throw new VmapipeError('E_LIMIT', 'an archive needs at least one device')
+  if (spec.devices.length > MAX_DEVICES) throw new VmapipeError('E_LIMIT', `${spec.devices.length} devices; VMA holds at most ${MAX_DEVICES}`)
+  const fixed = Buffer.alloc(HEADER_FIXED_SIZE)
+  VMA_MAGIC.copy(fixed, 0)
+  fixed.writeUInt32BE(1, OFF.version)
+  spec.uuid.copy(fixed, OFF.uuid)
+  fixed.writeBigUInt64BE(BigInt(spec.ctime), OFF.ctime)
+  const blobs = new BlobTable()
+  const zeroTerminated = (name: string): Buffer => Buffer.from(`${name}\0`, 'utf8')
+  spec.configs.forEach((c, i) => {
+    checkName(c.name, 'config')
+    fixed.writeUInt32BE(blobs.add(zeroTerminated(c.name), `config name ${c.name}`), OFF.configNames + 4 * i)
+    fixed.writeUInt32BE(blobs.add(c.data, `config ${c.name}`), OFF.configData + 4 * i)
+  })
+  const ids = new Set<number>()
+  for (const d of spec.devices) {
+    checkName(d.name, 'device')
+    if (!Number.isInteger(d.id) || d.id < 1 || d.id > MAX_DEVICES || ids.has(d.id)) throw new VmapipeError('E_LIMIT', `device id ${d.id} is not a free id in 1..${MAX_DEVICES}`)
+    if (d.size <= 0 || d.size > MAX_CLUSTERS * CLUSTER_SIZE) throw new VmapipeError('E_LIMIT', `device ${d.name} has size ${d.size}; VMA takes 1 byte to 256 TiB`)
+    ids.add(d.id)
+    const at = OFF.devInfo + d.id * DEV_INFO_SIZE
+    fixed.writeUInt32BE(blobs.add(zeroTerminated(d.name), `device name ${d.name}`), at)
+    fixed.writeBigUInt64BE(BigInt(d.size), at + 8)
+  }
+  const table = blobs.bytes()
+  const headerSize = HEADER_FIXED_SIZE + Math.ceil(table.length / 512) * 512
+  if (headerSize > MAX_HEADER_SIZE) {
+    throw new VmapipeError('E_LIMIT', `the config blobs and names need a ${headerSize}-byte header; VMA readers take at most ${MAX_HEADER_SIZE}`)
+  }
+  const head = Buffer.alloc(headerSize)
+  fixed.copy(head)
+  table.copy(head, HEADER_FIXED_SIZE)
+  head.writeUInt32BE(HEADER_FIXED_SIZE, OFF.blobOffset)
+  head.writeUInt32BE(table.length, OFF.blobSize)
+  head.writeUInt32BE(headerSize, OFF.headerSize)
+  md5WithHole(head, OFF.md5).copy(head, OFF.md5)
+  return head
+}
+
+/** Encodes one extent header for the given slots (at most MAX_EXTENT_CLUSTERS). */
+export function encodeExtentHeader (uuid: Buffer, slots: Array<Omit<ExtentEntry, 'slot'>>): Buffer {
+  const head = Buffer.alloc(EXTENT_HEADER_SIZE)
+  EXTENT_MAGIC.copy(head, 0)
+  let blocks = 0
+  slots.forEach((s, i) => {
+    const at = EXTENT_OFF.blockInfo + i * 8
+    head.writeUInt16BE(s.mask, at)
+    head[at + 3] = s.devId
+    head.writeUInt32BE(s.cluster, at + 4)
+    blocks += popcount16(s.mask)
+  })
+  head.writeUInt16BE(blocks, EXTENT_OFF.blockCount)
+  uuid.copy(head, EXTENT_OFF.uuid)
+  md5WithHole(head, EXTENT_OFF.md5).copy(head, EXTENT_OFF.md5)
+  return head
+}
+
+/** "01234567-89ab-..." -> 16 bytes. */
+export function parseUuid (text: string): Buffer {
+  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)) {
+    throw new VmapipeError('E_USAGE', `${text} is not a uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`)
+  }
+  return Buffer.from(text.replace(/-/g, ''), 'hex')
 }

@@ -6,11 +6,8 @@
  */
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
-import {
-  type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, VMSTATE_NAME,
-  blocksInside, clusterCount, clusterRecord, popcount16,
-} from '../record.js'
-import { ClusterSet } from '../util/cluster-set.js'
+import { type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
+import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
   type ExtentHeader, EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, VMA_MAGIC,
@@ -43,17 +40,9 @@ export interface DeviceStats {
 }
 
 const EMPTY: Buffer = Buffer.alloc(0)
-const NO_ORDER = -1
 
-interface DeviceState {
-  info: DeviceInfo
-  clusters: number
+interface DeviceState extends TrackedDevice {
   selected: boolean
-  seen: ClusterSet
-  /** Next vmstate cluster, or NO_ORDER for ordinary disks. */
-  nextInOrder: number
-  zeroClusters: number
-  dataBlocks: number
 }
 
 type Phase = 'prefix' | 'header' | 'extent' | 'data'
@@ -175,17 +164,7 @@ export class VmaReader extends Transform {
     const header = parseHeader(head)
     this.selected = this.select?.(header.devices) ?? header.devices
     const selected = new Set(this.selected)
-    for (const info of header.devices) {
-      this.devices[info.id] = {
-        info,
-        clusters: clusterCount(info.size),
-        selected: selected.has(info),
-        seen: new ClusterSet(),
-        nextInOrder: info.name === VMSTATE_NAME ? 0 : NO_ORDER,
-        zeroClusters: 0,
-        dataBlocks: 0,
-      }
-    }
+    for (const info of header.devices) this.devices[info.id] = { ...trackDevice(info), selected: selected.has(info) }
     this.uuid = header.uuidBytes
     this.info = { kind: 'archive', uuid: header.uuid, ctime: header.ctime, configs: header.configs, devices: header.devices }
     this.push(this.info)
@@ -199,22 +178,8 @@ export class VmaReader extends Transform {
       if (dev === undefined) {
         throw new VmapipeError('E_VMA_DEVICE', `blockinfo slot ${e.slot} names dev_id ${e.devId}, which the header does not declare`, { offset })
       }
-      const place = { offset, device: dev.info.name, cluster: e.cluster }
-      if (e.cluster >= dev.clusters) {
-        throw new VmapipeError('E_VMA_CLUSTER_RANGE', `cluster is past the end of the device (${dev.clusters} clusters, ${dev.info.size} bytes)`, place)
-      }
-      if ((e.mask & ~blocksInside(dev.info.size, e.cluster)) !== 0) {
-        throw new VmapipeError('E_VMA_CLUSTER_RANGE', `mask 0x${e.mask.toString(16)} has blocks past the end of the device (${dev.info.size} bytes)`, place)
-      }
-      if (dev.nextInOrder !== NO_ORDER) {
-        if (e.cluster !== dev.nextInOrder) {
-          throw new VmapipeError('E_VMA_VMSTATE_ORDER', `vmstate cluster out of order: expected cluster ${dev.nextInOrder}`, place)
-        }
-        dev.nextInOrder++
-      }
-      if (!dev.seen.add(e.cluster)) throw new VmapipeError('E_VMA_DUPLICATE', 'cluster appears twice', place)
-      if (e.mask === 0) dev.zeroClusters++
-      dev.dataBlocks += popcount16(e.mask)
+      const broken = trackCluster(dev, e.cluster, e.mask)
+      if (broken !== undefined) throw new VmapipeError(`E_VMA_${broken.rule}`, broken.message, { offset, device: dev.info.name, cluster: e.cluster })
     }
   }
 
@@ -227,10 +192,7 @@ export class VmaReader extends Transform {
       throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${this.extentOffset}`, { offset: end })
     }
     if (!this.requireComplete) return
-    for (const d of this.devices) {
-      if (d === undefined || !d.selected || d.seen.size === d.clusters) continue
-      const first = d.seen.firstMissing(d.clusters)
-      throw new VmapipeError('E_VMA_MISSING', `${d.clusters - d.seen.size} of ${d.clusters} clusters are missing (first missing: cluster ${first})`, { offset: end, device: d.info.name })
-    }
+    const missing = firstIncomplete(this.devices.filter((d): d is DeviceState => d?.selected === true))
+    if (missing !== undefined) throw new VmapipeError('E_VMA_MISSING', missing.message, { offset: end, device: missing.dev.info.name })
   }
 }

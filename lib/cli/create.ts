@@ -1,0 +1,171 @@
+import { readFile } from 'node:fs/promises'
+import { basename } from 'node:path'
+import { type Compression, compressionForName } from '../io/compression.js'
+import { openOutput } from '../io/output.js'
+import { packArchive } from '../pack.js'
+import { DISK_FORMATS, type DiskFormat, type DiskSource, type DiskSpec, openDisk } from '../sources.js'
+import { EXIT, VmapipeError, ioError } from '../errors.js'
+import type { ConfigBlob } from '../record.js'
+import { type Command, expectPositionals, listOption, parseSize } from './command.js'
+import type { CliContext } from './context.js'
+
+const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none']
+
+const PACK_OPTIONS = {
+  config: { type: 'string', short: 'c', multiple: true },
+  compress: { type: 'string' },
+  uuid: { type: 'string' },
+  ctime: { type: 'string' },
+  force: { type: 'boolean' },
+  interleave: { type: 'boolean' },
+} as const
+
+const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its base name
+                      (repeatable), e.g. qemu-server.conf
+  --compress KIND     zstd, gzip, lzo or none; default from the name of
+                      the output (.zst, .gz, .lzo), else none
+  --uuid UUID         archive uuid (default random)
+  --ctime TIME        creation time, seconds since the epoch or an ISO date
+                      (default now)
+  --force             replace an existing output file
+  --interleave        read all disks at once, mixing their clusters`
+
+export const create: Command = {
+  name: 'create',
+  summary: 'pack disks and config blobs into a new archive',
+  help: `Usage: vma create OUT [-c FILE]... -d [OPTS:]NAME=PATH [-d ...]
+
+Writes a VMA archive that Proxmox restores: one device per -d, in the order
+given (dev_ids from 1), each disk read front to back after the one before
+(--interleave reads them together and mixes their clusters in extents, as a
+live backup does). Zero 4 KiB blocks are left out. OUT may be - (stdout); a
+file is written under a temporary name and renamed only when complete. At
+most one PATH may be - (stdin).
+
+-d takes NAME=PATH, optionally prefixed by options and a colon:
+  format=raw          skip format detection (raw is the fallback anyway)
+  size=BYTES          the disk's size, required for raw input from stdin or
+                      a pipe (suffixes K, M, G, T)
+A device named vmstate holds saved RAM and is written in order.
+
+Options:
+${PACK_HELP}
+
+Examples:
+  vma create backup.vma.zst -c 100.conf -d drive-scsi0=disk0.raw -d drive-efidisk0=efi.raw
+  cat disk.raw | vma create - -d size=10G:drive-scsi0=- | ssh host 'cat > backup.vma'`,
+  options: { ...PACK_OPTIONS, drive: { type: 'string', short: 'd', multiple: true } },
+  async run (positionals, values, ctx) {
+    expectPositionals(positionals, 1, 1, 'OUT')
+    const specs = (listOption(values.drive) ?? []).map(parseDiskSpec)
+    if (specs.length === 0) throw new VmapipeError('E_USAGE', 'no disks: give at least one -d NAME=PATH')
+    return await runPack(ctx, positionals[0], specs, values)
+  },
+}
+
+export const pack: Command = {
+  name: 'pack-vma',
+  summary: 'pack one disk into an archive on stdout',
+  help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c FILE]... [-o OUT]
+
+Packs one disk from a file or stdin into a VMA archive on stdout (or -o OUT).
+The input's format is told by its magic bytes; raw is the fallback. Raw from
+stdin needs --size, since the archive header comes first.
+
+Options:
+  --name NAME         device name (default drive-scsi0)
+  --size BYTES        size of a raw input that cannot be seen (suffixes K, M, G)
+  -o, --output OUT    write OUT instead of stdout
+${PACK_HELP}
+
+Examples:
+  pack-vma disk.raw -c 100.conf > backup.vma
+  cat disk.raw | pack-vma --size 10G --compress zstd > backup.vma.zst
+  pack-vma /dev/vg0/vm-100-disk-0 -o vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
+  options: { ...PACK_OPTIONS, name: { type: 'string' }, size: { type: 'string' }, output: { type: 'string', short: 'o' } },
+  async run (positionals, values, ctx) {
+    expectPositionals(positionals, 0, 1, 'INPUT')
+    const size = parseSize(values.size, '--size')
+    const spec: DiskSpec = { name: (values.name as string | undefined) ?? 'drive-scsi0', path: positionals[0] ?? '-', ...(size !== undefined ? { size } : {}) }
+    return await runPack(ctx, (values.output as string | undefined) ?? '-', [spec], values)
+  },
+}
+
+/** `[format=raw,size=10G:]drive-scsi0=/path` -> DiskSpec */
+export function parseDiskSpec (text: string): DiskSpec {
+  const m = /^((?:format|size)=[^:,]*(?:,(?:format|size)=[^:,]*)*):(.*)$/.exec(text)
+  const rest = m === null ? text : m[2]
+  const eq = rest.indexOf('=')
+  if (eq <= 0 || eq === rest.length - 1) throw new VmapipeError('E_USAGE', `-d ${text}: expected [format=FMT,size=BYTES:]NAME=PATH`)
+  const spec: DiskSpec = { name: rest.slice(0, eq), path: rest.slice(eq + 1) }
+  for (const option of m === null ? [] : m[1].split(',')) {
+    const [key, value] = option.split('=')
+    if (key === 'size') spec.size = parseSize(value, `-d ${text}`)
+    else if ((DISK_FORMATS as readonly string[]).includes(value)) spec.format = value as DiskFormat
+    else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${DISK_FORMATS.join(', ')})`)
+  }
+  return spec
+}
+
+function parseCtime (value: unknown): number | undefined {
+  if (value === undefined) return undefined
+  const text = String(value)
+  const seconds = /^\d+$/.test(text) ? Number(text) : Date.parse(text) / 1000
+  if (!Number.isFinite(seconds) || seconds < 0) throw new VmapipeError('E_USAGE', `--ctime ${text} is neither seconds since the epoch nor a date`)
+  return Math.floor(seconds)
+}
+
+async function readConfigs (files: string[]): Promise<ConfigBlob[]> {
+  return await Promise.all(files.map(async file => ({
+    name: basename(file),
+    data: await readFile(file).catch(err => { throw ioError(err, `cannot read config ${file}`) }),
+  })))
+}
+
+async function runPack (ctx: CliContext, out: string, specs: DiskSpec[], values: Record<string, unknown>): Promise<number> {
+  if (specs.filter(s => s.path === '-').length > 1) throw new VmapipeError('E_USAGE', 'only one disk can come from stdin')
+  const compress = values.compress as string | undefined
+  if (compress !== undefined && !COMPRESSIONS.includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
+  const compression = (compress ?? compressionForName(out)) as Compression
+  const configs = await readConfigs(listOption(values.config) ?? [])
+  const ctime = parseCtime(values.ctime)
+  const disks: DiskSource[] = []
+  try {
+    for (const spec of specs) disks.push(await openDisk(spec))
+  } catch (err) {
+    for (const d of disks) d.close()
+    throw err
+  }
+  const output = await openOutput(out, { force: values.force === true }).catch(err => {
+    for (const d of disks) d.close()
+    throw err
+  })
+  const progress = ctx.progress('pack', disks.reduce((n, d) => n + d.size, 0))
+  try {
+    const result = await packArchive(disks, output, {
+      configs,
+      compression,
+      interleave: values.interleave === true,
+      signal: ctx.signal,
+      ...(values.uuid !== undefined ? { uuid: values.uuid as string } : {}),
+      ...(ctime !== undefined ? { ctime } : {}),
+      ...(progress ? { progress } : {}),
+    })
+    await output.commit()
+    const diskBytes = disks.reduce((n, d) => n + d.size, 0)
+    ctx.done({
+      archive: output.name,
+      uuid: result.info.uuid,
+      compression,
+      devices: result.info.devices.map(d => `${d.name}=${d.size}`),
+      diskBytes,
+      archiveBytes: result.stats.bytes,
+      dataBlocks: result.stats.dataBlocks,
+      extents: result.stats.extents,
+    }, 'archive written')
+    return EXIT.OK
+  } catch (err) {
+    await output.abort()
+    throw err
+  }
+}

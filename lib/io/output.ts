@@ -1,0 +1,81 @@
+/**
+ * An output file that appears under its final name only when complete: bytes
+ * go to a temporary file beside it, which is synced and renamed on commit and
+ * removed on abort. `-` is stdout.
+ */
+import { createWriteStream, type WriteStream } from 'node:fs'
+import { open, rename, stat, unlink } from 'node:fs/promises'
+import { basename, dirname, join } from 'node:path'
+import { randomBytes } from 'node:crypto'
+import { finished } from 'node:stream/promises'
+import { Writable } from 'node:stream'
+import { VmapipeError, ioError } from '../errors.js'
+
+export interface Output {
+  stream: Writable
+  /** The descriptor behind `stream`, for programs that write there themselves. */
+  fd: number
+  name: string
+  /** After the stream has finished: sync and give the file its name. */
+  commit: () => Promise<void>
+  /** Remove what was written. */
+  abort: () => Promise<void>
+}
+
+export async function openOutput (path: string, options: { force?: boolean } = {}): Promise<Output> {
+  if (path === '-') return { stream: stdoutWritable(), fd: 1, name: 'stdout', commit: async () => {}, abort: async () => {} }
+  if (options.force !== true && await stat(path).then(() => true, () => false)) {
+    throw new VmapipeError('E_TARGET_EXISTS', `${path} exists already (use --force to replace it)`)
+  }
+  const temp = join(dirname(path), `.${basename(path)}.partial-${randomBytes(4).toString('hex')}`)
+  const handle = await open(temp, 'wx', 0o644).catch(err => { throw ioError(err, `cannot create ${temp}`) })
+  const stream: WriteStream = createWriteStream('', { fd: handle.fd, highWaterMark: 1 << 20, autoClose: false })
+  let closed = false
+  const close = async (): Promise<void> => {
+    if (closed) return
+    closed = true
+    await handle.close()
+  }
+  const abort = async (): Promise<void> => {
+    stream.destroy()
+    await close().catch(() => {})
+    await unlink(temp).catch(() => {})
+  }
+  const commit = async (): Promise<void> => {
+    try {
+      if (!stream.writableFinished) await finished(stream)
+      await handle.sync()
+      await close()
+      await rename(temp, path)
+    } catch (err) {
+      await abort()
+      throw ioError(err, `writing ${path}`)
+    }
+  }
+  return { stream, fd: handle.fd, name: path, commit, abort }
+}
+
+/**
+ * A Writable in front of stdout for pipelines: process.stdout itself never
+ * reports 'finish' (it cannot be ended), so pump would wait forever. Each
+ * chunk is done when stdout has taken it; errors (EPIPE, ENOSPC) come back.
+ */
+export function stdoutWritable (): Writable {
+  const failures: Error[] = []
+  const onError = (err: Error): void => { failures.push(err) }
+  process.stdout.on('error', onError)
+  const settle = (err: Error | null | undefined, callback: (err?: Error | null) => void): void => {
+    callback(err ?? failures[0] ?? null)
+  }
+  return new Writable({
+    highWaterMark: 1 << 20,
+    writev (chunks, callback) {
+      const last = chunks.length - 1
+      chunks.forEach(({ chunk }, i) => process.stdout.write(chunk as Buffer, i === last ? err => { settle(err, callback) } : undefined))
+    },
+    final (callback) {
+      process.stdout.off('error', onError)
+      settle(null, callback)
+    },
+  })
+}

@@ -1,0 +1,48 @@
+/**
+ * RawReader: a Transform from a raw disk's bytes, front to back, to one
+ * ClusterRecord per 64 KiB cluster (zero 4 KiB blocks left out). The disk's
+ * size is declared up front, as a VMA header needs it before any data; an
+ * input shorter or longer than declared is an error, not a silent pad or cut.
+ */
+import { Transform, type TransformCallback } from 'node:stream'
+import { VmapipeError } from '../errors.js'
+import { type DeviceInfo, CLUSTER_SIZE, clusterCount, clusterFromBytes } from '../record.js'
+import { ByteQueue } from '../util/byte-queue.js'
+
+export class RawReader extends Transform {
+  private readonly queue = new ByteQueue()
+  private cluster = 0
+  private readonly clusters: number
+
+  constructor (private readonly device: DeviceInfo) {
+    super({ readableObjectMode: true, readableHighWaterMark: 16, writableHighWaterMark: 1 << 20 })
+    this.clusters = clusterCount(device.size)
+  }
+
+  override _transform (chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
+    this.queue.push(chunk)
+    if (this.queue.consumed + this.queue.length > this.device.size) {
+      callback(new VmapipeError('E_INPUT_SIZE', `the input is longer than the ${this.device.size} bytes declared`, { device: this.device.name, offset: this.device.size }))
+      return
+    }
+    for (;;) {
+      const bytes = this.queue.take(this.wanted())
+      if (bytes === null) break
+      this.push(clusterFromBytes(this.device.id, this.cluster++, bytes))
+    }
+    callback()
+  }
+
+  override _flush (callback: TransformCallback): void {
+    if (this.cluster < this.clusters) {
+      callback(new VmapipeError('E_INPUT_SIZE', `the input ended after ${this.queue.consumed + this.queue.length} bytes; ${this.device.size} were declared`, { device: this.device.name, offset: this.queue.consumed + this.queue.length }))
+      return
+    }
+    callback()
+  }
+
+  /** Bytes of the next cluster: 64 KiB, or what is left of the device. */
+  private wanted (): number {
+    return this.cluster >= this.clusters ? Infinity : Math.min(CLUSTER_SIZE, this.device.size - this.cluster * CLUSTER_SIZE)
+  }
+}

@@ -1,0 +1,90 @@
+/**
+ * VmaWriter: a Transform from records to archive bytes. The first item in
+ * must be the ArchiveInfo (its devices and configs go into the header); then
+ * ClusterRecords in any order, any mix of devices. Clusters are grouped into
+ * extents of 58 as the reference writer does. The writer refuses records that
+ * would make an archive the reference reader rejects, and at the end insists
+ * that every cluster of every device came exactly once.
+ */
+import { Transform, type TransformCallback } from 'node:stream'
+import { VmapipeError } from '../errors.js'
+import { type ArchiveInfo, type ClusterRecord, BLOCK_SIZE, popcount16 } from '../record.js'
+import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
+import { WRITER_EXTENT_CLUSTERS, encodeExtentHeader, encodeHeader, parseUuid } from './format.js'
+
+export interface WriterStats {
+  extents: number
+  clusters: number
+  dataBlocks: number
+  /** Bytes pushed out (the uncompressed archive). */
+  bytes: number
+}
+
+export class VmaWriter extends Transform {
+  readonly stats: WriterStats = { extents: 0, clusters: 0, dataBlocks: 0, bytes: 0 }
+  private uuid?: Buffer
+  private readonly devices = new Map<number, TrackedDevice>()
+  private pending: ClusterRecord[] = []
+
+  constructor () {
+    super({ writableObjectMode: true, writableHighWaterMark: 16, readableHighWaterMark: 1 << 20 })
+  }
+
+  override _transform (item: ArchiveInfo | ClusterRecord, _enc: BufferEncoding, callback: TransformCallback): void {
+    try {
+      if (item.kind === 'archive') this.start(item)
+      else this.add(item)
+      callback()
+    } catch (err) {
+      callback(err as Error)
+    }
+  }
+
+  override _flush (callback: TransformCallback): void {
+    try {
+      if (this.uuid === undefined) throw new VmapipeError('E_RECORD', 'the record stream ended before its ArchiveInfo')
+      this.flushExtent()
+      const missing = firstIncomplete(this.devices.values())
+      if (missing !== undefined) throw new VmapipeError('E_RECORD', `the records stopped short: ${missing.message}`, { device: missing.dev.info.name })
+      callback()
+    } catch (err) {
+      callback(err as Error)
+    }
+  }
+
+  private start (info: ArchiveInfo): void {
+    if (this.uuid !== undefined) throw new VmapipeError('E_RECORD', 'a second ArchiveInfo in one record stream')
+    this.uuid = parseUuid(info.uuid)
+    this.out(encodeHeader({ uuid: this.uuid, ctime: info.ctime, configs: info.configs, devices: info.devices }))
+    for (const d of info.devices) this.devices.set(d.id, trackDevice(d))
+  }
+
+  private add (rec: ClusterRecord): void {
+    const d = this.devices.get(rec.device)
+    if (d === undefined) throw new VmapipeError('E_RECORD', this.uuid === undefined ? 'a record came before the ArchiveInfo' : `a record for device id ${rec.device}, which the archive does not declare`)
+    const place = { device: d.info.name, cluster: rec.cluster }
+    if (rec.data.length !== popcount16(rec.mask) * BLOCK_SIZE) throw new VmapipeError('E_RECORD', `data is ${rec.data.length} bytes, the mask needs ${popcount16(rec.mask) * BLOCK_SIZE}`, place)
+    const broken = trackCluster(d, rec.cluster, rec.mask)
+    if (broken !== undefined) throw new VmapipeError('E_RECORD', broken.message, place)
+    this.pending.push(rec)
+    if (this.pending.length === WRITER_EXTENT_CLUSTERS) this.flushExtent()
+  }
+
+  private flushExtent (): void {
+    if (this.pending.length === 0) return
+    const records = this.pending
+    this.pending = []
+    this.out(encodeExtentHeader(this.uuid as Buffer, records.map(r => ({ mask: r.mask, devId: r.device, cluster: r.cluster }))))
+    for (const r of records) {
+      if (r.data.length > 0) this.out(r.data)
+      this.stats.dataBlocks += r.data.length / BLOCK_SIZE
+    }
+    this.stats.clusters += records.length
+    this.stats.extents++
+  }
+
+  private out (bytes: Buffer): void {
+    this.stats.bytes += bytes.length
+    this.push(bytes)
+  }
+}
