@@ -8,9 +8,10 @@ import { join } from 'node:path'
 import { once } from 'node:events'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from './errors.js'
-import { type ArchiveInfo, type DeviceInfo, VMSTATE_NAME } from './record.js'
+import type { ArchiveInfo, DeviceInfo } from './record.js'
 import { DeviceRouter } from './router.js'
-import { RawFileWriter, RawStreamWriter } from './raw/writer.js'
+import { RawStreamWriter } from './raw/writer.js'
+import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
@@ -21,7 +22,7 @@ export interface ExtractOptions extends ReadOptions {
   devices?: string[]
 }
 
-export interface ExtractToDirOptions extends ExtractOptions {
+export interface ExtractToDirOptions extends ExtractOptions, OutputOptions {
   /** Allow an existing, empty target directory. */
   force?: boolean
 }
@@ -32,11 +33,6 @@ export interface ExtractResult {
   files: string[]
   /** Bytes of the decompressed archive read. */
   archiveBytes: number
-}
-
-/** The file a device is extracted to, as the reference names it. */
-export function diskFileName (device: DeviceInfo): string {
-  return device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
 }
 
 export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult> {
@@ -50,12 +46,13 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
     const reader = new VmaReader(options.devices === undefined ? {} : { select: devices => findDevices(devices, options.devices as string[]) })
     const queue = new WriteQueue()
     const router = new DeviceRouter(async (info, add) => {
-      const files = planFiles(info, reader.selected)
-      names.push(...files.configs.map(c => c.name), ...files.disks.map(d => d.file))
-      for (const c of files.configs) {
+      const disks = reader.selected.map(device => ({ device, output: diskOutput(device, options) }))
+      checkClashes(info, disks.flatMap(d => d.output.names))
+      names.push(...info.configs.map(c => c.name), ...disks.flatMap(d => d.output.names))
+      for (const c of info.configs) {
         await writeFile(join(stagingDir, c.name), c.data, { flag: 'wx', mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${c.name}`) })
       }
-      for (const d of files.disks) add(d.device.id, await RawFileWriter.create(join(stagingDir, d.file), d.device.size, queue))
+      for (const d of disks) add(d.device.id, await d.output.create(stagingDir, queue))
     })
     await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
       // The router may still be closing files; remove the staging area only after.
@@ -103,19 +100,12 @@ function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined): Devic
   return chosen[0]
 }
 
-interface FilePlan {
-  configs: Array<{ name: string, data: Buffer }>
-  disks: Array<{ device: DeviceInfo, file: string }>
-}
-
-/** Final names of everything to be written; names were checked safe by the reader. */
-function planFiles (info: ArchiveInfo, selected: DeviceInfo[]): FilePlan {
-  const disks = selected.map(device => ({ device, file: diskFileName(device) }))
-  const diskFiles = new Set(disks.map(d => d.file))
+/** Config blobs must not take a disk's name; all names were checked safe by the reader. */
+function checkClashes (info: ArchiveInfo, diskNames: string[]): void {
+  const taken = new Set(diskNames)
   for (const c of info.configs) {
-    if (diskFiles.has(c.name)) throw new VmapipeError('E_NAME_CLASH', `config blob ${c.name} has the name of a disk file`)
+    if (taken.has(c.name)) throw new VmapipeError('E_NAME_CLASH', `config blob ${c.name} has the name of a disk file`)
   }
-  return { configs: info.configs, disks }
 }
 
 /** Creates the target, or with `force` accepts an existing empty directory. Returns whether it was created. */

@@ -25,4 +25,6 @@ export { createDecompressor, createCompressor, createCompressingSink, detectComp
 export { openInput, type Input } from './io/input.js'
 export { type ProgressSink } from './io/progress.js'
 export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './archive.js'
-export { extractToDirectory, extractToStream, diskFileName, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
+export { extractToDirectory, extractToStream, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
+export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './formats.js'
+export { diskRecords, type RandomAccessDisk, type Extent } from './disk.js'

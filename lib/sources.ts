@@ -1,17 +1,27 @@
 /**
  * Disk sources for packing: a path or stdin, its format told by magic bytes
  * (raw is the fallback), opened far enough to know its size, then read as a
- * record stream for a given device id.
+ * record stream for a given device id. Raw is streamed; image formats are
+ * read by random access (stdin is first copied to a temporary file).
  */
 import type { Readable } from 'node:stream'
 import { VmapipeError } from './errors.js'
 import { chain } from './io/chain.js'
-import { type Input, openInput, peek } from './io/input.js'
+import { type Input, openInput, peek, spillToFile } from './io/input.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
+import { type RandomAccessDisk, diskRecords } from './disk.js'
 
-export const DISK_FORMATS = ['raw'] as const
-export type DiskFormat = typeof DISK_FORMATS[number]
+/** An image format read by random access: how to recognise it and open it. */
+interface ImageFormat {
+  magic: (head: Buffer) => boolean
+  open: (path: string, spec: DiskSpec) => Promise<RandomAccessDisk>
+}
+
+const IMAGE_FORMATS: Record<string, ImageFormat> = {}
+
+export const DISK_FORMATS = ['raw', ...Object.keys(IMAGE_FORMATS)] as const
+export type DiskFormat = string
 
 export interface DiskSpec {
   /** Device name in the archive, e.g. drive-scsi0. */
@@ -22,6 +32,10 @@ export interface DiskSpec {
   format?: DiskFormat
   /** Bytes; needed for raw input whose size cannot be seen (stdin, pipes). */
   size?: number
+  /** Read a backing chain instead of refusing an image that has one. */
+  followBacking?: boolean
+  /** Directory for a temporary copy of an image read from stdin. */
+  tmpDir?: string
 }
 
 export interface DiskSource {
@@ -39,23 +53,52 @@ export interface DiskSource {
 const DETECT_BYTES = 512
 
 /** The format a disk's first bytes announce; raw when none does. */
-export function detectDiskFormat (_head: Buffer): DiskFormat {
-  return 'raw'
+export function detectDiskFormat (head: Buffer): DiskFormat {
+  return Object.entries(IMAGE_FORMATS).find(([, f]) => f.magic(head))?.[0] ?? 'raw'
 }
 
 export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
+  if (spec.format !== undefined && !(DISK_FORMATS as readonly string[]).includes(spec.format)) {
+    throw new VmapipeError('E_USAGE', `unknown disk format ${spec.format} (known: ${DISK_FORMATS.join(', ')})`)
+  }
   const input = openInput(spec.path)
   try {
     const head = await peek(input.stream, DETECT_BYTES)
     const format = spec.format ?? detectDiskFormat(head)
-    return openRaw(spec, input, format)
+    const image = IMAGE_FORMATS[format]
+    if (image === undefined) return openRaw(spec, input)
+    return await openImage(spec, input, format, image)
   } catch (err) {
     input.stream.destroy()
     throw err
   }
 }
 
-function openRaw (spec: DiskSpec, input: Input, format: DiskFormat): DiskSource {
+async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, image: ImageFormat): Promise<DiskSource> {
+  let disk: RandomAccessDisk
+  if (spec.path === '-') {
+    // An image wants random access: copy stdin to an unlinked temporary file first.
+    const spilled = await spillToFile(input.stream, spec.tmpDir)
+    try {
+      disk = await image.open(spilled.path, spec)
+    } finally {
+      await spilled.remove()
+    }
+  } else {
+    input.stream.destroy()
+    disk = await image.open(spec.path, spec)
+  }
+  return {
+    name: spec.name,
+    path: spec.path,
+    format,
+    size: disk.size,
+    records: async device => diskRecords(disk, device),
+    close: () => { disk.close().catch(() => {}) },
+  }
+}
+
+function openRaw (spec: DiskSpec, input: Input): DiskSource {
   if (spec.size !== undefined && input.size !== undefined && spec.size !== input.size) {
     throw new VmapipeError('E_INPUT_SIZE', `${input.name} is ${input.size} bytes, not the ${spec.size} declared`, { device: spec.name })
   }
@@ -65,7 +108,7 @@ function openRaw (spec: DiskSpec, input: Input, format: DiskFormat): DiskSource 
   return {
     name: spec.name,
     path: spec.path,
-    format,
+    format: 'raw',
     size,
     records: async (device, progress) => chain(input.stream, ...(progress ? [await counter(progress)] : []), new RawReader({ id: device, name: spec.name, size })),
     close: () => { input.stream.destroy() },

@@ -2,6 +2,7 @@ import { extractToDirectory, extractToStream } from '../extract.js'
 import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, listOption, parseSize } from './command.js'
+import { OUTPUT_FORMATS, type OutputFormat } from '../formats.js'
 
 export const extract: Command = {
   name: 'extract',
@@ -23,6 +24,7 @@ flat whatever the order.
 Options:
   -d, --drive DRIVE   only these devices (repeat or separate with commas);
                       scsi0 is short for drive-scsi0
+  --format FORMAT     image format of the disks: ${OUTPUT_FORMATS.join(', ')} (default raw)
   --force             allow an existing empty TARGETDIR
   --tmpdir DIR        where early clusters wait when writing to stdout
                       (default $TMPDIR or /tmp)
@@ -36,6 +38,7 @@ Examples:
   zstd -dc backup.vma.zst | vma extract - restored/`,
   options: {
     drive: { type: 'string', short: 'd', multiple: true },
+    format: { type: 'string' },
     force: { type: 'boolean' },
     tmpdir: { type: 'string' },
     memory: { type: 'string' },
@@ -44,11 +47,14 @@ Examples:
     expectPositionals(positionals, 1, 2, 'ARCHIVE')
     const [archive, target = '-'] = positionals
     const devices = listOption(values.drive)
+    const format = (values.format as string | undefined) ?? 'raw'
+    if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
     const input = openInput(archive)
     const progress = ctx.progress('extract', input.size)
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
     if (target === '-') {
       if (values.force === true) throw new VmapipeError('E_USAGE', '--force needs a TARGETDIR')
+      if (format !== 'raw') throw new VmapipeError('E_USAGE', `--format ${format} needs a TARGETDIR`)
       const memoryLimit = parseSize(values.memory, '--memory')
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
@@ -59,7 +65,7 @@ Examples:
       return EXIT.OK
     }
     if (values.tmpdir !== undefined || values.memory !== undefined) throw new VmapipeError('E_USAGE', '--tmpdir and --memory only apply when writing to stdout')
-    const result = await extractToDirectory(input.stream, target, { ...common, force: values.force === true })
+    const result = await extractToDirectory(input.stream, target, { ...common, force: values.force === true, format: format as OutputFormat })
     ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted')
     return EXIT.OK
   },

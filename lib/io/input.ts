@@ -1,8 +1,13 @@
 /**
  * Opening an input named on the command line: a path, or `-` for stdin.
  */
-import { createReadStream, fstatSync, readFileSync, statSync, type Stats } from 'node:fs'
+import { createReadStream, createWriteStream, fstatSync, readFileSync, statSync, type Stats } from 'node:fs'
+import { unlink } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { randomBytes } from 'node:crypto'
 import type { Readable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
 import { VmapipeError, ioError } from '../errors.js'
 
 export interface Input {
@@ -81,4 +86,20 @@ export async function peek (stream: Readable, n: number): Promise<Buffer> {
   const head = Buffer.concat(chunks)
   if (head.length > 0) stream.unshift(head)
   return head.subarray(0, n)
+}
+
+/**
+ * Copies a stream into a new file in `dir` (default the temporary directory).
+ * Open what you need, then call remove(): the open descriptors keep it alive.
+ */
+export async function spillToFile (stream: Readable, dir = tmpdir()): Promise<{ path: string, remove: () => Promise<void> }> {
+  const path = join(dir, `vmapipe-input-${process.pid}-${randomBytes(6).toString('hex')}`)
+  const remove = async (): Promise<void> => { await unlink(path).catch(() => {}) }
+  try {
+    await pipeline(stream, createWriteStream(path, { flags: 'wx', mode: 0o600, highWaterMark: 1 << 20 }))
+  } catch (err) {
+    await remove()
+    throw ioError(err, `copying the input to ${dir}`)
+  }
+  return { path, remove }
 }

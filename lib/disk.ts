@@ -1,0 +1,77 @@
+/**
+ * Random access to a disk image of any format, and the walk that turns one
+ * into records. Image readers (qcow2, Parallels, NBD, VMA archives) implement
+ * RandomAccessDisk; diskRecords() reads only what the map says holds data.
+ */
+import { Readable } from 'node:stream'
+import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from './record.js'
+
+/** A range of the guest disk, and whether anything is stored there. */
+export interface Extent {
+  offset: number
+  length: number
+  /** false: nothing stored, reads as zeros (a hole, a zero cluster). */
+  data: boolean
+}
+
+export interface RandomAccessDisk {
+  /** Guest size in bytes. */
+  readonly size: number
+  /** Extents covering [offset, offset + length), in order, adjacent ones of a kind merged or not. */
+  map: (offset: number, length: number) => Promise<Extent[]>
+  /** Fills `buf` with the guest bytes at `offset` (zeros where nothing is stored). */
+  read: (buf: Buffer, offset: number) => Promise<void>
+  close: () => Promise<void>
+}
+
+/** Guest bytes looked at per step. */
+const BATCH = 16 * CLUSTER_SIZE
+const EMPTY: Buffer = Buffer.alloc(0)
+
+/**
+ * The disk as ClusterRecords for device id `device`, front to back. Clusters
+ * the map calls empty become mask-0 records without a read; the rest are
+ * read in batches of 1 MiB and their zero blocks detected.
+ */
+export function diskRecords (disk: RandomAccessDisk, device: number): Readable {
+  const clusters = clusterCount(disk.size)
+  let next = 0
+  return new Readable({
+    objectMode: true,
+    highWaterMark: 16,
+    read () {
+      if (next >= clusters) {
+        this.push(null)
+        return
+      }
+      const first = next
+      const offset = first * CLUSTER_SIZE
+      const length = Math.min(BATCH, disk.size - offset)
+      next += Math.ceil(length / CLUSTER_SIZE)
+      recordsAt(disk, device, first, offset, length).then(records => {
+        for (const r of records) this.push(r)
+      }, (err: Error) => this.destroy(err))
+    },
+    destroy (err, callback) {
+      disk.close().then(() => callback(err), () => callback(err))
+    },
+  })
+}
+
+async function recordsAt (disk: RandomAccessDisk, device: number, first: number, offset: number, length: number): Promise<ClusterRecord[]> {
+  const extents = await disk.map(offset, length)
+  const count = Math.ceil(length / CLUSTER_SIZE)
+  const hasData = new Array<boolean>(count).fill(false)
+  for (const e of extents) {
+    if (!e.data) continue
+    const from = Math.max(0, Math.floor((e.offset - offset) / CLUSTER_SIZE))
+    const to = Math.min(count, Math.ceil((e.offset + e.length - offset) / CLUSTER_SIZE))
+    for (let i = from; i < to; i++) hasData[i] = true
+  }
+  if (!hasData.includes(true)) return hasData.map((_, i) => clusterRecord(device, first + i, 0, EMPTY))
+  const buf = Buffer.allocUnsafe(length)
+  await disk.read(buf, offset)
+  return hasData.map((data, i) => data
+    ? clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE)))
+    : clusterRecord(device, first + i, 0, EMPTY))
+}

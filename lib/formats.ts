@@ -1,0 +1,35 @@
+/**
+ * The image formats disks can be extracted to, and what each makes of one
+ * device in a target directory. Format modules plug in here; the extraction
+ * job stays the same for all.
+ */
+import { join } from 'node:path'
+import { VmapipeError } from './errors.js'
+import { type DeviceInfo, VMSTATE_NAME } from './record.js'
+import type { DiskWriter } from './router.js'
+import { RawFileWriter } from './raw/writer.js'
+import type { WriteQueue } from './io/write-queue.js'
+
+export const OUTPUT_FORMATS = ['raw'] as const
+export type OutputFormat = typeof OUTPUT_FORMATS[number]
+
+export interface OutputOptions {
+  format?: OutputFormat
+}
+
+export interface DiskOutput {
+  /** Entries (files or directories) the disk occupies in the target directory. */
+  names: string[]
+  /** Creates the writer in `dir`, where the entries are staged until all are complete. */
+  create: (dir: string, queue: WriteQueue) => Promise<DiskWriter>
+}
+
+/** What `device` becomes in `format`. The saved RAM state is always raw vmstate.bin. */
+export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): DiskOutput {
+  const format = options.format ?? 'raw'
+  if (device.name === VMSTATE_NAME || format === 'raw') {
+    const name = device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
+    return { names: [name], create: async (dir, queue) => await RawFileWriter.create(join(dir, name), device.size, queue) }
+  }
+  throw new VmapipeError('E_USAGE', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`)
+}
