@@ -30,6 +30,8 @@ export type ErrorCode =
   | 'E_RECORD' | 'E_INPUT_SIZE'
   // what a format cannot hold
   | 'E_LIMIT'
+  // qcow2 images
+  | 'E_QCOW2_HEADER' | 'E_QCOW2_L1' | 'E_QCOW2_L2' | 'E_QCOW2_DATA' | 'E_QCOW2_BACKING'
   // compression
   | 'E_COMPRESSED_DATA' | 'E_TOOL_MISSING'
   // the command line and the file system

@@ -3,7 +3,9 @@
  * disk to a stream. Files are written in a hidden staging directory inside the
  * target and renamed to their final names only when every one is complete.
  */
+import { createReadStream } from 'node:fs'
 import { mkdir, mkdtemp, open, readdir, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
 import type { Readable, Writable } from 'node:stream'
@@ -11,7 +13,7 @@ import { VmapipeError, ioError } from './errors.js'
 import type { ArchiveInfo, DeviceInfo } from './record.js'
 import { DeviceRouter } from './router.js'
 import { RawStreamWriter } from './raw/writer.js'
-import { type OutputOptions, diskOutput } from './formats.js'
+import { type OutputFormat, type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
@@ -70,24 +72,75 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
   }
 }
 
+export interface ExtractToStreamOptions extends ExtractOptions {
+  /** raw (default), or an image format, which is built in `tmpDir` first and then copied out. */
+  format?: OutputFormat
+  /** Where early clusters (raw) or the image being built wait (default the temporary directory). */
+  tmpDir?: string
+  /** raw: bytes of early clusters kept in memory before they spill. */
+  memoryLimit?: number
+}
+
 /**
- * Writes one disk (the only one, or the one named) to `output` front to back,
- * zeros included. Early clusters wait in a spill buffer (`tmpDir`).
+ * Writes one disk (the only one, or the one named) to `output` front to back.
+ * Raw goes out as the clusters come, early ones parked in a spill buffer; an
+ * image format needs its tables first, so it is built in a temporary
+ * directory and copied out when complete.
  */
-export async function extractToStream (input: Readable, output: Writable, options: ExtractOptions & { tmpDir?: string, memoryLimit?: number } = {}): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
-  let writer: RawStreamWriter | undefined
+export async function extractToStream (input: Readable, output: Writable, options: ExtractToStreamOptions = {}): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
   const decompress = createDecompressor()
   const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices)] })
-  const router = new DeviceRouter(async (_info, add) => {
-    const device = reader.selected[0]
-    writer = new RawStreamWriter(output, device, {
-      ...(options.tmpDir !== undefined ? { tmpDir: options.tmpDir } : {}),
-      ...(options.memoryLimit !== undefined ? { memoryLimit: options.memoryLimit } : {}),
+  const format = options.format ?? 'raw'
+  if (format === 'raw') {
+    let writer: RawStreamWriter | undefined
+    const router = new DeviceRouter(async (_info, add) => {
+      const device = reader.selected[0]
+      writer = new RawStreamWriter(output, device, {
+        ...(options.tmpDir !== undefined ? { tmpDir: options.tmpDir } : {}),
+        ...(options.memoryLimit !== undefined ? { memoryLimit: options.memoryLimit } : {}),
+      })
+      add(device.id, writer)
     })
-    add(device.id, writer)
-  })
-  await runRecordPipeline(input, decompress, reader, router, options)
-  return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: writer?.spilledBytes ?? 0 }
+    await runRecordPipeline(input, decompress, reader, router, options)
+    return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: writer?.spilledBytes ?? 0 }
+  }
+  const dir = await mkdtemp(join(options.tmpDir ?? tmpdir(), 'vmapipe-image-')).catch(err => { throw ioError(err, 'cannot create a temporary directory') })
+  try {
+    let image = ''
+    const router = new DeviceRouter(async (_info, add) => {
+      const device = reader.selected[0]
+      const out = diskOutput(device, { format })
+      image = join(dir, out.names[0])
+      add(device.id, await out.create(dir, new WriteQueue()))
+    })
+    await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
+      if (!router.closed) await once(router, 'close')
+      throw err
+    })
+    const bytes = await copyFileTo(image, output)
+    return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: bytes }
+  } finally {
+    await rm(dir, { recursive: true, force: true })
+  }
+}
+
+/** Copies a file to a stream that may never report 'finish' (stdout); returns the bytes copied. */
+async function copyFileTo (path: string, output: Writable): Promise<number> {
+  let failure: Error | undefined
+  const onError = (err: Error): void => { failure = err }
+  output.on('error', onError)
+  let bytes = 0
+  try {
+    for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) {
+      bytes += (chunk as Buffer).length
+      if (!output.write(chunk)) await Promise.race([once(output, 'drain'), once(output, 'error')])
+      if (failure !== undefined) break
+    }
+  } finally {
+    output.off('error', onError)
+  }
+  if (failure !== undefined) throw ioError(failure, 'writing the output stream')
+  return bytes
 }
 
 function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined): DeviceInfo {

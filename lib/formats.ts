@@ -8,13 +8,16 @@ import { VmapipeError } from './errors.js'
 import { type DeviceInfo, VMSTATE_NAME } from './record.js'
 import type { DiskWriter } from './router.js'
 import { RawFileWriter } from './raw/writer.js'
+import { Qcow2FileWriter } from './qcow2/writer.js'
 import type { WriteQueue } from './io/write-queue.js'
 
-export const OUTPUT_FORMATS = ['raw'] as const
+export const OUTPUT_FORMATS = ['raw', 'qcow2'] as const
 export type OutputFormat = typeof OUTPUT_FORMATS[number]
 
 export interface OutputOptions {
   format?: OutputFormat
+  /** qcow2: keep the data in a raw file beside the image (external data file). */
+  dataFile?: boolean
 }
 
 export interface DiskOutput {
@@ -27,9 +30,21 @@ export interface DiskOutput {
 /** What `device` becomes in `format`. The saved RAM state is always raw vmstate.bin. */
 export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): DiskOutput {
   const format = options.format ?? 'raw'
+  if (options.dataFile === true && format !== 'qcow2') throw new VmapipeError('E_USAGE', 'a data file is a qcow2 feature (--format qcow2)')
   if (device.name === VMSTATE_NAME || format === 'raw') {
     const name = device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
     return { names: [name], create: async (dir, queue) => await RawFileWriter.create(join(dir, name), device.size, queue) }
+  }
+  if (format === 'qcow2') {
+    const image = `disk-${device.name}.qcow2`
+    const data = options.dataFile === true ? `disk-${device.name}.raw` : undefined
+    return {
+      names: data === undefined ? [image] : [image, data],
+      create: async (dir, queue) => await Qcow2FileWriter.create(join(dir, image), device.size, {
+        queue,
+        ...(data !== undefined ? { dataFile: { path: join(dir, data), name: data } } : {}),
+      }),
+    }
   }
   throw new VmapipeError('E_USAGE', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`)
 }

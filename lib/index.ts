@@ -28,3 +28,5 @@ export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf
 export { extractToDirectory, extractToStream, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
 export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './formats.js'
 export { diskRecords, type RandomAccessDisk, type Extent } from './disk.js'
+export { Qcow2Image, type Qcow2OpenOptions } from './qcow2/reader.js'
+export { Qcow2FileWriter, type Qcow2WriterOptions } from './qcow2/writer.js'

@@ -11,14 +11,26 @@ import { type Input, openInput, peek, spillToFile } from './io/input.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
 import { type RandomAccessDisk, diskRecords } from './disk.js'
+import { isQcow2 } from './qcow2/format.js'
+import { Qcow2Image } from './qcow2/reader.js'
 
 /** An image format read by random access: how to recognise it and open it. */
 interface ImageFormat {
   magic: (head: Buffer) => boolean
-  open: (path: string, spec: DiskSpec) => Promise<RandomAccessDisk>
+  /** `copied`: the image is a temporary copy of stdin, so names of other files in it mean nothing. */
+  open: (path: string, spec: DiskSpec, copied: boolean) => Promise<RandomAccessDisk>
 }
 
-const IMAGE_FORMATS: Record<string, ImageFormat> = {}
+const IMAGE_FORMATS: Record<string, ImageFormat> = {
+  qcow2: {
+    magic: isQcow2,
+    open: async (path, spec, copied) => await Qcow2Image.open(path, {
+      ...(spec.followBacking === true ? { followBacking: true } : {}),
+      ...(spec.backing !== undefined ? { backing: spec.backing } : {}),
+      standalone: copied,
+    }),
+  },
+}
 
 export const DISK_FORMATS = ['raw', ...Object.keys(IMAGE_FORMATS)] as const
 export type DiskFormat = string
@@ -34,6 +46,8 @@ export interface DiskSpec {
   size?: number
   /** Read a backing chain instead of refusing an image that has one. */
   followBacking?: boolean
+  /** Use this backing file for the image, wherever it lies (qcow2). */
+  backing?: string
   /** Directory for a temporary copy of an image read from stdin. */
   tmpDir?: string
 }
@@ -80,13 +94,13 @@ async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, imag
     // An image wants random access: copy stdin to an unlinked temporary file first.
     const spilled = await spillToFile(input.stream, spec.tmpDir)
     try {
-      disk = await image.open(spilled.path, spec)
+      disk = await image.open(spilled.path, spec, true)
     } finally {
       await spilled.remove()
     }
   } else {
     input.stream.destroy()
-    disk = await image.open(spec.path, spec)
+    disk = await image.open(spec.path, spec, false)
   }
   return {
     name: spec.name,

@@ -6,7 +6,7 @@ import { packArchive } from '../pack.js'
 import { DISK_FORMATS, type DiskFormat, type DiskSource, type DiskSpec, openDisk } from '../sources.js'
 import { EXIT, VmapipeError, ioError } from '../errors.js'
 import type { ConfigBlob } from '../record.js'
-import { type Command, expectPositionals, listOption, parseSize } from './command.js'
+import { type Command, expectPositionals, parseSize } from './command.js'
 import type { CliContext } from './context.js'
 
 const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none']
@@ -18,6 +18,8 @@ const PACK_OPTIONS = {
   ctime: { type: 'string' },
   force: { type: 'boolean' },
   interleave: { type: 'boolean' },
+  'follow-backing': { type: 'boolean' },
+  tmpdir: { type: 'string' },
 } as const
 
 const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its base name
@@ -28,7 +30,11 @@ const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its b
   --ctime TIME        creation time, seconds since the epoch or an ISO date
                       (default now)
   --force             replace an existing output file
-  --interleave        read all disks at once, mixing their clusters`
+  --interleave        read all disks at once, mixing their clusters
+  --follow-backing    read qcow2 backing chains (each file must lie in its
+                      image's directory) instead of refusing them
+  --tmpdir DIR        where an image read from stdin is copied first
+                      (default $TMPDIR or /tmp)`
 
 export const create: Command = {
   name: 'create',
@@ -43,9 +49,12 @@ file is written under a temporary name and renamed only when complete. At
 most one PATH may be - (stdin).
 
 -d takes NAME=PATH, optionally prefixed by options and a colon:
-  format=raw          skip format detection (raw is the fallback anyway)
+  format=FMT          skip format detection: ${DISK_FORMATS.join(', ')}
+                      (told by magic bytes otherwise; raw is the fallback)
   size=BYTES          the disk's size, required for raw input from stdin or
                       a pipe (suffixes K, M, G, T)
+  backing=PATH        a qcow2's backing file, wherever it lies (the chain
+                      below it is followed)
 A device named vmstate holds saved RAM and is written in order.
 
 Options:
@@ -57,7 +66,8 @@ Examples:
   options: { ...PACK_OPTIONS, drive: { type: 'string', short: 'd', multiple: true } },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'OUT')
-    const specs = (listOption(values.drive) ?? []).map(parseDiskSpec)
+    // Not split at commas: they separate a -d's own options.
+    const specs = ((values.drive as string[] | undefined) ?? []).map(parseDiskSpec)
     if (specs.length === 0) throw new VmapipeError('E_USAGE', 'no disks: give at least one -d NAME=PATH')
     return await runPack(ctx, positionals[0], specs, values)
   },
@@ -69,8 +79,10 @@ export const pack: Command = {
   help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c FILE]... [-o OUT]
 
 Packs one disk from a file or stdin into a VMA archive on stdout (or -o OUT).
-The input's format is told by its magic bytes; raw is the fallback. Raw from
-stdin needs --size, since the archive header comes first.
+The input's format is told by its magic bytes (${DISK_FORMATS.join(', ')}); raw
+is the fallback. Raw from stdin needs --size, since the archive header comes
+first; an image from stdin is copied to --tmpdir first (it needs random
+access), and may not refer to other files.
 
 Options:
   --name NAME         device name (default drive-scsi0)
@@ -91,9 +103,11 @@ Examples:
   },
 }
 
-/** `[format=raw,size=10G:]drive-scsi0=/path` -> DiskSpec */
+const SPEC_KEYS = 'format|size|backing'
+
+/** `[format=raw,size=10G,backing=PATH:]drive-scsi0=/path` -> DiskSpec */
 export function parseDiskSpec (text: string): DiskSpec {
-  const m = /^((?:format|size)=[^:,]*(?:,(?:format|size)=[^:,]*)*):(.*)$/.exec(text)
+  const m = new RegExp(`^((?:${SPEC_KEYS})=[^:,]*(?:,(?:${SPEC_KEYS})=[^:,]*)*):(.*)$`).exec(text)
   const rest = m === null ? text : m[2]
   const eq = rest.indexOf('=')
   if (eq <= 0 || eq === rest.length - 1) throw new VmapipeError('E_USAGE', `-d ${text}: expected [format=FMT,size=BYTES:]NAME=PATH`)
@@ -101,6 +115,7 @@ export function parseDiskSpec (text: string): DiskSpec {
   for (const option of m === null ? [] : m[1].split(',')) {
     const [key, value] = option.split('=')
     if (key === 'size') spec.size = parseSize(value, `-d ${text}`)
+    else if (key === 'backing') spec.backing = value
     else if ((DISK_FORMATS as readonly string[]).includes(value)) spec.format = value as DiskFormat
     else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${DISK_FORMATS.join(', ')})`)
   }
@@ -122,12 +137,17 @@ async function readConfigs (files: string[]): Promise<ConfigBlob[]> {
   })))
 }
 
-async function runPack (ctx: CliContext, out: string, specs: DiskSpec[], values: Record<string, unknown>): Promise<number> {
+async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
+  const specs = given.map(spec => ({
+    ...spec,
+    ...(values['follow-backing'] === true ? { followBacking: true } : {}),
+    ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
+  }))
   if (specs.filter(s => s.path === '-').length > 1) throw new VmapipeError('E_USAGE', 'only one disk can come from stdin')
   const compress = values.compress as string | undefined
   if (compress !== undefined && !COMPRESSIONS.includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
   const compression = (compress ?? compressionForName(out)) as Compression
-  const configs = await readConfigs(listOption(values.config) ?? [])
+  const configs = await readConfigs((values.config as string[] | undefined) ?? [])
   const ctime = parseCtime(values.ctime)
   const disks: DiskSource[] = []
   try {

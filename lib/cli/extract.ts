@@ -19,12 +19,15 @@ only when all are complete; after a failure no file has a final name.
 Without TARGETDIR (or with -): writes one disk (the only one, or the one -d
 names) to stdout as raw bytes in order, zeros included. Clusters that arrive
 early wait in memory (1 MiB) and then in a temporary file, so memory stays
-flat whatever the order.
+flat whatever the order. With --format qcow2 the image is built in --tmpdir
+and copied to stdout when complete (its tables come first).
 
 Options:
   -d, --drive DRIVE   only these devices (repeat or separate with commas);
                       scsi0 is short for drive-scsi0
   --format FORMAT     image format of the disks: ${OUTPUT_FORMATS.join(', ')} (default raw)
+  --data-file         with qcow2: disk-<device>.raw (sparse, usable on its own)
+                      holds the data, disk-<device>.qcow2 only the metadata
   --force             allow an existing empty TARGETDIR
   --tmpdir DIR        where early clusters wait when writing to stdout
                       (default $TMPDIR or /tmp)
@@ -39,6 +42,7 @@ Examples:
   options: {
     drive: { type: 'string', short: 'd', multiple: true },
     format: { type: 'string' },
+    'data-file': { type: 'boolean' },
     force: { type: 'boolean' },
     tmpdir: { type: 'string' },
     memory: { type: 'string' },
@@ -54,10 +58,11 @@ Examples:
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
     if (target === '-') {
       if (values.force === true) throw new VmapipeError('E_USAGE', '--force needs a TARGETDIR')
-      if (format !== 'raw') throw new VmapipeError('E_USAGE', `--format ${format} needs a TARGETDIR`)
+      if (values['data-file'] === true) throw new VmapipeError('E_USAGE', '--data-file makes two files and needs a TARGETDIR')
       const memoryLimit = parseSize(values.memory, '--memory')
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
+        format: format as OutputFormat,
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),
       })
@@ -65,7 +70,7 @@ Examples:
       return EXIT.OK
     }
     if (values.tmpdir !== undefined || values.memory !== undefined) throw new VmapipeError('E_USAGE', '--tmpdir and --memory only apply when writing to stdout')
-    const result = await extractToDirectory(input.stream, target, { ...common, force: values.force === true, format: format as OutputFormat })
+    const result = await extractToDirectory(input.stream, target, { ...common, force: values.force === true, format: format as OutputFormat, dataFile: values['data-file'] === true })
     ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted')
     return EXIT.OK
   },

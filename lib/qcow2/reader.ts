@@ -1,0 +1,341 @@
+/**
+ * Qcow2Image: a qcow2 file as a RandomAccessDisk. Versions 2 and 3, zero
+ * clusters, compressed (deflate) clusters, extended L2 entries, an external
+ * data file, and, when asked for, a backing chain. Every offset from the file
+ * is checked before it is used; tables are loaded on demand and cached within
+ * a fixed budget, so memory stays bounded whatever the image claims.
+ */
+import { open, realpath, type FileHandle } from 'node:fs/promises'
+import { dirname, isAbsolute, relative, resolve, sep } from 'node:path'
+import { promisify } from 'node:util'
+import { inflateRaw } from 'node:zlib'
+import { VmapipeError, ioError } from '../errors.js'
+import type { Extent, RandomAccessDisk } from '../disk.js'
+import {
+  type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry,
+} from './format.js'
+
+const inflate = promisify(inflateRaw)
+/** Bytes of L2 tables kept in memory. */
+const L2_CACHE_BYTES = 16 << 20
+const MAX_CHAIN = 32
+
+export interface Qcow2OpenOptions {
+  /** Read the backing chain instead of refusing an image that has one. */
+  followBacking?: boolean
+  /** Use this file as the backing file, wherever it is (implies followBacking for the top image). */
+  backing?: string
+  /** Refuse references to other files (a data file, a backing file not given here): the image is a copy out of its place. */
+  standalone?: boolean
+}
+
+/** How a piece of the guest disk is stored. */
+type Piece =
+  | { kind: 'zero' }
+  | { kind: 'backing' }
+  | { kind: 'data', file: FileHandle, host: number }
+  | { kind: 'compressed', host: number, bytes: number }
+
+interface Opened { handle: FileHandle, size: number, path: string }
+
+async function openFile (path: string): Promise<Opened> {
+  try {
+    const handle = await open(path, 'r')
+    return { handle, size: (await handle.stat()).size, path }
+  } catch (err) {
+    throw ioError(err, `cannot open ${path}`)
+  }
+}
+
+/** Fills `buf` from `position`; past the end of the file: zeros if `zeroPastEnd`, else an error. */
+async function readAt (file: FileHandle, buf: Buffer, position: number, what: string, zeroPastEnd = false): Promise<void> {
+  let done = 0
+  while (done < buf.length) {
+    const { bytesRead } = await file.read(buf, done, buf.length - done, position + done).catch(err => { throw ioError(err, what) })
+    if (bytesRead === 0) {
+      if (!zeroPastEnd) throw new VmapipeError('E_QCOW2_DATA', `${what}: the file ends early`, { offset: position + done })
+      buf.fill(0, done)
+      return
+    }
+    done += bytesRead
+  }
+}
+
+export class Qcow2Image implements RandomAccessDisk {
+  readonly size: number
+  readonly clusterSize: number
+  private readonly extended: boolean
+  private readonly entries: number
+  private readonly l2Cache = new Map<number, Buffer>()
+  private inflated?: { host: number, bytes: Buffer }
+
+  /** Use Qcow2Image.open(). */
+  constructor (
+    readonly path: string,
+    readonly header: Qcow2Header,
+    private readonly file: Opened,
+    private readonly l1: Buffer,
+    private readonly data: Opened | undefined,
+    private readonly backing: RandomAccessDisk | undefined,
+  ) {
+    this.size = header.size
+    this.clusterSize = 2 ** header.clusterBits
+    this.extended = (header.incompatible & INCOMPAT.EXTENDED_L2) !== 0
+    this.entries = l2Entries(header.clusterBits, this.extended)
+  }
+
+  static async open (path: string, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    return await openChain(path, options, new Set(), 0)
+  }
+
+  async close (): Promise<void> {
+    await this.file.handle.close().catch(() => {})
+    if (this.data !== undefined) await this.data.handle.close().catch(() => {})
+    await this.backing?.close()
+  }
+
+  async map (offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = []
+    const push = (e: Extent): void => {
+      const last = out[out.length - 1]
+      if (last !== undefined && last.data === e.data && last.offset + last.length === e.offset) last.length += e.length
+      else out.push(e)
+    }
+    await this.walk(offset, length, async (piece, at, len) => {
+      if (piece.kind === 'backing') {
+        for (const e of await this.fromBacking(at, len)) push(e)
+      } else push({ offset: at, length: len, data: piece.kind !== 'zero' })
+    })
+    return out
+  }
+
+  async read (buf: Buffer, offset: number): Promise<void> {
+    await this.walk(offset, buf.length, async (piece, at, len) => {
+      const target = buf.subarray(at - offset, at - offset + len)
+      switch (piece.kind) {
+        case 'zero': target.fill(0); break
+        // A file may end inside its last cluster (a raw data file even earlier); like QEMU, read zeros there.
+        case 'data': await readAt(piece.file, target, piece.host, `reading ${this.path}`, true); break
+        case 'compressed': (await this.decompress(piece.host, piece.bytes)).copy(target, 0, at % this.clusterSize, at % this.clusterSize + len); break
+        case 'backing': await this.readBacking(target, at); break
+      }
+    })
+  }
+
+  /** Calls `fn` for each stretch of [offset, offset+length) stored one way, in order; data pieces adjacent on disk are merged. */
+  private async walk (offset: number, length: number, fn: (piece: Piece, at: number, len: number) => Promise<void>): Promise<void> {
+    let pending: { piece: Piece, at: number, len: number } | undefined
+    const flush = async (): Promise<void> => { if (pending) await fn(pending.piece, pending.at, pending.len); pending = undefined }
+    for (let at = offset; at < offset + length;) {
+      const cluster = Math.floor(at / this.clusterSize)
+      const inCluster = at - cluster * this.clusterSize
+      const end = Math.min(offset + length, (cluster + 1) * this.clusterSize)
+      for (const [piece, from, to] of this.pieces(await this.entry(cluster), inCluster, end - cluster * this.clusterSize)) {
+        const pieceAt = cluster * this.clusterSize + from
+        const len = to - from
+        if (pending && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) pending.len += len
+        else { await flush(); pending = { piece, at: pieceAt, len } }
+      }
+      at = end
+    }
+    await flush()
+  }
+
+  /** The stretches of one cluster between `from` and `to` (bytes within the cluster). */
+  private pieces (entry: L2Entry, from: number, to: number): Array<[Piece, number, number]> {
+    switch (entry.kind) {
+      case 'unallocated': return [[this.backing ? { kind: 'backing' } : { kind: 'zero' }, from, to]]
+      case 'zero': return [[{ kind: 'zero' }, from, to]]
+      case 'data': return [[{ kind: 'data', file: this.dataFile(), host: entry.host + from }, from, to]]
+      case 'compressed': return [[{ kind: 'compressed', host: entry.host, bytes: entry.bytes }, from, to]]
+      case 'subclusters': {
+        const sub = this.clusterSize / 32
+        const out: Array<[Piece, number, number]> = []
+        for (let i = Math.floor(from / sub); i * sub < to; i++) {
+          const a = Math.max(from, i * sub)
+          const b = Math.min(to, (i + 1) * sub)
+          const bit = 1 << i
+          const piece: Piece = (entry.allocated & bit) !== 0
+            ? { kind: 'data', file: this.dataFile(), host: entry.host + a }
+            : (entry.zero & bit) !== 0 || this.backing === undefined ? { kind: 'zero' } : { kind: 'backing' }
+          out.push([piece, a, b])
+        }
+        return out
+      }
+    }
+  }
+
+  private dataFile (): FileHandle {
+    return (this.data ?? this.file).handle
+  }
+
+  /** The L2 entry of guest cluster `cluster`, its data range checked against the file it lives in. */
+  private async entry (cluster: number): Promise<L2Entry> {
+    const l1Index = Math.floor(cluster / this.entries)
+    const l2Offset = readL1Entry(this.l1, l1Index, this.clusterSize, this.file.size, this.header.l1Offset)
+    if (l2Offset === 0) return { kind: 'unallocated' }
+    const table = await this.l2Table(l2Offset)
+    const entry = readL2Entry(table, cluster % this.entries, this.header.clusterBits, this.extended, l2Offset)
+    const where = { offset: l2Offset + (cluster % this.entries) * (this.extended ? 16 : 8) }
+    if (entry.kind === 'data' || entry.kind === 'subclusters') {
+      if (this.data !== undefined && entry.host !== cluster * this.clusterSize) {
+        throw new VmapipeError('E_QCOW2_L2', `guest cluster ${cluster} maps to ${entry.host} in the data file, not to its own offset`, where)
+      }
+      if (this.data === undefined && entry.host >= this.file.size) {
+        throw new VmapipeError('E_QCOW2_L2', `guest cluster ${cluster} points to ${entry.host}, past the end of the ${this.file.size}-byte file`, where)
+      }
+    }
+    if (entry.kind === 'compressed') {
+      if (this.data !== undefined) throw new VmapipeError('E_QCOW2_L2', 'compressed cluster in an image with a data file', where)
+      if (entry.host >= this.file.size) throw new VmapipeError('E_QCOW2_L2', `compressed cluster ${cluster} at ${entry.host} lies past the end of the file`, where)
+    }
+    return entry
+  }
+
+  private async l2Table (offset: number): Promise<Buffer> {
+    const cached = this.l2Cache.get(offset)
+    if (cached !== undefined) {
+      // Refresh its place: the Map's order is the eviction order.
+      this.l2Cache.delete(offset)
+      this.l2Cache.set(offset, cached)
+      return cached
+    }
+    const table = Buffer.allocUnsafe(this.clusterSize)
+    await readAt(this.file.handle, table, offset, `reading the L2 table at ${offset}`)
+    if ((this.l2Cache.size + 1) * this.clusterSize > L2_CACHE_BYTES) this.l2Cache.delete(this.l2Cache.keys().next().value as number)
+    this.l2Cache.set(offset, table)
+    return table
+  }
+
+  private async decompress (host: number, bytes: number): Promise<Buffer> {
+    if (this.inflated?.host === host) return this.inflated.bytes
+    const compressed = Buffer.allocUnsafe(Math.min(bytes, this.file.size - host))
+    await readAt(this.file.handle, compressed, host, `reading the compressed cluster at ${host}`)
+    let out: Buffer
+    try {
+      out = await inflate(compressed, { maxOutputLength: this.clusterSize, finishFlush: 2 /* Z_SYNC_FLUSH: trailing bytes may follow */ })
+    } catch (err) {
+      throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
+    }
+    if (out.length !== this.clusterSize) {
+      throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} inflates to ${out.length} bytes, not ${this.clusterSize}`, { offset: host })
+    }
+    this.inflated = { host, bytes: out }
+    return out
+  }
+
+  private async fromBacking (offset: number, length: number): Promise<Extent[]> {
+    const backing = this.backing as RandomAccessDisk
+    const inside = Math.max(0, Math.min(length, backing.size - offset))
+    const extents = inside > 0 ? await backing.map(offset, inside) : []
+    return inside < length ? [...extents, { offset: offset + inside, length: length - inside, data: false }] : extents
+  }
+
+  private async readBacking (target: Buffer, offset: number): Promise<void> {
+    const backing = this.backing as RandomAccessDisk
+    const inside = Math.max(0, Math.min(target.length, backing.size - offset))
+    if (inside > 0) await backing.read(target.subarray(0, inside), offset)
+    target.fill(0, inside)
+  }
+}
+
+function sameRun (a: Piece, b: Piece, aLength: number): boolean {
+  if (a.kind !== b.kind) return false
+  if (a.kind === 'data' && b.kind === 'data') return a.file === b.file && a.host + aLength === b.host
+  return a.kind === 'zero' || a.kind === 'backing'
+}
+
+/** Whether `path` lies inside `dir` (both real paths). */
+function inside (dir: string, path: string): boolean {
+  const rel = relative(dir, path)
+  return rel !== '' && !rel.startsWith('..') && !isAbsolute(rel) && !rel.split(sep).includes('..')
+}
+
+/**
+ * Resolves a file an image names (data file, backing file) relative to the
+ * image, refusing names that lead out of the image's directory.
+ */
+async function besideImage (imagePath: string, name: string, what: string): Promise<string> {
+  const dir = await realpath(dirname(imagePath))
+  const path = resolve(dir, name)
+  const real = await realpath(path).catch(err => { throw ioError(err, `cannot open the ${what} ${name} of ${imagePath}`) })
+  if (!inside(dir, real)) {
+    throw new VmapipeError('E_QCOW2_BACKING', `the ${what} ${name} of ${imagePath} lies outside the image's directory; name it explicitly to use it`)
+  }
+  return real
+}
+
+async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<string>, depth: number): Promise<Qcow2Image> {
+  const real = await realpath(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
+  if (seen.has(real)) throw new VmapipeError('E_QCOW2_BACKING', `the backing chain loops back to ${path}`)
+  if (depth > MAX_CHAIN) throw new VmapipeError('E_QCOW2_BACKING', `the backing chain is longer than ${MAX_CHAIN} images`)
+  seen.add(real)
+  const file = await openFile(path)
+  const opened: Array<{ close: () => Promise<void> }> = [{ close: async () => await file.handle.close() }]
+  try {
+    const first = Buffer.alloc(Math.min(file.size, 2 << 20))
+    await readAt(file.handle, first, 0, `reading ${path}`)
+    let header: Qcow2Header
+    try {
+      header = parseHeader(first, file.size)
+    } catch (err) {
+      throw err instanceof VmapipeError ? new VmapipeError(err.code, `${path}: ${err.message}`, { cause: err }) : err
+    }
+    const clusterSize = 2 ** header.clusterBits
+    const l1 = Buffer.alloc(header.l1Size * 8)
+    await readAt(file.handle, l1, header.l1Offset, `reading the L1 table of ${path}`)
+    for (let i = 0; i < header.l1Size; i++) readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
+
+    let data: Opened | undefined
+    const refuseReference = (what: string): void => {
+      if (options.standalone === true) throw new VmapipeError('E_USAGE', `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`)
+    }
+    if ((header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
+      refuseReference('data file')
+      if (header.dataFile === undefined) throw new VmapipeError('E_QCOW2_HEADER', `${path} keeps its data in an external file but does not name it`)
+      data = await openFile(await besideImage(path, header.dataFile, 'data file'))
+      opened.push({ close: async () => await (data as Opened).handle.close() })
+    }
+    let backing: RandomAccessDisk | undefined
+    if (header.backing !== undefined || options.backing !== undefined) {
+      if (options.backing === undefined) refuseReference('backing file')
+      if (options.backing === undefined && options.followBacking !== true) {
+        throw new VmapipeError('E_USAGE', `${path} has the backing file ${header.backing?.name ?? ''}; pass --follow-backing to read the whole chain`)
+      }
+      const backingPath = options.backing ?? await besideImage(path, (header.backing as { name: string }).name, 'backing file')
+      backing = await openBacking(backingPath, header.backing?.format, seen, depth)
+      opened.push(backing)
+    }
+    return new Qcow2Image(path, header, file, l1, data, backing)
+  } catch (err) {
+    for (const o of opened.reverse()) await o.close().catch(() => {})
+    throw err
+  }
+}
+
+/** A backing file: qcow2 (its own chain followed) or raw, by its format extension or its magic. */
+async function openBacking (path: string, format: string | undefined, seen: Set<string>, depth: number): Promise<RandomAccessDisk> {
+  const file = await openFile(path)
+  const head = Buffer.alloc(Math.min(4, file.size))
+  await readAt(file.handle, head, 0, `reading ${path}`)
+  if (format === 'qcow2' || (format === undefined && isQcow2(head))) {
+    await file.handle.close()
+    return await openChain(path, { followBacking: true }, seen, depth + 1)
+  }
+  if (format !== undefined && format !== 'raw') {
+    await file.handle.close()
+    throw new VmapipeError('E_QCOW2_BACKING', `backing file ${path} is in format ${format}, which vmapipe does not read as a backing file`)
+  }
+  return rawDisk(file)
+}
+
+/** A raw file as a RandomAccessDisk (everything counts as data). */
+function rawDisk (file: Opened): RandomAccessDisk {
+  return {
+    size: file.size,
+    map: async (offset, length) => [{ offset, length, data: true }],
+    read: async (buf, offset) => { await readAt(file.handle, buf, offset, `reading ${file.path}`) },
+    close: async () => { await file.handle.close().catch(() => {}) },
+  }
+}
+
