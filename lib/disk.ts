@@ -5,6 +5,7 @@
  */
 import { Readable } from 'node:stream'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from './record.js'
+import type { ClusterSet } from './util/cluster-set.js'
 
 /** A range of the guest disk, and whether anything is stored there. */
 export interface Extent {
@@ -31,11 +32,12 @@ const AHEAD = 4
 const EMPTY: Buffer = Buffer.alloc(0)
 
 /**
- * The disk as ClusterRecords for device id `device`, front to back. Clusters
- * the map calls empty become mask-0 records without a read; the rest are
- * read in batches of 1 MiB, a few batches ahead, and their zero blocks detected.
+ * The disk as ClusterRecords for device id `device`, front to back, but for
+ * the clusters in `skip`. Clusters the map calls empty become mask-0 records
+ * without a read; the rest are read in batches of 1 MiB, a few batches ahead,
+ * and their zero blocks detected.
  */
-export function diskRecords (disk: RandomAccessDisk, device: number): Readable {
+export function diskRecords (disk: RandomAccessDisk, device: number, skip?: ClusterSet): Readable {
   const clusters = clusterCount(disk.size)
   let next = 0
   const ahead: Array<Promise<ClusterRecord[]>> = []
@@ -46,7 +48,7 @@ export function diskRecords (disk: RandomAccessDisk, device: number): Readable {
       const offset = first * CLUSTER_SIZE
       const length = Math.min(BATCH, disk.size - offset)
       next += Math.ceil(length / CLUSTER_SIZE)
-      const batch = recordsAt(disk, device, first, offset, length)
+      const batch = recordsAt(disk, device, first, offset, length, skip)
       batch.catch(() => {}) // reported when its turn comes
       ahead.push(batch)
     }
@@ -66,6 +68,8 @@ export function diskRecords (disk: RandomAccessDisk, device: number): Readable {
       batch.then(records => {
         waiting = false
         for (const r of records) this.push(r)
+        // A batch of only skipped clusters pushes nothing, so the stream would not ask again.
+        if (records.length === 0) this._read(16)
       }, (err: Error) => this.destroy(err))
     },
     destroy (err, callback) {
@@ -74,9 +78,11 @@ export function diskRecords (disk: RandomAccessDisk, device: number): Readable {
   })
 }
 
-async function recordsAt (disk: RandomAccessDisk, device: number, first: number, offset: number, length: number): Promise<ClusterRecord[]> {
-  const extents = await disk.map(offset, length)
+async function recordsAt (disk: RandomAccessDisk, device: number, first: number, offset: number, length: number, skip?: ClusterSet): Promise<ClusterRecord[]> {
   const count = Math.ceil(length / CLUSTER_SIZE)
+  const wanted = (i: number): boolean => skip?.has(first + i) !== true
+  if (skip !== undefined && !Array.from({ length: count }, (_, i) => i).some(wanted)) return []
+  const extents = await disk.map(offset, length)
   const hasData = new Array<boolean>(count).fill(false)
   for (const e of extents) {
     if (!e.data) continue
@@ -84,10 +90,13 @@ async function recordsAt (disk: RandomAccessDisk, device: number, first: number,
     const to = Math.min(count, Math.ceil((e.offset + e.length - offset) / CLUSTER_SIZE))
     for (let i = from; i < to; i++) hasData[i] = true
   }
-  if (!hasData.includes(true)) return hasData.map((_, i) => clusterRecord(device, first + i, 0, EMPTY))
-  const buf = Buffer.allocUnsafe(length)
-  await disk.read(buf, offset)
-  return hasData.map((data, i) => data
-    ? clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE)))
-    : clusterRecord(device, first + i, 0, EMPTY))
+  const records = async (): Promise<ClusterRecord[]> => {
+    if (!hasData.some((data, i) => data && wanted(i))) return hasData.map((_, i) => clusterRecord(device, first + i, 0, EMPTY))
+    const buf = Buffer.allocUnsafe(length)
+    await disk.read(buf, offset)
+    return hasData.map((data, i) => data
+      ? clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE)))
+      : clusterRecord(device, first + i, 0, EMPTY))
+  }
+  return (await records()).filter((_, i) => wanted(i))
 }

@@ -2,7 +2,8 @@
  * Disk sources for packing: a path or stdin, its format told by magic bytes
  * (raw is the fallback), opened far enough to know its size, then read as a
  * record stream for a given device id. Raw is streamed; image formats are
- * read by random access (stdin is first copied to a temporary file).
+ * read by random access, or from stdin front to back where the format can
+ * (else stdin is first copied to a temporary file).
  */
 import type { Readable } from 'node:stream'
 import { VmapipeError } from './errors.js'
@@ -13,12 +14,19 @@ import { RawReader } from './raw/reader.js'
 import { type RandomAccessDisk, diskRecords } from './disk.js'
 import { isQcow2 } from './qcow2/format.js'
 import { Qcow2Image } from './qcow2/reader.js'
+import { qcow2StreamRecords, streamedQcow2Size } from './qcow2/stream.js'
+import type { DeviceInfo } from './record.js'
 
 /** An image format read by random access: how to recognise it and open it. */
 interface ImageFormat {
   magic: (head: Buffer) => boolean
   /** `copied`: the image is a temporary copy of stdin, so names of other files in it mean nothing. */
   open: (path: string, spec: DiskSpec, copied: boolean) => Promise<RandomAccessDisk>
+  /** Reading from stdin front to back, where the format allows it: the size from the first bytes, then records. */
+  stream?: {
+    size: (head: Buffer) => number
+    records: (input: Readable, device: DeviceInfo, spec: DiskSpec) => Readable
+  }
 }
 
 const IMAGE_FORMATS: Record<string, ImageFormat> = {
@@ -29,6 +37,10 @@ const IMAGE_FORMATS: Record<string, ImageFormat> = {
       ...(spec.backing !== undefined ? { backing: spec.backing } : {}),
       standalone: copied,
     }),
+    stream: {
+      size: streamedQcow2Size,
+      records: (input, device, spec) => qcow2StreamRecords(input, device, spec.tmpDir !== undefined ? { tmpDir: spec.tmpDir } : {}),
+    },
   },
 }
 
@@ -81,6 +93,7 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
     const format = spec.format ?? detectDiskFormat(head)
     const image = IMAGE_FORMATS[format]
     if (image === undefined) return openRaw(spec, input)
+    if (spec.path === '-' && image.stream !== undefined) return streamImage(spec, input, format, head, image.stream)
     return await openImage(spec, input, format, image)
   } catch (err) {
     input.stream.destroy()
@@ -109,6 +122,22 @@ async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, imag
     size: disk.size,
     records: async device => diskRecords(disk, device),
     close: () => { disk.close().catch(() => {}) },
+  }
+}
+
+function streamImage (spec: DiskSpec, input: Input, format: DiskFormat, head: Buffer, stream: NonNullable<ImageFormat['stream']>): DiskSource {
+  const size = stream.size(head)
+  return {
+    name: spec.name,
+    path: spec.path,
+    format,
+    size,
+    records: async (device, progress) => stream.records(
+      progress ? chain(input.stream, await counter(progress)) : input.stream,
+      { id: device, name: spec.name, size },
+      spec,
+    ),
+    close: () => { input.stream.destroy() },
   }
 }
 

@@ -2,6 +2,10 @@ import t, { type Test } from 'tap'
 import { existsSync, readFileSync, readdirSync, symlinkSync, writeFileSync, openSync, writeSync, closeSync, ftruncateSync } from 'node:fs'
 import { join } from 'node:path'
 import { deflateRawSync } from 'node:zlib'
+import { PassThrough } from 'node:stream'
+import { once } from 'node:events'
+import { qcow2StreamRecords } from '../lib/qcow2/stream.js'
+import { type ClusterRecord, expandCluster } from '../lib/record.js'
 import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { type BuildDevice, type Slot, buildExtent, buildHeader } from './helpers/vma-builder.js'
@@ -216,7 +220,12 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
     t.match(r.stderr, message, `${what}: says what`)
     t.notMatch(r.stderr, /TypeError|RangeError|at .*\.js:\d+/, `${what}: no crash`)
     t.notOk(existsSync(join(dir, 'bad.vma')), `${what}: no archive`)
+    const piped = await sh(`cat ${q(image)} | ${q(process.execPath)} ${q(PACK_VMA)} --tmpdir ${q(dir)} -o ${q(join(dir, 'bad.vma'))}`)
+    t.not(piped.code, 0, `${what}, through stdin: non-zero exit`)
+    t.notMatch(piped.stderr, /TypeError|RangeError|at .*\.js:\d+/, `${what}, through stdin: no crash`)
+    t.notOk(existsSync(join(dir, 'bad.vma')), `${what}, through stdin: no archive`)
   }
+  t.same(readdirSync(dir).filter(f => f.startsWith('vmapipe-')), [], 'no temporary file left')
   // Backing loops, and a data file that climbs out of the directory.
   await sh(`cd ${q(dir)} && qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 -b a.qcow2 -F qcow2 b.qcow2 && qemu-img rebase -u -b b.qcow2 -F qcow2 a.qcow2`)
   const loop = await run(process.execPath, [PACK_VMA, join(dir, 'b.qcow2'), '--follow-backing', '-o', join(dir, 'loop.vma')])
@@ -227,4 +236,31 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
   const climb = await run(process.execPath, [PACK_VMA, join(dir, 'inner', 'd.qcow2'), '-o', join(dir, 'climb.vma')])
   exits(t, climb, 1, 'a data file outside the directory')
   t.match(climb.stderr, /data file \.\.\/outside\.data .* outside the image's directory/)
+})
+
+t.test('qcow2 from a stream: records come while the image is still arriving, and our own images spill', async t => {
+  const dir = tempDir(t)
+  const src = join(dir, 'src.raw')
+  const size = 8 << 20
+  writeFileSync(src, new Rng(57).fill(Buffer.alloc(size)))
+  const image = join(dir, 'i.qcow2')
+  await qemuImg(['convert', '-f', 'raw', '-O', 'qcow2', src, image])
+  const bytes = readFileSync(image)
+  const input = new PassThrough()
+  const records = qcow2StreamRecords(input, { id: 1, name: 'd', size }, { tmpDir: dir })
+  const got = new Map<number, Buffer>()
+  records.on('data', (r: ClusterRecord) => got.set(r.cluster, expandCluster(r, size)))
+  input.write(bytes.subarray(0, bytes.length >> 1))
+  for (let i = 0; i < 100 && got.size === 0; i++) await new Promise(resolve => setTimeout(resolve, 20))
+  t.ok(got.size > 0, `records before the end of the input (${got.size} clusters from half the image)`)
+  input.end(bytes.subarray(bytes.length >> 1))
+  await once(records, 'end')
+  t.equal(got.size, 128)
+  t.ok(Buffer.concat([...got.entries()].sort((a, b) => a[0] - b[0]).map(e => e[1])).equals(readFileSync(src)), 'the disk, whole')
+  const ours = join(dir, 'ours.qcow2')
+  exits(t, await sh(`${q(process.execPath)} ${q(PACK_VMA)} ${q(src)} | ${vmaCmd} extract - - --format qcow2 > ${q(ours)}`), 0)
+  const back = join(dir, 'back.raw')
+  exits(t, await sh(`cat ${q(ours)} | ${q(process.execPath)} ${q(PACK_VMA)} --tmpdir ${q(dir)} | ${vmaCmd} extract - - > ${q(back)}`), 0, 'tables last: spilled, then read')
+  t.ok(cmp(back, src))
+  t.same(readdirSync(dir).filter(f => f.startsWith('vmapipe-')), [], 'no temporary file left')
 })

@@ -3,6 +3,8 @@
  * that lies inside one chunk is a subarray of it (no copy); only a piece that
  * straddles chunks is copied into a buffer of its own.
  */
+const EMPTY: Buffer = Buffer.alloc(0)
+
 export class ByteQueue {
   private readonly chunks: Buffer[] = []
   private first = 0
@@ -20,6 +22,7 @@ export class ByteQueue {
   /** The next `n` bytes without taking them (a copy if they straddle), or null if fewer are queued. */
   peek (n: number): Buffer | null {
     if (this.length < n) return null
+    if (n === 0) return EMPTY
     const head = this.chunks[0]
     if (head.length - this.first >= n) return head.subarray(this.first, this.first + n)
     const out = Buffer.allocUnsafe(n)
