@@ -12,13 +12,17 @@ export const EXIT = {
   USAGE: 2,
   /** The system failed us: unreadable input, target exists, disk full, missing tool. */
   IO: 3,
+  /** vma backup: nothing was done (another run of the job holds its lock). */
+  NOTHING_DONE: 4,
+  /** vma backup: the archive was written, but some old ones could not be pruned. */
+  PARTLY_PRUNED: 5,
   /** Stopped by SIGINT or SIGTERM (128 + 2 is reported for both, as shells do for ^C). */
   INTERRUPTED: 130,
 } as const
 
 /** Codes that say the system failed rather than the input being wrong. */
 const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS'])
-const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT'])
+const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB'])
 
 export type ErrorCode =
   // VMA format
@@ -36,6 +40,8 @@ export type ErrorCode =
   | 'E_COMPRESSED_DATA' | 'E_TOOL_MISSING'
   // the command line and the file system
   | 'E_USAGE' | 'E_NOT_FOUND' | 'E_TARGET_EXISTS' | 'E_NAME_CLASH' | 'E_IO' | 'E_INTERRUPTED'
+  // backup jobs
+  | 'E_JOB' | 'E_LOCKED'
 
 export interface ErrorPlace {
   /** Byte offset in the (decompressed) input where the problem was found. */
@@ -65,6 +71,7 @@ export class VmapipeError extends Error implements ErrorPlace {
     if (USAGE_CODES.has(this.code)) return EXIT.USAGE
     if (SYSTEM_CODES.has(this.code)) return EXIT.IO
     if (this.code === 'E_INTERRUPTED') return EXIT.INTERRUPTED
+    if (this.code === 'E_LOCKED') return EXIT.NOTHING_DONE
     return EXIT.INVALID
   }
 }

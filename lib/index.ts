@@ -30,3 +30,8 @@ export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type
 export { diskRecords, type RandomAccessDisk, type Extent } from './disk.js'
 export { Qcow2Image, type Qcow2OpenOptions } from './qcow2/reader.js'
 export { Qcow2FileWriter, type Qcow2WriterOptions } from './qcow2/writer.js'
+export { readJob, checkJob, type BackupJob, type JobDisk, type JobConfig } from './backup/job.js'
+export { runBackupJob, type BackupOptions, type BackupResult } from './backup/run.js'
+export { planPrune, type Retention, type PruneItem, type PruneMark } from './backup/retention.js'
+export { archiveName, parseArchiveName, sidecars } from './backup/naming.js'
+export { acquireLock, type Lock } from './backup/lock.js'

@@ -1,10 +1,10 @@
 import t from 'tap'
-import { readFileSync, readdirSync, writeFileSync, mkdirSync } from 'node:fs'
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { spawn, spawnSync } from 'node:child_process'
-import { PACK_VMA, VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
+import { spawn } from 'node:child_process'
+import { PACK_VMA, VMA, cmp, exits, q, run, sh, smallFileSystem, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { walk } from './helpers/walk.js'
 import { RawReader } from '../lib/raw/reader.js'
@@ -159,13 +159,8 @@ t.test('a full disk while writing: exit 3, no archive under the final name', asy
   const full = await sh(`${vmaCmd} create - ${args.map(q).join(' ')} > /dev/full`)
   exits(t, full, 3, 'stdout on /dev/full')
   t.match(full.stderr, /no space left on device/)
-  const mnt = join(dir, 'small')
-  mkdirSync(mnt)
-  if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', mnt]).status !== 0) {
-    t.comment('skipped: cannot mount a small tmpfs here (needs root)')
-    return
-  }
-  t.teardown(() => { spawnSync('umount', [mnt]) })
+  const mnt = smallFileSystem(t, dir, '1m')
+  if (mnt === undefined) return
   const r = await vma(['create', join(mnt, 'backup.vma'), ...args])
   exits(t, r, 3, 'a 1 MiB file system fills up')
   t.match(r.stderr, /"code":"E_IO".*no space left on device/)

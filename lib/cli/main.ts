@@ -3,19 +3,22 @@ import { readFileSync } from 'node:fs'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, parseCommandLine } from './command.js'
 import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
+import { backup } from './backup.js'
 import { config } from './config.js'
 import { create } from './create.js'
 import { extract } from './extract.js'
 import { list } from './list.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract, create]
+const COMMANDS: Command[] = [list, config, verify, extract, create, backup]
 
 const EXIT_HELP = `Exit codes:
   0    success
   1    the archive or image is invalid, damaged or incomplete
   2    wrong arguments, or a device or blob that does not exist
   3    system failure: unreadable input, target exists, disk full, missing tool
+  4    vma backup: nothing done, another run holds the job's lock
+  5    vma backup: archive written, but some old archives could not be pruned
   130  interrupted (SIGINT or SIGTERM); partial output was removed`
 
 function usage (): string {

@@ -16,10 +16,17 @@ export interface Output {
   /** The descriptor behind `stream`, for programs that write there themselves. */
   fd: number
   name: string
+  /** The temporary file being written, until commit (absent for stdout). */
+  partial?: string
   /** After the stream has finished: sync and give the file its name. */
   commit: () => Promise<void>
   /** Remove what was written. */
   abort: () => Promise<void>
+}
+
+/** The prefix of the temporary names openOutput uses beside `name`, for cleaning up after a crash. */
+export function partialPrefix (name: string): string {
+  return `.${name}.partial-`
 }
 
 export async function openOutput (path: string, options: { force?: boolean } = {}): Promise<Output> {
@@ -27,7 +34,7 @@ export async function openOutput (path: string, options: { force?: boolean } = {
   if (options.force !== true && await stat(path).then(() => true, () => false)) {
     throw new VmapipeError('E_TARGET_EXISTS', `${path} exists already (use --force to replace it)`)
   }
-  const temp = join(dirname(path), `.${basename(path)}.partial-${randomBytes(4).toString('hex')}`)
+  const temp = join(dirname(path), `${partialPrefix(basename(path))}${randomBytes(4).toString('hex')}`)
   const handle = await open(temp, 'wx', 0o644).catch(err => { throw ioError(err, `cannot create ${temp}`) })
   const stream: WriteStream = createWriteStream('', { fd: handle.fd, highWaterMark: 1 << 20, autoClose: false })
   let closed = false
@@ -52,7 +59,7 @@ export async function openOutput (path: string, options: { force?: boolean } = {
       throw ioError(err, `writing ${path}`)
     }
   }
-  return { stream, fd: handle.fd, name: path, commit, abort }
+  return { stream, fd: handle.fd, name: path, partial: temp, commit, abort }
 }
 
 /**

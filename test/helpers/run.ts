@@ -1,7 +1,7 @@
 /** Running the command-line tools and the real peers from tests. */
 import { spawn, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
+import { createReadStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -72,4 +72,19 @@ export function have (tool: string): boolean {
 /** Asserts an exit code, showing the tool's stderr only when it is wrong. */
 export function exits (t: Test, r: RunResult, code: number, message = `exits ${code}`): void {
   t.equal(r.code, code, message, { stderr: r.stderr })
+}
+
+/**
+ * A small tmpfs at `dir/small`, unmounted at teardown, to fill up on purpose;
+ * undefined (with a comment) where mounting is not allowed (not root).
+ */
+export function smallFileSystem (t: Test, dir: string, size: string): string | undefined {
+  const mnt = join(dir, 'small')
+  mkdirSync(mnt)
+  if (spawnSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt]).status !== 0) {
+    t.comment('skipped: cannot mount a small tmpfs here (needs root)')
+    return undefined
+  }
+  t.teardown(() => { spawnSync('umount', [mnt]) })
+  return mnt
 }

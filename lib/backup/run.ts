@@ -1,0 +1,184 @@
+/**
+ * runBackupJob: one scheduled backup, start to finish. Under a lock per
+ * target and VM: clean up what a crashed run left, pack the disks into a
+ * vzdump-named archive under a temporary name, optionally read it back,
+ * give it its name with its sidecars, then prune by the retention policy.
+ */
+import { createReadStream } from 'node:fs'
+import { readdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
+import { basename, join } from 'node:path'
+import { pino, type Logger } from 'pino'
+import { VmapipeError, ioError } from '../errors.js'
+import type { ConfigBlob } from '../record.js'
+import { openOutput, partialPrefix } from '../io/output.js'
+import type { ProgressSink } from '../io/progress.js'
+import { type DiskSource, openDisk } from '../sources.js'
+import { packArchive } from '../pack.js'
+import { verifyArchive } from '../archive.js'
+import type { BackupJob } from './job.js'
+import { acquireLock } from './lock.js'
+import { archiveName, parseArchiveName, sidecars } from './naming.js'
+import { type PruneItem, planPrune } from './retention.js'
+
+export interface BackupOptions {
+  /** Where the job logs (JSON); default silent. */
+  log?: Logger
+  signal?: AbortSignal
+  /** The backup's time (names the archive); default now. */
+  now?: Date
+  /** Receives the count of disk bytes read. */
+  progress?: ProgressSink
+}
+
+export interface BackupResult {
+  job: string
+  /** Path of the new archive. */
+  archive: string
+  /** Bytes of the archive file. */
+  bytes: number
+  /** Bytes of the disks. */
+  diskBytes: number
+  seconds: number
+  /** Archives removed by the retention policy. */
+  pruned: string[]
+  /** Archives the policy would remove but that could not be. */
+  pruneFailures: Array<{ archive: string, error: string }>
+}
+
+/** A log that also keeps Proxmox-style text lines for the archive's `.log` sidecar. */
+class TaskLog {
+  readonly lines: string[] = []
+  constructor (readonly log: Logger) {}
+
+  info (fields: Record<string, unknown>, message: string): void { this.add('INFO', message); this.log.info(fields, message) }
+  warn (fields: Record<string, unknown>, message: string): void { this.add('WARN', message); this.log.warn(fields, message) }
+
+  private add (level: string, message: string): void {
+    const t = new Date()
+    const p = (n: number): string => String(n).padStart(2, '0')
+    this.lines.push(`${t.getFullYear()}-${p(t.getMonth() + 1)}-${p(t.getDate())} ${p(t.getHours())}:${p(t.getMinutes())}:${p(t.getSeconds())} ${level}: ${message}`)
+  }
+}
+
+export async function runBackupJob (job: BackupJob, options: BackupOptions = {}): Promise<BackupResult> {
+  const started = Date.now()
+  const now = options.now ?? new Date()
+  const id = job.id ?? `vzdump-qemu-${job.vmid}`
+  const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
+  const target = job.target
+  const st = await stat(target).catch(err => { throw ioError(err, `the target ${target} is not there`) })
+  if (!st.isDirectory()) throw new VmapipeError('E_JOB', `the target ${target} is not a directory`)
+
+  const lock = await acquireLock(join(target, `.vzdump-qemu-${job.vmid}.lock`), `the backup of VM ${job.vmid} into ${target}`)
+  try {
+    if (lock.tookOverFrom !== undefined) task.warn({ stalePid: lock.tookOverFrom.pid }, `took over the lock of a run that is gone (pid ${lock.tookOverFrom.pid}, started ${lock.tookOverFrom.started})`)
+    await removeLeftovers(target, job.vmid, task)
+    const compression = job.compression ?? 'zstd'
+    const name = archiveName(job.vmid, now, compression)
+    const path = join(target, name)
+    task.info({ archive: path, disks: job.disks.map(d => d.name) }, `starting backup of VM ${job.vmid} to ${path}`)
+
+    const configs = await readConfigs(job)
+    const disks: DiskSource[] = []
+    try {
+      for (const d of job.disks) {
+        disks.push(await openDisk({
+          name: d.name,
+          path: d.path,
+          ...(d.format !== undefined ? { format: d.format } : {}),
+          ...(d.size !== undefined ? { size: d.size } : {}),
+          ...(d.followBacking === true ? { followBacking: true } : {}),
+          ...(job.tmpDir !== undefined ? { tmpDir: job.tmpDir } : {}),
+        }))
+      }
+    } catch (err) {
+      for (const d of disks) d.close()
+      throw err
+    }
+    const diskBytes = disks.reduce((n, d) => n + d.size, 0)
+    for (const d of disks) task.info({ device: d.name, path: d.path, format: d.format, size: d.size }, `disk ${d.name}: ${d.path} (${d.format}, ${d.size} bytes)`)
+
+    const output = await openOutput(path)
+    try {
+      await packArchive(disks, output, {
+        configs,
+        compression,
+        ctime: Math.floor(now.getTime() / 1000),
+        ...(job.interleave === true ? { interleave: true } : {}),
+        ...(options.signal !== undefined ? { signal: options.signal } : {}),
+        ...(options.progress !== undefined ? { progress: options.progress } : {}),
+      })
+      if (job.verify === true) await verifyPartial(output.partial as string, task)
+      await output.commit()
+    } catch (err) {
+      await output.abort()
+      throw err
+    }
+    const bytes = (await stat(path)).size
+    const seconds = (Date.now() - started) / 1000
+    task.info({ bytes, diskBytes, seconds, rate: Math.round(diskBytes / Math.max(seconds, 0.001)) }, `archive ${name} written: ${bytes} bytes from ${diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
+    if (job.notes !== undefined) await writeAtomically(join(target, sidecars(name).notes), job.notes)
+    if (job.protected === true) await writeAtomically(join(target, sidecars(name).protected), '')
+
+    const { pruned, failures } = await prune(job, task)
+    task.info({ result: failures.length > 0 ? 'partly-pruned' : 'ok' }, `finished backup of VM ${job.vmid}`)
+    await writeAtomically(join(target, sidecars(name).log), task.lines.join('\n') + '\n')
+    return { job: id, archive: path, bytes, diskBytes, seconds: (Date.now() - started) / 1000, pruned, pruneFailures: failures }
+  } finally {
+    await lock.release()
+  }
+}
+
+async function readConfigs (job: BackupJob): Promise<ConfigBlob[]> {
+  return await Promise.all((job.configs ?? []).map(async c => {
+    const { name, path } = typeof c === 'string' ? { name: basename(c), path: c } : { name: c.name ?? basename(c.path), path: c.path }
+    return { name, data: await readFile(path).catch(err => { throw ioError(err, `cannot read config ${path}`) }) }
+  }))
+}
+
+/** Temporary files of this VM's archives and sidecars: a crashed run's leftovers (we hold the lock). */
+async function removeLeftovers (target: string, vmid: number, task: TaskLog): Promise<void> {
+  for (const file of await readdir(target)) {
+    if (!file.startsWith(`.vzdump-qemu-${vmid}-`) || !file.includes('.partial-')) continue
+    await unlink(join(target, file)).then(() => task.warn({ file }, `removed ${file}, left by a run that did not finish`), () => {})
+  }
+}
+
+async function verifyPartial (path: string, task: TaskLog): Promise<void> {
+  const report = await verifyArchive(createReadStream(path, { highWaterMark: 1 << 20 }))
+  if (!report.ok) throw report.error as VmapipeError
+  task.info({ extents: report.extents, archiveBytes: report.archiveBytes }, 'the archive reads back complete and consistent')
+}
+
+/** Writes a small file under a temporary name and renames it into place. */
+async function writeAtomically (path: string, text: string): Promise<void> {
+  const temp = join(path, '..', `${partialPrefix(basename(path))}${process.pid}`)
+  await writeFile(temp, text, { mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${path}`) })
+  await rename(temp, path).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot write ${path}`) })
+}
+
+async function prune (job: BackupJob, task: TaskLog): Promise<{ pruned: string[], failures: Array<{ archive: string, error: string }> }> {
+  const pruned: string[] = []
+  const failures: Array<{ archive: string, error: string }> = []
+  if (job.retention === undefined) return { pruned, failures }
+  const files = await readdir(job.target)
+  const present = new Set(files)
+  const items: PruneItem[] = files.flatMap(file => {
+    const a = parseArchiveName(file)
+    return a?.vmid === job.vmid ? [{ name: a.name, time: a.time, protected: present.has(sidecars(a.name).protected) }] : []
+  })
+  for (const [name, mark] of planPrune(items, job.retention)) {
+    if (mark !== 'remove') continue
+    try {
+      await unlink(join(job.target, name))
+      for (const side of [sidecars(name).log, sidecars(name).notes]) await unlink(join(job.target, side)).catch(() => {})
+      pruned.push(name)
+      task.info({ pruned: name }, `pruned ${name}`)
+    } catch (err) {
+      failures.push({ archive: name, error: (err as Error).message })
+      task.warn({ archive: name, error: (err as Error).message }, `could not prune ${name}: ${(err as Error).message}`)
+    }
+  }
+  return { pruned, failures }
+}
+
