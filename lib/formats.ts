@@ -9,12 +9,15 @@ import { type DeviceInfo, VMSTATE_NAME } from './record.js'
 import type { DiskWriter } from './router.js'
 import { RawFileWriter } from './raw/writer.js'
 import type { WriteQueue } from './io/write-queue.js'
+import { ParallelsBundleWriter, ParallelsWriter } from './parallels/writer.js'
 
-export const OUTPUT_FORMATS = ['raw'] as const
+export const OUTPUT_FORMATS = ['raw', 'parallels', 'parallels-bundle'] as const
 export type OutputFormat = typeof OUTPUT_FORMATS[number]
 
 export interface OutputOptions {
   format?: OutputFormat
+  /** Cluster size in bytes, for formats that have clusters (Parallels: 1 MiB by default). */
+  clusterSize?: number
 }
 
 export interface DiskOutput {
@@ -30,6 +33,15 @@ export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): Di
   if (device.name === VMSTATE_NAME || format === 'raw') {
     const name = device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
     return { names: [name], create: async (dir, queue) => await RawFileWriter.create(join(dir, name), device.size, queue) }
+  }
+  const clusterSize = options.clusterSize === undefined ? {} : { clusterSize: options.clusterSize }
+  if (format === 'parallels') {
+    const name = `disk-${device.name}.hds`
+    return { names: [name], create: async (dir, queue) => await ParallelsWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
+  }
+  if (format === 'parallels-bundle') {
+    const name = `disk-${device.name}.hdd`
+    return { names: [name], create: async (dir, queue) => await ParallelsBundleWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
   }
   throw new VmapipeError('E_USAGE', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`)
 }

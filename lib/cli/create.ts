@@ -42,8 +42,12 @@ live backup does). Zero 4 KiB blocks are left out. OUT may be - (stdout); a
 file is written under a temporary name and renamed only when complete. At
 most one PATH may be - (stdin).
 
+PATH may be raw, a Parallels image (.hds) or a Parallels bundle (a .hdd
+directory, or its DiskDescriptor.xml: its snapshots are merged); the format
+is told by magic bytes, raw being the fallback.
+
 -d takes NAME=PATH, optionally prefixed by options and a colon:
-  format=raw          skip format detection (raw is the fallback anyway)
+  format=FMT          skip format detection: ${DISK_FORMATS.join(', ')}
   size=BYTES          the disk's size, required for raw input from stdin or
                       a pipe (suffixes K, M, G, T)
 A device named vmstate holds saved RAM and is written in order.
@@ -69,8 +73,10 @@ export const pack: Command = {
   help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c FILE]... [-o OUT]
 
 Packs one disk from a file or stdin into a VMA archive on stdout (or -o OUT).
-The input's format is told by its magic bytes; raw is the fallback. Raw from
-stdin needs --size, since the archive header comes first.
+The input's format is told by its magic bytes: raw (the fallback), a
+Parallels image (.hds; from stdin it is read as it streams in) or bundle
+(.hdd directory). Raw from stdin needs --size, since the archive header
+comes first.
 
 Options:
   --name NAME         device name (default drive-scsi0)

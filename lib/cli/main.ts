@@ -6,10 +6,11 @@ import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
 import { config } from './config.js'
 import { create } from './create.js'
 import { extract } from './extract.js'
+import { info } from './info.js'
 import { list } from './list.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract, create]
+const COMMANDS: Command[] = [list, config, verify, extract, create, info]
 
 const EXIT_HELP = `Exit codes:
   0    success
