@@ -33,7 +33,7 @@ export const FEATURE_NECESSARY = 1n
 /** Feature flag: software that does not know the feature keeps it as it is. */
 export const FEATURE_TRANSIT = 2n
 const EXTENSION_HEADER_SIZE = 24
-const FEATURE_HEADER_SIZE = 16
+const FEATURE_HEADER_SIZE = 24
 const BITMAP_HEADER_SIZE = 32
 
 export type Magic = typeof MAGIC_SECTORS | typeof MAGIC_CLUSTERS
