@@ -65,9 +65,11 @@ function fail (where: string, message: string): VmapipeError {
 
 /** Parses the text after the safety checks; the ordered tree, for rewriting. */
 function parseTree (xml: string, where: string): XmlNode[] {
-  if (/<!DOCTYPE/i.test(xml)) throw fail(where, 'a DOCTYPE is not allowed in a DiskDescriptor.xml')
-  if (/<!ENTITY/i.test(xml)) throw fail(where, 'entity declarations are not allowed in a DiskDescriptor.xml')
-  const entity = /&(?!(?:amp|lt|gt|quot|apos|#\d+|#x[0-9a-f]+);)[^;\s]{0,32};?/i.exec(xml)
+  // Comments and CDATA hold text, not markup.
+  const markup = xml.replace(/<!--[\s\S]*?-->|<!\[CDATA\[[\s\S]*?\]\]>/g, '')
+  if (/<!DOCTYPE/i.test(markup)) throw fail(where, 'a DOCTYPE is not allowed in a DiskDescriptor.xml')
+  if (/<!ENTITY/i.test(markup)) throw fail(where, 'entity declarations are not allowed in a DiskDescriptor.xml')
+  const entity = /&(?!(?:amp|lt|gt|quot|apos|#\d+|#x[0-9a-f]+);)[^;\s]{0,32};?/i.exec(markup)
   if (entity !== null) throw fail(where, `entity reference ${entity[0]} is not allowed (only &amp; &lt; &gt; &quot; &apos; and character references)`)
   const valid = XMLValidator.validate(xml)
   if (valid !== true) throw fail(where, `not well-formed XML at line ${valid.err.line}: ${valid.err.msg}`)
