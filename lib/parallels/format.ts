@@ -55,10 +55,10 @@ export interface ParallelsHeader {
   extOff: number
 }
 
+/** The magic alone claims a file, so that a damaged header is reported rather than read as raw. */
 export function isParallels (head: Buffer): boolean {
-  if (head.length < HEADER_SIZE) return false
   const magic = head.toString('latin1', 0, 16)
-  return (magic === MAGIC_SECTORS || magic === MAGIC_CLUSTERS) && head.readUInt32LE(16) === VERSION
+  return magic === MAGIC_SECTORS || magic === MAGIC_CLUSTERS
 }
 
 function fail (code: 'E_PARALLELS_HEADER' | 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION', where: string, message: string, offset?: number): VmapipeError {
