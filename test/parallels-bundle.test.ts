@@ -3,8 +3,7 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { XMLParser } from 'fast-xml-parser'
 import { cmp, exits, run, tempDir, vma } from './helpers/run.js'
-import { Rng, makeDisk } from './helpers/random.js'
-import { qemuImg } from './helpers/parallels.js'
+import { qemuImg, randomDisk, toParallels } from './helpers/parallels.js'
 import { ROOT_PARENT, TOP_GUID, addSnapshotImage, buildDescriptor, parseDescriptor } from '../lib/parallels/descriptor.js'
 import { ParallelsBundle } from '../lib/parallels/bundle.js'
 
@@ -78,10 +77,8 @@ t.test('a root and two overlays pack to the merged disk; the descriptor keeps wh
   const dir = tempDir(t)
   const bundle = join(dir, 'harddisk.hdd')
   mkdirSync(bundle)
-  const raw = join(dir, 'base.raw')
-  writeFileSync(raw, makeDisk(new Rng(81), SIZE))
   const root = join(bundle, 'root.hds')
-  await qemuImg(t, ['convert', '-f', 'raw', '-O', 'parallels', raw, root])
+  await toParallels(t, randomDisk(dir, 'base.raw', 81, SIZE).path, root)
   const one = join(bundle, 'one.hds')
   const two = join(bundle, 'two.hds')
   // The second overlay rewrites some of what the first wrote, and writes zeros over data: the top layer wins.
@@ -129,8 +126,7 @@ t.test('a Plain root under an overlay named by absolute path; a descriptor built
   const dir = tempDir(t)
   const bundle = join(dir, 'plain.hdd')
   mkdirSync(bundle)
-  const root = join(bundle, 'root.raw')
-  writeFileSync(root, makeDisk(new Rng(82), SIZE))
+  const root = randomDisk(bundle, 'root.raw', 82, SIZE).path
   const top = join(dir, 'elsewhere.hds')
   await overlay(t, top, [root], ['write -P 0x66 2M 640K'])
   const expected = join(dir, 'expected.raw')

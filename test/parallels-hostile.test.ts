@@ -3,8 +3,7 @@ import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs'
 import { createHash } from 'node:crypto'
 import { join } from 'node:path'
 import { type RunResult, PACK_VMA, exits, run, tempDir, vma } from './helpers/run.js'
-import { Rng, makeDisk } from './helpers/random.js'
-import { qemuImg, qemuSamples } from './helpers/parallels.js'
+import { qemuSamples, randomDisk, toParallels } from './helpers/parallels.js'
 import { ParallelsWriter } from '../lib/parallels/writer.js'
 import { clusterFromBytes } from '../lib/record.js'
 import { encodeHeader, geometry, parseHeader } from '../lib/parallels/format.js'
@@ -31,10 +30,8 @@ const packStdin = [PACK_VMA, '-', '-o', '/dev/null', '--force']
 
 t.test('hostile .hds images are refused with a clear error, from a path and from stdin', async t => {
   const dir = tempDir(t)
-  const raw = join(dir, 'src.raw')
-  writeFileSync(raw, makeDisk(new Rng(91), 1048576))
   const good = join(dir, 'good.hds')
-  await qemuImg(t, ['convert', '-f', 'raw', '-O', 'parallels', '-o', 'cluster_size=64K', raw, good])
+  await toParallels(t, randomDisk(dir, 'src.raw', 91, 1048576).path, good, '64K')
   const base = readFileSync(good)
   const [[v1]] = await qemuSamples(dir)
   const old = readFileSync(v1)
@@ -71,7 +68,7 @@ t.test('hostile .hds images are refused with a clear error, from a path and from
 t.test('a Format Extension with a wrong MD5 or an unknown NECESSARY feature is refused; an unknown optional one ignored', async t => {
   const dir = tempDir(t)
   const size = 1048576
-  const data = makeDisk(new Rng(92), size)
+  const { data } = randomDisk(dir, 'src.raw', 92, size)
   const path = join(dir, 'bitmap.hds')
   const writer = await ParallelsWriter.create(path, size, { clusterSize: 65536, bitmaps: [{ id: '01234567-89ab-4def-8123-456789abcdef', granularity: 65536, bits: Buffer.from([0x5a, 0x0f]) }] })
   for (let c = 0; c < 16; c++) await writer.write(clusterFromBytes(1, c, data.subarray(c * 65536, (c + 1) * 65536)))
@@ -119,10 +116,8 @@ t.test('a Format Extension with a wrong MD5 or an unknown NECESSARY feature is r
 
 t.test('hostile DiskDescriptor.xml files are refused with a clear error', async t => {
   const dir = tempDir(t)
-  const raw = join(dir, 'src.raw')
-  writeFileSync(raw, makeDisk(new Rng(93), 1048576))
   const outside = join(dir, 'outside.hds')
-  await qemuImg(t, ['convert', '-f', 'raw', '-O', 'parallels', '-o', 'cluster_size=64K', raw, outside])
+  await toParallels(t, randomDisk(dir, 'src.raw', 93, 1048576).path, outside, '64K')
   const A = '{aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa}'
   const B = '{bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb}'
   const C = '{cccccccc-cccc-4ccc-8ccc-cccccccccccc}'

@@ -2,8 +2,8 @@ import t, { type Test } from 'tap'
 import { mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
-import { Rng, makeDisk } from './helpers/random.js'
-import { qemuCheck, qemuCompare, qemuImg, qemuSamples } from './helpers/parallels.js'
+import { Rng } from './helpers/random.js'
+import { qemuCheck, qemuCompare, qemuImg, qemuSamples, randomDisk, toParallels } from './helpers/parallels.js'
 import { ParallelsWriter } from '../lib/parallels/writer.js'
 import { ParallelsImage } from '../lib/parallels/reader.js'
 import { clusterFromBytes } from '../lib/record.js'
@@ -33,13 +33,11 @@ async function packsTo (t: Test, dir: string, image: string, expected: string): 
 
 t.test('images from qemu-img convert -O parallels and the QEMU samples pack to what qemu-img reads', async t => {
   const dir = tempDir(t)
-  const size = 5 * 1048576 + 3 * 65536 + 4608
-  const raw = join(dir, 'src.raw')
-  writeFileSync(raw, makeDisk(new Rng(71), size))
+  const raw = randomDisk(dir, 'src.raw', 71, 5 * 1048576 + 3 * 65536 + 4608).path
   const images: Array<[string, string]> = []
   for (const cluster of ['1M', '64K']) {
     const image = join(dir, `conv-${cluster}.hds`)
-    await qemuImg(t, ['convert', '-f', 'raw', '-O', 'parallels', '-o', `cluster_size=${cluster}`, raw, image])
+    await toParallels(t, raw, image, cluster)
     images.push([image, 'WithouFreSpacExt'])
   }
   images.push(...await qemuSamples(dir))
@@ -72,19 +70,16 @@ t.test('an image whose clusters lie in the file out of guest order streams from 
 
 t.test('an image with clusters smaller than 64 KiB is copied from stdin first, and still packs right', async t => {
   const dir = tempDir(t)
-  const raw = join(dir, 'src.raw')
-  writeFileSync(raw, makeDisk(new Rng(72), 1048576 + 8192))
+  const raw = randomDisk(dir, 'src.raw', 72, 1048576 + 8192).path
   const image = join(dir, 'small.hds')
-  await qemuImg(t, ['convert', '-f', 'raw', '-O', 'parallels', '-o', 'cluster_size=4K', raw, image])
+  await toParallels(t, raw, image, '4K')
   await packsTo(t, dir, image, raw)
 })
 
 t.test('dirty bitmaps: written where QEMU reads them, read back the same', async t => {
   const dir = tempDir(t)
   const size = 3 * 1048576 + 65536
-  const data = makeDisk(new Rng(73), size)
-  const raw = join(dir, 'src.raw')
-  writeFileSync(raw, data)
+  const { path: raw, data } = randomDisk(dir, 'src.raw', 73, size)
   const coarse = Buffer.alloc(7)
   coarse[0] = 0b10110001
   coarse[3] = 0xff

@@ -1,11 +1,10 @@
 import t from 'tap'
-import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs'
+import { readFileSync, readdirSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { XMLParser } from 'fast-xml-parser'
 import { cmp, exits, run, tempDir, vma } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
-import { qemuCheck, qemuCompare, readImage } from './helpers/parallels.js'
-import { Rng, makeDisk } from './helpers/random.js'
+import { qemuCheck, qemuCompare, randomDisk, readImage } from './helpers/parallels.js'
 import { ParallelsWriter } from '../lib/parallels/writer.js'
 import { clusterFromBytes } from '../lib/record.js'
 
@@ -95,9 +94,7 @@ t.test('--cluster-size: odd sizes round-trip, bad ones are refused before anythi
 t.test('ParallelsWriter: in_use while writing, records in any order, a size that is not whole sectors', async t => {
   const dir = tempDir(t)
   const size = 3 * 65536 + 1000
-  const data = makeDisk(new Rng(64), size)
-  const src = join(dir, 'src.raw')
-  writeFileSync(src, data)
+  const { data } = randomDisk(dir, 'src.raw', 64, size)
   const image = join(dir, 'w.hds')
   const writer = await ParallelsWriter.create(image, size, { clusterSize: 131072 })
   for (const c of [3, 1, 0, 2]) await writer.write(clusterFromBytes(1, c, data.subarray(c * 65536, Math.min(size, (c + 1) * 65536))))

@@ -98,7 +98,7 @@ export class ParallelsBundle implements RandomAccessDisk {
   static async open (path: string): Promise<ParallelsBundle> {
     const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
     const where = st.isDirectory() ? join(path, DESCRIPTOR_NAME) : path
-    const size = st.isDirectory() ? (await stat(where).catch(err => { throw ioError(err, `cannot open ${where}`) })).size : st.size
+    const size = st.isDirectory() ? (await stat(where).catch(err => { throw ioError(err, `${path} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`) })).size : st.size
     if (size > MAX_DESCRIPTOR_BYTES) throw fail(where, `${size} bytes, more than a descriptor can be (${MAX_DESCRIPTOR_BYTES})`)
     const d = parseDescriptor(await readFile(where, 'utf8').catch(err => { throw ioError(err, `cannot read ${where}`) }), where)
     const chain = snapshotChain(d, where)

@@ -12,7 +12,7 @@ import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
-import { WriteQueue } from '../io/write-queue.js'
+import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
@@ -116,19 +116,11 @@ export class ParallelsWriter implements DiskWriter {
   async finish (): Promise<void> {
     this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
     this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
-    await this.queue.drain()
-    try {
-      await this.file.truncate(this.next * this.clusterBytes)
-      await this.file.sync()
-      await this.file.close()
-    } catch (err) {
-      throw ioError(err, `finishing ${this.path}`)
-    }
+    await completeFile(this.queue, this.file, this.next * this.clusterBytes, this.path)
   }
 
   async abort (): Promise<void> {
-    await this.queue.drain().catch(() => {})
-    await this.file.close().catch(() => {})
+    await abandonFile(this.queue, this.file)
   }
 
   /**

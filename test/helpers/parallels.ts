@@ -3,6 +3,7 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Test } from 'tap'
 import { SHARED, exits, run } from './run.js'
+import { Rng, makeDisk } from './random.js'
 
 /** The two QEMU samples, decompressed into `dir`: [path, magic]. */
 export async function qemuSamples (dir: string): Promise<Array<[string, string]>> {
@@ -49,4 +50,17 @@ export function readImage (path: string): { bytes: Buffer, magic: string, inUse:
     extOff: Number(bytes.readBigUInt64LE(56)),
     bat: Array.from({ length: entries }, (_, i) => bytes.readUInt32LE(64 + 4 * i)),
   }
+}
+
+/** Seeded disk bytes (see makeDisk) written to `dir/name`. */
+export function randomDisk (dir: string, name: string, seed: number, size: number): { path: string, data: Buffer } {
+  const path = join(dir, name)
+  const data = makeDisk(new Rng(seed), size)
+  writeFileSync(path, data)
+  return { path, data }
+}
+
+/** A Parallels image of a raw file, made by qemu-img. */
+export async function toParallels (t: Test, raw: string, image: string, clusterSize = '1M'): Promise<void> {
+  await qemuImg(t, ['convert', '-f', 'raw', '-O', 'parallels', '-o', `cluster_size=${clusterSize}`, raw, image])
 }
