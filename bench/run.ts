@@ -9,8 +9,9 @@ import { join } from 'node:path'
 import { benchExtract } from './extract.js'
 import { benchPack } from './pack.js'
 import { benchQcow2 } from './qcow2.js'
+import { benchParallels } from './parallels.js'
 
-const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = { extract: benchExtract, pack: benchPack, qcow2: benchQcow2 }
+const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = { extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels }
 
 const chosen = process.argv.slice(2)
 for (const name of chosen) if (!(name in SUITES)) throw new Error(`no bench ${name} (have: ${Object.keys(SUITES).join(', ')})`)

@@ -4,6 +4,7 @@
  * RandomAccessDisk; diskRecords() reads only what the map says holds data.
  */
 import { Readable } from 'node:stream'
+import type { ProgressSink } from './io/progress.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from './record.js'
 import type { ClusterSet } from './util/cluster-set.js'
 
@@ -13,6 +14,34 @@ export interface Extent {
   length: number
   /** false: nothing stored, reads as zeros (a hole, a zero cluster). */
   data: boolean
+  /** Images made of layers: the layer that holds the data, 1 = the top one (0 for a hole). */
+  depth?: number
+}
+
+/** A dirty bitmap an image carries: which ranges of the disk changed. */
+export interface DirtyBitmap {
+  id: string
+  /** Bytes one bit stands for. */
+  granularity: number
+  /** Ranges covering [offset, offset + length), in order, dirty or clean. */
+  map: (offset: number, length: number) => Promise<Array<{ offset: number, length: number, dirty: boolean }>>
+  /** Bytes of the disk marked dirty. */
+  dirtyBytes: () => Promise<number>
+}
+
+/** What `vma info` shows of an image. */
+export interface DiskDescription {
+  format: string
+  size: number
+  /** Guest bytes the image stores data for; undefined when the format cannot tell (raw). */
+  allocated?: number
+  clusterSize?: number
+  allocatedClusters?: number
+  /** Images made of layers: how many. */
+  layers?: number
+  bitmaps?: Array<{ id: string, granularity: number, dirtyBytes: number }>
+  /** Anything else of note, by name (header magic, ignored features...). */
+  details?: Record<string, string | number>
 }
 
 export interface RandomAccessDisk {
@@ -23,6 +52,21 @@ export interface RandomAccessDisk {
   /** Fills `buf` with the guest bytes at `offset` (zeros where nothing is stored). */
   read: (buf: Buffer, offset: number) => Promise<void>
   close: () => Promise<void>
+  /** Dirty bitmaps stored in the image. */
+  readonly bitmaps?: DirtyBitmap[]
+  /** What the image is; without it `vma info` sums up map(). */
+  describe?: () => Promise<DiskDescription>
+}
+
+/** An image read once as it streams in (stdin), without a temporary copy. */
+export interface StreamedImage {
+  size: number
+  /** The disk as records for device id `device`; call once. */
+  records: (device: number, progress?: ProgressSink) => Promise<Readable>
+}
+
+export async function describeBitmaps (bitmaps: DirtyBitmap[]): Promise<NonNullable<DiskDescription['bitmaps']>> {
+  return await Promise.all(bitmaps.map(async b => ({ id: b.id, granularity: b.granularity, dirtyBytes: await b.dirtyBytes() })))
 }
 
 /** Guest bytes looked at per step. */

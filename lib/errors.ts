@@ -30,6 +30,8 @@ export type ErrorCode =
   | 'E_VMA_BLOB' | 'E_VMA_NAME' | 'E_VMA_NO_DEVICES' | 'E_VMA_EXTENT_MAGIC' | 'E_VMA_EXTENT_MD5'
   | 'E_VMA_EXTENT_UUID' | 'E_VMA_BLOCK_COUNT' | 'E_VMA_DEVICE' | 'E_VMA_DUPLICATE'
   | 'E_VMA_CLUSTER_RANGE' | 'E_VMA_VMSTATE_ORDER' | 'E_VMA_TRUNCATED' | 'E_VMA_MISSING'
+  // Parallels images and .hdd bundles
+  | 'E_PARALLELS_HEADER' | 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION' | 'E_PARALLELS_XML'
   // streams of records handed to writers, and inputs that break their promises
   | 'E_RECORD' | 'E_INPUT_SIZE'
   // what a format cannot hold

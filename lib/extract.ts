@@ -13,7 +13,7 @@ import { VmapipeError, ioError } from './errors.js'
 import type { ArchiveInfo, DeviceInfo } from './record.js'
 import { DeviceRouter } from './router.js'
 import { RawStreamWriter } from './raw/writer.js'
-import { type OutputFormat, type OutputOptions, diskOutput } from './formats.js'
+import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
@@ -72,9 +72,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
   }
 }
 
-export interface ExtractToStreamOptions extends ExtractOptions {
-  /** raw (default), or an image format, which is built in `tmpDir` first and then copied out. */
-  format?: OutputFormat
+export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptions, 'dataFile'> {
   /** Where early clusters (raw) or the image being built wait (default the temporary directory). */
   tmpDir?: string
   /** raw: bytes of early clusters kept in memory before they spill. */
@@ -109,7 +107,7 @@ export async function extractToStream (input: Readable, output: Writable, option
     let image = ''
     const router = new DeviceRouter(async (_info, add) => {
       const device = reader.selected[0]
-      const out = diskOutput(device, { format })
+      const out = diskOutput(device, { format, ...(options.clusterSize !== undefined ? { clusterSize: options.clusterSize } : {}) })
       image = join(dir, out.names[0])
       add(device.id, await out.create(dir, new WriteQueue()))
     })

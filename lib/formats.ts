@@ -10,14 +10,17 @@ import type { DiskWriter } from './router.js'
 import { RawFileWriter } from './raw/writer.js'
 import { Qcow2FileWriter } from './qcow2/writer.js'
 import type { WriteQueue } from './io/write-queue.js'
+import { ParallelsBundleWriter, ParallelsWriter } from './parallels/writer.js'
 
-export const OUTPUT_FORMATS = ['raw', 'qcow2'] as const
+export const OUTPUT_FORMATS = ['raw', 'qcow2', 'parallels', 'parallels-bundle'] as const
 export type OutputFormat = typeof OUTPUT_FORMATS[number]
 
 export interface OutputOptions {
   format?: OutputFormat
   /** qcow2: keep the data in a raw file beside the image (external data file). */
   dataFile?: boolean
+  /** Cluster size in bytes, for formats that have clusters (Parallels: 1 MiB by default). */
+  clusterSize?: number
 }
 
 export interface DiskOutput {
@@ -45,6 +48,15 @@ export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): Di
         ...(data !== undefined ? { dataFile: { path: join(dir, data), name: data } } : {}),
       }),
     }
+  }
+  const clusterSize = options.clusterSize === undefined ? {} : { clusterSize: options.clusterSize }
+  if (format === 'parallels') {
+    const name = `disk-${device.name}.hds`
+    return { names: [name], create: async (dir, queue) => await ParallelsWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
+  }
+  if (format === 'parallels-bundle') {
+    const name = `disk-${device.name}.hdd`
+    return { names: [name], create: async (dir, queue) => await ParallelsBundleWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
   }
   throw new VmapipeError('E_USAGE', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`)
 }

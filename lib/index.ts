@@ -27,7 +27,21 @@ export { type ProgressSink } from './io/progress.js'
 export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './archive.js'
 export { extractToDirectory, extractToStream, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
 export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './formats.js'
-export { diskRecords, type RandomAccessDisk, type Extent } from './disk.js'
+export { diskRecords, describeBitmaps, type RandomAccessDisk, type Extent, type DirtyBitmap, type DiskDescription, type StreamedImage } from './disk.js'
+export { openImageFile } from './sources.js'
+export { describeImage } from './info.js'
+export { RawImage } from './raw/image.js'
+export {
+  parseHeader as parseParallelsHeader, encodeHeader as encodeParallelsHeader, parseBat, encodeBat, parseFormatExtension, encodeFormatExtension, isParallels,
+  type ParallelsHeader, type BitmapFeature, type FormatExtension,
+} from './parallels/format.js'
+export { ParallelsImage, ParallelsBitmap, streamParallels } from './parallels/reader.js'
+export { ParallelsWriter, ParallelsBundleWriter, type ParallelsWriterOptions, type BitmapInput } from './parallels/writer.js'
+export { ParallelsBundle, snapshotChain, type BundleLayer } from './parallels/bundle.js'
+export {
+  parseDescriptor, buildDescriptor, addSnapshotImage, topOf, TOP_GUID, ROOT_PARENT,
+  type DiskDescriptor, type DescriptorImage, type DescriptorStorage,
+} from './parallels/descriptor.js'
 export { Qcow2Image, type Qcow2OpenOptions } from './qcow2/reader.js'
 export { Qcow2FileWriter, type Qcow2WriterOptions } from './qcow2/writer.js'
 export { readJob, checkJob, type BackupJob, type JobDisk, type JobConfig } from './backup/job.js'

@@ -5,28 +5,32 @@
  * read by random access, or from stdin front to back where the format can
  * (else stdin is first copied to a temporary file).
  */
+import { statSync } from 'node:fs'
+import { open } from 'node:fs/promises'
 import type { Readable } from 'node:stream'
-import { VmapipeError } from './errors.js'
+import { VmapipeError, ioError } from './errors.js'
 import { chain } from './io/chain.js'
 import { type Input, openInput, peek, spillToFile } from './io/input.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
-import { type RandomAccessDisk, diskRecords } from './disk.js'
+import { RawImage } from './raw/image.js'
+import { type RandomAccessDisk, type StreamedImage, diskRecords } from './disk.js'
+import { isParallels } from './parallels/format.js'
+import { ParallelsImage, streamParallels } from './parallels/reader.js'
+import { ParallelsBundle, isDescriptor } from './parallels/bundle.js'
 import { isQcow2 } from './qcow2/format.js'
 import { Qcow2Image } from './qcow2/reader.js'
-import { qcow2StreamRecords, streamedQcow2Size } from './qcow2/stream.js'
-import type { DeviceInfo } from './record.js'
+import { streamQcow2 } from './qcow2/stream.js'
 
 /** An image format read by random access: how to recognise it and open it. */
 interface ImageFormat {
   magic: (head: Buffer) => boolean
   /** `copied`: the image is a temporary copy of stdin, so names of other files in it mean nothing. */
   open: (path: string, spec: DiskSpec, copied: boolean) => Promise<RandomAccessDisk>
-  /** Reading from stdin front to back, where the format allows it: the size from the first bytes, then records. */
-  stream?: {
-    size: (head: Buffer) => number
-    records: (input: Readable, device: DeviceInfo, spec: DiskSpec) => Readable
-  }
+  /** Reads the image from stdin as it comes; undefined (nothing read) when this one cannot be, and it is copied first. */
+  stream?: (input: Readable, spec: DiskSpec) => Promise<StreamedImage | undefined>
+  /** The format opens a directory. */
+  directory?: boolean
 }
 
 const IMAGE_FORMATS: Record<string, ImageFormat> = {
@@ -37,10 +41,18 @@ const IMAGE_FORMATS: Record<string, ImageFormat> = {
       ...(spec.backing !== undefined ? { backing: spec.backing } : {}),
       standalone: copied,
     }),
-    stream: {
-      size: streamedQcow2Size,
-      records: (input, device, spec) => qcow2StreamRecords(input, device, spec.tmpDir !== undefined ? { tmpDir: spec.tmpDir } : {}),
-    },
+    stream: async (input, spec) => await streamQcow2(input, spec),
+  },
+  parallels: {
+    magic: isParallels,
+    open: async path => await ParallelsImage.open(path),
+    stream: async input => await streamParallels(input, 'stdin'),
+  },
+  'parallels-bundle': {
+    magic: isDescriptor,
+    open: async path => await ParallelsBundle.open(path),
+    stream: async () => { throw new VmapipeError('E_USAGE', 'a DiskDescriptor.xml names its images by path: give the bundle\'s path, not stdin') },
+    directory: true,
   },
 }
 
@@ -83,9 +95,44 @@ export function detectDiskFormat (head: Buffer): DiskFormat {
   return Object.entries(IMAGE_FORMATS).find(([, f]) => f.magic(head))?.[0] ?? 'raw'
 }
 
+function checkFormat (format: DiskFormat | undefined): void {
+  if (format !== undefined && !(DISK_FORMATS as readonly string[]).includes(format)) {
+    throw new VmapipeError('E_USAGE', `unknown disk format ${format} (known: ${DISK_FORMATS.join(', ')})`)
+  }
+}
+
+const isDirectory = (path: string): boolean => path !== '-' && statSync(path, { throwIfNoEntry: false })?.isDirectory() === true
+
+/** A directory is an image only in a format that opens directories. */
+async function openDirectory (path: string, format: DiskFormat | undefined, spec: DiskSpec): Promise<{ format: DiskFormat, disk: RandomAccessDisk }> {
+  const chosen = format ?? Object.keys(IMAGE_FORMATS).find(f => IMAGE_FORMATS[f].directory === true) as DiskFormat
+  if (IMAGE_FORMATS[chosen]?.directory !== true) throw new VmapipeError('E_USAGE', `${path} is a directory, not a ${chosen} image`)
+  return { format: chosen, disk: await IMAGE_FORMATS[chosen].open(path, spec, false) }
+}
+
+/** Opens a path (file, block device or directory) by random access, in its own format or raw; for `vma info`. */
+export async function openImageFile (path: string, format?: DiskFormat): Promise<{ format: DiskFormat, disk: RandomAccessDisk }> {
+  checkFormat(format)
+  // Looking at an image (or serving it) reads its whole chain; each file still has to lie beside the one naming it.
+  const spec = { name: path, path, followBacking: true }
+  if (isDirectory(path)) return await openDirectory(path, format, spec)
+  const head = Buffer.alloc(DETECT_BYTES)
+  const file = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+  try {
+    const { bytesRead } = await file.read(head, 0, DETECT_BYTES, 0)
+    const chosen = format ?? detectDiskFormat(head.subarray(0, bytesRead))
+    const image = IMAGE_FORMATS[chosen]
+    return { format: chosen, disk: image === undefined ? await RawImage.open(path) : await image.open(path, spec, false) }
+  } finally {
+    await file.close()
+  }
+}
+
 export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
-  if (spec.format !== undefined && !(DISK_FORMATS as readonly string[]).includes(spec.format)) {
-    throw new VmapipeError('E_USAGE', `unknown disk format ${spec.format} (known: ${DISK_FORMATS.join(', ')})`)
+  checkFormat(spec.format)
+  if (isDirectory(spec.path)) {
+    const { format, disk } = await openDirectory(spec.path, spec.format, spec)
+    return imageSource(spec, format, disk)
   }
   const input = openInput(spec.path)
   try {
@@ -93,7 +140,6 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
     const format = spec.format ?? detectDiskFormat(head)
     const image = IMAGE_FORMATS[format]
     if (image === undefined) return openRaw(spec, input)
-    if (spec.path === '-' && image.stream !== undefined) return streamImage(spec, input, format, head, image.stream)
     return await openImage(spec, input, format, image)
   } catch (err) {
     input.stream.destroy()
@@ -102,6 +148,10 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
 }
 
 async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, image: ImageFormat): Promise<DiskSource> {
+  const streamed = spec.path === '-' ? await image.stream?.(input.stream, spec) : undefined
+  if (streamed !== undefined) {
+    return { name: spec.name, path: spec.path, format, size: streamed.size, records: streamed.records, close: () => { input.stream.destroy() } }
+  }
   let disk: RandomAccessDisk
   if (spec.path === '-') {
     // An image wants random access: copy stdin to an unlinked temporary file first.
@@ -115,6 +165,10 @@ async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, imag
     input.stream.destroy()
     disk = await image.open(spec.path, spec, false)
   }
+  return imageSource(spec, format, disk)
+}
+
+function imageSource (spec: DiskSpec, format: DiskFormat, disk: RandomAccessDisk): DiskSource {
   return {
     name: spec.name,
     path: spec.path,
@@ -122,22 +176,6 @@ async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, imag
     size: disk.size,
     records: async device => diskRecords(disk, device),
     close: () => { disk.close().catch(() => {}) },
-  }
-}
-
-function streamImage (spec: DiskSpec, input: Input, format: DiskFormat, head: Buffer, stream: NonNullable<ImageFormat['stream']>): DiskSource {
-  const size = stream.size(head)
-  return {
-    name: spec.name,
-    path: spec.path,
-    format,
-    size,
-    records: async (device, progress) => stream.records(
-      progress ? chain(input.stream, await counter(progress)) : input.stream,
-      { id: device, name: spec.name, size },
-      spec,
-    ),
-    close: () => { input.stream.destroy() },
   }
 }
 

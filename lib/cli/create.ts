@@ -48,6 +48,10 @@ live backup does). Zero 4 KiB blocks are left out. OUT may be - (stdout); a
 file is written under a temporary name and renamed only when complete. At
 most one PATH may be - (stdin).
 
+PATH may be raw, a Parallels image (.hds) or a Parallels bundle (a .hdd
+directory, or its DiskDescriptor.xml: its snapshots are merged); the format
+is told by magic bytes, raw being the fallback.
+
 -d takes NAME=PATH, optionally prefixed by options and a colon:
   format=FMT          skip format detection: ${DISK_FORMATS.join(', ')}
                       (told by magic bytes otherwise; raw is the fallback)
@@ -79,10 +83,11 @@ export const pack: Command = {
   help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c FILE]... [-o OUT]
 
 Packs one disk from a file or stdin into a VMA archive on stdout (or -o OUT).
-The input's format is told by its magic bytes (${DISK_FORMATS.join(', ')}); raw
-is the fallback. Raw from stdin needs --size, since the archive header comes
-first; an image from stdin is copied to --tmpdir first (it needs random
-access), and may not refer to other files.
+The input's format is told by its magic bytes: raw (the fallback), qcow2,
+a Parallels image (.hds) or bundle (.hdd directory). Raw from stdin needs
+--size, since the archive header comes first. qcow2 and .hds from stdin are
+read as they stream in (what cannot be placed yet waits in --tmpdir); an
+image from stdin may not refer to other files.
 
 Options:
   --name NAME         device name (default drive-scsi0)

@@ -3,11 +3,12 @@ import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, listOption, parseSize } from './command.js'
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats.js'
+import { checkClusterSize } from '../parallels/writer.js'
 
 export const extract: Command = {
   name: 'extract',
   summary: 'restore disks and config blobs into a new directory, or one disk to stdout',
-  help: `Usage: vma extract ARCHIVE TARGETDIR [-d DRIVE[,DRIVE...]] [--force]
+  help: `Usage: vma extract ARCHIVE TARGETDIR [-d DRIVE[,DRIVE...]] [--format FORMAT] [--force]
        vma extract ARCHIVE [-] [-d DRIVE] [--tmpdir DIR]
 
 With TARGETDIR: writes each config blob under its own name, each disk as
@@ -15,6 +16,11 @@ disk-<device>.raw (a sparse file of the exact size, holes where the archive
 has zero blocks) and the vmstate device as vmstate.bin. TARGETDIR must not
 exist yet. Files are written under temporary names and get their final names
 only when all are complete; after a failure no file has a final name.
+
+--format parallels writes disk-<device>.hds, a Parallels expandable image
+(clusters of 1 MiB, only clusters with data stored); --format
+parallels-bundle writes the directory disk-<device>.hdd holding that image
+and its DiskDescriptor.xml, as Parallels Desktop wants it.
 
 Without TARGETDIR (or with -): writes one disk (the only one, or the one -d
 names) to stdout as raw bytes in order, zeros included. Clusters that arrive
@@ -28,6 +34,8 @@ Options:
   --format FORMAT     image format of the disks: ${OUTPUT_FORMATS.join(', ')} (default raw)
   --data-file         with qcow2: disk-<device>.raw (sparse, usable on its own)
                       holds the data, disk-<device>.qcow2 only the metadata
+  --cluster-size SIZE Parallels cluster size, a multiple of 64K up to 1G
+                      (default 1M)
   --force             allow an existing empty TARGETDIR
   --tmpdir DIR        where early clusters wait when writing to stdout
                       (default $TMPDIR or /tmp)
@@ -37,12 +45,14 @@ Options:
 Examples:
   vma extract vzdump-qemu-100-2024_01_31-02_00_01.vma.zst restored/
   vma extract backup.vma.zst -d scsi1 restored/
+  vma extract backup.vma.zst restored/ --format parallels-bundle
   vma extract backup.vma.zst - -d drive-scsi0 | dd of=/dev/sdX bs=1M
   zstd -dc backup.vma.zst | vma extract - restored/`,
   options: {
     drive: { type: 'string', short: 'd', multiple: true },
     format: { type: 'string' },
     'data-file': { type: 'boolean' },
+    'cluster-size': { type: 'string' },
     force: { type: 'boolean' },
     tmpdir: { type: 'string' },
     memory: { type: 'string' },
@@ -53,16 +63,23 @@ Examples:
     const devices = listOption(values.drive)
     const format = (values.format as string | undefined) ?? 'raw'
     if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
+    const clusterSize = parseSize(values['cluster-size'], '--cluster-size')
+    if (clusterSize !== undefined) {
+      if (!format.startsWith('parallels')) throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
+      checkClusterSize(clusterSize)
+    }
     const input = openInput(archive)
     const progress = ctx.progress('extract', input.size)
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
     if (target === '-') {
       if (values.force === true) throw new VmapipeError('E_USAGE', '--force needs a TARGETDIR')
       if (values['data-file'] === true) throw new VmapipeError('E_USAGE', '--data-file makes two files and needs a TARGETDIR')
+      if (format === 'parallels-bundle') throw new VmapipeError('E_USAGE', 'a bundle is a directory and needs a TARGETDIR')
       const memoryLimit = parseSize(values.memory, '--memory')
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
         format: format as OutputFormat,
+        ...(clusterSize !== undefined ? { clusterSize } : {}),
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),
       })
@@ -70,7 +87,13 @@ Examples:
       return EXIT.OK
     }
     if (values.tmpdir !== undefined || values.memory !== undefined) throw new VmapipeError('E_USAGE', '--tmpdir and --memory only apply when writing to stdout')
-    const result = await extractToDirectory(input.stream, target, { ...common, force: values.force === true, format: format as OutputFormat, dataFile: values['data-file'] === true })
+    const result = await extractToDirectory(input.stream, target, {
+      ...common,
+      force: values.force === true,
+      format: format as OutputFormat,
+      dataFile: values['data-file'] === true,
+      ...(clusterSize !== undefined ? { clusterSize } : {}),
+    })
     ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted')
     return EXIT.OK
   },

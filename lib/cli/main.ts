@@ -7,10 +7,11 @@ import { backup } from './backup.js'
 import { config } from './config.js'
 import { create } from './create.js'
 import { extract } from './extract.js'
+import { info } from './info.js'
 import { list } from './list.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract, create, backup]
+const COMMANDS: Command[] = [list, config, verify, extract, create, backup, info]
 
 const EXIT_HELP = `Exit codes:
   0    success

@@ -44,7 +44,7 @@ function openStdin (): Input {
 }
 
 /** A regular file's size, or a block device's (stat says 0 for those; sysfs knows). */
-function sizeOf (st: Stats): number | undefined {
+export function sizeOf (st: Stats): number | undefined {
   if (st.isFile()) return st.size
   if (!st.isBlockDevice()) return undefined
   const major = Math.floor(st.rdev / 256) & 0xfff

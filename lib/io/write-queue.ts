@@ -5,6 +5,7 @@
  * one pending run plus what is in flight.
  */
 import { writev } from 'node:fs'
+import type { FileHandle } from 'node:fs/promises'
 import { ioError } from '../errors.js'
 
 export interface WriteQueueOptions {
@@ -99,4 +100,22 @@ function writeAll (fd: number, buffers: Buffer[], position: number, done: (err: 
     remaining[0] = remaining[0].subarray(rest)
     writeAll(fd, remaining, position + written, done)
   })
+}
+
+/** A file written through `queue` is complete: drain, set its size, fsync, close. */
+export async function completeFile (queue: WriteQueue, file: FileHandle, size: number, path: string): Promise<void> {
+  await queue.drain()
+  try {
+    await file.truncate(size)
+    await file.sync()
+    await file.close()
+  } catch (err) {
+    throw ioError(err, `finishing ${path}`)
+  }
+}
+
+/** Gives a file written through `queue` up: lets writes in flight end and closes it; removing it is the caller's business. */
+export async function abandonFile (queue: WriteQueue, file: FileHandle): Promise<void> {
+  await queue.drain().catch(() => {})
+  await file.close().catch(() => {})
 }

@@ -10,7 +10,9 @@ import { dirname, isAbsolute, relative, resolve, sep } from 'node:path'
 import { promisify } from 'node:util'
 import { inflateRaw } from 'node:zlib'
 import { VmapipeError, ioError } from '../errors.js'
-import type { Extent, RandomAccessDisk } from '../disk.js'
+import type { DiskDescription, Extent, RandomAccessDisk } from '../disk.js'
+import { readFully } from '../io/pread.js'
+import { RawImage } from '../raw/image.js'
 import {
   type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry,
 } from './format.js'
@@ -19,6 +21,8 @@ const inflate = promisify(inflateRaw)
 /** Bytes of L2 tables kept in memory. */
 const L2_CACHE_BYTES = 16 << 20
 const MAX_CHAIN = 32
+/** Guest bytes mapped per step when counting the allocation. */
+const DESCRIBE_STEP = 1 << 30
 
 export interface Qcow2OpenOptions {
   /** Read the backing chain instead of refusing an image that has one. */
@@ -31,7 +35,8 @@ export interface Qcow2OpenOptions {
 
 /** How a piece of the guest disk is stored. */
 type Piece =
-  | { kind: 'zero' }
+  /** Reads as zeros: a zero cluster of this layer (depth 1) or nothing anywhere (depth 0). */
+  | { kind: 'zero', depth: 0 | 1 }
   | { kind: 'backing' }
   | { kind: 'data', file: FileHandle, host: number }
   | { kind: 'compressed', host: number, bytes: number }
@@ -44,20 +49,6 @@ async function openFile (path: string): Promise<Opened> {
     return { handle, size: (await handle.stat()).size, path }
   } catch (err) {
     throw ioError(err, `cannot open ${path}`)
-  }
-}
-
-/** Fills `buf` from `position`; past the end of the file: zeros if `zeroPastEnd`, else an error. */
-async function readAt (file: FileHandle, buf: Buffer, position: number, what: string, zeroPastEnd = false): Promise<void> {
-  let done = 0
-  while (done < buf.length) {
-    const { bytesRead } = await file.read(buf, done, buf.length - done, position + done).catch(err => { throw ioError(err, what) })
-    if (bytesRead === 0) {
-      if (!zeroPastEnd) throw new VmapipeError('E_QCOW2_DATA', `${what}: the file ends early`, { offset: position + done })
-      buf.fill(0, done)
-      return
-    }
-    done += bytesRead
   }
 }
 
@@ -76,7 +67,7 @@ export class Qcow2Image implements RandomAccessDisk {
     private readonly file: Opened,
     private readonly l1: Buffer,
     private readonly data: Opened | undefined,
-    private readonly backing: RandomAccessDisk | undefined,
+    readonly backing: RandomAccessDisk | undefined,
   ) {
     this.size = header.size
     this.clusterSize = 2 ** header.clusterBits
@@ -86,6 +77,29 @@ export class Qcow2Image implements RandomAccessDisk {
 
   static async open (path: string, options: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
     return await openChain(path, options, new Set(), 0)
+  }
+
+  /** For `vma info`: allocation counts what the whole chain stores. */
+  async describe (): Promise<DiskDescription> {
+    let allocated = 0
+    for (let offset = 0; offset < this.size; offset += DESCRIBE_STEP) {
+      for (const e of await this.map(offset, Math.min(DESCRIBE_STEP, this.size - offset))) if (e.data) allocated += e.length
+    }
+    let layers = 1
+    for (let d: RandomAccessDisk | undefined = this.backing; d !== undefined; d = d instanceof Qcow2Image ? d.backing : undefined) layers++
+    return {
+      format: 'qcow2',
+      size: this.size,
+      allocated,
+      clusterSize: this.clusterSize,
+      layers,
+      details: {
+        version: this.header.version,
+        ...(this.extended ? { 'extended L2': 'yes' } : {}),
+        ...(this.header.dataFile !== undefined ? { 'data file': this.header.dataFile } : {}),
+        ...(this.header.backing !== undefined ? { 'backing file': this.header.backing.name } : {}),
+      },
+    }
   }
 
   async close (): Promise<void> {
@@ -98,13 +112,14 @@ export class Qcow2Image implements RandomAccessDisk {
     const out: Extent[] = []
     const push = (e: Extent): void => {
       const last = out[out.length - 1]
-      if (last !== undefined && last.data === e.data && last.offset + last.length === e.offset) last.length += e.length
+      if (last !== undefined && last.data === e.data && last.depth === e.depth && last.offset + last.length === e.offset) last.length += e.length
       else out.push(e)
     }
     await this.walk(offset, length, async (piece, at, len) => {
       if (piece.kind === 'backing') {
-        for (const e of await this.fromBacking(at, len)) push(e)
-      } else push({ offset: at, length: len, data: piece.kind !== 'zero' })
+        // Whatever the backing chain holds lies one layer further down.
+        for (const e of await this.fromBacking(at, len)) push({ ...e, depth: e.data || (e.depth ?? 0) > 0 ? (e.depth ?? 1) + 1 : 0 })
+      } else push({ offset: at, length: len, data: piece.kind !== 'zero', depth: piece.kind === 'zero' ? piece.depth : 1 })
     })
     return out
   }
@@ -115,7 +130,7 @@ export class Qcow2Image implements RandomAccessDisk {
       switch (piece.kind) {
         case 'zero': target.fill(0); break
         // A file may end inside its last cluster (a raw data file even earlier); like QEMU, read zeros there.
-        case 'data': await readAt(piece.file, target, piece.host, `reading ${this.path}`, true); break
+        case 'data': await readFully(piece.file, target, piece.host, this.path, true); break
         case 'compressed': (await this.decompress(piece.host, piece.bytes)).copy(target, 0, at % this.clusterSize, at % this.clusterSize + len); break
         case 'backing': await this.readBacking(target, at); break
       }
@@ -144,8 +159,8 @@ export class Qcow2Image implements RandomAccessDisk {
   /** The stretches of one cluster between `from` and `to` (bytes within the cluster). */
   private pieces (entry: L2Entry, from: number, to: number): Array<[Piece, number, number]> {
     switch (entry.kind) {
-      case 'unallocated': return [[this.backing ? { kind: 'backing' } : { kind: 'zero' }, from, to]]
-      case 'zero': return [[{ kind: 'zero' }, from, to]]
+      case 'unallocated': return [[this.backing ? { kind: 'backing' } : { kind: 'zero', depth: 0 }, from, to]]
+      case 'zero': return [[{ kind: 'zero', depth: 1 }, from, to]]
       case 'data': return [[{ kind: 'data', file: this.dataFile(), host: entry.host + from }, from, to]]
       case 'compressed': return [[{ kind: 'compressed', host: entry.host, bytes: entry.bytes }, from, to]]
       case 'subclusters': {
@@ -157,7 +172,7 @@ export class Qcow2Image implements RandomAccessDisk {
           const bit = 1 << i
           const piece: Piece = (entry.allocated & bit) !== 0
             ? { kind: 'data', file: this.dataFile(), host: entry.host + a }
-            : (entry.zero & bit) !== 0 || this.backing === undefined ? { kind: 'zero' } : { kind: 'backing' }
+            : (entry.zero & bit) !== 0 ? { kind: 'zero', depth: 1 } : this.backing === undefined ? { kind: 'zero', depth: 0 } : { kind: 'backing' }
           out.push([piece, a, b])
         }
         return out
@@ -201,7 +216,7 @@ export class Qcow2Image implements RandomAccessDisk {
       return cached
     }
     const table = Buffer.allocUnsafe(this.clusterSize)
-    await readAt(this.file.handle, table, offset, `reading the L2 table at ${offset}`)
+    await readFully(this.file.handle, table, offset, `${this.path} (the L2 table at ${offset})`)
     if ((this.l2Cache.size + 1) * this.clusterSize > L2_CACHE_BYTES) this.l2Cache.delete(this.l2Cache.keys().next().value as number)
     this.l2Cache.set(offset, table)
     return table
@@ -210,7 +225,7 @@ export class Qcow2Image implements RandomAccessDisk {
   private async decompress (host: number, bytes: number): Promise<Buffer> {
     if (this.inflated?.host === host) return this.inflated.bytes
     const compressed = Buffer.allocUnsafe(Math.min(bytes, this.file.size - host))
-    await readAt(this.file.handle, compressed, host, `reading the compressed cluster at ${host}`)
+    await readFully(this.file.handle, compressed, host, `${this.path} (the compressed cluster at ${host})`)
     let out: Buffer
     try {
       out = await inflate(compressed, { maxOutputLength: this.clusterSize, finishFlush: 2 /* Z_SYNC_FLUSH: trailing bytes may follow */ })
@@ -242,7 +257,8 @@ export class Qcow2Image implements RandomAccessDisk {
 function sameRun (a: Piece, b: Piece, aLength: number): boolean {
   if (a.kind !== b.kind) return false
   if (a.kind === 'data' && b.kind === 'data') return a.file === b.file && a.host + aLength === b.host
-  return a.kind === 'zero' || a.kind === 'backing'
+  if (a.kind === 'zero' && b.kind === 'zero') return a.depth === b.depth
+  return a.kind === 'backing'
 }
 
 /** Whether `path` lies inside `dir` (both real paths). */
@@ -274,7 +290,7 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
   const opened: Array<{ close: () => Promise<void> }> = [{ close: async () => await file.handle.close() }]
   try {
     const first = Buffer.alloc(Math.min(file.size, 2 << 20))
-    await readAt(file.handle, first, 0, `reading ${path}`)
+    await readFully(file.handle, first, 0, path)
     let header: Qcow2Header
     try {
       header = parseHeader(first, file.size)
@@ -283,7 +299,7 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
     }
     const clusterSize = 2 ** header.clusterBits
     const l1 = Buffer.alloc(header.l1Size * 8)
-    await readAt(file.handle, l1, header.l1Offset, `reading the L1 table of ${path}`)
+    await readFully(file.handle, l1, header.l1Offset, `${path} (its L1 table)`)
     for (let i = 0; i < header.l1Size; i++) readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
 
     let data: Opened | undefined
@@ -317,25 +333,15 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
 async function openBacking (path: string, format: string | undefined, seen: Set<string>, depth: number): Promise<RandomAccessDisk> {
   const file = await openFile(path)
   const head = Buffer.alloc(Math.min(4, file.size))
-  await readAt(file.handle, head, 0, `reading ${path}`)
-  if (format === 'qcow2' || (format === undefined && isQcow2(head))) {
+  try {
+    await readFully(file.handle, head, 0, path)
+  } finally {
     await file.handle.close()
-    return await openChain(path, { followBacking: true }, seen, depth + 1)
   }
+  if (format === 'qcow2' || (format === undefined && isQcow2(head))) return await openChain(path, { followBacking: true }, seen, depth + 1)
   if (format !== undefined && format !== 'raw') {
-    await file.handle.close()
     throw new VmapipeError('E_QCOW2_BACKING', `backing file ${path} is in format ${format}, which vmapipe does not read as a backing file`)
   }
-  return rawDisk(file)
-}
-
-/** A raw file as a RandomAccessDisk (everything counts as data). */
-function rawDisk (file: Opened): RandomAccessDisk {
-  return {
-    size: file.size,
-    map: async (offset, length) => [{ offset, length, data: true }],
-    read: async (buf, offset) => { await readAt(file.handle, buf, offset, `reading ${file.path}`) },
-    close: async () => { await file.handle.close().catch(() => {}) },
-  }
+  return await RawImage.open(path)
 }
 

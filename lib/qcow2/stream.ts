@@ -20,7 +20,10 @@ import { type ClusterRecord, type DeviceInfo, CLUSTER_SIZE, clusterFromBytes } f
 import { ByteQueue } from '../util/byte-queue.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { WriteQueue } from '../io/write-queue.js'
-import { diskRecords } from '../disk.js'
+import { type StreamedImage, diskRecords } from '../disk.js'
+import { chain } from '../io/chain.js'
+import { peek } from '../io/input.js'
+import { counter } from '../io/progress.js'
 import { INCOMPAT, type Qcow2Header, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry } from './format.js'
 import { Qcow2Image } from './reader.js'
 
@@ -45,12 +48,20 @@ class HostMap {
 
 const NO_FILE_LIMIT = Number.MAX_SAFE_INTEGER
 
-/** The virtual size from an image's first bytes, for the archive header; the whole header is checked once it has arrived. */
-export function streamedQcow2Size (head: Buffer): number {
+/**
+ * A qcow2 image arriving on `input`: its size from the first bytes (the whole
+ * header is checked once it has arrived), then its records.
+ */
+export async function streamQcow2 (input: Readable, options: { tmpDir?: string } = {}): Promise<StreamedImage> {
+  const head = await peek(input, 32)
   if (head.length < 32 || !isQcow2(head)) throw new VmapipeError('E_QCOW2_HEADER', 'not a qcow2 header', { offset: 0 })
-  const size = head.readBigUInt64BE(24)
-  if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw new VmapipeError('E_QCOW2_HEADER', `size ${size} is beyond any real image`, { offset: 24 })
-  return Number(size)
+  const raw = head.readBigUInt64BE(24)
+  if (raw > BigInt(Number.MAX_SAFE_INTEGER)) throw new VmapipeError('E_QCOW2_HEADER', `size ${raw} is beyond any real image`, { offset: 24 })
+  const size = Number(raw)
+  return {
+    size,
+    records: async (device, progress) => qcow2StreamRecords(progress ? chain(input, await counter(progress)) : input, { id: device, name: 'stdin', size }, options),
+  }
 }
 
 export function qcow2StreamRecords (input: Readable, device: DeviceInfo, options: { tmpDir?: string } = {}): Readable {

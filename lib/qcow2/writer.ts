@@ -15,7 +15,7 @@ import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
 import type { DiskWriter } from '../router.js'
 import { RawFileWriter } from '../raw/writer.js'
-import { WriteQueue } from '../io/write-queue.js'
+import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { COPIED, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
 const CLUSTER_BITS = 16
@@ -123,20 +123,12 @@ export class Qcow2FileWriter implements DiskWriter {
       ...(this.options.dataFile ? { dataFile: { name: this.options.dataFile.name, raw: true } } : {}),
       ...(this.options.backing ? { backing: this.options.backing } : {}),
     }), 0)
-    await this.queue.drain()
-    try {
-      await this.file.truncate(refs.total * CLUSTER_SIZE)
-      await this.file.sync()
-      await this.file.close()
-    } catch (err) {
-      throw ioError(err, `finishing ${this.path}`)
-    }
+    await completeFile(this.queue, this.file, refs.total * CLUSTER_SIZE, this.path)
   }
 
   async abort (): Promise<void> {
     await this.data?.abort()
-    await this.queue.drain().catch(() => {})
-    await this.file.close().catch(() => {})
+    await abandonFile(this.queue, this.file)
   }
 
   private async put (bytes: Buffer, cluster: number): Promise<void> {

@@ -10,7 +10,7 @@ import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, type DeviceInfo, clusterCount, expandCluster, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
 import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
-import { WriteQueue } from '../io/write-queue.js'
+import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 
 export class RawFileWriter implements DiskWriter {
   private constructor (
@@ -38,19 +38,11 @@ export class RawFileWriter implements DiskWriter {
   }
 
   async finish (): Promise<void> {
-    await this.queue.drain()
-    try {
-      await this.file.truncate(this.size)
-      await this.file.sync()
-      await this.file.close()
-    } catch (err) {
-      throw ioError(err, `finishing ${this.path}`)
-    }
+    await completeFile(this.queue, this.file, this.size, this.path)
   }
 
   async abort (): Promise<void> {
-    await this.queue.drain().catch(() => {})
-    await this.file.close().catch(() => {})
+    await abandonFile(this.queue, this.file)
   }
 }
 

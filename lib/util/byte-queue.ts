@@ -42,7 +42,8 @@ export class ByteQueue {
     return out
   }
 
-  private skip (n: number): void {
+  /** Drops the next `n` bytes (at most `length`) without looking at them. */
+  skip (n: number): void {
     this.length -= n
     this.consumed += n
     while (n > 0) {

@@ -1,0 +1,166 @@
+/**
+ * A Parallels .hdd bundle read as one disk: DiskDescriptor.xml names the
+ * images, its Snapshots chain the layers from the top snapshot down to the
+ * root, and each range of the disk reads from the topmost layer that holds
+ * it. Extents carry that layer's depth (1 = top) and the top image's dirty
+ * bitmaps are the bundle's.
+ */
+import { readFile, realpath, stat } from 'node:fs/promises'
+import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
+import { VmapipeError, ioError } from '../errors.js'
+import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, describeBitmaps } from '../disk.js'
+import { RawImage } from '../raw/image.js'
+import { type DescriptorImage, type DiskDescriptor, ROOT_PARENT, parseDescriptor, topOf } from './descriptor.js'
+import { ParallelsImage } from './reader.js'
+import { SECTOR_SIZE } from './format.js'
+
+export const DESCRIPTOR_NAME = 'DiskDescriptor.xml'
+/** Descriptors are a few KiB; a larger one is refused unread. */
+const MAX_DESCRIPTOR_BYTES = 4 << 20
+
+export interface BundleLayer extends DescriptorImage {
+  /** The image file, resolved. */
+  path: string
+  disk: RandomAccessDisk
+}
+
+/** A DiskDescriptor.xml's first bytes. */
+export function isDescriptor (head: Buffer): boolean {
+  return head.toString('utf8').includes('<Parallels_disk_image')
+}
+
+function fail (where: string, message: string): VmapipeError {
+  return new VmapipeError('E_PARALLELS_XML', `${where}: ${message}`)
+}
+
+/**
+ * The images from the top snapshot down to the root. Refuses what the spec
+ * does not cover (Padding 1, split storages) and what cannot be a chain:
+ * unknown GUIDs, loops, more than one root, overlays that are not expandable.
+ */
+export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImage[] {
+  if (d.padding !== 0) throw fail(where, `Padding is ${d.padding}: only 0 is supported (the spec does not cover Padding 1)`)
+  if (d.storages.length !== 1) throw fail(where, `${d.storages.length} storages: split images are not supported, one Storage is`)
+  const storage = d.storages[0]
+  if (storage.start !== 0 || storage.end !== d.diskSize) throw fail(where, `the Storage covers sectors ${storage.start} to ${storage.end}, not the whole disk (0 to ${d.diskSize})`)
+  const images = new Map<string, DescriptorImage>()
+  for (const image of storage.images) {
+    if (images.has(image.guid)) throw fail(where, `two Images have GUID ${image.guid}`)
+    images.set(image.guid, image)
+  }
+  const parents = new Map<string, string>()
+  for (const shot of d.shots) {
+    if (parents.has(shot.guid)) throw fail(where, `two Shots have GUID ${shot.guid}`)
+    parents.set(shot.guid, shot.parentGuid)
+  }
+  const roots = d.shots.filter(s => s.parentGuid === ROOT_PARENT).map(s => s.guid)
+  if (roots.length !== 1) throw fail(where, roots.length === 0 ? 'no root snapshot (a Shot whose ParentGUID is all zeros)' : `${roots.length} root snapshots (${roots.join(', ')}), one expected`)
+  const chain: DescriptorImage[] = []
+  const seen = new Set<string>()
+  for (let guid = topOf(d, where); guid !== ROOT_PARENT;) {
+    if (seen.has(guid)) throw fail(where, `the snapshots loop back to ${guid}`)
+    seen.add(guid)
+    const parent = parents.get(guid)
+    if (parent === undefined) throw fail(where, chain.length === 0 ? `the top snapshot ${guid} has no Shot` : `snapshot ${chain[chain.length - 1].guid} names parent ${guid}, which has no Shot`)
+    const image = images.get(guid)
+    if (image === undefined) throw fail(where, `snapshot ${guid} has no Image in the Storage`)
+    if (parent !== ROOT_PARENT && image.type !== 'Compressed') throw fail(where, `overlay ${guid} (${image.file}) is ${image.type}; overlays must be expandable (Compressed)`)
+    chain.push(image)
+    guid = parent
+  }
+  return chain
+}
+
+/** An image's path: absolute as given, or relative to the bundle and not leaving it, symbolic links included. */
+async function imagePath (dir: string, file: string, where: string): Promise<string> {
+  if (isAbsolute(file)) return file
+  const full = resolve(dir, file)
+  const outside = (from: string, to: string): boolean => {
+    const rel = relative(from, to)
+    return rel === '..' || rel.startsWith(`..${sep}`) || isAbsolute(rel)
+  }
+  if (outside(dir, full)) throw fail(where, `File ${file} climbs out of the bundle`)
+  const real = await realpath(full).catch(err => { throw ioError(err, `cannot open ${full}`) })
+  if (outside(await realpath(dir), real)) throw fail(where, `File ${file} leads out of the bundle through a symbolic link`)
+  return full
+}
+
+export class ParallelsBundle implements RandomAccessDisk {
+  readonly size: number
+  readonly bitmaps: DirtyBitmap[]
+
+  private constructor (readonly descriptorPath: string, readonly layers: BundleLayer[], sectors: number) {
+    this.size = sectors * SECTOR_SIZE
+    this.bitmaps = layers[0].disk.bitmaps ?? []
+  }
+
+  /** Opens a bundle: its directory, or its DiskDescriptor.xml. */
+  static async open (path: string): Promise<ParallelsBundle> {
+    const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
+    const where = st.isDirectory() ? join(path, DESCRIPTOR_NAME) : path
+    const size = st.isDirectory() ? (await stat(where).catch(err => { throw ioError(err, `${path} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`) })).size : st.size
+    if (size > MAX_DESCRIPTOR_BYTES) throw fail(where, `${size} bytes, more than a descriptor can be (${MAX_DESCRIPTOR_BYTES})`)
+    const d = parseDescriptor(await readFile(where, 'utf8').catch(err => { throw ioError(err, `cannot read ${where}`) }), where)
+    const chain = snapshotChain(d, where)
+    const layers: BundleLayer[] = []
+    try {
+      for (const image of chain) {
+        const file = await imagePath(dirname(where), image.file, where)
+        const disk = image.type === 'Plain' ? await RawImage.open(file) : await ParallelsImage.open(file)
+        layers.push({ ...image, path: file, disk })
+        if (disk.size !== d.diskSize * SECTOR_SIZE) throw fail(where, `${image.file} holds ${disk.size} bytes, the disk is ${d.diskSize * SECTOR_SIZE}`)
+        if (disk instanceof ParallelsImage && disk.clusterSize !== d.storages[0].blockSize * SECTOR_SIZE) {
+          throw fail(where, `${image.file} has clusters of ${disk.clusterSize / SECTOR_SIZE} sectors, the Storage's Blocksize is ${d.storages[0].blockSize}`)
+        }
+      }
+    } catch (err) {
+      await Promise.allSettled(layers.map(async l => { await l.disk.close() }))
+      throw err
+    }
+    return new ParallelsBundle(where, layers, d.diskSize)
+  }
+
+  async map (offset: number, length: number): Promise<Extent[]> {
+    const found: Extent[] = []
+    let pending = [{ offset, length: Math.max(0, Math.min(length, this.size - offset)) }].filter(r => r.length > 0)
+    for (const [i, layer] of this.layers.entries()) {
+      const holes: typeof pending = []
+      for (const range of pending) {
+        for (const e of await layer.disk.map(range.offset, range.length)) {
+          if (e.data) found.push({ offset: e.offset, length: e.length, data: true, depth: i + 1 })
+          else holes.push({ offset: e.offset, length: e.length })
+        }
+      }
+      pending = holes
+      if (pending.length === 0) break
+    }
+    for (const hole of pending) found.push({ ...hole, data: false, depth: 0 })
+    found.sort((a, b) => a.offset - b.offset)
+    const merged: Extent[] = []
+    for (const e of found) {
+      const last = merged[merged.length - 1]
+      if (last !== undefined && last.depth === e.depth && last.offset + last.length === e.offset) last.length += e.length
+      else merged.push(e)
+    }
+    return merged
+  }
+
+  async read (buf: Buffer, offset: number): Promise<void> {
+    buf.fill(0)
+    for (const e of await this.map(offset, buf.length)) {
+      if (e.data) await this.layers[(e.depth as number) - 1].disk.read(buf.subarray(e.offset - offset, e.offset - offset + e.length), e.offset)
+    }
+  }
+
+  async describe (): Promise<DiskDescription> {
+    let allocated = 0
+    for (const e of await this.map(0, this.size)) if (e.data) allocated += e.length
+    const details: Record<string, string | number> = {}
+    for (const [i, layer] of this.layers.entries()) details[`layer ${i + 1}`] = `${layer.file} (${layer.type}, ${layer.guid})`
+    return { format: 'parallels-bundle', size: this.size, allocated, layers: this.layers.length, bitmaps: await describeBitmaps(this.bitmaps), details }
+  }
+
+  async close (): Promise<void> {
+    await Promise.all(this.layers.map(async l => { await l.disk.close() }))
+  }
+}

@@ -1,0 +1,228 @@
+/**
+ * Writing Parallels images. ParallelsWriter: one .hds from 64 KiB records in
+ * any order. The first data of an image cluster (1 MiB by default) gives it
+ * the next free cluster at the file's end; its records are written there by
+ * position, so nothing is gathered in memory and an all-zero cluster is never
+ * allocated. The header (in_use set) comes first, the BAT and the closed
+ * header last. ParallelsBundleWriter: the same image inside a .hdd bundle
+ * directory with its DiskDescriptor.xml.
+ */
+import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
+import { basename, join } from 'node:path'
+import { VmapipeError, ioError } from '../errors.js'
+import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
+import type { DiskWriter } from '../router.js'
+import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
+import {
+  type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
+  batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
+} from './format.js'
+import { ROOT_PARENT, buildDescriptor, newGuid } from './descriptor.js'
+
+/** Largest cluster written: 1 GiB. */
+export const MAX_WRITE_CLUSTER = 1 << 30
+
+/** A dirty bitmap to store: bit i (least significant first in each byte) marks bytes [i * granularity, (i + 1) * granularity) dirty. */
+export interface BitmapInput {
+  /** A UUID: Parallels names bitmaps by one. */
+  id: string
+  /** Bytes per bit: a power of two, 512 or more. */
+  granularity: number
+  bits: Buffer
+}
+
+export interface ParallelsWriterOptions {
+  /** Image cluster size in bytes: a multiple of 64 KiB up to 1 GiB (default 1 MiB). */
+  clusterSize?: number
+  queue?: WriteQueue
+  bitmaps?: BitmapInput[]
+}
+
+/** Checks a cluster size given for writing. */
+export function checkClusterSize (bytes: number): void {
+  if (!Number.isSafeInteger(bytes) || bytes < CLUSTER_SIZE || bytes % CLUSTER_SIZE !== 0 || bytes > MAX_WRITE_CLUSTER) {
+    throw new VmapipeError('E_USAGE', `cluster size ${bytes}: a Parallels image written here needs a multiple of 64 KiB (65536) up to 1 GiB`)
+  }
+}
+
+export class ParallelsWriter implements DiskWriter {
+  private readonly bat: Uint32Array
+  private readonly clusterBytes: number
+  /** File cluster the next newly written image cluster takes. */
+  private next: number
+
+  private constructor (
+    private readonly file: FileHandle,
+    private readonly path: string,
+    private readonly size: number,
+    private readonly header: ParallelsHeader,
+    private readonly queue: WriteQueue,
+  ) {
+    this.bat = new Uint32Array(header.batEntries)
+    this.clusterBytes = header.tracks * SECTOR_SIZE
+    this.next = header.dataOff * SECTOR_SIZE / this.clusterBytes
+  }
+
+  /** Creates `path` (which must not exist) for a disk of `size` bytes, rounded up to whole sectors as qemu-img does. */
+  static async create (path: string, size: number, options: ParallelsWriterOptions = {}): Promise<ParallelsWriter> {
+    const clusterBytes = options.clusterSize ?? DEFAULT_CLUSTER_SIZE
+    checkClusterSize(clusterBytes)
+    const sectors = Math.ceil(size / SECTOR_SIZE)
+    const tracks = clusterBytes / SECTOR_SIZE
+    const batEntries = Math.ceil(sectors / tracks)
+    if (batEntries > MAX_BAT_ENTRIES) throw new VmapipeError('E_LIMIT', `a disk of ${size} bytes needs ${batEntries} clusters of ${clusterBytes} bytes, over the ${MAX_BAT_ENTRIES} a BAT may hold here; use a larger cluster size`)
+    const { cylinders, heads } = geometry(sectors)
+    const header: ParallelsHeader = {
+      magic: MAGIC_CLUSTERS,
+      heads,
+      cylinders,
+      tracks,
+      batEntries,
+      sectors,
+      inUse: IN_USE,
+      dataOff: 0,
+      flags: 0,
+      extOff: 0,
+    }
+    header.dataOff = Math.ceil(batEnd(header) / clusterBytes) * tracks
+    let file: FileHandle
+    try {
+      file = await open(path, 'wx', 0o644)
+    } catch (err) {
+      throw ioError(err, `cannot create ${path}`)
+    }
+    const writer = new ParallelsWriter(file, path, size, header, options.queue ?? new WriteQueue())
+    try {
+      await writer.start(options.bitmaps ?? [])
+    } catch (err) {
+      await writer.abort()
+      throw err
+    }
+    return writer
+  }
+
+  write (rec: ClusterRecord): Promise<void> | undefined {
+    let wait: Promise<void> | undefined
+    forEachRun(rec, this.size, (position, bytes) => {
+      if (bytes.equals(ZERO_CLUSTER.subarray(0, bytes.length))) return
+      const index = Math.floor(position / this.clusterBytes)
+      if (this.bat[index] === 0) this.bat[index] = this.next++
+      const at = this.bat[index] * this.clusterBytes + position - index * this.clusterBytes
+      wait = this.queue.write(this.file.fd, bytes, at, `writing ${this.path}`) ?? wait
+    })
+    return wait
+  }
+
+  async finish (): Promise<void> {
+    this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
+    this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
+    await completeFile(this.queue, this.file, this.next * this.clusterBytes, this.path)
+  }
+
+  async abort (): Promise<void> {
+    await abandonFile(this.queue, this.file)
+  }
+
+  /**
+   * Writes the header marked in use and, when there are bitmaps, their
+   * clusters and the Format Extension at the front of the data area, where
+   * the data clusters after them keep them inside the image's end.
+   */
+  private async start (bitmaps: BitmapInput[]): Promise<void> {
+    const pieces: Array<{ bytes: Buffer, at: number }> = []
+    if (bitmaps.length > 0) {
+      const extAt = this.next++ * this.clusterBytes
+      const features = bitmaps.map(b => this.bitmapFeature(b, pieces))
+      pieces.push({ bytes: encodeFormatExtension(this.clusterBytes, features), at: extAt })
+      this.header.extOff = extAt / SECTOR_SIZE
+    }
+    pieces.push({ bytes: encodeHeader(this.header), at: 0 })
+    for (const p of pieces) await this.queue.write(this.file.fd, p.bytes, p.at, `writing ${this.path}`)
+    await this.queue.drain()
+  }
+
+  /** Lays out one bitmap: a cluster for each part that is neither all clear nor all set. */
+  private bitmapFeature (b: BitmapInput, pieces: Array<{ bytes: Buffer, at: number }>): BitmapFeature {
+    if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(b.id)) throw new VmapipeError('E_USAGE', `dirty bitmap id ${b.id} is not a UUID`)
+    if (b.granularity < SECTOR_SIZE || (b.granularity & (b.granularity - 1)) !== 0 || b.granularity > 2 ** 31) {
+      throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: granularity ${b.granularity} is not a power of two from 512 bytes to 2 GiB`)
+    }
+    const granularity = b.granularity / SECTOR_SIZE
+    const granules = Math.ceil(this.header.sectors / granularity)
+    if (b.bits.length * 8 < granules) throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
+    const perChunk = this.clusterBytes * 8
+    const l1: number[] = []
+    for (let first = 0; first < granules; first += perChunk) {
+      const count = Math.min(perChunk, granules - first)
+      const chunk = Buffer.alloc(this.clusterBytes)
+      b.bits.copy(chunk, 0, first / 8, Math.ceil((first + count) / 8))
+      if (count % 8 !== 0) chunk[count >> 3] &= (1 << (count % 8)) - 1
+      const set = countBits(chunk)
+      if (set === 0 || set === count) {
+        l1.push(set === 0 ? 0 : 1)
+        continue
+      }
+      const at = this.next++ * this.clusterBytes
+      pieces.push({ bytes: chunk, at })
+      l1.push(at / SECTOR_SIZE)
+    }
+    return { id: b.id.toLowerCase(), sectors: this.header.sectors, granularity, l1 }
+  }
+}
+
+function countBits (buf: Buffer): number {
+  let n = 0
+  for (const byte of buf) {
+    for (let b = byte; b !== 0; b &= b - 1) n++
+  }
+  return n
+}
+
+/**
+ * A disk as a .hdd bundle: the directory `path`, its image and a
+ * DiskDescriptor.xml naming it (one storage, the image as root and top
+ * snapshot under a fresh GUID). The descriptor is written last, once the
+ * image is complete.
+ */
+export class ParallelsBundleWriter implements DiskWriter {
+  private constructor (private readonly path: string, private readonly image: ParallelsWriter, private readonly descriptor: string) {}
+
+  static async create (path: string, size: number, options: ParallelsWriterOptions = {}): Promise<ParallelsBundleWriter> {
+    await mkdir(path).catch(err => { throw ioError(err, `cannot create ${path}`) })
+    const guid = newGuid()
+    const file = `${basename(path)}.0.${guid}.hds`
+    const image = await ParallelsWriter.create(join(path, file), size, options)
+    const sectors = Math.ceil(size / SECTOR_SIZE)
+    const descriptor = buildDescriptor({
+      diskSize: sectors,
+      ...geometry(sectors),
+      padding: 0,
+      storages: [{ start: 0, end: sectors, blockSize: (options.clusterSize ?? DEFAULT_CLUSTER_SIZE) / SECTOR_SIZE, images: [{ guid, type: 'Compressed', file }] }],
+      topGuid: guid,
+      shots: [{ guid, parentGuid: ROOT_PARENT }],
+    })
+    return new ParallelsBundleWriter(path, image, descriptor)
+  }
+
+  write (rec: ClusterRecord): Promise<void> | undefined {
+    return this.image.write(rec)
+  }
+
+  async finish (): Promise<void> {
+    await this.image.finish()
+    const xml = join(this.path, 'DiskDescriptor.xml')
+    try {
+      await writeFile(xml, this.descriptor, { flag: 'wx', mode: 0o644 })
+      for (const p of [xml, this.path]) {
+        const handle = await open(p, 'r')
+        try { await handle.sync() } finally { await handle.close() }
+      }
+    } catch (err) {
+      throw ioError(err, `writing ${xml}`)
+    }
+  }
+
+  async abort (): Promise<void> {
+    await this.image.abort()
+  }
+}

@@ -1,0 +1,43 @@
+/**
+ * RawImage: a raw disk file (or block device) by random access, for layers
+ * of other images (the Plain root of a Parallels bundle) and `vma info`.
+ */
+import { open, type FileHandle } from 'node:fs/promises'
+import { VmapipeError, ioError } from '../errors.js'
+import type { DiskDescription, Extent, RandomAccessDisk } from '../disk.js'
+import { sizeOf } from '../io/input.js'
+import { readFully } from '../io/pread.js'
+
+export class RawImage implements RandomAccessDisk {
+  private constructor (private readonly file: FileHandle, readonly path: string, readonly size: number) {}
+
+  static async open (path: string): Promise<RawImage> {
+    const file = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+    const size = sizeOf(await file.stat())
+    if (size === undefined || size === 0) {
+      await file.close()
+      throw new VmapipeError('E_USAGE', `${path} is ${size === 0 ? 'empty' : 'neither a file nor a block device'}`)
+    }
+    return new RawImage(file, path, size)
+  }
+
+  /** Everything is data: raw keeps no map (holes in the file are not told apart). */
+  async map (offset: number, length: number): Promise<Extent[]> {
+    const end = Math.min(offset + length, this.size)
+    return end > offset ? [{ offset, length: end - offset, data: true }] : []
+  }
+
+  async read (buf: Buffer, offset: number): Promise<void> {
+    const inside = Math.max(0, Math.min(buf.length, this.size - offset))
+    await readFully(this.file, buf.subarray(0, inside), offset, this.path)
+    buf.fill(0, inside)
+  }
+
+  async describe (): Promise<DiskDescription> {
+    return { format: 'raw', size: this.size }
+  }
+
+  async close (): Promise<void> {
+    await this.file.close()
+  }
+}
