@@ -15,6 +15,7 @@ import { DeviceRouter } from './router.js'
 import { RawStreamWriter } from './raw/writer.js'
 import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
+import { drained } from './io/drained.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
 import { VmaReader } from './vma/reader.js'
@@ -131,7 +132,7 @@ async function copyFileTo (path: string, output: Writable): Promise<number> {
   try {
     for await (const chunk of createReadStream(path, { highWaterMark: 1 << 20 })) {
       bytes += (chunk as Buffer).length
-      if (!output.write(chunk)) await Promise.race([once(output, 'drain'), once(output, 'error')])
+      if (!output.write(chunk)) await drained(output)
       if (failure !== undefined) break
     }
   } finally {

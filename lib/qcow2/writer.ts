@@ -16,7 +16,10 @@ import { type ClusterRecord, CLUSTER_SIZE, clusterCount, expandCluster } from '.
 import type { DiskWriter } from '../router.js'
 import { RawFileWriter } from '../raw/writer.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
-import { COPIED, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
+import type { Writable } from 'node:stream'
+import type { RandomAccessDisk } from '../disk.js'
+import { drained } from '../io/drained.js'
+import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
 const CLUSTER_BITS = 16
 const ENTRIES = l2Entries(CLUSTER_BITS, false)
@@ -102,27 +105,21 @@ export class Qcow2FileWriter implements DiskWriter {
     const blocksStart = l1Start + l1Clusters
     const tableStart = blocksStart + refs.blocks
 
-    const l1 = Buffer.alloc(l1Clusters * CLUSTER_SIZE)
-    for (const [n, index] of tableIndexes.entries()) {
-      const host = l2Start + n
-      writeEntry(l1, index * 8, host * CLUSTER_SIZE, COPIED)
-      await this.put(this.l2Table(index, guestClusters), host)
-    }
-    await this.put(l1, l1Start)
-    await this.put(refcountBlocks(refs.total, refs.blocks), blocksStart)
-    const table = Buffer.alloc(refs.tableClusters * CLUSTER_SIZE)
-    for (let b = 0; b < refs.blocks; b++) writeEntry(table, b * 8, (blocksStart + b) * CLUSTER_SIZE)
-    await this.put(table, tableStart)
-    await this.put(encodeHeader({
-      clusterBits: CLUSTER_BITS,
+    for (const [n, index] of tableIndexes.entries()) await this.put(this.l2Table(index, guestClusters), l2Start + n)
+    const meta = metadata({
       size: this.size,
-      l1Size,
-      l1Offset: l1Start * CLUSTER_SIZE,
-      refcountTableOffset: tableStart * CLUSTER_SIZE,
-      refcountTableClusters: refs.tableClusters,
+      l2Tables: tableIndexes.map((index, n) => [index, l2Start + n]),
+      l1Start,
+      blocksStart,
+      tableStart,
+      refs,
       ...(this.options.dataFile ? { dataFile: { name: this.options.dataFile.name, raw: true } } : {}),
       ...(this.options.backing ? { backing: this.options.backing } : {}),
-    }), 0)
+    })
+    await this.put(meta.l1, l1Start)
+    await this.put(meta.blocks, blocksStart)
+    await this.put(meta.table, tableStart)
+    await this.put(meta.header, 0)
     await completeFile(this.queue, this.file, refs.total * CLUSTER_SIZE, this.path)
   }
 
@@ -152,9 +149,107 @@ export class Qcow2FileWriter implements DiskWriter {
   }
 }
 
-/** Refcount blocks saying "1" for clusters 0..total-1 (every cluster of the file is in use once). */
-function refcountBlocks (total: number, blocks: number): Buffer {
-  const buf = Buffer.alloc(blocks * CLUSTER_SIZE)
-  for (let c = 0; c < total; c++) buf.writeUInt16BE(1, c * 2)
-  return buf
+interface MetadataSpec {
+  size: number
+  /** [L1 index, host cluster] of each L2 table written. */
+  l2Tables: Array<[number, number]>
+  l1Start: number
+  blocksStart: number
+  tableStart: number
+  refs: RefcountLayout
+  dataFile?: { name: string, raw: boolean }
+  backing?: { name: string, format: string }
+}
+
+/** The L1 table, refcount blocks and table, and header of an image whose every cluster is in use once. */
+function metadata (spec: MetadataSpec): { l1: Buffer, blocks: Buffer, table: Buffer, header: Buffer } {
+  const l1Size = Math.ceil(clusterCount(spec.size) / ENTRIES)
+  const l1 = Buffer.alloc(Math.ceil(l1Size * 8 / CLUSTER_SIZE) * CLUSTER_SIZE)
+  for (const [index, host] of spec.l2Tables) writeEntry(l1, index * 8, host * CLUSTER_SIZE, COPIED)
+  const blocks = Buffer.alloc(spec.refs.blocks * CLUSTER_SIZE)
+  for (let c = 0; c < spec.refs.total; c++) blocks.writeUInt16BE(1, c * 2)
+  const table = Buffer.alloc(spec.refs.tableClusters * CLUSTER_SIZE)
+  for (let b = 0; b < spec.refs.blocks; b++) writeEntry(table, b * 8, (spec.blocksStart + b) * CLUSTER_SIZE)
+  const header = encodeHeader({
+    clusterBits: CLUSTER_BITS,
+    size: spec.size,
+    l1Size,
+    l1Offset: spec.l1Start * CLUSTER_SIZE,
+    refcountTableOffset: spec.tableStart * CLUSTER_SIZE,
+    refcountTableClusters: spec.refs.tableClusters,
+    ...(spec.dataFile ? { dataFile: spec.dataFile } : {}),
+    ...(spec.backing ? { backing: spec.backing } : {}),
+  })
+  return { l1, blocks, table, header }
+}
+
+/**
+ * Writes a whole qcow2 image of `disk` to a stream, tables first: header, L1,
+ * refcounts, L2 tables, then the data clusters in guest order. The layout is
+ * learnt from disk.map() (cheap for an indexed archive), so nothing waits in
+ * memory or in a temporary file. Returns the bytes written.
+ */
+export async function writeQcow2Stream (disk: RandomAccessDisk, out: Writable): Promise<number> {
+  const guestClusters = clusterCount(disk.size)
+  const l1Size = Math.ceil(guestClusters / ENTRIES)
+  // Pass 1: which guest clusters hold data, counted per L2 table.
+  const perTable = new Uint32Array(l1Size)
+  await forEachDataCluster(disk, cluster => { perTable[Math.floor(cluster / ENTRIES)]++ })
+  const tables = [...perTable.keys()].filter(i => perTable[i] > 0)
+  const dataClusters = perTable.reduce((n, c) => n + c, 0)
+  const l1Clusters = Math.ceil(l1Size * 8 / CLUSTER_SIZE)
+  const l1Start = 1
+  // The refcount structures follow the L1 table; their size depends on the total, which includes them.
+  const refs = refcountLayout(1 + l1Clusters + tables.length + dataClusters, CLUSTER_BITS)
+  const blocksStart = l1Start + l1Clusters
+  const tableStart = blocksStart + refs.blocks
+  const l2Start = tableStart + refs.tableClusters
+  const dataStart = l2Start + tables.length
+  const meta = metadata({ size: disk.size, l2Tables: tables.map((index, n) => [index, l2Start + n]), l1Start, blocksStart, tableStart, refs })
+  let written = 0
+  const put = async (bytes: Buffer): Promise<void> => {
+    written += bytes.length
+    if (!out.write(bytes)) await drained(out)
+  }
+  for (const part of [meta.header, meta.l1, meta.blocks, meta.table]) await put(part)
+  // Pass 2: the L2 tables; data clusters will follow in guest order, so a running count places each.
+  let host = dataStart
+  for (const index of tables) {
+    const l2 = Buffer.alloc(CLUSTER_SIZE)
+    await forEachDataCluster(disk, cluster => { writeEntry(l2, (cluster % ENTRIES) * 8, (host++) * CLUSTER_SIZE, COPIED) }, index * ENTRIES * CLUSTER_SIZE, ENTRIES * CLUSTER_SIZE)
+    await put(l2)
+  }
+  // Pass 3: the data, whole clusters (the last one padded), read in runs of up to 1 MiB.
+  let first = 0
+  let count = 0
+  const flush = async (): Promise<void> => {
+    if (count === 0) return
+    const bytes = Buffer.alloc(count * CLUSTER_SIZE)
+    await disk.read(bytes.subarray(0, Math.min(bytes.length, disk.size - first * CLUSTER_SIZE)), first * CLUSTER_SIZE)
+    count = 0
+    await put(bytes)
+  }
+  await forEachDataCluster(disk, async cluster => {
+    if (count > 0 && (cluster !== first + count || count === 16)) await flush()
+    if (count === 0) first = cluster
+    count++
+  })
+  await flush()
+  return written
+}
+
+/** Calls `fn` for each 64 KiB guest cluster in [offset, offset + length) that the map says holds data, in order. */
+async function forEachDataCluster (disk: RandomAccessDisk, fn: (cluster: number) => void | Promise<void>, offset = 0, length = disk.size): Promise<void> {
+  const end = Math.min(disk.size, offset + length)
+  const step = 1 << 30
+  for (let at = offset; at < end; at += step) {
+    let last = -1
+    for (const e of await disk.map(at, Math.min(step, end - at))) {
+      if (!e.data) continue
+      for (let c = Math.max(Math.floor(e.offset / CLUSTER_SIZE), last + 1); c * CLUSTER_SIZE < e.offset + e.length; c++) {
+        await fn(c)
+        last = c
+      }
+    }
+  }
 }

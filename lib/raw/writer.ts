@@ -10,6 +10,7 @@ import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, type DeviceInfo, clusterCount, expandCluster, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
 import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
+import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 
 export class RawFileWriter implements DiskWriter {
@@ -103,17 +104,7 @@ export class RawStreamWriter implements DiskWriter {
   }
 
   private async drained (): Promise<void> {
-    if (this.out.writableNeedDrain) {
-      await new Promise<void>((resolve, reject) => {
-        const done = (err?: Error): void => {
-          this.out.off('drain', done)
-          this.out.off('error', done)
-          if (err !== undefined) reject(ioError(err, 'writing the output stream')); else resolve()
-        }
-        this.out.on('drain', done)
-        this.out.on('error', done)
-      })
-    }
+    await drained(this.out)
     if (this.failure !== undefined) throw this.failure
   }
 }
