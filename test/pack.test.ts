@@ -1,9 +1,9 @@
 import t from 'tap'
-import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
+import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { spawn } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { PACK_VMA, VMA, cmp, exits, q, run, sh, smallFileSystem, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { walk } from './helpers/walk.js'
@@ -183,4 +183,20 @@ t.test('SIGTERM mid-create: exit 130, neither archive nor temporary file left', 
   const code = await new Promise(resolve => child.on('close', resolve))
   t.equal(code, 130, 'exit 130', { stderr })
   t.same(readdirSync(dir), [], 'nothing left')
+})
+
+t.test('an output that is a device or a FIFO is written in place, never replaced by a file', async t => {
+  const dir = tempDir(t)
+  const fx = writeFixture(dir, multiDeviceSpec(48))
+  const src = fx.sources.get('drive-efidisk0') as string
+  exits(t, await run(process.execPath, [PACK_VMA, src, '-o', '/dev/null', '--force']), 0)
+  t.equal(statSync('/dev/null').isCharacterDevice(), true, '/dev/null is still a device')
+  const fifo = join(dir, 'out.fifo')
+  execFileSync('mkfifo', [fifo])
+  const reader = run('sh', ['-c', `cat ${q(fifo)} > ${q(join(dir, 'through-fifo.vma'))}`])
+  exits(t, await run(process.execPath, [PACK_VMA, src, '-o', fifo]), 0, 'no --force needed for a FIFO')
+  exits(t, await reader, 0)
+  t.ok(statSync(fifo).isFIFO(), 'the FIFO is still a FIFO')
+  exits(t, await vma(['extract', join(dir, 'through-fifo.vma'), join(dir, 'out')]), 0)
+  t.ok(cmp(join(dir, 'out', 'disk-drive-scsi0.raw'), src))
 })

@@ -4,7 +4,7 @@
  * removed on abort. `-` is stdout.
  */
 import { createWriteStream, type WriteStream } from 'node:fs'
-import { open, rename, stat, unlink } from 'node:fs/promises'
+import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { finished } from 'node:stream/promises'
@@ -31,18 +31,16 @@ export function partialPrefix (name: string): string {
 
 export async function openOutput (path: string, options: { force?: boolean } = {}): Promise<Output> {
   if (path === '-') return { stream: stdoutWritable(), fd: 1, name: 'stdout', commit: async () => {}, abort: async () => {} }
-  if (options.force !== true && await stat(path).then(() => true, () => false)) {
+  const existing = await stat(path).catch(() => undefined)
+  // A character device or FIFO (/dev/null, a pipe) is a stream: written in place, never replaced by a file.
+  if (existing !== undefined && (existing.isCharacterDevice() || existing.isFIFO())) return await openInPlace(path)
+  if (existing !== undefined && options.force !== true) {
     throw new VmapipeError('E_TARGET_EXISTS', `${path} exists already (use --force to replace it)`)
   }
+  if (existing?.isBlockDevice() === true) return await openInPlace(path)
   const temp = join(dirname(path), `${partialPrefix(basename(path))}${randomBytes(4).toString('hex')}`)
   const handle = await open(temp, 'wx', 0o644).catch(err => { throw ioError(err, `cannot create ${temp}`) })
-  const stream: WriteStream = createWriteStream('', { fd: handle.fd, highWaterMark: 1 << 20, autoClose: false })
-  let closed = false
-  const close = async (): Promise<void> => {
-    if (closed) return
-    closed = true
-    await handle.close()
-  }
+  const { stream, close } = writeStreamOn(handle)
   const abort = async (): Promise<void> => {
     stream.destroy()
     await close().catch(() => {})
@@ -60,6 +58,46 @@ export async function openOutput (path: string, options: { force?: boolean } = {
     }
   }
   return { stream, fd: handle.fd, name: path, partial: temp, commit, abort }
+}
+
+function writeStreamOn (handle: FileHandle): { stream: WriteStream, close: () => Promise<void> } {
+  const stream = createWriteStream('', { fd: handle.fd, highWaterMark: 1 << 20, autoClose: false })
+  let closed = false
+  return {
+    stream,
+    close: async () => {
+      if (closed) return
+      closed = true
+      await handle.close()
+    },
+  }
+}
+
+/** A device or FIFO: nothing to rename, nothing to remove; a block device is synced. */
+async function openInPlace (path: string): Promise<Output> {
+  const handle = await open(path, 'w').catch(err => { throw ioError(err, `cannot open ${path}`) })
+  const { stream, close } = writeStreamOn(handle)
+  return {
+    stream,
+    fd: handle.fd,
+    name: path,
+    commit: async () => {
+      try {
+        if (!stream.writableFinished) await finished(stream)
+        // Character devices and FIFOs cannot be synced (EINVAL); that is not a failure.
+        await handle.sync().catch((err: NodeJS.ErrnoException) => { if (err.code !== 'EINVAL' && err.code !== 'EROFS') throw err })
+        await close()
+      } catch (err) {
+        stream.destroy()
+        await close().catch(() => {})
+        throw ioError(err, `writing ${path}`)
+      }
+    },
+    abort: async () => {
+      stream.destroy()
+      await close().catch(() => {})
+    },
+  }
 }
 
 /**
