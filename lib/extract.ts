@@ -9,8 +9,10 @@ import { once } from 'node:events'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from './errors.js'
 import type { ArchiveInfo, DeviceInfo } from './record.js'
-import { DeviceRouter } from './router.js'
+import { type DiskWriter, DeviceRouter } from './router.js'
 import { RawStreamWriter } from './raw/writer.js'
+import { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
+import type { NbdAddress } from './nbd/client.js'
 import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
 import { createDecompressor } from './io/compression.js'
@@ -76,26 +78,46 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
  */
 export async function extractToStream (input: Readable, output: Writable, options: ExtractOptions & { tmpDir?: string, memoryLimit?: number } = {}): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
   let writer: RawStreamWriter | undefined
-  const decompress = createDecompressor()
-  const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices)] })
-  const router = new DeviceRouter(async (_info, add) => {
-    const device = reader.selected[0]
+  const result = await extractOneDisk(input, options, 'stdout', async device => {
     writer = new RawStreamWriter(output, device, {
       ...(options.tmpDir !== undefined ? { tmpDir: options.tmpDir } : {}),
       ...(options.memoryLimit !== undefined ? { memoryLimit: options.memoryLimit } : {}),
     })
-    add(device.id, writer)
+    return writer
   })
-  await runRecordPipeline(input, decompress, reader, router, options)
-  return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: writer?.spilledBytes ?? 0 }
+  return { ...result, spilledBytes: writer?.spilledBytes ?? 0 }
 }
 
-function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined): DeviceInfo {
+/**
+ * Restores one disk (the only one, or the one named) into a writable NBD
+ * export at least as large: data written, zero blocks zeroed.
+ */
+export async function extractToNbd (input: Readable, target: NbdAddress | string, options: ExtractOptions = {}): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
+  let writer: NbdDiskWriter | undefined
+  const result = await extractOneDisk(input, options, 'an NBD export', async device => {
+    writer = await NbdDiskWriter.open(target, device)
+    return writer
+  })
+  return { ...result, written: (writer as NbdDiskWriter).stats }
+}
+
+async function extractOneDisk (input: Readable, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<DiskWriter>): Promise<ExtractResult & { device: DeviceInfo }> {
+  const decompress = createDecompressor()
+  const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices, destination)] })
+  const router = new DeviceRouter(async (_info, add) => {
+    const device = reader.selected[0]
+    add(device.id, await open(device))
+  })
+  await runRecordPipeline(input, decompress, reader, router, options)
+  return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0] }
+}
+
+function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined, destination: string): DeviceInfo {
   const chosen = names === undefined ? disksOf(devices) : findDevices(devices, names)
   if (chosen.length !== 1) {
     throw new VmapipeError('E_USAGE', names === undefined
-      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one with -d to write it to stdout`
-      : 'only one device can be written to stdout')
+      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one with -d to write it to ${destination}`
+      : `only one device can be written to ${destination}`)
   }
   return chosen[0]
 }

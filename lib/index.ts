@@ -16,7 +16,7 @@ export { DeviceRouter, type DiskWriter, type WriterFactory } from './router.js'
 export { RecordMerger } from './merge.js'
 export { RawFileWriter, RawStreamWriter } from './raw/writer.js'
 export { RawReader } from './raw/reader.js'
-export { openDisk, detectDiskFormat, type DiskSpec, type DiskSource, type DiskFormat } from './sources.js'
+export { openDisk, openRandomAccessDisk, detectDiskFormat, type DiskSpec, type DiskSource, type DiskFormat } from './sources.js'
 export { packArchive, type PackOptions, type PackResult } from './pack.js'
 export { openOutput, type Output } from './io/output.js'
 export { WriteQueue, type WriteQueueOptions } from './io/write-queue.js'
@@ -25,6 +25,17 @@ export { createDecompressor, createCompressor, createCompressingSink, detectComp
 export { openInput, type Input } from './io/input.js'
 export { type ProgressSink } from './io/progress.js'
 export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './archive.js'
-export { extractToDirectory, extractToStream, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
+export { extractToDirectory, extractToStream, extractToNbd, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
 export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './formats.js'
-export { diskRecords, type RandomAccessDisk, type Extent } from './disk.js'
+export { diskRecords, dirtyRecords, type RandomAccessDisk, type Extent, type DepthExtent, type DirtyBitmap, type DiskRecordsOptions } from './disk.js'
+export { openVmaIndex, type VmaIndex } from './vma/index.js'
+export { openRawDisk } from './raw/disk.js'
+export { NbdServer, type NbdExport, type NbdServerOptions, type ServerLog, type ListenAddress } from './nbd/server.js'
+export {
+  NbdClient, NbdReplyError, openNbdDisk, parseNbdUri, isNbdUri, describeAddress,
+  type NbdAddress, type NbdClientOptions, type NbdClientStats, type NbdDisk, type OpenNbdDiskOptions,
+} from './nbd/client.js'
+export { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
+export { openExports, type OpenedExports } from './nbd/exports.js'
+/** The NBD wire format: constants, encoders and decoders. */
+export * as nbd from './nbd/protocol.js'

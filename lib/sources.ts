@@ -7,10 +7,12 @@
 import type { Readable } from 'node:stream'
 import { VmapipeError } from './errors.js'
 import { chain } from './io/chain.js'
-import { type Input, openInput, peek, spillToFile } from './io/input.js'
+import { type Input, openInput, peek, readHead, spillToFile } from './io/input.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
-import { type RandomAccessDisk, diskRecords } from './disk.js'
+import { openRawDisk } from './raw/disk.js'
+import { type RandomAccessDisk, diskRecords, dirtyRecords } from './disk.js'
+import { isNbdUri, openNbdDisk } from './nbd/client.js'
 
 /** An image format read by random access: how to recognise it and open it. */
 interface ImageFormat {
@@ -36,6 +38,8 @@ export interface DiskSpec {
   followBacking?: boolean
   /** Directory for a temporary copy of an image read from stdin. */
   tmpDir?: string
+  /** Read only the clusters this dirty bitmap of an NBD export marks (an incremental backup). */
+  dirtyBitmap?: string
 }
 
 export interface DiskSource {
@@ -43,6 +47,11 @@ export interface DiskSource {
   path: string
   format: DiskFormat
   size: number
+  /**
+   * Records for dirty clusters only (an incremental source): what an overlay
+   * on the previous backup takes, not what a complete archive needs.
+   */
+  incremental?: boolean
   /** The disk as records for device id `device`; call once. */
   records: (device: number, progress?: ProgressSink) => Promise<Readable>
   /** Releases the input if records() is never called. */
@@ -51,6 +60,8 @@ export interface DiskSource {
 
 /** Bytes enough to recognise every format we read. */
 const DETECT_BYTES = 512
+/** Batches an NBD source reads at once, so that several requests are in flight. */
+const NBD_READ_AHEAD = 8
 
 /** The format a disk's first bytes announce; raw when none does. */
 export function detectDiskFormat (head: Buffer): DiskFormat {
@@ -61,6 +72,8 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
   if (spec.format !== undefined && !(DISK_FORMATS as readonly string[]).includes(spec.format)) {
     throw new VmapipeError('E_USAGE', `unknown disk format ${spec.format} (known: ${DISK_FORMATS.join(', ')})`)
   }
+  if (isNbdUri(spec.path)) return await openNbdSource(spec)
+  if (spec.dirtyBitmap !== undefined) throw new VmapipeError('E_USAGE', `${spec.path}: a dirty bitmap is read from an NBD export (nbd://... or nbd+unix://...)`)
   const input = openInput(spec.path)
   try {
     const head = await peek(input.stream, DETECT_BYTES)
@@ -94,6 +107,34 @@ async function openImage (spec: DiskSpec, input: Input, format: DiskFormat, imag
     format,
     size: disk.size,
     records: async device => diskRecords(disk, device),
+    close: () => { disk.close().catch(() => {}) },
+  }
+}
+
+/**
+ * A disk for random access (to serve it): an image format told by its magic
+ * bytes, else a raw file or block device.
+ */
+export async function openRandomAccessDisk (spec: DiskSpec): Promise<{ format: DiskFormat, disk: RandomAccessDisk }> {
+  const format = spec.format ?? detectDiskFormat(await readHead(spec.path, DETECT_BYTES))
+  const image = IMAGE_FORMATS[format]
+  return { format, disk: image === undefined ? await openRawDisk(spec.path) : await image.open(spec.path, spec) }
+}
+
+/** An NBD export: allocated clusters only are read, or with a dirty bitmap only the dirty ones. */
+async function openNbdSource (spec: DiskSpec): Promise<DiskSource> {
+  const bitmap = spec.dirtyBitmap
+  const disk = await openNbdDisk(spec.path, bitmap !== undefined ? { dirtyBitmaps: [bitmap] } : {})
+  return {
+    name: spec.name,
+    path: spec.path,
+    format: 'nbd',
+    size: disk.size,
+    ...(bitmap !== undefined ? { incremental: true } : {}),
+    records: async (device, progress) => {
+      const options = { readAhead: NBD_READ_AHEAD, ...(progress !== undefined ? { progress } : {}) }
+      return bitmap === undefined ? diskRecords(disk, device, options) : dirtyRecords(disk, bitmap, device, options)
+    },
     close: () => { disk.close().catch(() => {}) },
   }
 }

@@ -7,9 +7,10 @@ import { config } from './config.js'
 import { create } from './create.js'
 import { extract } from './extract.js'
 import { list } from './list.js'
+import { serve } from './serve.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract, create]
+const COMMANDS: Command[] = [list, config, verify, extract, create, serve]
 
 const EXIT_HELP = `Exit codes:
   0    success
