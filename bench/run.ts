@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- extract|pack ...]: vmapipe against real peers, in the
+ * npm run bench [-- extract|pack|nbd ...]: vmapipe against real peers, in the
  * same run, as ratios. BENCH_GIB sets the disk size (default 1), BENCH_DIR the
  * scratch directory (default the system's temporary directory).
  */
@@ -8,8 +8,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { benchExtract } from './extract.js'
 import { benchPack } from './pack.js'
+import { benchNbd } from './nbd.js'
 
-const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = { extract: benchExtract, pack: benchPack }
+const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = { extract: benchExtract, pack: benchPack, nbd: benchNbd }
 
 const chosen = process.argv.slice(2)
 for (const name of chosen) if (!(name in SUITES)) throw new Error(`no bench ${name} (have: ${Object.keys(SUITES).join(', ')})`)
