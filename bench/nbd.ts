@@ -1,8 +1,9 @@
 /**
  * NBD: nbdcopy from `vma serve` of a raw image against nbdcopy from
- * `qemu-nbd -r` of the same image, and from `vma serve` of a VMA archive;
- * then our client: pack-vma from qemu-nbd against pack-vma of the file, and a
- * restore into qemu-nbd against nbdcopy of the raw disk into it.
+ * `qemu-nbd -r` of the same image, and from `vma serve` of a VMA archive
+ * against qemu-nbd of the image with the same holes (also with qemu-img
+ * convert); then our client: pack-vma from qemu-nbd against pack-vma of the
+ * file, and a restore into qemu-nbd against nbdcopy of the raw disk into it.
  */
 import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
@@ -30,21 +31,31 @@ async function run (dir: string, gib: number, servers: Teardown): Promise<void> 
   await writeBenchArchive(archive, size, 'forward')
   await timed(`cat ${q(disk)} ${q(archive)} > /dev/null`) // warm the page cache
 
-  const qemuSocket = join(dir, 'qemu.sock')
-  await startQemuNbd(servers, { socket: qemuSocket }, ['-r', '-f', 'raw', '-e', '8', disk])
-  const qemu = `nbd+unix:///?socket=${qemuSocket}`
+  // The archive leaves its zero blocks out: its fair peer is the raw image with those blocks as holes.
+  const sparse = join(dir, 'sparse.raw')
+  await timed(`cp --sparse=always ${q(disk)} ${q(sparse)}`)
+  await startQemuNbd(servers, { socket: join(dir, 'qemu.sock') }, ['-r', '-f', 'raw', '-e', '8', disk])
+  await startQemuNbd(servers, { socket: join(dir, 'sparse.sock') }, ['-r', '-f', 'raw', '-e', '8', sparse])
+  const qemu = `nbd+unix:///?socket=${join(dir, 'qemu.sock')}`
+  const qemuSparse = `nbd+unix:///?socket=${join(dir, 'sparse.sock')}`
   const ours = (await startServe(servers, [disk, '--name', 'disk', '--socket', join(dir, 'ours.sock')])).uri('disk')
   const fromArchive = (await startServe(servers, [archive, '--socket', join(dir, 'archive.sock')])).uri('drive-scsi0')
 
   const peer = await best(3, `nbdcopy ${q(qemu)} null:`)
   table.add('nbdcopy from qemu-nbd -r (raw image) to null:', peer, size)
   table.add('nbdcopy from vma serve (raw image) to null:', await best(3, `nbdcopy ${q(ours)} null:`), size, peer, 'qemu-nbd')
-  table.add('nbdcopy from vma serve (VMA archive) to null:', await best(3, `nbdcopy ${q(fromArchive)} null:`), size, peer, 'qemu-nbd')
-  table.add('qemu-img convert from vma serve (VMA archive)', await best(3, `qemu-img convert -f raw -O raw ${q(fromArchive)} ${q(join(dir, 'out.raw'))}`, () => rmSync(join(dir, 'out.raw'))), size)
+  const sparsePeer = await best(3, `nbdcopy ${q(qemuSparse)} null:`)
+  table.add('nbdcopy from qemu-nbd -r (raw image, zero blocks as holes)', sparsePeer, size)
+  table.add('nbdcopy from vma serve (VMA archive) to null:', await best(3, `nbdcopy ${q(fromArchive)} null:`), size, sparsePeer, 'qemu-nbd, same holes')
+  const convert = (uri: string): string => `qemu-img convert -f raw -O raw ${q(uri)} ${q(join(dir, 'out.raw'))}`
+  const removeOut = (): void => rmSync(join(dir, 'out.raw'))
+  const qemuConvert = await best(3, convert(qemuSparse), removeOut)
+  table.add('qemu-img convert from qemu-nbd -r (holes as above) to a file', qemuConvert, size)
+  table.add('qemu-img convert from vma serve (VMA archive) to a file', await best(3, convert(fromArchive), removeOut), size, qemuConvert, 'qemu-nbd, same holes')
 
   const local = await best(3, `${packVma} -q ${q(disk)} > /dev/null`)
   table.add('pack-vma disk.raw > /dev/null', local, size)
-  table.add('pack-vma from qemu-nbd -r > /dev/null', await best(3, `${packVma} -q ${q(qemu)} > /dev/null`), size, local, 'pack-vma of the file')
+  table.add('pack-vma from qemu-nbd -r (raw image) > /dev/null', await best(3, `${packVma} -q ${q(qemu)} > /dev/null`), size, local, 'pack-vma of the file')
 
   // Restores into a blank qcow2 behind qemu-nbd: nbdcopy of the raw disk, then vma extract --to from the archive.
   const target = join(dir, 'target.qcow2')
