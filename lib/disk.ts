@@ -4,6 +4,7 @@
  * RandomAccessDisk; diskRecords() reads only what the map says holds data.
  */
 import { Readable } from 'node:stream'
+import { VmapipeError } from './errors.js'
 import type { ProgressSink } from './io/progress.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from './record.js'
 import type { ClusterSet } from './util/cluster-set.js'
@@ -14,12 +15,17 @@ export interface Extent {
   length: number
   /** false: nothing stored, reads as zeros (a hole, a zero cluster). */
   data: boolean
-  /** Images made of layers: the layer that holds the data, 1 = the top one (0 for a hole). */
+  /**
+   * Images made of layers: the layer that holds the range, 1 = the top one,
+   * 2 its backing file..., 0 none (qemu:allocation-depth). Without it: 1
+   * where there is data, 0 elsewhere.
+   */
   depth?: number
 }
 
-/** A dirty bitmap an image carries: which ranges of the disk changed. */
+/** A dirty bitmap an image carries (Parallels, an NBD export's qemu:dirty-bitmap): which ranges of the disk changed. */
 export interface DirtyBitmap {
+  /** Its name: a Parallels bitmap's UUID, what follows qemu:dirty-bitmap: for NBD. */
   id: string
   /** Bytes one bit stands for. */
   granularity: number
@@ -69,78 +75,119 @@ export async function describeBitmaps (bitmaps: DirtyBitmap[]): Promise<NonNulla
   return await Promise.all(bitmaps.map(async b => ({ id: b.id, granularity: b.granularity, dirtyBytes: await b.dirtyBytes() })))
 }
 
+export interface DiskRecordsOptions {
+  /** The ranges worth reading (default: the disk's map); a cluster touching none is not read. */
+  extents?: (offset: number, length: number) => Promise<Extent[]>
+  /**
+   * Give clusters that are not read no record at all, instead of a mask-0
+   * one: the records of an overlay, where such clusters are left to the layer below.
+   */
+  skipUnread?: boolean
+  /** Clusters to leave out entirely: not read, no record (they were emitted some other way). */
+  skip?: ClusterSet
+  /** Batches read at once (default 4): reading ahead hides the latency of each read (files, NBD). */
+  readAhead?: number
+  /** Receives the count of guest bytes passed, read or not. */
+  progress?: ProgressSink
+}
+
 /** Guest bytes looked at per step. */
 const BATCH = 16 * CLUSTER_SIZE
-/** Steps under way at once: reading ahead hides the latency of each read (files, NBD). */
-const AHEAD = 4
 const EMPTY: Buffer = Buffer.alloc(0)
 
 /**
- * The disk as ClusterRecords for device id `device`, front to back, but for
- * the clusters in `skip`. Clusters the map calls empty become mask-0 records
- * without a read; the rest are read in batches of 1 MiB, a few batches ahead,
- * and their zero blocks detected.
+ * The disk as ClusterRecords for device id `device`, front to back. Clusters
+ * the map calls empty become mask-0 records without a read; runs of the rest
+ * are read (in batches of 1 MiB, `readAhead` batches at a time) and their
+ * zero blocks detected.
  */
-export function diskRecords (disk: RandomAccessDisk, device: number, skip?: ClusterSet): Readable {
+export function diskRecords (disk: RandomAccessDisk, device: number, options: DiskRecordsOptions = {}): Readable {
   const clusters = clusterCount(disk.size)
+  const extents = options.extents ?? (async (offset: number, length: number) => await disk.map(offset, length))
+  const readAhead = Math.max(1, options.readAhead ?? 4)
+  const batches: Array<Promise<ClusterRecord[]>> = []
   let next = 0
-  const ahead: Array<Promise<ClusterRecord[]>> = []
   let waiting = false
-  const start = (): void => {
-    while (ahead.length < AHEAD && next < clusters) {
+  const pump = (stream: Readable): void => {
+    if (waiting || stream.destroyed) return
+    while (batches.length < readAhead && next < clusters) {
       const first = next
       const offset = first * CLUSTER_SIZE
       const length = Math.min(BATCH, disk.size - offset)
       next += Math.ceil(length / CLUSTER_SIZE)
-      const batch = recordsAt(disk, device, first, offset, length, skip)
-      batch.catch(() => {}) // reported when its turn comes
-      ahead.push(batch)
+      const batch = recordsAt(disk, extents, device, first, offset, length, options)
+      batch.then(() => options.progress?.add(length), () => {})
+      batches.push(batch)
     }
+    const head = batches[0]
+    if (head === undefined) {
+      stream.push(null)
+      return
+    }
+    waiting = true
+    head.then(records => {
+      if (stream.destroyed) return
+      batches.shift()
+      waiting = false
+      let more = true
+      for (const r of records) more = stream.push(r)
+      // An empty batch pushes nothing, so nothing would ask for the next one.
+      if (more || records.length === 0) pump(stream)
+    }, (err: Error) => stream.destroy(err))
   }
   return new Readable({
     objectMode: true,
     highWaterMark: 16,
-    read () {
-      if (waiting) return
-      start()
-      const batch = ahead.shift()
-      if (batch === undefined) {
-        this.push(null)
-        return
-      }
-      waiting = true
-      batch.then(records => {
-        waiting = false
-        for (const r of records) this.push(r)
-        // A batch of only skipped clusters pushes nothing, so the stream would not ask again.
-        if (records.length === 0) this._read(16)
-      }, (err: Error) => this.destroy(err))
-    },
+    read () { pump(this) },
     destroy (err, callback) {
       disk.close().then(() => callback(err), () => callback(err))
     },
   })
 }
 
-async function recordsAt (disk: RandomAccessDisk, device: number, first: number, offset: number, length: number, skip?: ClusterSet): Promise<ClusterRecord[]> {
+/**
+ * The clusters that dirty bitmap `id` of `disk` marks, as records for device
+ * id `device`: each such cluster whole, as it reads now (mask 0 when it reads
+ * as zeros now, which an overlay must store, not leave to the layer below);
+ * the other clusters get no record and are not read.
+ */
+export function dirtyRecords (disk: RandomAccessDisk, id: string, device: number, options: Pick<DiskRecordsOptions, 'readAhead' | 'progress'> = {}): Readable {
+  const bitmaps = disk.bitmaps ?? []
+  const bitmap = bitmaps.find(b => b.id === id)
+  if (bitmap === undefined) {
+    throw new VmapipeError('E_NOT_FOUND', `the disk has no dirty bitmap ${id} (it has ${bitmaps.map(b => b.id).join(', ') || 'none'})`)
+  }
+  const dirty = async (offset: number, length: number): Promise<Extent[]> => (await bitmap.map(offset, length)).map(r => ({ offset: r.offset, length: r.length, data: r.dirty }))
+  return diskRecords(disk, device, { ...options, extents: dirty, skipUnread: true })
+}
+
+async function recordsAt (disk: RandomAccessDisk, extents: NonNullable<DiskRecordsOptions['extents']>, device: number, first: number, offset: number, length: number, options: DiskRecordsOptions): Promise<ClusterRecord[]> {
   const count = Math.ceil(length / CLUSTER_SIZE)
-  const wanted = (i: number): boolean => skip?.has(first + i) !== true
-  if (skip !== undefined && !Array.from({ length: count }, (_, i) => i).some(wanted)) return []
-  const extents = await disk.map(offset, length)
-  const hasData = new Array<boolean>(count).fill(false)
-  for (const e of extents) {
+  const skipped = (i: number): boolean => options.skip?.has(first + i) === true
+  if (options.skip !== undefined && Array.from({ length: count }, (_, i) => i).every(skipped)) return []
+  const wanted = new Uint8Array(count)
+  for (const e of await extents(offset, length)) {
     if (!e.data) continue
     const from = Math.max(0, Math.floor((e.offset - offset) / CLUSTER_SIZE))
     const to = Math.min(count, Math.ceil((e.offset + e.length - offset) / CLUSTER_SIZE))
-    for (let i = from; i < to; i++) hasData[i] = true
+    wanted.fill(1, from, to)
   }
-  const records = async (): Promise<ClusterRecord[]> => {
-    if (!hasData.some((data, i) => data && wanted(i))) return hasData.map((_, i) => clusterRecord(device, first + i, 0, EMPTY))
-    const buf = Buffer.allocUnsafe(length)
-    await disk.read(buf, offset)
-    return hasData.map((data, i) => data
-      ? clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE)))
-      : clusterRecord(device, first + i, 0, EMPTY))
+  for (let i = 0; i < count; i++) if (skipped(i)) wanted[i] = 2
+  const buf = wanted.includes(1) ? Buffer.allocUnsafe(length) : EMPTY
+  // One read per run of wanted clusters, all at once.
+  const reads: Array<Promise<void>> = []
+  for (let i = 0; i < count;) {
+    if (wanted[i] !== 1) { i++; continue }
+    let end = i
+    while (end < count && wanted[end] === 1) end++
+    reads.push(disk.read(buf.subarray(i * CLUSTER_SIZE, Math.min(length, end * CLUSTER_SIZE)), offset + i * CLUSTER_SIZE))
+    i = end
   }
-  return (await records()).filter((_, i) => wanted(i))
+  await Promise.all(reads)
+  const records: ClusterRecord[] = []
+  for (let i = 0; i < count; i++) {
+    if (wanted[i] === 1) records.push(clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE))))
+    else if (wanted[i] === 0 && options.skipUnread !== true) records.push(clusterRecord(device, first + i, 0, EMPTY))
+  }
+  return records
 }

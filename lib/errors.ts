@@ -21,7 +21,7 @@ export const EXIT = {
 } as const
 
 /** Codes that say the system failed rather than the input being wrong. */
-const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS'])
+const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR'])
 const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB'])
 
 export type ErrorCode =
@@ -44,6 +44,8 @@ export type ErrorCode =
   | 'E_USAGE' | 'E_NOT_FOUND' | 'E_TARGET_EXISTS' | 'E_NAME_CLASH' | 'E_IO' | 'E_INTERRUPTED'
   // backup jobs
   | 'E_JOB' | 'E_LOCKED'
+  // NBD: a server we talk to breaks the protocol, cannot be reached, or answers with an error
+  | 'E_NBD_PROTOCOL' | 'E_NBD_CONNECT' | 'E_NBD_SERVER_ERROR'
 
 export interface ErrorPlace {
   /** Byte offset in the (decompressed) input where the problem was found. */

@@ -11,14 +11,18 @@ import { once } from 'node:events'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from './errors.js'
 import type { ArchiveInfo, DeviceInfo } from './record.js'
-import { DeviceRouter } from './router.js'
+import { type DiskWriter, DeviceRouter } from './router.js'
 import { RawStreamWriter } from './raw/writer.js'
+import { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
+import type { NbdAddress } from './nbd/client.js'
 import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
 import { drained } from './io/drained.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
 import { VmaReader } from './vma/reader.js'
+import { type VmaIndex, openVmaIndex } from './vma/index.js'
+import { writeQcow2Stream } from './qcow2/writer.js'
 
 export interface ExtractOptions extends ReadOptions {
   /** Only these devices (names, `scsi0` short for `drive-scsi0`); default all. */
@@ -74,6 +78,8 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
 }
 
 export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptions, 'dataFile'> {
+  /** The archive's path, when it has one: an uncompressed archive file lets qcow2 go out tables first, without a temporary copy. */
+  archivePath?: string
   /** Where early clusters (raw) or the image being built wait (default the temporary directory). */
   tmpDir?: string
   /** raw: bytes of early clusters kept in memory before they spill. */
@@ -87,40 +93,62 @@ export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptio
  * directory and copied out when complete.
  */
 export async function extractToStream (input: Readable, output: Writable, options: ExtractToStreamOptions = {}): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
-  const decompress = createDecompressor()
-  const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices)] })
   const format = options.format ?? 'raw'
   if (format === 'raw') {
     let writer: RawStreamWriter | undefined
-    const router = new DeviceRouter(async (_info, add) => {
-      const device = reader.selected[0]
+    const result = await extractOneDisk(input, options, 'stdout', async device => {
       writer = new RawStreamWriter(output, device, {
         ...(options.tmpDir !== undefined ? { tmpDir: options.tmpDir } : {}),
         ...(options.memoryLimit !== undefined ? { memoryLimit: options.memoryLimit } : {}),
       })
-      add(device.id, writer)
+      return writer
     })
-    await runRecordPipeline(input, decompress, reader, router, options)
-    return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: writer?.spilledBytes ?? 0 }
+    return { ...result, spilledBytes: writer?.spilledBytes ?? 0 }
+  }
+  if (format === 'qcow2' && options.archivePath !== undefined) {
+    const streamed = await qcow2FromIndex(options.archivePath, output, options)
+    if (streamed !== undefined) {
+      input.destroy()
+      return streamed
+    }
   }
   const dir = await mkdtemp(join(options.tmpDir ?? tmpdir(), 'vmapipe-image-')).catch(err => { throw ioError(err, 'cannot create a temporary directory') })
   try {
     let image = ''
-    const router = new DeviceRouter(async (_info, add) => {
-      const device = reader.selected[0]
+    const result = await extractOneDisk(input, options, 'stdout', async device => {
       const out = diskOutput(device, { format, ...(options.clusterSize !== undefined ? { clusterSize: options.clusterSize } : {}) })
       image = join(dir, out.names[0])
-      add(device.id, await out.create(dir, new WriteQueue()))
+      return await out.create(dir, new WriteQueue())
     })
-    await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
-      if (!router.closed) await once(router, 'close')
-      throw err
-    })
-    const bytes = await copyFileTo(image, output)
-    return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0], spilledBytes: bytes }
+    return { ...result, spilledBytes: await copyFileTo(image, output) }
   } finally {
     await rm(dir, { recursive: true, force: true })
   }
+}
+
+/**
+ * qcow2 straight to a stream from an uncompressed archive file: an index of
+ * its extent headers says where every cluster is, so the tables go out first
+ * and the data follows in order, with no temporary copy. Undefined when the
+ * archive cannot be indexed (compressed, a pipe): then it is built aside.
+ */
+async function qcow2FromIndex (path: string, output: Writable, options: ExtractOptions): Promise<(ExtractResult & { device: DeviceInfo, spilledBytes: number }) | undefined> {
+  let index: VmaIndex
+  try {
+    index = await openVmaIndex(path)
+  } catch (err) {
+    if (err instanceof VmapipeError && err.code === 'E_USAGE') return undefined
+    throw err
+  }
+  const device = pickOneDisk(index.info.devices, options.devices, 'stdout')
+  const disk = index.disk(device)
+  try {
+    await writeQcow2Stream(disk, output)
+  } finally {
+    await disk.close()
+    await index.close()
+  }
+  return { info: index.info, files: [], archiveBytes: 0, device, spilledBytes: 0 }
 }
 
 /** Copies a file to a stream that may never report 'finish' (stdout); returns the bytes copied. */
@@ -142,12 +170,40 @@ async function copyFileTo (path: string, output: Writable): Promise<number> {
   return bytes
 }
 
-function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined): DeviceInfo {
+/**
+ * Restores one disk (the only one, or the one named) into a writable NBD
+ * export at least as large: data written, zero blocks zeroed.
+ */
+export async function extractToNbd (input: Readable, target: NbdAddress | string, options: ExtractOptions = {}): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
+  let writer: NbdDiskWriter | undefined
+  const result = await extractOneDisk(input, options, 'an NBD export', async device => {
+    writer = await NbdDiskWriter.open(target, device)
+    return writer
+  })
+  return { ...result, written: (writer as NbdDiskWriter).stats }
+}
+
+async function extractOneDisk (input: Readable, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<DiskWriter>): Promise<ExtractResult & { device: DeviceInfo }> {
+  const decompress = createDecompressor()
+  const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices, destination)] })
+  const router = new DeviceRouter(async (_info, add) => {
+    const device = reader.selected[0]
+    add(device.id, await open(device))
+  })
+  await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
+    // The writer may still be closing its file; whoever removes it must wait.
+    if (!router.closed) await once(router, 'close')
+    throw err
+  })
+  return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0] }
+}
+
+function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined, destination: string): DeviceInfo {
   const chosen = names === undefined ? disksOf(devices) : findDevices(devices, names)
   if (chosen.length !== 1) {
     throw new VmapipeError('E_USAGE', names === undefined
-      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one with -d to write it to stdout`
-      : 'only one device can be written to stdout')
+      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one with -d to write it to ${destination}`
+      : `only one device can be written to ${destination}`)
   }
   return chosen[0]
 }

@@ -25,9 +25,9 @@ export { createDecompressor, createCompressor, createCompressingSink, detectComp
 export { openInput, type Input } from './io/input.js'
 export { type ProgressSink } from './io/progress.js'
 export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './archive.js'
-export { extractToDirectory, extractToStream, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
+export { extractToDirectory, extractToStream, extractToNbd, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
 export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './formats.js'
-export { diskRecords, describeBitmaps, type RandomAccessDisk, type Extent, type DirtyBitmap, type DiskDescription, type StreamedImage } from './disk.js'
+export { diskRecords, dirtyRecords, describeBitmaps, type RandomAccessDisk, type Extent, type DirtyBitmap, type DiskDescription, type StreamedImage, type DiskRecordsOptions } from './disk.js'
 export { openImageFile } from './sources.js'
 export { describeImage } from './info.js'
 export { RawImage } from './raw/image.js'
@@ -49,3 +49,13 @@ export { runBackupJob, type BackupOptions, type BackupResult } from './backup/ru
 export { planPrune, type Retention, type PruneItem, type PruneMark } from './backup/retention.js'
 export { archiveName, parseArchiveName, sidecars } from './backup/naming.js'
 export { acquireLock, type Lock } from './backup/lock.js'
+export { openVmaIndex, type VmaIndex } from './vma/index.js'
+export { NbdServer, type NbdExport, type NbdServerOptions, type ServerLog, type ListenAddress } from './nbd/server.js'
+export {
+  NbdClient, NbdReplyError, openNbdDisk, parseNbdUri, isNbdUri, describeAddress,
+  type NbdAddress, type NbdClientOptions, type NbdClientStats, type NbdDisk, type OpenNbdDiskOptions,
+} from './nbd/client.js'
+export { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
+export { openExports, type OpenedExports } from './nbd/exports.js'
+/** The NBD wire format: constants, encoders and decoders. */
+export * as nbd from './nbd/protocol.js'

@@ -6,6 +6,7 @@
 import { randomUUID } from 'node:crypto'
 import type { Writable } from 'node:stream'
 import { type Stage, runStages } from './io/chain.js'
+import { VmapipeError } from './errors.js'
 import type { ArchiveInfo, ConfigBlob } from './record.js'
 import { type Compression, compressesToFd, createCompressingSink, createCompressor } from './io/compression.js'
 import type { ProgressSink } from './io/progress.js'
@@ -44,6 +45,8 @@ export interface PackResult {
  * directly, and `output` is only ended.
  */
 export async function packArchive (disks: DiskSource[], output: { stream: Writable, fd?: number }, options: PackOptions = {}): Promise<PackResult> {
+  const partial = disks.find(d => d.incremental === true)
+  if (partial !== undefined) throw new VmapipeError('E_USAGE', `${partial.name} is an incremental source (dirty clusters only); a VMA archive needs every cluster`)
   const info: ArchiveInfo = {
     kind: 'archive',
     uuid: options.uuid ?? randomUUID(),

@@ -14,7 +14,8 @@ import { type Input, openInput, peek, spillToFile } from './io/input.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
 import { RawImage } from './raw/image.js'
-import { type RandomAccessDisk, type StreamedImage, diskRecords } from './disk.js'
+import { type RandomAccessDisk, type StreamedImage, diskRecords, dirtyRecords } from './disk.js'
+import { isNbdUri, openNbdDisk } from './nbd/client.js'
 import { isParallels } from './parallels/format.js'
 import { ParallelsImage, streamParallels } from './parallels/reader.js'
 import { ParallelsBundle, isDescriptor } from './parallels/bundle.js'
@@ -74,6 +75,8 @@ export interface DiskSpec {
   backing?: string
   /** Directory for a temporary copy of an image read from stdin. */
   tmpDir?: string
+  /** Read only the clusters this dirty bitmap of an NBD export marks (an incremental backup). */
+  dirtyBitmap?: string
 }
 
 export interface DiskSource {
@@ -81,6 +84,11 @@ export interface DiskSource {
   path: string
   format: DiskFormat
   size: number
+  /**
+   * Records for dirty clusters only (an incremental source): what an overlay
+   * on the previous backup takes, not what a complete archive needs.
+   */
+  incremental?: boolean
   /** The disk as records for device id `device`; call once. */
   records: (device: number, progress?: ProgressSink) => Promise<Readable>
   /** Releases the input if records() is never called. */
@@ -89,6 +97,8 @@ export interface DiskSource {
 
 /** Bytes enough to recognise every format we read. */
 const DETECT_BYTES = 512
+/** Batches an NBD source reads at once, so that several requests are in flight. */
+const NBD_READ_AHEAD = 8
 
 /** The format a disk's first bytes announce; raw when none does. */
 export function detectDiskFormat (head: Buffer): DiskFormat {
@@ -134,6 +144,8 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
     const { format, disk } = await openDirectory(spec.path, spec.format, spec)
     return imageSource(spec, format, disk)
   }
+  if (isNbdUri(spec.path)) return await openNbdSource(spec)
+  if (spec.dirtyBitmap !== undefined) throw new VmapipeError('E_USAGE', `${spec.path}: a dirty bitmap is read from an NBD export (nbd://... or nbd+unix://...)`)
   const input = openInput(spec.path)
   try {
     const head = await peek(input.stream, DETECT_BYTES)
@@ -175,6 +187,24 @@ function imageSource (spec: DiskSpec, format: DiskFormat, disk: RandomAccessDisk
     format,
     size: disk.size,
     records: async device => diskRecords(disk, device),
+    close: () => { disk.close().catch(() => {}) },
+  }
+}
+
+/** An NBD export: allocated clusters only are read, or with a dirty bitmap only the dirty ones. */
+async function openNbdSource (spec: DiskSpec): Promise<DiskSource> {
+  const bitmap = spec.dirtyBitmap
+  const disk = await openNbdDisk(spec.path, bitmap !== undefined ? { dirtyBitmaps: [bitmap] } : {})
+  return {
+    name: spec.name,
+    path: spec.path,
+    format: 'nbd',
+    size: disk.size,
+    ...(bitmap !== undefined ? { incremental: true } : {}),
+    records: async (device, progress) => {
+      const options = { readAhead: NBD_READ_AHEAD, ...(progress !== undefined ? { progress } : {}) }
+      return bitmap === undefined ? diskRecords(disk, device, options) : dirtyRecords(disk, bitmap, device, options)
+    },
     close: () => { disk.close().catch(() => {}) },
   }
 }

@@ -59,14 +59,20 @@ is told by magic bytes, raw being the fallback.
                       a pipe (suffixes K, M, G, T)
   backing=PATH        a qcow2's backing file, wherever it lies (the chain
                       below it is followed)
-A device named vmstate holds saved RAM and is written in order.
+  dirty-bitmap=NAME   an incremental backup of an NBD PATH: only what its
+                      dirty bitmap NAME marks (needs --overlay-of, which
+                      comes with the qcow2 and Parallels writers)
+A device named vmstate holds saved RAM and is written in order. PATH may be
+an NBD URI: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (only
+allocated extents are read).
 
 Options:
 ${PACK_HELP}
 
 Examples:
   vma create backup.vma.zst -c 100.conf -d drive-scsi0=disk0.raw -d drive-efidisk0=efi.raw
-  cat disk.raw | vma create - -d size=10G:drive-scsi0=- | ssh host 'cat > backup.vma'`,
+  cat disk.raw | vma create - -d size=10G:drive-scsi0=- | ssh host 'cat > backup.vma'
+  vma create backup.vma -d 'drive-scsi0=nbd+unix:///drive-scsi0?socket=/run/qemu-nbd.sock'`,
   options: { ...PACK_OPTIONS, drive: { type: 'string', short: 'd', multiple: true } },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'OUT')
@@ -82,45 +88,58 @@ export const pack: Command = {
   summary: 'pack one disk into an archive on stdout',
   help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c FILE]... [-o OUT]
 
-Packs one disk from a file or stdin into a VMA archive on stdout (or -o OUT).
-The input's format is told by its magic bytes: raw (the fallback), qcow2,
-a Parallels image (.hds) or bundle (.hdd directory). Raw from stdin needs
---size, since the archive header comes first. qcow2 and .hds from stdin are
-read as they stream in (what cannot be placed yet waits in --tmpdir); an
-image from stdin may not refer to other files.
+Packs one disk from a file, stdin or an NBD export into a VMA archive on
+stdout (or -o OUT). The input's format is told by its magic bytes: raw (the
+fallback), qcow2, a Parallels image (.hds) or bundle (.hdd directory). Raw
+from stdin needs --size, since the archive header comes first. qcow2 and .hds
+from stdin are read as they stream in (what cannot be placed yet waits in
+--tmpdir); an image from stdin may not refer to other files. INPUT may be an
+NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH): only
+allocated extents are read.
 
 Options:
   --name NAME         device name (default drive-scsi0)
   --size BYTES        size of a raw input that cannot be seen (suffixes K, M, G)
   -o, --output OUT    write OUT instead of stdout
+  --dirty-bitmap NAME read only what the NBD export's dirty bitmap NAME marks
+                      (an incremental backup: needs --overlay-of, which comes
+                      with the qcow2 and Parallels writers)
 ${PACK_HELP}
 
 Examples:
   pack-vma disk.raw -c 100.conf > backup.vma
   cat disk.raw | pack-vma --size 10G --compress zstd > backup.vma.zst
-  pack-vma /dev/vg0/vm-100-disk-0 -o vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
-  options: { ...PACK_OPTIONS, name: { type: 'string' }, size: { type: 'string' }, output: { type: 'string', short: 'o' } },
+  pack-vma /dev/vg0/vm-100-disk-0 -o vzdump-qemu-100-2024_01_31-02_00_01.vma.zst
+  pack-vma 'nbd+unix:///?socket=/run/qemu-nbd.sock' -o backup.vma.zst`,
+  options: { ...PACK_OPTIONS, name: { type: 'string' }, size: { type: 'string' }, output: { type: 'string', short: 'o' }, 'dirty-bitmap': { type: 'string' } },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 0, 1, 'INPUT')
     const size = parseSize(values.size, '--size')
-    const spec: DiskSpec = { name: (values.name as string | undefined) ?? 'drive-scsi0', path: positionals[0] ?? '-', ...(size !== undefined ? { size } : {}) }
+    const bitmap = values['dirty-bitmap'] as string | undefined
+    const spec: DiskSpec = {
+      name: (values.name as string | undefined) ?? 'drive-scsi0',
+      path: positionals[0] ?? '-',
+      ...(size !== undefined ? { size } : {}),
+      ...(bitmap !== undefined ? { dirtyBitmap: bitmap } : {}),
+    }
     return await runPack(ctx, (values.output as string | undefined) ?? '-', [spec], values)
   },
 }
 
-const SPEC_KEYS = 'format|size|backing'
+const SPEC_KEYS = 'format|size|backing|dirty-bitmap'
 
 /** `[format=raw,size=10G,backing=PATH:]drive-scsi0=/path` -> DiskSpec */
 export function parseDiskSpec (text: string): DiskSpec {
   const m = new RegExp(`^((?:${SPEC_KEYS})=[^:,]*(?:,(?:${SPEC_KEYS})=[^:,]*)*):(.*)$`).exec(text)
   const rest = m === null ? text : m[2]
   const eq = rest.indexOf('=')
-  if (eq <= 0 || eq === rest.length - 1) throw new VmapipeError('E_USAGE', `-d ${text}: expected [format=FMT,size=BYTES:]NAME=PATH`)
+  if (eq <= 0 || eq === rest.length - 1) throw new VmapipeError('E_USAGE', `-d ${text}: expected [format=FMT,size=BYTES,backing=PATH,dirty-bitmap=NAME:]NAME=PATH`)
   const spec: DiskSpec = { name: rest.slice(0, eq), path: rest.slice(eq + 1) }
   for (const option of m === null ? [] : m[1].split(',')) {
     const [key, value] = option.split('=')
     if (key === 'size') spec.size = parseSize(value, `-d ${text}`)
     else if (key === 'backing') spec.backing = value
+    else if (key === 'dirty-bitmap') spec.dirtyBitmap = value
     else if ((DISK_FORMATS as readonly string[]).includes(value)) spec.format = value as DiskFormat
     else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${DISK_FORMATS.join(', ')})`)
   }
@@ -149,6 +168,10 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
     ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
   }))
   if (specs.filter(s => s.path === '-').length > 1) throw new VmapipeError('E_USAGE', 'only one disk can come from stdin')
+  const incremental = specs.find(s => s.dirtyBitmap !== undefined)
+  if (incremental !== undefined) {
+    throw new VmapipeError('E_USAGE', `${incremental.name}: dirty bitmap ${incremental.dirtyBitmap} gives only the changed clusters, an overlay on the previous backup, while a VMA archive holds whole disks; writing overlays needs --overlay-of PREVIOUS, which comes with the qcow2 and Parallels writers`)
+  }
   const compress = values.compress as string | undefined
   if (compress !== undefined && !COMPRESSIONS.includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
   const compression = (compress ?? compressionForName(out)) as Compression

@@ -1,15 +1,17 @@
-import { extractToDirectory, extractToStream } from '../extract.js'
+import { extractToDirectory, extractToNbd, extractToStream } from '../extract.js'
 import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, listOption, parseSize } from './command.js'
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats.js'
 import { checkClusterSize } from '../parallels/writer.js'
+import { isNbdUri } from '../nbd/client.js'
 
 export const extract: Command = {
   name: 'extract',
   summary: 'restore disks and config blobs into a new directory, or one disk to stdout',
   help: `Usage: vma extract ARCHIVE TARGETDIR [-d DRIVE[,DRIVE...]] [--format FORMAT] [--force]
        vma extract ARCHIVE [-] [-d DRIVE] [--tmpdir DIR]
+       vma extract ARCHIVE --to NBD-URI [-d DRIVE]
 
 With TARGETDIR: writes each config blob under its own name, each disk as
 disk-<device>.raw (a sparse file of the exact size, holes where the archive
@@ -28,6 +30,11 @@ early wait in memory (1 MiB) and then in a temporary file, so memory stays
 flat whatever the order. With --format qcow2 the image is built in --tmpdir
 and copied to stdout when complete (its tables come first).
 
+With --to: restores one disk (the only one, or the one -d names) into a
+writable NBD export of at least its size (qemu-nbd, nbdkit), by WRITE and
+WRITE_ZEROES; an export that zeroes fast is zeroed first and only data is
+sent. URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH.
+
 Options:
   -d, --drive DRIVE   only these devices (repeat or separate with commas);
                       scsi0 is short for drive-scsi0
@@ -41,12 +48,14 @@ Options:
                       (default $TMPDIR or /tmp)
   --memory SIZE       memory for early clusters before they go to --tmpdir
                       (default 1M)
+  --to NBD-URI        write the disk into this NBD export
 
 Examples:
   vma extract vzdump-qemu-100-2024_01_31-02_00_01.vma.zst restored/
   vma extract backup.vma.zst -d scsi1 restored/
   vma extract backup.vma.zst restored/ --format parallels-bundle
   vma extract backup.vma.zst - -d drive-scsi0 | dd of=/dev/sdX bs=1M
+  vma extract backup.vma.zst -d scsi0 --to 'nbd+unix:///?socket=/run/restore.sock'
   zstd -dc backup.vma.zst | vma extract - restored/`,
   options: {
     drive: { type: 'string', short: 'd', multiple: true },
@@ -56,9 +65,11 @@ Examples:
     force: { type: 'boolean' },
     tmpdir: { type: 'string' },
     memory: { type: 'string' },
+    to: { type: 'string' },
   },
   async run (positionals, values, ctx) {
-    expectPositionals(positionals, 1, 2, 'ARCHIVE')
+    const to = values.to as string | undefined
+    expectPositionals(positionals, 1, to === undefined ? 2 : 1, 'ARCHIVE')
     const [archive, target = '-'] = positionals
     const devices = listOption(values.drive)
     const format = (values.format as string | undefined) ?? 'raw'
@@ -68,9 +79,19 @@ Examples:
       if (!format.startsWith('parallels')) throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
       checkClusterSize(clusterSize)
     }
+    if (to !== undefined) {
+      const unused = ['format', 'force', 'tmpdir', 'memory', 'data-file', 'cluster-size'].filter(o => values[o] !== undefined)
+      if (unused.length > 0) throw new VmapipeError('E_USAGE', `--${unused[0]} does not apply with --to`)
+      if (!isNbdUri(to)) throw new VmapipeError('E_USAGE', `--to ${to}: expected an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
+    }
     const input = openInput(archive)
     const progress = ctx.progress('extract', input.size)
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
+    if (to !== undefined) {
+      const result = await extractToNbd(input.stream, to, common)
+      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, to, dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes }, 'disk written to the NBD export')
+      return EXIT.OK
+    }
     if (target === '-') {
       if (values.force === true) throw new VmapipeError('E_USAGE', '--force needs a TARGETDIR')
       if (values['data-file'] === true) throw new VmapipeError('E_USAGE', '--data-file makes two files and needs a TARGETDIR')
@@ -79,6 +100,7 @@ Examples:
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
         format: format as OutputFormat,
+        ...(archive !== '-' ? { archivePath: archive } : {}),
         ...(clusterSize !== undefined ? { clusterSize } : {}),
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),

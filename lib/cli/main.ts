@@ -9,9 +9,10 @@ import { create } from './create.js'
 import { extract } from './extract.js'
 import { info } from './info.js'
 import { list } from './list.js'
+import { serve } from './serve.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract, create, backup, info]
+const COMMANDS: Command[] = [list, config, verify, extract, create, backup, serve, info]
 
 const EXIT_HELP = `Exit codes:
   0    success

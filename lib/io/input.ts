@@ -2,7 +2,7 @@
  * Opening an input named on the command line: a path, or `-` for stdin.
  */
 import { createReadStream, createWriteStream, fstatSync, readFileSync, statSync, type Stats } from 'node:fs'
-import { unlink } from 'node:fs/promises'
+import { open, unlink } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
@@ -53,6 +53,21 @@ export function sizeOf (st: Stats): number | undefined {
     return Number(readFileSync(`/sys/dev/block/${major}:${minor}/size`, 'utf8').trim()) * 512
   } catch {
     return undefined
+  }
+}
+
+/** The first `n` bytes of a file or device (fewer if it is shorter), to tell its format. */
+export async function readHead (path: string, n: number): Promise<Buffer> {
+  try {
+    const handle = await open(path, 'r')
+    try {
+      const { buffer, bytesRead } = await handle.read(Buffer.alloc(n), 0, n, 0)
+      return buffer.subarray(0, bytesRead)
+    } finally {
+      await handle.close()
+    }
+  } catch (err) {
+    throw ioError(err, `cannot read ${path}`)
   }
 }
 

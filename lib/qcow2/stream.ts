@@ -159,7 +159,7 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
     const image = await Qcow2Image.open(path, { standalone: true })
     await unlink(path).catch(() => {})
     // The final pass checks the whole image and brings what did not stream.
-    for await (const rec of diskRecords(image, device.id, emitted)) yield rec as ClusterRecord
+    for await (const rec of diskRecords(image, device.id, { skip: emitted })) yield rec as ClusterRecord
   } finally {
     await spill?.close().catch(() => {})
     await unlink(path).catch(() => {})

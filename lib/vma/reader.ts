@@ -7,11 +7,11 @@
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
 import { type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
-import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
+import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
   type ExtentHeader, EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, VMA_MAGIC,
-  blockInfoOffset, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
+  checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
 } from './format.js'
 
 export interface VmaReaderOptions {
@@ -138,7 +138,7 @@ export class VmaReader extends Transform {
           const head = this.queue.take(EXTENT_HEADER_SIZE)
           if (head === null) return
           this.extent = parseExtentHeader(head, this.uuid, this.extentOffset)
-          this.checkEntries(this.extent)
+          trackExtent(this.devices, this.extent, this.extentOffset)
           this.extents++
           this.entry = 0
           this.phase = 'data'
@@ -168,19 +168,6 @@ export class VmaReader extends Transform {
     this.uuid = header.uuidBytes
     this.info = { kind: 'archive', uuid: header.uuid, ctime: header.ctime, configs: header.configs, devices: header.devices }
     this.push(this.info)
-  }
-
-  /** Everything about the slots that can be checked before their data arrives. */
-  private checkEntries (extent: ExtentHeader): void {
-    for (const e of extent.entries) {
-      const offset = this.extentOffset + blockInfoOffset(e.slot)
-      const dev = this.devices[e.devId]
-      if (dev === undefined) {
-        throw new VmapipeError('E_VMA_DEVICE', `blockinfo slot ${e.slot} names dev_id ${e.devId}, which the header does not declare`, { offset })
-      }
-      const broken = trackCluster(dev, e.cluster, e.mask)
-      if (broken !== undefined) throw new VmapipeError(`E_VMA_${broken.rule}`, broken.message, { offset, device: dev.info.name, cluster: e.cluster })
-    }
   }
 
   private finish (): void {

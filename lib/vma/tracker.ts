@@ -4,8 +4,10 @@
  * them): clusters inside the device, no data past its end, vmstate in order,
  * every cluster once, and at the end every cluster present.
  */
+import { VmapipeError } from '../errors.js'
 import { type DeviceInfo, VMSTATE_NAME, blocksInside, clusterCount, popcount16 } from '../record.js'
 import { ClusterSet } from '../util/cluster-set.js'
+import { type ExtentHeader, blockInfoOffset } from './format.js'
 
 export type RuleBroken = 'CLUSTER_RANGE' | 'VMSTATE_ORDER' | 'DUPLICATE'
 
@@ -40,6 +42,23 @@ export function trackCluster (dev: TrackedDevice, cluster: number, mask: number)
   if (mask === 0) dev.zeroClusters++
   dev.dataBlocks += popcount16(mask)
   return undefined
+}
+
+/**
+ * Records the slots of an extent that starts at archive byte `extentOffset`,
+ * for `devices` indexed by dev_id; throws at the first slot that names an
+ * undeclared device or breaks a rule, with the slot's offset.
+ */
+export function trackExtent (devices: ReadonlyArray<TrackedDevice | undefined>, extent: ExtentHeader, extentOffset: number): void {
+  for (const e of extent.entries) {
+    const offset = extentOffset + blockInfoOffset(e.slot)
+    const dev = devices[e.devId]
+    if (dev === undefined) {
+      throw new VmapipeError('E_VMA_DEVICE', `blockinfo slot ${e.slot} names dev_id ${e.devId}, which the header does not declare`, { offset })
+    }
+    const broken = trackCluster(dev, e.cluster, e.mask)
+    if (broken !== undefined) throw new VmapipeError(`E_VMA_${broken.rule}`, broken.message, { offset, device: dev.info.name, cluster: e.cluster })
+  }
 }
 
 /** The first device (of those given) that misses clusters, with a message; undefined if all are complete. */

@@ -1,0 +1,67 @@
+import { once } from 'node:events'
+import { EXIT, VmapipeError } from '../errors.js'
+import { openExports } from '../nbd/exports.js'
+import { type ListenAddress, NbdServer } from '../nbd/server.js'
+import { type Command, listOption } from './command.js'
+
+export const serve: Command = {
+  name: 'serve',
+  summary: 'serve archives and images read-only over NBD (qemu, nbdcopy, the kernel)',
+  help: `Usage: vma serve SOURCE... (--socket PATH | --listen HOST:PORT) [--name NAME]...
+
+Serves disks read-only over NBD until SIGINT or SIGTERM, to any number of
+clients at once. A SOURCE that is an uncompressed VMA archive gives one
+export per disk, named by its device (drive-scsi0, ...); the archive is
+indexed once at start by reading only its extent headers. Any other SOURCE is
+an image (raw, or a format vmapipe reads), exported under its file name or
+the next --name. Compressed archives and pipes cannot be served: decompress
+to a file first.
+
+Clients choose the export by name; an empty name is the first export. Holes
+(zero clusters) are reported by NBD_CMD_BLOCK_STATUS (base:allocation) and
+sent as holes; qemu:allocation-depth and qemu:dirty-bitmap:NAME are offered
+too. Writes are refused (EPERM).
+
+Options:
+  --socket PATH       listen on a Unix socket: nbd+unix:///EXPORT?socket=PATH
+  --listen HOST:PORT  listen on TCP: nbd://HOST:PORT/EXPORT (port 0: any free
+                      port, logged at start)
+  --name NAME         export name of the next image SOURCE (repeatable)
+
+Examples:
+  vma serve backup.vma --socket /run/vma.sock
+  qemu-img convert -f raw 'nbd+unix:///drive-scsi0?socket=/run/vma.sock' scsi0.qcow2 -O qcow2
+  vma serve disk.raw --name root --listen 127.0.0.1:10809
+  nbdinfo --list nbd://127.0.0.1:10809`,
+  options: {
+    socket: { type: 'string' },
+    listen: { type: 'string' },
+    name: { type: 'string', multiple: true },
+  },
+  async run (positionals, values, ctx) {
+    if (positionals.length === 0) throw new VmapipeError('E_USAGE', 'missing SOURCE')
+    const address = listenAddress(values.socket as string | undefined, values.listen as string | undefined)
+    const opened = await openExports(positionals, listOption(values.name) ?? [])
+    const server = new NbdServer(opened.exports, { log: ctx.log })
+    try {
+      const bound = await server.listen(address)
+      ctx.log.info({ ...bound, exports: opened.exports.map(e => ({ name: e.name, size: e.disk.size })) }, 'serving')
+      if (!ctx.signal.aborted) await once(ctx.signal, 'abort')
+      await server.close()
+    } finally {
+      await opened.close()
+    }
+    ctx.done({ exports: opened.exports.length }, 'server stopped')
+    return EXIT.OK
+  },
+}
+
+/** --socket PATH or --listen HOST:PORT (IPv6 as [::1]:PORT), exactly one. */
+export function listenAddress (socket: string | undefined, listen: string | undefined): ListenAddress {
+  if ((socket === undefined) === (listen === undefined)) throw new VmapipeError('E_USAGE', 'give exactly one of --socket PATH and --listen HOST:PORT')
+  if (socket !== undefined) return { socket }
+  const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(listen as string)
+  const port = m === null ? NaN : Number(m[3])
+  if (m === null || port > 65535) throw new VmapipeError('E_USAGE', `--listen ${listen}: expected HOST:PORT, e.g. 127.0.0.1:10809 or [::1]:0`)
+  return { host: m[1] ?? (m[2] === '' ? '0.0.0.0' : m[2]), port }
+}

@@ -1,0 +1,588 @@
+/**
+ * NbdClient: one connection to an NBD server (qemu-nbd, nbdkit, vma serve)
+ * over a Unix socket or TCP, named by a URI (nbd://host[:port]/export,
+ * nbd+unix:///export?socket=PATH). It negotiates fixed newstyle with
+ * NBD_OPT_GO, structured replies and metadata contexts, then keeps several
+ * requests in flight, their replies matched by cookie. Everything the server
+ * sends is checked (magics, cookies, lengths, chunk bounds); a server that
+ * breaks the protocol gets E_NBD_PROTOCOL and the connection is dropped.
+ *
+ * openNbdDisk() makes an export a RandomAccessDisk: map from BLOCK_STATUS
+ * base:allocation (so holes are never read), reads by READ, and the dirty
+ * bitmaps asked for as qemu:dirty-bitmap:NAME contexts.
+ */
+import { connect, type Socket } from 'node:net'
+import { VmapipeError } from '../errors.js'
+import type { DirtyBitmap, Extent, RandomAccessDisk } from '../disk.js'
+import { ByteQueue } from '../util/byte-queue.js'
+import {
+  type ChunkHeader, type Descriptor, CHUNK, CHUNK_HEADER_SIZE, CLIENT_FLAG, COMMAND, CONTEXT_ALLOCATION,
+  CONTEXT_BITMAP_PREFIX, EXPORT_NAME_PADDING, EXPORT_NAME_REPLY_SIZE, GREETING_SIZE, HANDSHAKE_FLAG, INFO,
+  MAX_PAYLOAD, MAX_STRING, OPTION, OPTION_REPLY_HEADER_SIZE, REPLY, REPLY_FLAG_DONE, SIMPLE_REPLY_MAGIC,
+  SIMPLE_REPLY_SIZE, STATE_DIRTY, STATE_ZERO, STRUCTURED_REPLY_MAGIC, TRANSMISSION_FLAG,
+  decodeBlockStatus, decodeChunkHeader, decodeErrorChunk, decodeExportNameReply, decodeGreeting, decodeInfo,
+  decodeMetaContextReply, decodeOptionReplyHeader, decodeSimpleReply, encodeClientFlags, encodeExportRequest,
+  encodeMetaRequest, encodeOption, encodeRequest, isErrorChunk, isErrorReply, nameOf,
+} from './protocol.js'
+
+export interface NbdAddress {
+  /** A Unix socket path; otherwise host and port. */
+  socket?: string
+  host?: string
+  port?: number
+  /** The export name ('' for the server's default). */
+  export: string
+}
+
+export interface NbdClientOptions {
+  /** Metadata contexts to select, e.g. base:allocation (default none). */
+  contexts?: string[]
+  /** Requests in flight at most (default 16). */
+  maxInFlight?: number
+  /** Milliseconds the server has to connect and finish the handshake (default 30 s). */
+  handshakeTimeout?: number
+}
+
+export interface NbdClientStats {
+  /** READ requests and the bytes they asked for. */
+  reads: number
+  readBytes: number
+  /** WRITE requests and their bytes; WRITE_ZEROES requests and the bytes they zeroed. */
+  writes: number
+  writeBytes: number
+  zeroes: number
+  zeroBytes: number
+  /** BLOCK_STATUS requests. */
+  statusQueries: number
+}
+
+/** A request the server answered with an error: the NBD error value is kept for callers that can react. */
+export class NbdReplyError extends VmapipeError {
+  constructor (readonly errno: number, message: string) {
+    super('E_NBD_SERVER_ERROR', message)
+  }
+}
+
+const DEFAULT_PORT = 10809
+/** Bytes asked for by one READ (at most what the server takes). */
+const READ_REQUEST = 2 * 1024 * 1024
+/** Option replies we accept: names, descriptions and messages are at most 4 KiB. */
+const MAX_OPTION_REPLY = 64 * 1024
+/** The longest block status chunk the spec allows: 2^20 descriptors. */
+const MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
+/** Guest bytes one BLOCK_STATUS asks about; the length field is 32 bits. */
+const MAX_STATUS_LENGTH = 2 ** 31
+
+export function isNbdUri (text: string): boolean {
+  return /^nbds?(\+[a-z]+)?:\/\//i.test(text)
+}
+
+/** nbd://host[:port]/export, nbd+unix:///export?socket=PATH (the NBD URI format, without TLS). */
+export function parseNbdUri (text: string): NbdAddress {
+  const usage = (why: string): VmapipeError => new VmapipeError('E_USAGE', `${text}: ${why} (expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
+  let url: URL
+  try {
+    url = new URL(text)
+  } catch {
+    throw usage('not a URI')
+  }
+  const scheme = url.protocol.slice(0, -1).toLowerCase()
+  if (scheme !== 'nbd' && scheme !== 'nbd+unix') throw usage(`${scheme}:// is not supported (no TLS, no vsock)`)
+  let name: string
+  try {
+    name = decodeURIComponent(url.pathname.replace(/^\//, ''))
+  } catch {
+    throw usage('the export name is not valid percent-encoding')
+  }
+  if (scheme === 'nbd+unix') {
+    const socket = url.searchParams.get('socket')
+    if (url.host !== '') throw usage('nbd+unix:// takes no host')
+    if (socket === null || socket === '') throw usage('nbd+unix:// needs ?socket=PATH')
+    return { socket, export: name }
+  }
+  if (url.hostname === '') throw usage('no host')
+  const port = url.port === '' ? DEFAULT_PORT : Number(url.port)
+  return { host: url.hostname.replace(/^\[(.*)\]$/, '$1'), port, export: name }
+}
+
+/** An address as people write it, for messages. */
+export function describeAddress (a: NbdAddress): string {
+  const name = encodeURIComponent(a.export)
+  return a.socket !== undefined ? `nbd+unix:///${name}?socket=${a.socket}` : `nbd://${a.host?.includes(':') === true ? `[${a.host}]` : a.host}:${a.port}/${name}`
+}
+
+interface Pending {
+  type: number
+  offset: number
+  length: number
+  /** READ: where the bytes go. */
+  buf?: Buffer
+  covered: number
+  /** BLOCK_STATUS: descriptors by context id. */
+  status: Map<number, Descriptor[]>
+  error?: VmapipeError
+  resolve: (status: Map<number, Descriptor[]>) => void
+  reject: (err: Error) => void
+}
+
+/** Payload bytes of a reply being copied straight into a read buffer. */
+interface Copy {
+  cookie: bigint
+  target: Buffer
+  /** Whether the request is complete once the copy is. */
+  done: boolean
+}
+
+export class NbdClient {
+  /** Export size in bytes. */
+  size = 0
+  /** Transmission flags (TRANSMISSION_FLAG). */
+  flags = 0
+  /** Largest payload the server takes (NBD_INFO_BLOCK_SIZE, else the spec's default). */
+  maxPayload = MAX_PAYLOAD
+  /** Smallest block the server deals in (NBD_INFO_BLOCK_SIZE, else 512). */
+  minimumBlock = 512
+  structured = false
+  /** Selected metadata contexts: name -> id. */
+  readonly contexts = new Map<string, number>()
+  readonly stats: NbdClientStats = { reads: 0, readBytes: 0, writes: 0, writeBytes: 0, zeroes: 0, zeroBytes: 0, statusQueries: 0 }
+  readonly where: string
+
+  private readonly queue = new ByteQueue()
+  private readonly pending = new Map<bigint, Pending>()
+  private readonly maxInFlight: number
+  private waiters: Array<() => void> = []
+  private nextCookie = 1n
+  private transmitting = false
+  private copy?: Copy
+  private failure?: Error
+  private closing = false
+
+  private constructor (private readonly socket: Socket, address: NbdAddress, options: NbdClientOptions) {
+    this.where = describeAddress(address)
+    this.maxInFlight = options.maxInFlight ?? 16
+    socket.on('data', (chunk: Buffer) => {
+      this.queue.push(chunk)
+      if (this.transmitting) this.parse()
+      else this.wake()
+    })
+    socket.on('error', (err: NodeJS.ErrnoException) => this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: connection lost (${err.code ?? err.message})`, { cause: err })))
+    socket.on('close', () => this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: the server closed the connection`)))
+  }
+
+  static async connect (target: NbdAddress | string, options: NbdClientOptions = {}): Promise<NbdClient> {
+    const address = typeof target === 'string' ? parseNbdUri(target) : target
+    const socket = address.socket !== undefined ? connect(address.socket) : connect(address.port ?? DEFAULT_PORT, address.host)
+    socket.setNoDelay(true)
+    const client = new NbdClient(socket, address, options)
+    const timeout = options.handshakeTimeout ?? 30_000
+    const timer = setTimeout(() => client.fail(new VmapipeError('E_NBD_CONNECT', `${client.where}: no connection and handshake within ${timeout / 1000} s`)), timeout)
+    try {
+      await new Promise<void>((resolve, reject) => {
+        socket.once('connect', resolve)
+        socket.once('close', () => reject(client.failure))
+        socket.once('error', (err: NodeJS.ErrnoException) => reject(new VmapipeError('E_NBD_CONNECT', `cannot connect to ${client.where}: ${err.code ?? err.message}`, { cause: err })))
+      })
+      await client.handshake(address.export, options.contexts ?? [])
+    } catch (err) {
+      socket.destroy()
+      throw err
+    } finally {
+      clearTimeout(timer)
+    }
+    return client
+  }
+
+  // ----------------------------------------------------------- handshake
+
+  private wake (): void {
+    const waiters = this.waiters
+    this.waiters = []
+    for (const w of waiters) w()
+  }
+
+  /** During the handshake: the next `n` bytes from the server. */
+  private async take (n: number): Promise<Buffer> {
+    for (;;) {
+      if (this.failure !== undefined) throw this.failure
+      const bytes = this.queue.take(n)
+      if (bytes !== null) return bytes
+      await new Promise<void>(resolve => this.waiters.push(resolve))
+    }
+  }
+
+  private async optionReply (option: number): Promise<{ type: number, data: Buffer }> {
+    const header = decodeOptionReplyHeader(await this.take(OPTION_REPLY_HEADER_SIZE))
+    if (header.option !== option) throw this.violation(`a reply to ${nameOf('OPTION', header.option)} came while ${nameOf('OPTION', option)} was asked`)
+    if (header.length > MAX_OPTION_REPLY) throw this.violation(`${nameOf('REPLY', header.type)} of ${header.length} bytes`)
+    return { type: header.type, data: header.length === 0 ? Buffer.alloc(0) : await this.take(header.length) }
+  }
+
+  private replyError (option: number, reply: { type: number, data: Buffer }): VmapipeError {
+    const message = `${this.where}: ${nameOf('OPTION', option)} failed with ${nameOf('REPLY', reply.type)}${reply.data.length > 0 ? `: ${reply.data.subarray(0, MAX_STRING).toString('utf8')}` : ''}`
+    return new VmapipeError(reply.type === REPLY.ERR_UNKNOWN ? 'E_NOT_FOUND' : 'E_NBD_SERVER_ERROR', message)
+  }
+
+  private async handshake (name: string, contexts: string[]): Promise<void> {
+    const { flags } = decodeGreeting(await this.take(GREETING_SIZE))
+    if ((flags & HANDSHAKE_FLAG.FIXED_NEWSTYLE) === 0) throw this.violation('the server does not speak fixed newstyle')
+    const noZeroes = (flags & HANDSHAKE_FLAG.NO_ZEROES) !== 0
+    this.socket.write(encodeClientFlags(CLIENT_FLAG.FIXED_NEWSTYLE | (noZeroes ? CLIENT_FLAG.NO_ZEROES : 0)))
+
+    this.socket.write(encodeOption(OPTION.STRUCTURED_REPLY))
+    const structured = await this.optionReply(OPTION.STRUCTURED_REPLY)
+    if (structured.type !== REPLY.ACK && !isErrorReply(structured.type)) throw this.violation(`${nameOf('REPLY', structured.type)} to NBD_OPT_STRUCTURED_REPLY`)
+    this.structured = structured.type === REPLY.ACK
+
+    if (this.structured && contexts.length > 0) {
+      this.socket.write(encodeOption(OPTION.SET_META_CONTEXT, encodeMetaRequest({ name, queries: contexts })))
+      for (;;) {
+        const reply = await this.optionReply(OPTION.SET_META_CONTEXT)
+        if (reply.type === REPLY.META_CONTEXT) {
+          const context = decodeMetaContextReply(reply.data)
+          this.contexts.set(context.name, context.id)
+        } else if (reply.type === REPLY.ACK || isErrorReply(reply.type)) {
+          // A server that cannot select contexts is still a server: we read without them.
+          if (reply.type !== REPLY.ACK) this.contexts.clear()
+          break
+        } else {
+          throw this.violation(`${nameOf('REPLY', reply.type)} to NBD_OPT_SET_META_CONTEXT`)
+        }
+      }
+    }
+
+    this.socket.write(encodeOption(OPTION.GO, encodeExportRequest({ name, infos: [INFO.BLOCK_SIZE] })))
+    let sized = false
+    for (;;) {
+      const reply = await this.optionReply(OPTION.GO)
+      if (reply.type === REPLY.INFO) {
+        const info = decodeInfo(reply.data)
+        if ('size' in info) {
+          this.size = info.size
+          this.flags = info.flags
+          sized = true
+        } else if ('maximum' in info) {
+          this.maxPayload = Math.min(MAX_PAYLOAD, info.maximum)
+          this.minimumBlock = info.minimum
+        }
+        continue
+      }
+      if (reply.type === REPLY.ACK) {
+        if (!sized) throw this.violation('NBD_OPT_GO succeeded without NBD_INFO_EXPORT')
+        break
+      }
+      if (reply.type !== REPLY.ERR_UNSUP) throw isErrorReply(reply.type) ? this.replyError(OPTION.GO, reply) : this.violation(`${nameOf('REPLY', reply.type)} to NBD_OPT_GO`)
+      // An old server: the old way, which has no error reply (an unknown export just hangs up).
+      this.socket.write(encodeOption(OPTION.EXPORT_NAME, Buffer.from(name, 'utf8')))
+      const reply2 = decodeExportNameReply(await this.take(EXPORT_NAME_REPLY_SIZE))
+      if (!noZeroes) await this.take(EXPORT_NAME_PADDING)
+      this.size = reply2.size
+      this.flags = reply2.flags
+      break
+    }
+    if ((this.flags & TRANSMISSION_FLAG.HAS_FLAGS) === 0) throw this.violation('the transmission flags lack NBD_FLAG_HAS_FLAGS')
+    this.transmitting = true
+    this.parse()
+  }
+
+  // -------------------------------------------------------- transmission
+
+  private violation (message: string): VmapipeError {
+    return new VmapipeError('E_NBD_PROTOCOL', `${this.where}: ${message}`)
+  }
+
+  /** Ends the connection for good: every request still waiting fails with `err`. */
+  private fail (err: Error): void {
+    if (this.failure !== undefined) return
+    this.failure = this.closing ? new VmapipeError('E_NBD_CONNECT', `${this.where}: the connection is closed`) : err
+    for (const p of this.pending.values()) p.reject(this.failure)
+    this.pending.clear()
+    this.socket.destroy()
+    this.wake()
+  }
+
+  /** Resolves once fewer than the maximum of requests are in flight; undefined if that is so now. */
+  ready (): Promise<void> | undefined {
+    if (this.pending.size < this.maxInFlight || this.failure !== undefined) return undefined
+    return new Promise<void>(resolve => this.waiters.push(resolve))
+  }
+
+  private async send (type: number, flags: number, offset: number, length: number, options: { buf?: Buffer, payload?: Buffer[] } = {}): Promise<Map<number, Descriptor[]>> {
+    while (this.failure === undefined && this.pending.size >= this.maxInFlight) await this.ready()
+    if (this.failure !== undefined) throw this.failure
+    const cookie = this.nextCookie++
+    return await new Promise((resolve, reject) => {
+      this.pending.set(cookie, { type, offset, length, ...(options.buf !== undefined ? { buf: options.buf } : {}), covered: 0, status: new Map(), resolve, reject })
+      this.socket.cork()
+      this.socket.write(encodeRequest({ flags, type, cookie, offset, length }))
+      for (const p of options.payload ?? []) this.socket.write(p)
+      this.socket.uncork()
+    })
+  }
+
+  private complete (cookie: bigint): void {
+    const p = this.pending.get(cookie) as Pending
+    this.pending.delete(cookie)
+    if (p.error !== undefined) p.reject(p.error)
+    else if (p.type === COMMAND.READ && p.covered !== p.length) {
+      const err = this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} covered ${p.covered}`)
+      p.reject(err)
+      this.fail(err)
+    } else p.resolve(p.status)
+    this.wake()
+  }
+
+  private pendingFor (cookie: bigint): Pending {
+    const p = this.pending.get(cookie)
+    if (p === undefined) throw this.violation(`a reply for cookie ${cookie}, which no request in flight has`)
+    return p
+  }
+
+  /** Takes replies from what has arrived, as far as they are complete. */
+  private parse (): void {
+    try {
+      while (this.failure === undefined && this.parseOne()) { /* next reply */ }
+    } catch (err) {
+      this.fail(err as Error)
+    }
+  }
+
+  private parseOne (): boolean {
+    if (this.copy !== undefined) return this.copyPayload(this.copy)
+    const magic = this.queue.peek(4)
+    if (magic === null) return false
+    const value = magic.readUInt32BE(0)
+    if (value === SIMPLE_REPLY_MAGIC) {
+      const head = this.queue.take(SIMPLE_REPLY_SIZE)
+      if (head === null) return false
+      const { error, cookie } = decodeSimpleReply(head)
+      const p = this.pendingFor(cookie)
+      if (error !== 0) p.error = this.serverError(p, error, '')
+      else if (p.type === COMMAND.READ) {
+        if (this.structured) throw this.violation('a simple reply with data to a READ, after structured replies were agreed')
+        p.covered = p.length
+        this.copy = { cookie, target: p.buf as Buffer, done: true }
+        return true
+      }
+      this.complete(cookie)
+      return true
+    }
+    if (value !== STRUCTURED_REPLY_MAGIC) throw this.violation(`reply magic 0x${value.toString(16)}`)
+    const head = this.queue.peek(CHUNK_HEADER_SIZE)
+    if (head === null) return false
+    const chunk = decodeChunkHeader(head)
+    const p = this.pendingFor(chunk.cookie)
+    if (chunk.type === CHUNK.OFFSET_DATA) return this.offsetData(chunk, p)
+    if (chunk.length > this.chunkLimit(chunk.type)) throw this.violation(`${nameOf('CHUNK', chunk.type)} of ${chunk.length} bytes`)
+    if (this.queue.length < CHUNK_HEADER_SIZE + chunk.length) return false
+    this.queue.take(CHUNK_HEADER_SIZE)
+    const payload = chunk.length === 0 ? Buffer.alloc(0) : this.queue.take(chunk.length) as Buffer
+    this.chunk(chunk, p, payload)
+    if ((chunk.flags & REPLY_FLAG_DONE) !== 0) this.complete(chunk.cookie)
+    return true
+  }
+
+  private chunkLimit (type: number): number {
+    if (type === CHUNK.OFFSET_HOLE) return 12
+    if (type === CHUNK.BLOCK_STATUS) return MAX_STATUS_CHUNK
+    if (isErrorChunk(type)) return 14 + MAX_STRING
+    return 0
+  }
+
+  private chunk (chunk: ChunkHeader, p: Pending, payload: Buffer): void {
+    if (isErrorChunk(chunk.type)) {
+      const e = decodeErrorChunk(chunk.type, payload)
+      p.error ??= this.serverError(p, e.error, e.message)
+      return
+    }
+    switch (chunk.type) {
+      case CHUNK.NONE:
+        if ((chunk.flags & REPLY_FLAG_DONE) === 0) throw this.violation('NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE')
+        return
+      case CHUNK.OFFSET_HOLE: {
+        if (p.type !== COMMAND.READ || payload.length !== 12) throw this.violation('a hole chunk that does not answer a READ')
+        const offset = Number(payload.readBigUInt64BE(0))
+        const length = payload.readUInt32BE(8)
+        this.within(p, offset, length)
+        ;(p.buf as Buffer).fill(0, offset - p.offset, offset - p.offset + length)
+        p.covered += length
+        return
+      }
+      case CHUNK.BLOCK_STATUS: {
+        if (p.type !== COMMAND.BLOCK_STATUS) throw this.violation('a block status chunk that does not answer BLOCK_STATUS')
+        const { contextId, descriptors } = decodeBlockStatus(payload)
+        p.status.set(contextId, descriptors)
+        return
+      }
+      default:
+        throw this.violation(`unknown reply chunk type ${chunk.type}`)
+    }
+  }
+
+  /** A content chunk must lie inside its request and carry something. */
+  private within (p: Pending, offset: number, length: number): void {
+    if (length === 0 || offset < p.offset || offset + length > p.offset + p.length) {
+      throw this.violation(`a chunk for ${length} bytes at ${offset} answers a READ of ${p.length} bytes at ${p.offset}`)
+    }
+  }
+
+  /** OFFSET_DATA: once its offset is in, the data is copied into the read buffer as it arrives. */
+  private offsetData (chunk: ChunkHeader, p: Pending): boolean {
+    if (p.type !== COMMAND.READ || chunk.length < 9) throw this.violation(`a data chunk of ${chunk.length} bytes that does not answer a READ`)
+    const head = this.queue.peek(CHUNK_HEADER_SIZE + 8)
+    if (head === null) return false
+    this.queue.take(CHUNK_HEADER_SIZE + 8)
+    const offset = Number(head.readBigUInt64BE(CHUNK_HEADER_SIZE))
+    const length = chunk.length - 8
+    this.within(p, offset, length)
+    p.covered += length
+    this.copy = { cookie: chunk.cookie, target: (p.buf as Buffer).subarray(offset - p.offset, offset - p.offset + length), done: (chunk.flags & REPLY_FLAG_DONE) !== 0 }
+    return true
+  }
+
+  private copyPayload (copy: Copy): boolean {
+    if (this.queue.length === 0) return false
+    const piece = this.queue.take(Math.min(copy.target.length, this.queue.length)) as Buffer
+    piece.copy(copy.target)
+    copy.target = copy.target.subarray(piece.length)
+    if (copy.target.length > 0) return false
+    this.copy = undefined
+    if (copy.done) this.complete(copy.cookie)
+    return true
+  }
+
+  private serverError (p: Pending, error: number, message: string): NbdReplyError {
+    return new NbdReplyError(error, `${this.where}: ${nameOf('COMMAND', p.type)} of ${p.length} bytes at ${p.offset} failed with ${nameOf('ERRNO', error)}${message === '' ? '' : `: ${message}`}`)
+  }
+
+  // ------------------------------------------------------------ commands
+
+  /** Fills `buf` with the export's bytes at `offset`, in requests of at most 2 MiB, all in flight at once. */
+  async read (buf: Buffer, offset: number): Promise<void> {
+    const step = Math.min(READ_REQUEST, this.maxPayload)
+    const parts: Array<Promise<unknown>> = []
+    for (let at = 0; at < buf.length; at += step) {
+      const length = Math.min(step, buf.length - at)
+      this.stats.reads++
+      this.stats.readBytes += length
+      parts.push(this.send(COMMAND.READ, 0, offset + at, length, { buf: buf.subarray(at, at + length) }))
+    }
+    await Promise.all(parts)
+  }
+
+  /** The descriptors of one selected context for a range (which the server may answer only in part). */
+  async blockStatus (context: string, offset: number, length: number): Promise<Descriptor[]> {
+    const id = this.contexts.get(context)
+    if (id === undefined) throw new VmapipeError('E_USAGE', `${this.where}: metadata context ${context} was not selected`)
+    this.stats.statusQueries++
+    const status = await this.send(COMMAND.BLOCK_STATUS, 0, offset, Math.min(length, MAX_STATUS_LENGTH))
+    const descriptors = status.get(id)
+    if (descriptors === undefined) throw this.violation(`the block status reply has no chunk for ${context}`)
+    return descriptors
+  }
+
+  /** Writes `buffers` one after another at `offset`, in one WRITE (together at most maxPayload bytes). */
+  async write (offset: number, buffers: Buffer[]): Promise<void> {
+    const length = buffers.reduce((n, b) => n + b.length, 0)
+    if (length > this.maxPayload) throw new VmapipeError('E_USAGE', `a write of ${length} bytes is more than ${this.where} takes (${this.maxPayload})`)
+    this.stats.writes++
+    this.stats.writeBytes += length
+    await this.send(COMMAND.WRITE, 0, offset, length, { payload: buffers })
+  }
+
+  /** WRITE_ZEROES with COMMAND_FLAG.NO_HOLE and/or FAST_ZERO as given. */
+  async writeZeroes (offset: number, length: number, flags = 0): Promise<void> {
+    this.stats.zeroes++
+    this.stats.zeroBytes += length
+    await this.send(COMMAND.WRITE_ZEROES, flags, offset, length)
+  }
+
+  /** TRIM: the server may discard the range; what it then reads as is undefined. */
+  async trim (offset: number, length: number): Promise<void> {
+    await this.send(COMMAND.TRIM, 0, offset, length)
+  }
+
+  async flush (): Promise<void> {
+    await this.send(COMMAND.FLUSH, 0, 0, 0)
+  }
+
+  /** Drops the connection now; requests in flight fail. */
+  destroy (): void {
+    this.closing = true
+    this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: the connection is closed`))
+  }
+
+  /** Waits for the requests in flight, says NBD_CMD_DISC and closes. */
+  async close (): Promise<void> {
+    while (this.failure === undefined && this.pending.size > 0) await new Promise<void>(resolve => this.waiters.push(resolve))
+    if (this.failure !== undefined) return
+    this.closing = true
+    const closed = new Promise<void>(resolve => this.socket.once('close', () => resolve()))
+    if (this.transmitting) this.socket.write(encodeRequest({ flags: 0, type: COMMAND.DISC, cookie: 0n, offset: 0, length: 0 }))
+    this.socket.end()
+    await closed
+  }
+}
+
+export interface NbdDisk extends RandomAccessDisk {
+  readonly client: NbdClient
+  readonly bitmaps: DirtyBitmap[]
+}
+
+export interface OpenNbdDiskOptions {
+  /** Dirty bitmaps to select as qemu:dirty-bitmap:NAME; each must exist. */
+  dirtyBitmaps?: string[]
+  maxInFlight?: number
+}
+
+/** An NBD export as a RandomAccessDisk. */
+export async function openNbdDisk (target: NbdAddress | string, options: OpenNbdDiskOptions = {}): Promise<NbdDisk> {
+  const names = options.dirtyBitmaps ?? []
+  const client = await NbdClient.connect(target, {
+    contexts: [CONTEXT_ALLOCATION, ...names.map(n => CONTEXT_BITMAP_PREFIX + n)],
+    ...(options.maxInFlight !== undefined ? { maxInFlight: options.maxInFlight } : {}),
+  })
+  const missing = names.find(n => !client.contexts.has(CONTEXT_BITMAP_PREFIX + n))
+  if (missing !== undefined) {
+    await client.close()
+    throw new VmapipeError('E_NOT_FOUND', `${client.where} offers no dirty bitmap ${missing} (qemu-nbd exports one with -B ${missing})`)
+  }
+  /** Extents of a context over [offset, offset + length), asking as often as the server answers in part. */
+  const extentsOf = async (context: string, offset: number, length: number, set: (flags: number) => boolean): Promise<Extent[]> => {
+    const out: Extent[] = []
+    const end = offset + length
+    for (let at = offset; at < end;) {
+      for (const d of await client.blockStatus(context, at, end - at)) {
+        const n = Math.min(d.length, end - at)
+        const data = set(d.flags)
+        const last = out[out.length - 1]
+        if (last !== undefined && last.data === data) last.length += n
+        else out.push({ offset: at, length: n, data })
+        at += n
+        if (at >= end) break
+      }
+    }
+    return out
+  }
+  const allocated = client.contexts.has(CONTEXT_ALLOCATION)
+  return {
+    client,
+    size: client.size,
+    map: async (offset, length) => allocated
+      ? await extentsOf(CONTEXT_ALLOCATION, offset, length, flags => (flags & STATE_ZERO) === 0)
+      : [{ offset, length, data: true }],
+    read: async (buf, offset) => { await client.read(buf, offset) },
+    close: async () => { await client.close() },
+    bitmaps: names.map(name => {
+      const map = async (offset: number, length: number): Promise<Array<{ offset: number, length: number, dirty: boolean }>> =>
+        (await extentsOf(CONTEXT_BITMAP_PREFIX + name, offset, length, flags => (flags & STATE_DIRTY) !== 0)).map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
+      return {
+        id: name,
+        // NBD does not tell a bitmap's granularity; the export's block size is the finest it can answer in.
+        granularity: client.minimumBlock,
+        map,
+        dirtyBytes: async () => (await map(0, client.size)).reduce((n, r) => n + (r.dirty ? r.length : 0), 0),
+      }
+    }),
+  }
+}

@@ -1,0 +1,137 @@
+/**
+ * NbdDiskWriter: a DiskWriter that restores one device into a writable NBD
+ * export. Data goes out as WRITE requests, adjacent blocks merged up to
+ * 1 MiB, several in flight. Zeros: when the export can zero quickly
+ * (NBD_CMD_FLAG_FAST_ZERO) all of the device's range is zeroed first and zero
+ * blocks then cost nothing; otherwise they are WRITE_ZEROES without NO_HOLE
+ * (the server may leave holes, as sparse files have), or written as zero
+ * bytes when the export has no WRITE_ZEROES. TRIM is not used for zeros:
+ * the spec leaves what a trimmed range reads as undefined.
+ */
+import { VmapipeError } from '../errors.js'
+import { type ClusterRecord, type DeviceInfo, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
+import type { DiskWriter } from '../router.js'
+import { type NbdAddress, NbdClient, NbdReplyError } from './client.js'
+import { COMMAND_FLAG, ERRNO, TRANSMISSION_FLAG } from './protocol.js'
+
+/** Largest merged WRITE. */
+const MAX_WRITE = 1024 * 1024
+/** Largest WRITE_ZEROES: aligned, and well inside its 32-bit length. */
+const MAX_ZEROES = 1024 * 1024 * 1024
+
+export interface NbdWriteStats {
+  /** Bytes of data written. */
+  dataBytes: number
+  /** Whether the export was zeroed up front (fast zero). */
+  prezeroed: boolean
+}
+
+interface Run { zero: boolean, offset: number, length: number, buffers: Buffer[] }
+
+export class NbdDiskWriter implements DiskWriter {
+  readonly stats: NbdWriteStats = { dataBytes: 0, prezeroed: false }
+  private run?: Run
+  private readonly submitted = new Set<Promise<void>>()
+  private failure?: Error
+
+  private constructor (readonly client: NbdClient, private readonly device: DeviceInfo) {}
+
+  /** Connects to `target` and checks that it can take `device`. */
+  static async open (target: NbdAddress | string, device: DeviceInfo): Promise<NbdDiskWriter> {
+    const client = await NbdClient.connect(target)
+    try {
+      if ((client.flags & TRANSMISSION_FLAG.READ_ONLY) !== 0) throw new VmapipeError('E_USAGE', `${client.where} is read-only`)
+      if (client.size < device.size) throw new VmapipeError('E_USAGE', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
+      const writer = new NbdDiskWriter(client, device)
+      await writer.zeroAll()
+      return writer
+    } catch (err) {
+      await client.close().catch(() => {})
+      throw err
+    }
+  }
+
+  private can (flag: number): boolean {
+    return (this.client.flags & flag) !== 0
+  }
+
+  /** Zeroes the device's range with fast zero requests, if the export offers them and they succeed. */
+  private async zeroAll (): Promise<void> {
+    if (!this.can(TRANSMISSION_FLAG.SEND_WRITE_ZEROES) || !this.can(TRANSMISSION_FLAG.SEND_FAST_ZERO)) return
+    try {
+      for (let at = 0; at < this.device.size; at += MAX_ZEROES) {
+        await this.client.writeZeroes(at, Math.min(MAX_ZEROES, this.device.size - at), COMMAND_FLAG.FAST_ZERO)
+      }
+      this.stats.prezeroed = true
+    } catch (err) {
+      // ENOTSUP is the export saying "not quickly": zeros are then written where they are.
+      if (!(err instanceof NbdReplyError && err.errno === ERRNO.ENOTSUP)) throw err
+    }
+  }
+
+  write (rec: ClusterRecord): Promise<void> | undefined {
+    if (this.failure !== undefined) throw this.failure
+    const end = Math.min((rec.cluster + 1) * CLUSTER_SIZE, this.device.size)
+    let cursor = rec.cluster * CLUSTER_SIZE
+    let wait: Promise<void> | undefined
+    forEachRun(rec, this.device.size, (position, bytes) => {
+      if (position > cursor) wait = this.zero(cursor, position - cursor) ?? wait
+      wait = this.add(false, position, bytes.length, bytes) ?? wait
+      cursor = position + bytes.length
+    })
+    if (end > cursor) wait = this.zero(cursor, end - cursor) ?? wait
+    return wait
+  }
+
+  async finish (): Promise<void> {
+    this.submit()
+    await Promise.allSettled([...this.submitted])
+    if (this.failure !== undefined) throw this.failure
+    if (this.can(TRANSMISSION_FLAG.SEND_FLUSH)) await this.client.flush()
+    await this.client.close()
+  }
+
+  async abort (): Promise<void> {
+    this.run = undefined
+    this.client.destroy()
+  }
+
+  private zero (offset: number, length: number): Promise<void> | undefined {
+    return this.stats.prezeroed ? undefined : this.add(true, offset, length)
+  }
+
+  /** Extends the pending run when `offset` continues it, else sends that run and starts another. */
+  private add (zero: boolean, offset: number, length: number, bytes?: Buffer): Promise<void> | undefined {
+    const run = this.run
+    const limit = zero && this.can(TRANSMISSION_FLAG.SEND_WRITE_ZEROES) ? MAX_ZEROES : Math.min(MAX_WRITE, this.client.maxPayload)
+    if (run !== undefined && run.zero === zero && run.offset + run.length === offset && run.length + length <= limit) {
+      run.length += length
+      if (bytes !== undefined) run.buffers.push(bytes)
+      return undefined
+    }
+    const wait = this.submit()
+    this.run = { zero, offset, length, buffers: bytes !== undefined ? [bytes] : [] }
+    return wait
+  }
+
+  /** Sends the pending run; returns a promise when the client has as many requests in flight as it takes. */
+  private submit (): Promise<void> | undefined {
+    const run = this.run
+    if (run === undefined) return undefined
+    this.run = undefined
+    let request: Promise<void>
+    if (!run.zero) {
+      this.stats.dataBytes += run.length
+      request = this.client.write(run.offset, run.buffers)
+    } else if (this.can(TRANSMISSION_FLAG.SEND_WRITE_ZEROES)) {
+      request = this.client.writeZeroes(run.offset, run.length)
+    } else {
+      const zeros: Buffer[] = []
+      for (let at = 0; at < run.length; at += CLUSTER_SIZE) zeros.push(ZERO_CLUSTER.subarray(0, Math.min(CLUSTER_SIZE, run.length - at)))
+      request = this.client.write(run.offset, zeros)
+    }
+    const tracked = request.catch((err: Error) => { this.failure ??= err }).finally(() => this.submitted.delete(tracked))
+    this.submitted.add(tracked)
+    return this.client.ready()
+  }
+}

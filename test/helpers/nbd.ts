@@ -1,0 +1,264 @@
+/**
+ * NBD peers for tests: `vma serve`, qemu-nbd and nbdkit as child processes
+ * (stopped in teardown), and a raw socket that speaks bytes, for clients
+ * that break the rules. Wire values are spelled out here on their own, not
+ * taken from lib/nbd, so that the server is checked against a second reading
+ * of the spec.
+ */
+import { type ChildProcess, spawn } from 'node:child_process'
+import { connect, type Socket } from 'node:net'
+import { VMA } from './run.js'
+
+const sleep = async (ms: number): Promise<void> => { await new Promise(resolve => setTimeout(resolve, ms)) }
+
+/** Where cleanups go: a tap Test, or the benchmarks' own list. */
+export interface Teardown { teardown: (fn: () => void | Promise<void>) => void }
+
+export interface Peer {
+  child: ChildProcess
+  /** stderr so far. */
+  stderr: () => string
+  /** SIGTERM, then the exit code. */
+  stop: () => Promise<number | null>
+}
+
+function start (t: Teardown, command: string, args: string[]): Peer {
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, NODE_OPTIONS: '' } })
+  let stderr = ''
+  child.stderr?.on('data', (b: Buffer) => { stderr += b.toString() })
+  const exited = new Promise<number | null>(resolve => child.on('exit', code => resolve(code)))
+  const stop = async (): Promise<number | null> => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
+    return await exited
+  }
+  t.teardown(async () => { await stop() })
+  return { child, stderr: () => stderr, stop }
+}
+
+/** Waits until a Unix socket or TCP port accepts a connection (the peer is up), or the peer died. */
+export async function waitForListener (peer: Peer, where: { socket: string } | { port: number }): Promise<void> {
+  for (;;) {
+    if (peer.child.exitCode !== null || peer.child.signalCode !== null) throw new Error(`the peer exited (${peer.child.exitCode ?? peer.child.signalCode}): ${peer.stderr()}`)
+    const ok = await new Promise<boolean>(resolve => {
+      const s = 'socket' in where ? connect(where.socket) : connect(where.port, '127.0.0.1')
+      s.once('connect', () => { s.destroy(); resolve(true) })
+      s.once('error', () => resolve(false))
+    })
+    if (ok) return
+    await sleep(20)
+  }
+}
+
+export interface Served extends Peer {
+  /** nbd+unix:// or nbd:// URI of an export. */
+  uri: (name?: string) => string
+  pid: number
+  port?: number
+  /** The JSON log lines so far. */
+  logs: () => Array<Record<string, unknown>>
+}
+
+/** `vma serve ARGS`, once its "serving" line is logged. */
+export async function startServe (t: Teardown, args: string[]): Promise<Served> {
+  const peer = start(t, process.execPath, [VMA, 'serve', ...args])
+  const logs = (): Array<Record<string, unknown>> => peer.stderr().split('\n').filter(l => l.startsWith('{')).map(l => JSON.parse(l) as Record<string, unknown>)
+  for (;;) {
+    const serving = logs().find(l => l.msg === 'serving')
+    if (serving !== undefined) {
+      const socket = serving.socket as string | undefined
+      const port = serving.port as number | undefined
+      const uri = (name = ''): string => socket !== undefined ? `nbd+unix:///${name}?socket=${socket}` : `nbd://127.0.0.1:${port ?? 0}/${name}`
+      return { ...peer, uri, pid: peer.child.pid as number, logs, ...(port !== undefined ? { port } : {}) }
+    }
+    if (peer.child.exitCode !== null) throw new Error(`vma serve exited ${peer.child.exitCode}: ${peer.stderr()}`)
+    await sleep(20)
+  }
+}
+
+/** qemu-nbd in the foreground on a Unix socket or a port of 127.0.0.1, persistent (-t), with `args` before the image. */
+export async function startQemuNbd (t: Teardown, where: { socket: string } | { port: number }, args: string[]): Promise<Peer> {
+  const listen = 'socket' in where ? ['-k', where.socket] : ['-b', '127.0.0.1', '-p', String(where.port)]
+  const peer = start(t, 'qemu-nbd', ['-t', ...listen, ...args])
+  await waitForListener(peer, where)
+  return peer
+}
+
+/** nbdkit in the foreground on a Unix socket: `nbdkit -f -U SOCKET ARGS`. */
+export async function startNbdkit (t: Teardown, socket: string, args: string[]): Promise<Peer> {
+  const peer = start(t, 'nbdkit', ['-f', '--exit-with-parent', '-U', socket, ...args])
+  await waitForListener(peer, { socket })
+  return peer
+}
+
+/** Resident memory of a process in KiB (Linux). */
+export async function rssKiB (pid: number): Promise<number> {
+  const { readFile } = await import('node:fs/promises')
+  const status = await readFile(`/proc/${pid}/status`, 'utf8')
+  return Number(/VmRSS:\s+(\d+)/.exec(status)?.[1])
+}
+
+/** A client that sends whatever bytes it is given and reads exactly what it asks for. */
+export class RawPeer {
+  private chunks: Buffer[] = []
+  private length = 0
+  private waiting?: () => void
+  private ended = false
+  readonly closed: Promise<void>
+
+  private constructor (readonly socket: Socket) {
+    socket.on('data', (b: Buffer) => { this.chunks.push(b); this.length += b.length; this.waiting?.() })
+    socket.on('error', () => {})
+    this.closed = new Promise(resolve => socket.on('close', () => { this.ended = true; this.waiting?.(); resolve() }))
+  }
+
+  static async connect (where: { socket: string } | { port: number }): Promise<RawPeer> {
+    const socket = 'socket' in where ? connect(where.socket) : connect(where.port, '127.0.0.1')
+    await new Promise<void>((resolve, reject) => { socket.once('connect', resolve); socket.once('error', reject) })
+    return new RawPeer(socket)
+  }
+
+  write (bytes: Buffer): void { this.socket.write(bytes) }
+
+  /** The next `n` bytes, or null when the server closed before sending them. */
+  async read (n: number): Promise<Buffer | null> {
+    while (this.length < n) {
+      if (this.ended) return null
+      await new Promise<void>(resolve => { this.waiting = resolve })
+    }
+    const all = Buffer.concat(this.chunks)
+    this.chunks = [all.subarray(n)]
+    this.length -= n
+    return all.subarray(0, n)
+  }
+
+  destroy (): void { this.socket.destroy() }
+}
+
+// The wire, spelled out.
+export const NBD = {
+  IHAVEOPT: Buffer.from('IHAVEOPT'),
+  OPT: { EXPORT_NAME: 1, ABORT: 2, LIST: 3, STARTTLS: 5, INFO: 6, GO: 7, STRUCTURED_REPLY: 8, LIST_META_CONTEXT: 9, SET_META_CONTEXT: 10 },
+  REP: { ACK: 1, SERVER: 2, INFO: 3, META_CONTEXT: 4, ERR_UNSUP: 0x80000001, ERR_INVALID: 0x80000003, ERR_UNKNOWN: 0x80000006 },
+  CMD: { READ: 0, WRITE: 1, DISC: 2, FLUSH: 3, TRIM: 4, CACHE: 5, WRITE_ZEROES: 6, BLOCK_STATUS: 7 },
+  FLAG_REQ_ONE: 8,
+  EPERM: 1,
+  EINVAL: 22,
+  EOVERFLOW: 75,
+  SIMPLE: 0x67446698,
+  STRUCTURED: 0x668e33ef,
+  CHUNK: { NONE: 0, OFFSET_DATA: 1, OFFSET_HOLE: 2, BLOCK_STATUS: 5, ERROR: 0x8001 },
+} as const
+
+export function option (opt: number, data: Buffer = Buffer.alloc(0), length = data.length): Buffer {
+  const head = Buffer.alloc(16)
+  NBD.IHAVEOPT.copy(head)
+  head.writeUInt32BE(opt, 8)
+  head.writeUInt32BE(length, 12)
+  return Buffer.concat([head, data])
+}
+
+/** u32 length + string, as names and queries go. */
+export function lstring (s: string): Buffer {
+  const b = Buffer.from(s)
+  const n = Buffer.alloc(4)
+  n.writeUInt32BE(b.length)
+  return Buffer.concat([n, b])
+}
+
+export function goData (name: string, infos: number[] = []): Buffer {
+  const tail = Buffer.alloc(2 + 2 * infos.length)
+  tail.writeUInt16BE(infos.length)
+  infos.forEach((v, i) => tail.writeUInt16BE(v, 2 + 2 * i))
+  return Buffer.concat([lstring(name), tail])
+}
+
+export function metaData (name: string, queries: string[]): Buffer {
+  const count = Buffer.alloc(4)
+  count.writeUInt32BE(queries.length)
+  return Buffer.concat([lstring(name), count, ...queries.map(lstring)])
+}
+
+export function request (type: number, offset: number, length: number, options: { flags?: number, cookie?: number, magic?: number } = {}): Buffer {
+  const b = Buffer.alloc(28)
+  b.writeUInt32BE(options.magic ?? 0x25609513, 0)
+  b.writeUInt16BE(options.flags ?? 0, 4)
+  b.writeUInt16BE(type, 6)
+  b.writeBigUInt64BE(BigInt(options.cookie ?? 7), 8)
+  b.writeBigUInt64BE(BigInt(offset), 16)
+  b.writeUInt32BE(length, 24)
+  return b
+}
+
+export interface OptionReply { option: number, type: number, data: Buffer }
+
+export async function readOptionReply (peer: RawPeer): Promise<OptionReply | null> {
+  const head = await peer.read(20)
+  if (head === null) return null
+  const data = await peer.read(head.readUInt32BE(16))
+  if (data === null) return null
+  return { option: head.readUInt32BE(8), type: head.readUInt32BE(12), data }
+}
+
+/** Greeting read, client flags sent (fixed newstyle, no zeroes). */
+export async function handshake (peer: RawPeer, flags = 3): Promise<void> {
+  const greeting = await peer.read(18)
+  if (greeting === null || greeting.subarray(0, 16).toString('latin1') !== 'NBDMAGICIHAVEOPT') throw new Error('no newstyle greeting')
+  const f = Buffer.alloc(4)
+  f.writeUInt32BE(flags)
+  peer.write(f)
+}
+
+/** Handshake, structured replies (optional), contexts (optional), NBD_OPT_GO: ready for requests. */
+export async function open (peer: RawPeer, name: string, options: { structured?: boolean, contexts?: string[] } = {}): Promise<Map<string, number>> {
+  await handshake(peer)
+  if (options.structured !== false) {
+    peer.write(option(NBD.OPT.STRUCTURED_REPLY))
+    await readOptionReply(peer)
+  }
+  const ids = new Map<string, number>()
+  if (options.contexts !== undefined) {
+    peer.write(option(NBD.OPT.SET_META_CONTEXT, metaData(name, options.contexts)))
+    for (let r = await readOptionReply(peer); r !== null && r.type !== NBD.REP.ACK; r = await readOptionReply(peer)) {
+      ids.set(r.data.subarray(4).toString(), r.data.readUInt32BE(0))
+    }
+  }
+  peer.write(option(NBD.OPT.GO, goData(name)))
+  for (let r = await readOptionReply(peer); r?.type !== NBD.REP.ACK; r = await readOptionReply(peer)) {
+    if (r === null || r.type !== NBD.REP.INFO) throw new Error(`NBD_OPT_GO failed: ${r?.type} ${r?.data.toString()}`)
+  }
+  return ids
+}
+
+export interface Chunk { flags: number, type: number, cookie: bigint, payload: Buffer }
+
+export async function readChunk (peer: RawPeer): Promise<Chunk | null> {
+  const head = await peer.read(20)
+  if (head === null) return null
+  if (head.readUInt32BE(0) !== NBD.STRUCTURED) throw new Error(`not a structured reply: 0x${head.readUInt32BE(0).toString(16)}`)
+  const payload = await peer.read(head.readUInt32BE(16))
+  if (payload === null) return null
+  return { flags: head.readUInt16BE(4), type: head.readUInt16BE(6), cookie: head.readBigUInt64BE(8), payload }
+}
+
+/** The chunks of one structured reply, up to the one flagged done. */
+export async function readReply (peer: RawPeer): Promise<Chunk[]> {
+  const chunks: Chunk[] = []
+  for (;;) {
+    const c = await readChunk(peer)
+    if (c === null) throw new Error('the server closed inside a reply')
+    chunks.push(c)
+    if ((c.flags & 1) !== 0) return chunks
+  }
+}
+
+export async function readSimple (peer: RawPeer): Promise<{ error: number, cookie: bigint } | null> {
+  const head = await peer.read(16)
+  if (head === null) return null
+  if (head.readUInt32BE(0) !== NBD.SIMPLE) throw new Error(`not a simple reply: 0x${head.readUInt32BE(0).toString(16)}`)
+  return { error: head.readUInt32BE(4), cookie: head.readBigUInt64BE(8) }
+}
+
+/** An error chunk's error value. */
+export function chunkError (c: Chunk): number {
+  return (c.type & 0x8000) !== 0 ? c.payload.readUInt32BE(0) : 0
+}
