@@ -3,7 +3,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { VMA, cmp, exits, run, smallFileSystem, tempDir, vma } from './helpers/run.js'
-import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
+import { multiDeviceSpec, writeFixture, writeJob } from './helpers/fixtures.js'
 import { planPrune, type Retention } from '../lib/backup/retention.js'
 import { archiveName, parseArchiveName } from '../lib/backup/naming.js'
 import { checkJob } from '../lib/backup/job.js'
@@ -11,11 +11,6 @@ import { runBackupJob } from '../lib/backup/run.js'
 
 const NAME = /^vzdump-qemu-100-\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}\.vma\.zst$/
 
-function writeJob (dir: string, job: Record<string, unknown>): string {
-  const path = join(dir, `job-${Math.random().toString(16).slice(2)}.json`)
-  writeFileSync(path, JSON.stringify(job))
-  return path
-}
 
 t.test('a job with two disks and configs: a vzdump-named archive that verifies and extracts equal', async t => {
   const dir = tempDir(t)

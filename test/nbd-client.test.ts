@@ -4,12 +4,12 @@
  * nbdkit, and servers that fail or break the protocol.
  */
 import t, { type Test } from 'tap'
-import { copyFileSync, openSync, closeSync, readFileSync, writeFileSync, writeSync } from 'node:fs'
+import { copyFileSync, existsSync, openSync, closeSync, readFileSync, writeFileSync, writeSync } from 'node:fs'
 import { createServer, type AddressInfo, type Socket } from 'node:net'
 import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { PACK_VMA, cmp, exits, run, tempDir, vma } from './helpers/run.js'
+import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { startNbdkit, startQemuNbd, startServe } from './helpers/nbd.js'
 import { Rng } from './helpers/random.js'
@@ -143,6 +143,52 @@ t.test('--dirty-bitmap: only dirty clusters are read; over the previous image th
   exits(t, cli, 2, 'vma create refuses it before reading')
   t.match(cli.stderr, /--overlay-of/)
   exits(t, await run(process.execPath, [PACK_VMA, '--dirty-bitmap', 'bm0', uri, '-o', join(dir, 'y.vma')]), 2, 'pack-vma too')
+})
+
+t.test('vma incremental: the dirty clusters as a qcow2 over the previous image, or a snapshot in a .hdd bundle', async t => {
+  const dir = tempDir(t)
+  const img = await qcow2Image(t, dir)
+  // The previous backup three ways: a raw image, a qcow2, and a Parallels bundle made from an archive.
+  await tool(t, 'qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, join(dir, 'full.raw')])
+  await tool(t, 'qemu-img', ['convert', '-f', 'qcow2', '-O', 'qcow2', img, join(dir, 'full.qcow2')])
+  exits(t, await run(process.execPath, [PACK_VMA, img, '-o', join(dir, 'full.vma')]), 0)
+  exits(t, await vma(['extract', join(dir, 'full.vma'), join(dir, 'bundle'), '--format', 'parallels-bundle']), 0)
+  const bundle = join(dir, 'bundle', 'disk-drive-scsi0.hdd')
+  await tool(t, 'qemu-img', ['bitmap', '--add', img, 'bm0'])
+  await tool(t, 'qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0x55 100k 8k', '-c', 'write -q -z 5M 64k', '-c', 'write -q -P 0x77 7M 4k', '-c', 'write -q -P 0x99 1100k 1M', img])
+  const now = join(dir, 'now.raw')
+  await tool(t, 'qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, now])
+  const socket = join(dir, 'sock')
+  await startQemuNbd(t, { socket }, ['-r', '-e', '4', '-f', 'qcow2', '-B', 'bm0', img])
+  const uri = `nbd+unix:///?socket=${socket}`
+  const dirty = await clustersWith(t, uri, 'qemu:dirty-bitmap:bm0', type => (type & 1) === 1)
+
+  for (const previous of ['full.raw', 'full.qcow2']) {
+    const overlay = join(dir, `over-${previous}.qcow2`)
+    const r = await vma(['incremental', uri, '--dirty-bitmap', 'bm0', '--overlay-of', join(dir, previous), '-o', overlay])
+    exits(t, r, 0, `over ${previous}`)
+    const done = JSON.parse(r.stderr.trim().split('\n').pop() as string) as { clusters: number }
+    t.equal(done.clusters, dirty.size, `${previous}: the dirty clusters were written, nothing else`)
+    await tool(t, 'qemu-img', ['check', '-q', overlay])
+    t.match((await run('qemu-img', ['info', overlay])).stdout.toString(), `backing file: ${previous}`, 'the backing file is named relative to the overlay')
+    await tool(t, 'qemu-img', ['compare', '-q', '-U', '-f', 'raw', '-F', 'qcow2', now, overlay])
+  }
+
+  const r = await vma(['incremental', uri, '--dirty-bitmap', 'bm0', '--overlay-of', bundle])
+  exits(t, r, 0, 'a snapshot into the bundle')
+  const xml = readFileSync(join(bundle, 'DiskDescriptor.xml'), 'utf8')
+  t.equal((xml.match(/<Image>/g) ?? []).length, 2, 'the descriptor names two images')
+  const merged = join(dir, 'merged.raw')
+  exits(t, await sh(`${q(process.execPath)} ${q(PACK_VMA)} ${q(bundle)} | ${vmaCmd} extract - - > ${q(merged)}`), 0)
+  t.ok(cmp(merged, now), 'the bundle with its new top snapshot reads as the disk does now')
+  const info = JSON.parse((await vma(['info', bundle, '--json'])).stdout.toString()) as { layers: number }
+  t.equal(info.layers, 2)
+
+  const wrongSize = join(dir, 'small.raw')
+  writeFileSync(wrongSize, Buffer.alloc(65536))
+  const refused = await vma(['incremental', uri, '--dirty-bitmap', 'bm0', '--overlay-of', wrongSize, '-o', join(dir, 'x.qcow2')])
+  exits(t, refused, 1, 'a previous backup of another size')
+  t.notOk(existsSync(join(dir, 'x.qcow2')))
 })
 
 t.test('restore into qemu-nbd of a blank qcow2 equals the source', async t => {

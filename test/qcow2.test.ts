@@ -96,9 +96,14 @@ t.test('tiny disks, odd sizes, a 16 GiB mostly empty disk, and to stdout', async
   for (const d of devices) await checkImage(t, join(out, `disk-${d.name}.qcow2`), join(dir, `${d.name}.src`))
   t.ok(readFileSync(join(out, 'disk-big.qcow2')).length < 2 << 20, 'the 16 GiB disk makes a small image')
   for (const name of ['odd', 'big']) {
+    // From the archive file: indexed, tables first, no temporary copy.
     const piped = join(dir, `${name}-stdout.qcow2`)
-    exits(t, await sh(`${vmaCmd} extract ${q(archive)} - -d ${name} --format qcow2 > ${q(piped)}`), 0, `${name} to stdout`)
+    exits(t, await sh(`${vmaCmd} extract ${q(archive)} - -d ${name} --format qcow2 --tmpdir /nonexistent > ${q(piped)}`), 0, `${name} to stdout`)
     await checkImage(t, piped, join(dir, `${name}.src`))
+    // From a pipe: built in --tmpdir, then copied out.
+    const fromPipe = join(dir, `${name}-pipe.qcow2`)
+    exits(t, await sh(`cat ${q(archive)} | ${vmaCmd} extract - - -d ${name} --format qcow2 --tmpdir ${q(dir)} > ${q(fromPipe)}`), 0, `${name} from a pipe to stdout`)
+    await checkImage(t, fromPipe, join(dir, `${name}.src`))
   }
 })
 

@@ -16,6 +16,8 @@ export interface JobDisk {
   /** Bytes, for raw input whose size cannot be seen. */
   size?: number
   followBacking?: boolean
+  /** Incremental jobs: the dirty bitmap of this NBD export to read after the first run. */
+  dirtyBitmap?: string
 }
 
 export interface JobConfig {
@@ -52,6 +54,12 @@ export interface BackupJob {
   interleave?: boolean
   /** Directory for temporary copies of images read from stdin-like sources. */
   tmpDir?: string
+  /**
+   * Instead of archives, a qcow2 chain per disk in the target: the first run
+   * writes the whole disk, each later run an overlay with the clusters the
+   * disk's dirty bitmap marks, on the newest image before it.
+   */
+  incremental?: boolean
   log?: JobLog
 }
 
@@ -86,7 +94,7 @@ function list (item: Check, min = 0): Check {
 const JOB: Check = object({
   id: string,
   vmid: (v, where) => { if (!Number.isSafeInteger(v) || (v as number) < 1) throw fail(where, 'must be a positive whole number') },
-  disks: list(object({ name: string, path: string, format: string, size: count, followBacking: boolean }, ['name', 'path']), 1),
+  disks: list(object({ name: string, path: string, format: string, size: count, followBacking: boolean, dirtyBitmap: string }, ['name', 'path']), 1),
   configs: list((v, where) => { if (typeof v === 'string') string(v, where); else object({ name: string, path: string }, ['path'])(v, where) }),
   target: string,
   compression: oneOf('zstd', 'gzip', 'lzo', 'none'),
@@ -96,13 +104,24 @@ const JOB: Check = object({
   protected: boolean,
   interleave: boolean,
   tmpDir: string,
+  incremental: boolean,
   log: object({ file: string, stderr: boolean, level: oneOf('trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent') }),
 }, ['vmid', 'disks', 'target'])
 
 /** Checks a parsed job; throws E_JOB naming the first problem. */
 export function checkJob (value: unknown): BackupJob {
   JOB(value, 'job')
-  return value as BackupJob
+  const job = value as BackupJob
+  if (job.incremental === true) {
+    // An incremental chain is one whole: no retention prunes part of it, and qcow2 images are not compressed as archives are.
+    for (const key of ['retention', 'compression', 'configs', 'notes', 'protected', 'interleave'] as const) {
+      if (job[key] !== undefined) throw fail(`job.${key}`, 'applies to archives, not to an incremental chain')
+    }
+    job.disks.forEach((d, i) => { if (d.dirtyBitmap === undefined) throw fail(`job.disks[${i}].dirtyBitmap`, 'is required in an incremental job') })
+  } else {
+    job.disks.forEach((d, i) => { if (d.dirtyBitmap !== undefined) throw fail(`job.disks[${i}].dirtyBitmap`, 'needs "incremental": true') })
+  }
+  return job
 }
 
 export async function readJob (path: string): Promise<BackupJob> {

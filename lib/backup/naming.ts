@@ -9,9 +9,29 @@ const EXTENSION: Record<Compression, string> = { none: '', zstd: '.zst', gzip: '
 
 const pad = (n: number): string => String(n).padStart(2, '0')
 
+/** vzdump's time stamp: local time, YYYY_MM_DD-HH_MM_SS. */
+function stamp (when: Date): string {
+  return `${when.getFullYear()}_${pad(when.getMonth() + 1)}_${pad(when.getDate())}-${pad(when.getHours())}_${pad(when.getMinutes())}_${pad(when.getSeconds())}`
+}
+
 export function archiveName (vmid: number, when: Date, compression: Compression): string {
-  const stamp = `${when.getFullYear()}_${pad(when.getMonth() + 1)}_${pad(when.getDate())}-${pad(when.getHours())}_${pad(when.getMinutes())}_${pad(when.getSeconds())}`
-  return `vzdump-qemu-${vmid}-${stamp}.vma${EXTENSION[compression]}`
+  return `vzdump-qemu-${vmid}-${stamp(when)}.vma${EXTENSION[compression]}`
+}
+
+/** An incremental job's qcow2 image of one disk: the chain's base, or an overlay on the image before it. */
+export function imageName (vmid: number, when: Date, disk: string): string {
+  return `vzdump-qemu-${vmid}-${stamp(when)}-${disk}.qcow2`
+}
+
+/** The run's log of an incremental job (no archive names it). */
+export function runLogName (vmid: number, when: Date): string {
+  return `vzdump-qemu-${vmid}-${stamp(when)}.log`
+}
+
+/** The images of `disk` of VM `vmid` among `files`, oldest first. */
+export function chainOf (files: string[], vmid: number, disk: string): string[] {
+  const suffix = `-${disk}.qcow2`
+  return files.filter(f => f.endsWith(suffix) && parseArchiveName(`${f.slice(0, -suffix.length)}.vma`)?.vmid === vmid).sort()
 }
 
 export interface ArchiveFile {

@@ -5,19 +5,23 @@
  * give it its name with its sidecars, then prune by the retention policy.
  */
 import { createReadStream } from 'node:fs'
-import { readdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises'
+import { readdir, readFile, stat, unlink } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { pino, type Logger } from 'pino'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ConfigBlob } from '../record.js'
-import { openOutput, partialPrefix } from '../io/output.js'
+import { openOutput, writeFileAtomically } from '../io/output.js'
 import type { ProgressSink } from '../io/progress.js'
-import { type DiskSource, openDisk } from '../sources.js'
+import { type DiskSource, type DiskSpec, openDisk } from '../sources.js'
+import { writeImage, writeOverlay } from '../incremental.js'
+import { Qcow2Image } from '../qcow2/reader.js'
+import { diskRecords } from '../disk.js'
+import { CLUSTER_SIZE } from '../record.js'
 import { packArchive } from '../pack.js'
 import { verifyArchive } from '../archive.js'
-import type { BackupJob } from './job.js'
+import type { BackupJob, JobDisk } from './job.js'
 import { acquireLock } from './lock.js'
-import { archiveName, parseArchiveName, sidecars } from './naming.js'
+import { archiveName, chainOf, imageName, parseArchiveName, runLogName, sidecars } from './naming.js'
 import { type PruneItem, planPrune } from './retention.js'
 
 export interface BackupOptions {
@@ -32,8 +36,10 @@ export interface BackupOptions {
 
 export interface BackupResult {
   job: string
-  /** Path of the new archive. */
+  /** Path of the new archive (or, incremental, of the first new image). */
   archive: string
+  /** Every file written: the archive, or one image per disk. */
+  files: string[]
   /** Bytes of the archive file. */
   bytes: number
   /** Bytes of the disks. */
@@ -73,60 +79,108 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   try {
     if (lock.tookOverFrom !== undefined) task.warn({ stalePid: lock.tookOverFrom.pid }, `took over the lock of a run that is gone (pid ${lock.tookOverFrom.pid}, started ${lock.tookOverFrom.started})`)
     await removeLeftovers(target, job.vmid, task)
-    const compression = job.compression ?? 'zstd'
-    const name = archiveName(job.vmid, now, compression)
-    const path = join(target, name)
-    task.info({ archive: path, disks: job.disks.map(d => d.name) }, `starting backup of VM ${job.vmid} to ${path}`)
-
-    const configs = await readConfigs(job)
-    const disks: DiskSource[] = []
-    try {
-      for (const d of job.disks) {
-        disks.push(await openDisk({
-          name: d.name,
-          path: d.path,
-          ...(d.format !== undefined ? { format: d.format } : {}),
-          ...(d.size !== undefined ? { size: d.size } : {}),
-          ...(d.followBacking === true ? { followBacking: true } : {}),
-          ...(job.tmpDir !== undefined ? { tmpDir: job.tmpDir } : {}),
-        }))
-      }
-    } catch (err) {
-      for (const d of disks) d.close()
-      throw err
-    }
-    const diskBytes = disks.reduce((n, d) => n + d.size, 0)
-    for (const d of disks) task.info({ device: d.name, path: d.path, format: d.format, size: d.size }, `disk ${d.name}: ${d.path} (${d.format}, ${d.size} bytes)`)
-
-    const output = await openOutput(path)
-    try {
-      await packArchive(disks, output, {
-        configs,
-        compression,
-        ctime: Math.floor(now.getTime() / 1000),
-        ...(job.interleave === true ? { interleave: true } : {}),
-        ...(options.signal !== undefined ? { signal: options.signal } : {}),
-        ...(options.progress !== undefined ? { progress: options.progress } : {}),
-      })
-      if (job.verify === true) await verifyPartial(output.partial as string, task)
-      await output.commit()
-    } catch (err) {
-      await output.abort()
-      throw err
-    }
-    const bytes = (await stat(path)).size
+    const written = job.incremental === true ? await writeChains(job, now, task, options) : await writeArchive(job, now, task, options)
     const seconds = (Date.now() - started) / 1000
-    task.info({ bytes, diskBytes, seconds, rate: Math.round(diskBytes / Math.max(seconds, 0.001)) }, `archive ${name} written: ${bytes} bytes from ${diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
-    if (job.notes !== undefined) await writeAtomically(join(target, sidecars(name).notes), job.notes)
-    if (job.protected === true) await writeAtomically(join(target, sidecars(name).protected), '')
-
+    task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) }, `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
     const { pruned, failures } = await prune(job, task)
     task.info({ result: failures.length > 0 ? 'partly-pruned' : 'ok' }, `finished backup of VM ${job.vmid}`)
-    await writeAtomically(join(target, sidecars(name).log), task.lines.join('\n') + '\n')
-    return { job: id, archive: path, bytes, diskBytes, seconds: (Date.now() - started) / 1000, pruned, pruneFailures: failures }
+    await writeFileAtomically(join(target, written.log), task.lines.join('\n') + '\n')
+    return { job: id, archive: join(target, written.files[0]), files: written.files.map(f => join(target, f)), bytes: written.bytes, diskBytes: written.diskBytes, seconds: (Date.now() - started) / 1000, pruned, pruneFailures: failures }
   } finally {
     await lock.release()
   }
+}
+
+interface Written {
+  /** Names in the target, the archive (or the images) first. */
+  files: string[]
+  /** Where the run's task log goes. */
+  log: string
+  bytes: number
+  diskBytes: number
+}
+
+function diskSpec (job: BackupJob, d: JobDisk, dirtyBitmap?: string): DiskSpec {
+  return {
+    name: d.name,
+    path: d.path,
+    ...(d.format !== undefined ? { format: d.format } : {}),
+    ...(d.size !== undefined ? { size: d.size } : {}),
+    ...(d.followBacking === true ? { followBacking: true } : {}),
+    ...(job.tmpDir !== undefined ? { tmpDir: job.tmpDir } : {}),
+    ...(dirtyBitmap !== undefined ? { dirtyBitmap } : {}),
+  }
+}
+
+/** The archive: every disk and config into one vzdump-named VMA. */
+async function writeArchive (job: BackupJob, now: Date, task: TaskLog, options: BackupOptions): Promise<Written> {
+  const compression = job.compression ?? 'zstd'
+  const name = archiveName(job.vmid, now, compression)
+  const path = join(job.target, name)
+  task.info({ archive: path, disks: job.disks.map(d => d.name) }, `starting backup of VM ${job.vmid} to ${path}`)
+  const configs = await readConfigs(job)
+  const disks: DiskSource[] = []
+  try {
+    for (const d of job.disks) disks.push(await openDisk(diskSpec(job, d)))
+  } catch (err) {
+    for (const d of disks) d.close()
+    throw err
+  }
+  for (const d of disks) task.info({ device: d.name, path: d.path, format: d.format, size: d.size }, `disk ${d.name}: ${d.path} (${d.format}, ${d.size} bytes)`)
+  const output = await openOutput(path)
+  try {
+    await packArchive(disks, output, {
+      configs,
+      compression,
+      ctime: Math.floor(now.getTime() / 1000),
+      ...(job.interleave === true ? { interleave: true } : {}),
+      ...(options.signal !== undefined ? { signal: options.signal } : {}),
+      ...(options.progress !== undefined ? { progress: options.progress } : {}),
+    })
+    if (job.verify === true) await verifyPartial(output.partial as string, task)
+    await output.commit()
+  } catch (err) {
+    await output.abort()
+    throw err
+  }
+  if (job.notes !== undefined) await writeFileAtomically(join(job.target, sidecars(name).notes), job.notes)
+  if (job.protected === true) await writeFileAtomically(join(job.target, sidecars(name).protected), '')
+  return { files: [name], log: sidecars(name).log, bytes: (await stat(path)).size, diskBytes: disks.reduce((n, d) => n + d.size, 0) }
+}
+
+/**
+ * Incremental: per disk, the whole disk as the base of a qcow2 chain the first
+ * time, later an overlay of what the disk's dirty bitmap marks on the newest
+ * image of its chain.
+ */
+async function writeChains (job: BackupJob, now: Date, task: TaskLog, options: BackupOptions): Promise<Written> {
+  const files = await readdir(job.target)
+  const written: Written = { files: [], log: runLogName(job.vmid, now), bytes: 0, diskBytes: 0 }
+  for (const d of job.disks) {
+    const out = join(job.target, imageName(job.vmid, now, d.name))
+    const previous = chainOf(files, job.vmid, d.name).pop()
+    const source = await openDisk(diskSpec(job, d, previous === undefined ? undefined : d.dirtyBitmap))
+    task.info({ device: d.name, path: d.path, size: source.size, previous }, previous === undefined
+      ? `disk ${d.name}: ${d.path}, the whole disk (the chain starts here)`
+      : `disk ${d.name}: ${d.path}, what dirty bitmap ${d.dirtyBitmap ?? ''} marks, over ${previous}`)
+    const result = previous === undefined
+      ? await writeImage(source, out, options.progress !== undefined ? { progress: options.progress } : {})
+      : await writeOverlay(source, join(job.target, previous), { output: out, ...(options.progress !== undefined ? { progress: options.progress } : {}) })
+    if (job.verify === true) await verifyImage(out, task)
+    written.files.push(basename(out))
+    written.bytes += (await stat(out)).size
+    written.diskBytes += result.clusters * CLUSTER_SIZE
+  }
+  return written
+}
+
+/** Reads a new image back with its whole chain: every table checked, every cluster read. */
+async function verifyImage (path: string, task: TaskLog): Promise<void> {
+  const image = await Qcow2Image.open(path, { followBacking: true })
+  const reader = diskRecords(image, 1)
+  let clusters = 0
+  for await (const _ of reader) clusters++
+  task.info({ image: path, clusters }, `${basename(path)} reads back whole with its chain`)
 }
 
 async function readConfigs (job: BackupJob): Promise<ConfigBlob[]> {
@@ -148,13 +202,6 @@ async function verifyPartial (path: string, task: TaskLog): Promise<void> {
   const report = await verifyArchive(createReadStream(path, { highWaterMark: 1 << 20 }))
   if (!report.ok) throw report.error as VmapipeError
   task.info({ extents: report.extents, archiveBytes: report.archiveBytes }, 'the archive reads back complete and consistent')
-}
-
-/** Writes a small file under a temporary name and renames it into place. */
-async function writeAtomically (path: string, text: string): Promise<void> {
-  const temp = join(path, '..', `${partialPrefix(basename(path))}${process.pid}`)
-  await writeFile(temp, text, { mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${path}`) })
-  await rename(temp, path).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot write ${path}`) })
 }
 
 async function prune (job: BackupJob, task: TaskLog): Promise<{ pruned: string[], failures: Array<{ archive: string, error: string }> }> {

@@ -11,14 +11,17 @@ export const backup: Command = {
   summary: 'run a backup job file: vzdump-named archive, retention, lock, logs',
   help: `Usage: vma backup JOBFILE
 
-Runs the backup job described by JOBFILE (JSON; a full example with every key
-is examples/backup-job.json): packs the VM's disks and config files into
+Runs the backup job described by JOBFILE (JSON; examples/backup-job.json
+shows every key, examples/backup-job-incremental.json an incremental job):
+packs the VM's disks and config files into
 <target>/vzdump-qemu-<vmid>-YYYY_MM_DD-HH_MM_SS.vma[.zst|.gz|.lzo] as vzdump
 names them, under a temporary name until it is complete (and, with
 "verify": true, read back and checked), with a .log sidecar, then prunes old
 archives of the VM by "retention" (keep-last, keep-daily, keep-weekly,
 keep-monthly; .protected archives are never pruned, .notes and .log go with
-their archive).
+their archive). An incremental job ("incremental": true) keeps a qcow2
+chain per disk instead: the whole disk the first time, then overlays of what
+each disk's dirty bitmap (dirtyBitmap, on an NBD export) marks.
 
 A lock per target and VM keeps a second run from starting while the first is
 alive; a lock left by a dead run is taken over and the dead run's temporary
@@ -50,7 +53,7 @@ Examples:
       const result = await runBackupJob(job, { log, signal: ctx.signal, ...(progress ? { progress } : {}) })
       ctx.stopProgress()
       const partly = result.pruneFailures.length > 0
-      log.info({ job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive, bytes: result.bytes, diskBytes: result.diskBytes, seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)), pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS }, 'backup job done')
+      log.info({ job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive, files: result.files, bytes: result.bytes, diskBytes: result.diskBytes, seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)), pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS }, 'backup job done')
       return partly ? EXIT.PARTLY_PRUNED : EXIT.OK
     } catch (err) {
       ctx.stopProgress()

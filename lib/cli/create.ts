@@ -59,9 +59,8 @@ is told by magic bytes, raw being the fallback.
                       a pipe (suffixes K, M, G, T)
   backing=PATH        a qcow2's backing file, wherever it lies (the chain
                       below it is followed)
-  dirty-bitmap=NAME   an incremental backup of an NBD PATH: only what its
-                      dirty bitmap NAME marks (needs --overlay-of, which
-                      comes with the qcow2 and Parallels writers)
+  dirty-bitmap=NAME   refused: what a dirty bitmap marks is an overlay on
+                      the previous backup, not an archive (vma incremental)
 A device named vmstate holds saved RAM and is written in order. PATH may be
 an NBD URI: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (only
 allocated extents are read).
@@ -101,9 +100,8 @@ Options:
   --name NAME         device name (default drive-scsi0)
   --size BYTES        size of a raw input that cannot be seen (suffixes K, M, G)
   -o, --output OUT    write OUT instead of stdout
-  --dirty-bitmap NAME read only what the NBD export's dirty bitmap NAME marks
-                      (an incremental backup: needs --overlay-of, which comes
-                      with the qcow2 and Parallels writers)
+  --dirty-bitmap NAME refused: an incremental backup is an overlay on the
+                      previous backup, not an archive (vma incremental)
 ${PACK_HELP}
 
 Examples:
@@ -170,7 +168,7 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
   if (specs.filter(s => s.path === '-').length > 1) throw new VmapipeError('E_USAGE', 'only one disk can come from stdin')
   const incremental = specs.find(s => s.dirtyBitmap !== undefined)
   if (incremental !== undefined) {
-    throw new VmapipeError('E_USAGE', `${incremental.name}: dirty bitmap ${incremental.dirtyBitmap} gives only the changed clusters, an overlay on the previous backup, while a VMA archive holds whole disks; writing overlays needs --overlay-of PREVIOUS, which comes with the qcow2 and Parallels writers`)
+    throw new VmapipeError('E_USAGE', `${incremental.name}: dirty bitmap ${incremental.dirtyBitmap} gives only the changed clusters, an overlay on the previous backup, while a VMA archive holds whole disks; write the overlay with vma incremental URI --dirty-bitmap ${incremental.dirtyBitmap} --overlay-of PREVIOUS`)
   }
   const compress = values.compress as string | undefined
   if (compress !== undefined && !COMPRESSIONS.includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)

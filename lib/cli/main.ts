@@ -8,11 +8,12 @@ import { config } from './config.js'
 import { create } from './create.js'
 import { extract } from './extract.js'
 import { info } from './info.js'
+import { incremental } from './incremental.js'
 import { list } from './list.js'
 import { serve } from './serve.js'
 import { verify } from './verify.js'
 
-const COMMANDS: Command[] = [list, config, verify, extract, create, backup, serve, info]
+const COMMANDS: Command[] = [list, config, verify, extract, create, backup, serve, incremental, info]
 
 const EXIT_HELP = `Exit codes:
   0    success

@@ -4,7 +4,7 @@
  * removed on abort. `-` is stdout.
  */
 import { createWriteStream, type WriteStream } from 'node:fs'
-import { open, rename, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { open, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import { finished } from 'node:stream/promises'
@@ -123,4 +123,11 @@ export function stdoutWritable (): Writable {
       settle(null, callback)
     },
   })
+}
+
+/** Writes a small file under a temporary name beside it and renames it into place. */
+export async function writeFileAtomically (path: string, data: string | Buffer): Promise<void> {
+  const temp = join(dirname(path), `${partialPrefix(basename(path))}${process.pid}`)
+  await writeFile(temp, data, { mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${path}`) })
+  await rename(temp, path).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot write ${path}`) })
 }

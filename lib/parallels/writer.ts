@@ -12,6 +12,7 @@ import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
+import type { RandomAccessDisk } from '../disk.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
@@ -36,6 +37,12 @@ export interface ParallelsWriterOptions {
   clusterSize?: number
   queue?: WriteQueue
   bitmaps?: BitmapInput[]
+  /**
+   * Write a snapshot over these layers: every record is stored, zeros too (a
+   * cluster present in a snapshot hides the layers below), and the parts of
+   * a written cluster that no record covers are copied from the layers.
+   */
+  base?: RandomAccessDisk
 }
 
 /** Checks a cluster size given for writing. */
@@ -50,6 +57,8 @@ export class ParallelsWriter implements DiskWriter {
   private readonly clusterBytes: number
   /** File cluster the next newly written image cluster takes. */
   private next: number
+  /** Snapshots: the records (64 KiB parts) each written image cluster got. */
+  private readonly covered = new Map<number, Uint8Array>()
 
   private constructor (
     private readonly file: FileHandle,
@@ -57,6 +66,7 @@ export class ParallelsWriter implements DiskWriter {
     private readonly size: number,
     private readonly header: ParallelsHeader,
     private readonly queue: WriteQueue,
+    private readonly base?: RandomAccessDisk,
   ) {
     this.bat = new Uint32Array(header.batEntries)
     this.clusterBytes = header.tracks * SECTOR_SIZE
@@ -91,7 +101,7 @@ export class ParallelsWriter implements DiskWriter {
     } catch (err) {
       throw ioError(err, `cannot create ${path}`)
     }
-    const writer = new ParallelsWriter(file, path, size, header, options.queue ?? new WriteQueue())
+    const writer = new ParallelsWriter(file, path, size, header, options.queue ?? new WriteQueue(), options.base)
     try {
       await writer.start(options.bitmaps ?? [])
     } catch (err) {
@@ -102,18 +112,51 @@ export class ParallelsWriter implements DiskWriter {
   }
 
   write (rec: ClusterRecord): Promise<void> | undefined {
+    if (this.base !== undefined) this.cover(rec.cluster * CLUSTER_SIZE)
     let wait: Promise<void> | undefined
     forEachRun(rec, this.size, (position, bytes) => {
       if (bytes.equals(ZERO_CLUSTER.subarray(0, bytes.length))) return
-      const index = Math.floor(position / this.clusterBytes)
-      if (this.bat[index] === 0) this.bat[index] = this.next++
-      const at = this.bat[index] * this.clusterBytes + position - index * this.clusterBytes
-      wait = this.queue.write(this.file.fd, bytes, at, `writing ${this.path}`) ?? wait
+      wait = this.put(bytes, position) ?? wait
     })
     return wait
   }
 
+  /** Writes guest bytes at `position`, giving their image cluster the next free file cluster if it has none. */
+  private put (bytes: Buffer, position: number): Promise<void> | undefined {
+    const index = Math.floor(position / this.clusterBytes)
+    if (this.bat[index] === 0) this.bat[index] = this.next++
+    const at = this.bat[index] * this.clusterBytes + position - index * this.clusterBytes
+    return this.queue.write(this.file.fd, bytes, at, `writing ${this.path}`)
+  }
+
+  /** Snapshots: the image cluster of guest `position` is in this layer, and the record there is its own. */
+  private cover (position: number): void {
+    const index = Math.floor(position / this.clusterBytes)
+    if (this.bat[index] === 0) this.bat[index] = this.next++
+    let parts = this.covered.get(index)
+    if (parts === undefined) {
+      parts = new Uint8Array(this.clusterBytes / CLUSTER_SIZE)
+      this.covered.set(index, parts)
+    }
+    parts[(position - index * this.clusterBytes) / CLUSTER_SIZE] = 1
+  }
+
+  /** Snapshots: the rest of each written image cluster, from the layers below. */
+  private async fillFromBase (base: RandomAccessDisk): Promise<void> {
+    const buf = Buffer.alloc(CLUSTER_SIZE)
+    for (const [index, parts] of this.covered) {
+      for (let p = 0; p < parts.length; p++) {
+        const position = index * this.clusterBytes + p * CLUSTER_SIZE
+        if (parts[p] === 1 || position >= this.size) continue
+        const bytes = buf.subarray(0, Math.min(CLUSTER_SIZE, this.size - position))
+        await base.read(bytes, position)
+        if (!bytes.equals(ZERO_CLUSTER.subarray(0, bytes.length))) await this.put(Buffer.from(bytes), position)
+      }
+    }
+  }
+
   async finish (): Promise<void> {
+    if (this.base !== undefined) await this.fillFromBase(this.base)
     this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
     this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
     await completeFile(this.queue, this.file, this.next * this.clusterBytes, this.path)

@@ -46,3 +46,10 @@ export function writeFixture (dir: string, spec: BuildSpec, name = 'test.vma'): 
   }
   return { archive, spec, sources }
 }
+
+/** A backup job file in `dir`, under a name of its own. */
+export function writeJob (dir: string, job: Record<string, unknown>): string {
+  const path = join(dir, `job-${Math.random().toString(16).slice(2)}.json`)
+  writeFileSync(path, JSON.stringify(job))
+  return path
+}
