@@ -71,6 +71,18 @@ export interface StreamedImage {
   records: (device: number, progress?: ProgressSink) => Promise<Readable>
 }
 
+/** Guest bytes mapped per step when summing up a map, so that a fragmented one never becomes one huge array. */
+const SUM_STEP = 1 << 30
+
+/** The bytes of [0, size) in ranges `map` gives that `counts` accepts: allocated bytes, dirty bytes. */
+export async function mappedBytes<T extends { length: number }> (map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean): Promise<number> {
+  let bytes = 0
+  for (let offset = 0; offset < size; offset += SUM_STEP) {
+    for (const range of await map(offset, Math.min(SUM_STEP, size - offset))) if (counts(range)) bytes += range.length
+  }
+  return bytes
+}
+
 export async function describeBitmaps (bitmaps: DirtyBitmap[]): Promise<NonNullable<DiskDescription['bitmaps']>> {
   return await Promise.all(bitmaps.map(async b => ({ id: b.id, granularity: b.granularity, dirtyBytes: await b.dirtyBytes() })))
 }

@@ -4,7 +4,7 @@
  * target and renamed to their final names only when every one is complete.
  */
 import { createReadStream } from 'node:fs'
-import { mkdir, mkdtemp, open, readdir, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises'
+import { mkdir, mkdtemp, readdir, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { once } from 'node:events'
@@ -17,6 +17,7 @@ import { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
 import type { NbdAddress } from './nbd/client.js'
 import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
+import { syncPath } from './io/output.js'
 import { drained } from './io/drained.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
@@ -68,7 +69,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
     })
     for (const name of names) await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
     await rmdir(stagingDir)
-    await syncDirectory(targetDir)
+    await syncPath(targetDir)
     return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset }
   } catch (err) {
     if (staging !== undefined) await rm(staging, { recursive: true, force: true }).catch(() => {})
@@ -230,9 +231,4 @@ async function prepareTarget (dir: string, force: boolean): Promise<boolean> {
     throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory`)
   }
   return false
-}
-
-async function syncDirectory (dir: string): Promise<void> {
-  const handle = await open(dir, 'r')
-  try { await handle.sync() } finally { await handle.close() }
 }

@@ -8,18 +8,17 @@
  * file appears under its name only when complete, and the descriptor changes
  * only after that.
  */
-import { randomBytes } from 'node:crypto'
-import { readFile, rename, stat, unlink } from 'node:fs/promises'
+import { rename, stat, unlink } from 'node:fs/promises'
 import { basename, dirname, extname, join, relative } from 'node:path'
 import { VmapipeError, ioError } from './errors.js'
 import type { ProgressSink } from './io/progress.js'
-import { partialPrefix, writeFileAtomically } from './io/output.js'
+import { partialPath, writeFileAtomically } from './io/output.js'
 import type { DiskWriter } from './router.js'
 import { type DiskSource, openImageFile } from './sources.js'
 import { Qcow2FileWriter, type Qcow2WriterOptions } from './qcow2/writer.js'
 import { ParallelsWriter } from './parallels/writer.js'
 import { DESCRIPTOR_NAME, ParallelsBundle } from './parallels/bundle.js'
-import { addSnapshotImage, newGuid, parseDescriptor } from './parallels/descriptor.js'
+import { addSnapshotImage, newGuid } from './parallels/descriptor.js'
 import { SECTOR_SIZE } from './parallels/format.js'
 import type { ClusterRecord } from './record.js'
 
@@ -63,9 +62,7 @@ export async function writeImage (source: DiskSource, out: string, options: Over
 
 async function writeQcow2 (source: DiskSource, out: string, writerOptions: Qcow2WriterOptions, options: OverlayOptions): Promise<OverlayResult> {
   if (await stat(out).then(() => true, () => false)) throw new VmapipeError('E_TARGET_EXISTS', `${out} exists already`)
-  const temp = join(dirname(out), `${partialPrefix(basename(out))}${randomBytes(4).toString('hex')}`)
-  const clusters = await fill(source, await Qcow2FileWriter.create(temp, source.size, writerOptions), temp, options)
-  await rename(temp, out).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot name ${out}`) })
+  const clusters = await fillAs(source, out, async temp => await Qcow2FileWriter.create(temp, source.size, writerOptions), options)
   return { path: out, format: 'qcow2', clusters }
 }
 
@@ -74,15 +71,12 @@ async function snapshotInBundle (source: DiskSource, previous: string, options: 
   try {
     checkSize(source, base.size, previous)
     const where = base.descriptorPath
-    const xml = await readFile(where, 'utf8').catch(err => { throw ioError(err, `cannot read ${where}`) })
-    const clusterSize = parseDescriptor(xml, where).storages[0].blockSize * SECTOR_SIZE
+    const clusterSize = base.descriptor.storages[0].blockSize * SECTOR_SIZE
     const dir = dirname(where)
     const guid = newGuid()
     const file = `${basename(dir, extname(dir))}.${base.layers.length}.${guid}.hds`
-    const temp = join(dir, `${partialPrefix(file)}${randomBytes(4).toString('hex')}`)
-    const clusters = await fill(source, await ParallelsWriter.create(temp, base.size, { clusterSize, base }), temp, options)
-    await rename(temp, join(dir, file)).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot name ${file}`) })
-    await writeFileAtomically(where, addSnapshotImage(xml, { guid, type: 'Compressed', file }, where))
+    const clusters = await fillAs(source, join(dir, file), async temp => await ParallelsWriter.create(temp, base.size, { clusterSize, base }), options)
+    await writeFileAtomically(where, addSnapshotImage(base.xml, { guid, type: 'Compressed', file }, where))
     return { path: join(dir, file), format: 'parallels', clusters }
   } finally {
     await base.close()
@@ -91,6 +85,14 @@ async function snapshotInBundle (source: DiskSource, previous: string, options: 
 
 function checkSize (source: DiskSource, size: number, previous: string): void {
   if (source.size !== size) throw new VmapipeError('E_INPUT_SIZE', `${source.path} is ${source.size} bytes but the previous backup ${previous} is ${size}`)
+}
+
+/** Writes the source's records through the writer `create` makes on a temporary name, which becomes `out` when complete. */
+async function fillAs (source: DiskSource, out: string, create: (temp: string) => Promise<DiskWriter>, options: OverlayOptions): Promise<number> {
+  const temp = partialPath(out)
+  const clusters = await fill(source, await create(temp), temp, options)
+  await rename(temp, out).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot name ${out}`) })
+  return clusters
 }
 
 /** Feeds the source's records to `writer` and completes it; on failure the file at `path` is removed. */

@@ -10,7 +10,7 @@ import { basename, join } from 'node:path'
 import { pino, type Logger } from 'pino'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ConfigBlob } from '../record.js'
-import { openOutput, writeFileAtomically } from '../io/output.js'
+import { isPartialName, openOutput, writeFileAtomically } from '../io/output.js'
 import type { ProgressSink } from '../io/progress.js'
 import { type DiskSource, type DiskSpec, openDisk } from '../sources.js'
 import { writeImage, writeOverlay } from '../incremental.js'
@@ -193,7 +193,7 @@ async function readConfigs (job: BackupJob): Promise<ConfigBlob[]> {
 /** Temporary files of this VM's archives and sidecars: a crashed run's leftovers (we hold the lock). */
 async function removeLeftovers (target: string, vmid: number, task: TaskLog): Promise<void> {
   for (const file of await readdir(target)) {
-    if (!file.startsWith(`.vzdump-qemu-${vmid}-`) || !file.includes('.partial-')) continue
+    if (!file.startsWith(`.vzdump-qemu-${vmid}-`) || !isPartialName(file)) continue
     await unlink(join(target, file)).then(() => task.warn({ file }, `removed ${file}, left by a run that did not finish`), () => {})
   }
 }

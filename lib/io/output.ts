@@ -24,9 +24,21 @@ export interface Output {
   abort: () => Promise<void>
 }
 
-/** The prefix of the temporary names openOutput uses beside `name`, for cleaning up after a crash. */
-export function partialPrefix (name: string): string {
-  return `.${name}.partial-`
+const PARTIAL_MARK = '.partial-'
+
+/** The prefix of the temporary names used beside `name`. */
+function partialPrefix (name: string): string {
+  return `.${name}${PARTIAL_MARK}`
+}
+
+/** A fresh temporary name beside `path`, for a file that gets `path` only when complete. */
+export function partialPath (path: string): string {
+  return join(dirname(path), `${partialPrefix(basename(path))}${randomBytes(4).toString('hex')}`)
+}
+
+/** Whether a file name is one of those temporary names: a leftover, after a crash. */
+export function isPartialName (name: string): boolean {
+  return name.startsWith('.') && name.includes(PARTIAL_MARK)
 }
 
 export async function openOutput (path: string, options: { force?: boolean } = {}): Promise<Output> {
@@ -38,7 +50,7 @@ export async function openOutput (path: string, options: { force?: boolean } = {
     throw new VmapipeError('E_TARGET_EXISTS', `${path} exists already (use --force to replace it)`)
   }
   if (existing?.isBlockDevice() === true) return await openInPlace(path)
-  const temp = join(dirname(path), `${partialPrefix(basename(path))}${randomBytes(4).toString('hex')}`)
+  const temp = partialPath(path)
   const handle = await open(temp, 'wx', 0o644).catch(err => { throw ioError(err, `cannot create ${temp}`) })
   const { stream, close } = writeStreamOn(handle)
   const abort = async (): Promise<void> => {
@@ -125,9 +137,15 @@ export function stdoutWritable (): Writable {
   })
 }
 
+/** fsync by path: a file, or a directory so that the names made in it last. */
+export async function syncPath (path: string): Promise<void> {
+  const handle = await open(path, 'r')
+  try { await handle.sync() } finally { await handle.close() }
+}
+
 /** Writes a small file under a temporary name beside it and renames it into place. */
 export async function writeFileAtomically (path: string, data: string | Buffer): Promise<void> {
-  const temp = join(dirname(path), `${partialPrefix(basename(path))}${process.pid}`)
+  const temp = partialPath(path)
   await writeFile(temp, data, { mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${path}`) })
   await rename(temp, path).catch(async err => { await unlink(temp).catch(() => {}); throw ioError(err, `cannot write ${path}`) })
 }

@@ -13,7 +13,7 @@
  */
 import { connect, type Socket } from 'node:net'
 import { VmapipeError } from '../errors.js'
-import type { DirtyBitmap, Extent, RandomAccessDisk } from '../disk.js'
+import { type DirtyBitmap, type Extent, type RandomAccessDisk, mappedBytes } from '../disk.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
   type ChunkHeader, type Descriptor, CHUNK, CHUNK_HEADER_SIZE, CLIENT_FLAG, COMMAND, CONTEXT_ALLOCATION,
@@ -581,7 +581,7 @@ export async function openNbdDisk (target: NbdAddress | string, options: OpenNbd
         // NBD does not tell a bitmap's granularity; the export's block size is the finest it can answer in.
         granularity: client.minimumBlock,
         map,
-        dirtyBytes: async () => (await map(0, client.size)).reduce((n, r) => n + (r.dirty ? r.length : 0), 0),
+        dirtyBytes: async () => await mappedBytes(map, client.size, r => r.dirty),
       }
     }),
   }

@@ -8,7 +8,7 @@
 import { readFile, realpath, stat } from 'node:fs/promises'
 import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, describeBitmaps } from '../disk.js'
+import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, describeBitmaps, mappedBytes } from '../disk.js'
 import { RawImage } from '../raw/image.js'
 import { type DescriptorImage, type DiskDescriptor, ROOT_PARENT, parseDescriptor, topOf } from './descriptor.js'
 import { ParallelsImage } from './reader.js'
@@ -89,8 +89,9 @@ export class ParallelsBundle implements RandomAccessDisk {
   readonly size: number
   readonly bitmaps: DirtyBitmap[]
 
-  private constructor (readonly descriptorPath: string, readonly layers: BundleLayer[], sectors: number) {
-    this.size = sectors * SECTOR_SIZE
+  /** `xml` is the DiskDescriptor.xml as read, `descriptor` what it says. */
+  private constructor (readonly descriptorPath: string, readonly xml: string, readonly descriptor: DiskDescriptor, readonly layers: BundleLayer[]) {
+    this.size = descriptor.diskSize * SECTOR_SIZE
     this.bitmaps = layers[0].disk.bitmaps ?? []
   }
 
@@ -100,7 +101,8 @@ export class ParallelsBundle implements RandomAccessDisk {
     const where = st.isDirectory() ? join(path, DESCRIPTOR_NAME) : path
     const size = st.isDirectory() ? (await stat(where).catch(err => { throw ioError(err, `${path} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`) })).size : st.size
     if (size > MAX_DESCRIPTOR_BYTES) throw fail(where, `${size} bytes, more than a descriptor can be (${MAX_DESCRIPTOR_BYTES})`)
-    const d = parseDescriptor(await readFile(where, 'utf8').catch(err => { throw ioError(err, `cannot read ${where}`) }), where)
+    const xml = await readFile(where, 'utf8').catch(err => { throw ioError(err, `cannot read ${where}`) })
+    const d = parseDescriptor(xml, where)
     const chain = snapshotChain(d, where)
     const layers: BundleLayer[] = []
     try {
@@ -117,7 +119,7 @@ export class ParallelsBundle implements RandomAccessDisk {
       await Promise.allSettled(layers.map(async l => { await l.disk.close() }))
       throw err
     }
-    return new ParallelsBundle(where, layers, d.diskSize)
+    return new ParallelsBundle(where, xml, d, layers)
   }
 
   async map (offset: number, length: number): Promise<Extent[]> {
@@ -153,8 +155,7 @@ export class ParallelsBundle implements RandomAccessDisk {
   }
 
   async describe (): Promise<DiskDescription> {
-    let allocated = 0
-    for (const e of await this.map(0, this.size)) if (e.data) allocated += e.length
+    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data)
     const details: Record<string, string | number> = {}
     for (const [i, layer] of this.layers.entries()) details[`layer ${i + 1}`] = `${layer.file} (${layer.type}, ${layer.guid})`
     return { format: 'parallels-bundle', size: this.size, allocated, layers: this.layers.length, bitmaps: await describeBitmaps(this.bitmaps), details }

@@ -5,6 +5,7 @@
  */
 import { createHash } from 'node:crypto'
 import { VmapipeError } from '../errors.js'
+import { formatUuid, uuidBytes } from '../util/uuid.js'
 
 export const SECTOR_SIZE = 512
 export const HEADER_SIZE = 64
@@ -305,7 +306,7 @@ export function encodeFormatExtension (clusterBytes: number, bitmaps: BitmapFeat
     cluster.writeUInt32LE(dataSize, pos + 16)
     const data = pos + FEATURE_HEADER_SIZE
     cluster.writeBigUInt64LE(BigInt(b.sectors), data)
-    Buffer.from(b.id.replace(/-/g, ''), 'hex').copy(cluster, data + 8)
+    uuidBytes(b.id).copy(cluster, data + 8)
     cluster.writeUInt32LE(b.granularity, data + 24)
     cluster.writeUInt32LE(b.l1.length, data + 28)
     b.l1.forEach((entry, i) => cluster.writeBigUInt64LE(BigInt(entry), data + BITMAP_HEADER_SIZE + 8 * i))
@@ -313,11 +314,6 @@ export function encodeFormatExtension (clusterBytes: number, bitmaps: BitmapFeat
   }
   createHash('md5').update(cluster.subarray(EXTENSION_HEADER_SIZE)).digest().copy(cluster, 8)
   return cluster
-}
-
-export function formatUuid (bytes: Buffer): string {
-  const x = bytes.toString('hex')
-  return `${x.slice(0, 8)}-${x.slice(8, 12)}-${x.slice(12, 16)}-${x.slice(16, 20)}-${x.slice(20)}`
 }
 
 /** A guest geometry whose product is exactly `sectors` (heads up to 16, sectors per track up to 63). */

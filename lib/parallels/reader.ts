@@ -9,7 +9,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
-import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, describeBitmaps } from '../disk.js'
+import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, describeBitmaps, mappedBytes } from '../disk.js'
 import { peek } from '../io/input.js'
 import { readFully } from '../io/pread.js'
 import { chain } from '../io/chain.js'
@@ -218,9 +218,7 @@ export class ParallelsBitmap implements DirtyBitmap {
   }
 
   async dirtyBytes (): Promise<number> {
-    let bytes = 0
-    for (const e of await this.map(0, this.diskSize)) if (e.dirty) bytes += e.length
-    return bytes
+    return await mappedBytes(async (o, l) => await this.map(o, l), this.diskSize, e => e.dirty)
   }
 
   private async chunk (index: number, entry: number): Promise<Buffer> {

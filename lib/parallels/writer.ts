@@ -14,6 +14,8 @@ import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../r
 import type { DiskWriter } from '../router.js'
 import type { RandomAccessDisk } from '../disk.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
+import { isUuid } from '../util/uuid.js'
+import { syncPath } from '../io/output.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
@@ -186,7 +188,7 @@ export class ParallelsWriter implements DiskWriter {
 
   /** Lays out one bitmap: a cluster for each part that is neither all clear nor all set. */
   private bitmapFeature (b: BitmapInput, pieces: Array<{ bytes: Buffer, at: number }>): BitmapFeature {
-    if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(b.id)) throw new VmapipeError('E_USAGE', `dirty bitmap id ${b.id} is not a UUID`)
+    if (!isUuid(b.id)) throw new VmapipeError('E_USAGE', `dirty bitmap id ${b.id} is not a UUID`)
     if (b.granularity < SECTOR_SIZE || (b.granularity & (b.granularity - 1)) !== 0 || b.granularity > 2 ** 31) {
       throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: granularity ${b.granularity} is not a power of two from 512 bytes to 2 GiB`)
     }
@@ -256,10 +258,7 @@ export class ParallelsBundleWriter implements DiskWriter {
     const xml = join(this.path, 'DiskDescriptor.xml')
     try {
       await writeFile(xml, this.descriptor, { flag: 'wx', mode: 0o644 })
-      for (const p of [xml, this.path]) {
-        const handle = await open(p, 'r')
-        try { await handle.sync() } finally { await handle.close() }
-      }
+      for (const p of [xml, this.path]) await syncPath(p)
     } catch (err) {
       throw ioError(err, `writing ${xml}`)
     }

@@ -10,7 +10,7 @@ import { dirname, isAbsolute, relative, resolve, sep } from 'node:path'
 import { promisify } from 'node:util'
 import { inflateRaw } from 'node:zlib'
 import { VmapipeError, ioError } from '../errors.js'
-import type { DiskDescription, Extent, RandomAccessDisk } from '../disk.js'
+import { type DiskDescription, type Extent, type RandomAccessDisk, mappedBytes } from '../disk.js'
 import { readFully } from '../io/pread.js'
 import { RawImage } from '../raw/image.js'
 import {
@@ -21,8 +21,6 @@ const inflate = promisify(inflateRaw)
 /** Bytes of L2 tables kept in memory. */
 const L2_CACHE_BYTES = 16 << 20
 const MAX_CHAIN = 32
-/** Guest bytes mapped per step when counting the allocation. */
-const DESCRIBE_STEP = 1 << 30
 
 export interface Qcow2OpenOptions {
   /** Read the backing chain instead of refusing an image that has one. */
@@ -81,10 +79,7 @@ export class Qcow2Image implements RandomAccessDisk {
 
   /** For `vma info`: allocation counts what the whole chain stores. */
   async describe (): Promise<DiskDescription> {
-    let allocated = 0
-    for (let offset = 0; offset < this.size; offset += DESCRIBE_STEP) {
-      for (const e of await this.map(offset, Math.min(DESCRIBE_STEP, this.size - offset))) if (e.data) allocated += e.length
-    }
+    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data)
     let layers = 1
     for (let d: RandomAccessDisk | undefined = this.backing; d !== undefined; d = d instanceof Qcow2Image ? d.backing : undefined) layers++
     return {

@@ -5,6 +5,7 @@
  */
 import { createHash } from 'node:crypto'
 import { VmapipeError } from '../errors.js'
+import { formatUuid, isUuid, uuidBytes } from '../util/uuid.js'
 import {
   type ConfigBlob, type DeviceInfo, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
 } from '../record.js'
@@ -59,11 +60,6 @@ export interface ExtentHeader {
 /** MD5 of `buf` as if the 16 bytes at `at` were zero (how VMA checksums its headers). */
 export function md5WithHole (buf: Buffer, at: number): Buffer {
   return createHash('md5').update(buf.subarray(0, at)).update(ZERO_MD5).update(buf.subarray(at + 16)).digest()
-}
-
-export function formatUuid (bytes: Buffer): string {
-  const h = bytes.toString('hex')
-  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`
 }
 
 export function checkMagic (start: Buffer): void {
@@ -306,8 +302,6 @@ export function encodeExtentHeader (uuid: Buffer, slots: Array<Omit<ExtentEntry,
 
 /** "01234567-89ab-..." -> 16 bytes. */
 export function parseUuid (text: string): Buffer {
-  if (!/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(text)) {
-    throw new VmapipeError('E_USAGE', `${text} is not a uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`)
-  }
-  return Buffer.from(text.replace(/-/g, ''), 'hex')
+  if (!isUuid(text)) throw new VmapipeError('E_USAGE', `${text} is not a uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`)
+  return uuidBytes(text)
 }
