@@ -2,6 +2,7 @@
  * Reading whole archives: the pipeline bytes -> decompress -> VmaReader, and
  * the read-side jobs built on it (header only, full verification).
  */
+import { once } from 'node:events'
 import { type Duplex, type Readable, Writable } from 'node:stream'
 import pump from 'pump'
 import { runStages } from './io/chain.js'
@@ -20,7 +21,9 @@ export interface ReadOptions {
 
 /**
  * Runs input -> [progress] -> decompressor -> reader -> sink and resolves when
- * the sink has finished, or rejects with the first error anywhere in the line.
+ * the sink has finished, or rejects with the first error anywhere in the line,
+ * once a torn-down sink has closed (it may still be closing files that the
+ * caller then removes).
  */
 export async function runRecordPipeline (input: Readable, decompress: Duplex, reader: VmaReader, sink: Writable, options: ReadOptions = {}): Promise<void> {
   try {
@@ -32,6 +35,7 @@ export async function runRecordPipeline (input: Readable, decompress: Duplex, re
       { stream: sink, what: 'writing' },
     ], options.signal)
   } catch (err) {
+    if (sink.destroyed && !sink.closed) await once(sink, 'close')
     throw annotate(err, reader)
   }
 }

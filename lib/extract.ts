@@ -7,7 +7,6 @@ import { createReadStream } from 'node:fs'
 import { mkdir, mkdtemp, readdir, rename, rm, rmdir, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { once } from 'node:events'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from './errors.js'
 import type { ArchiveInfo, DeviceInfo } from './record.js'
@@ -62,11 +61,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
       }
       for (const d of disks) add(d.device.id, await d.output.create(stagingDir, queue))
     })
-    await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
-      // The router may still be closing files; remove the staging area only after.
-      if (!router.closed) await once(router, 'close')
-      throw err
-    })
+    await runRecordPipeline(input, decompress, reader, router, options)
     for (const name of names) await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
     await rmdir(stagingDir)
     await syncPath(targetDir)
@@ -191,11 +186,7 @@ async function extractOneDisk (input: Readable, options: ExtractOptions, destina
     const device = reader.selected[0]
     add(device.id, await open(device))
   })
-  await runRecordPipeline(input, decompress, reader, router, options).catch(async err => {
-    // The writer may still be closing its file; whoever removes it must wait.
-    if (!router.closed) await once(router, 'close')
-    throw err
-  })
+  await runRecordPipeline(input, decompress, reader, router, options)
   return { info: reader.info as ArchiveInfo, files: [], archiveBytes: reader.offset, device: reader.selected[0] }
 }
 

@@ -6,7 +6,9 @@
 import { randomUUID } from 'node:crypto'
 import type { Writable } from 'node:stream'
 import { type Stage, runStages } from './io/chain.js'
-import { VmapipeError } from './errors.js'
+import { readFile } from 'node:fs/promises'
+import { basename } from 'node:path'
+import { VmapipeError, ioError } from './errors.js'
 import type { ArchiveInfo, ConfigBlob } from './record.js'
 import { type Compression, compressesToFd, createCompressingSink, createCompressor } from './io/compression.js'
 import type { ProgressSink } from './io/progress.js'
@@ -32,6 +34,14 @@ export interface PackOptions {
    * disks on rotating media.
    */
   interleave?: boolean
+}
+
+/** Config files by path, stored under their base names unless named. */
+export async function readConfigFiles (files: Array<string | { name?: string, path: string }>): Promise<ConfigBlob[]> {
+  return await Promise.all(files.map(async c => {
+    const { name, path } = typeof c === 'string' ? { name: basename(c), path: c } : { name: c.name ?? basename(c.path), path: c.path }
+    return { name, data: await readFile(path).catch(err => { throw ioError(err, `cannot read config ${path}`) }) }
+  }))
 }
 
 export interface PackResult {

@@ -6,11 +6,10 @@
  * (else stdin is first copied to a temporary file).
  */
 import { statSync } from 'node:fs'
-import { open } from 'node:fs/promises'
 import type { Readable } from 'node:stream'
-import { VmapipeError, ioError } from './errors.js'
+import { VmapipeError } from './errors.js'
 import { chain } from './io/chain.js'
-import { type Input, openInput, peek, spillToFile } from './io/input.js'
+import { type Input, openInput, peek, readHead, spillToFile } from './io/input.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
 import { RawImage } from './raw/image.js'
@@ -126,16 +125,26 @@ export async function openImageFile (path: string, format?: DiskFormat): Promise
   // Looking at an image (or serving it) reads its whole chain; each file still has to lie beside the one naming it.
   const spec = { name: path, path, followBacking: true }
   if (isDirectory(path)) return await openDirectory(path, format, spec)
-  const head = Buffer.alloc(DETECT_BYTES)
-  const file = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+  const chosen = format ?? detectDiskFormat(await readHead(path, DETECT_BYTES))
+  const image = IMAGE_FORMATS[chosen]
+  return { format: chosen, disk: image === undefined ? await RawImage.open(path) : await image.open(path, spec, false) }
+}
+
+/** Opens every disk or none: after a failure those already open are released. */
+export async function openDisks (specs: DiskSpec[]): Promise<DiskSource[]> {
+  const disks: DiskSource[] = []
   try {
-    const { bytesRead } = await file.read(head, 0, DETECT_BYTES, 0)
-    const chosen = format ?? detectDiskFormat(head.subarray(0, bytesRead))
-    const image = IMAGE_FORMATS[chosen]
-    return { format: chosen, disk: image === undefined ? await RawImage.open(path) : await image.open(path, spec, false) }
-  } finally {
-    await file.close()
+    for (const spec of specs) disks.push(await openDisk(spec))
+  } catch (err) {
+    closeDisks(disks)
+    throw err
   }
+  return disks
+}
+
+/** Releases disks whose records were never asked for. */
+export function closeDisks (disks: DiskSource[]): void {
+  for (const d of disks) d.close()
 }
 
 export async function openDisk (spec: DiskSpec): Promise<DiskSource> {

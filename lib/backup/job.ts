@@ -4,7 +4,7 @@
  */
 import { readFile } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { Compression } from '../io/compression.js'
+import { COMPRESSIONS, type Compression } from '../io/compression.js'
 import type { Retention } from './retention.js'
 
 export interface JobDisk {
@@ -32,6 +32,11 @@ export interface JobLog {
   /** Log to stderr too (default: true unless a file is given). */
   stderr?: boolean
   level?: string
+}
+
+/** The job's name in logs. */
+export function jobId (job: BackupJob): string {
+  return job.id ?? `vzdump-qemu-${job.vmid}`
 }
 
 export interface BackupJob {
@@ -97,7 +102,7 @@ const JOB: Check = object({
   disks: list(object({ name: string, path: string, format: string, size: count, followBacking: boolean, dirtyBitmap: string }, ['name', 'path']), 1),
   configs: list((v, where) => { if (typeof v === 'string') string(v, where); else object({ name: string, path: string }, ['path'])(v, where) }),
   target: string,
-  compression: oneOf('zstd', 'gzip', 'lzo', 'none'),
+  compression: oneOf(...COMPRESSIONS),
   retention: object({ 'keep-last': count, 'keep-daily': count, 'keep-weekly': count, 'keep-monthly': count }),
   verify: boolean,
   notes: (v, where) => { if (typeof v !== 'string') throw fail(where, 'must be a string') },

@@ -5,21 +5,20 @@
  * give it its name with its sidecars, then prune by the retention policy.
  */
 import { createReadStream } from 'node:fs'
-import { readdir, readFile, stat, unlink } from 'node:fs/promises'
+import { readdir, stat, unlink } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { pino, type Logger } from 'pino'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ConfigBlob } from '../record.js'
 import { isPartialName, openOutput, writeFileAtomically } from '../io/output.js'
 import type { ProgressSink } from '../io/progress.js'
-import { type DiskSource, type DiskSpec, openDisk } from '../sources.js'
+import { type DiskSpec, closeDisks, openDisk, openDisks } from '../sources.js'
 import { writeImage, writeOverlay } from '../incremental.js'
 import { Qcow2Image } from '../qcow2/reader.js'
 import { diskRecords } from '../disk.js'
 import { CLUSTER_SIZE } from '../record.js'
-import { packArchive } from '../pack.js'
+import { packArchive, readConfigFiles } from '../pack.js'
 import { verifyArchive } from '../archive.js'
-import type { BackupJob, JobDisk } from './job.js'
+import { type BackupJob, type JobDisk, jobId } from './job.js'
 import { acquireLock } from './lock.js'
 import { archiveName, chainOf, imageName, parseArchiveName, runLogName, sidecars } from './naming.js'
 import { type PruneItem, planPrune } from './retention.js'
@@ -69,7 +68,7 @@ class TaskLog {
 export async function runBackupJob (job: BackupJob, options: BackupOptions = {}): Promise<BackupResult> {
   const started = Date.now()
   const now = options.now ?? new Date()
-  const id = job.id ?? `vzdump-qemu-${job.vmid}`
+  const id = jobId(job)
   const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
   const target = job.target
   const st = await stat(target).catch(err => { throw ioError(err, `the target ${target} is not there`) })
@@ -118,16 +117,13 @@ async function writeArchive (job: BackupJob, now: Date, task: TaskLog, options: 
   const name = archiveName(job.vmid, now, compression)
   const path = join(job.target, name)
   task.info({ archive: path, disks: job.disks.map(d => d.name) }, `starting backup of VM ${job.vmid} to ${path}`)
-  const configs = await readConfigs(job)
-  const disks: DiskSource[] = []
-  try {
-    for (const d of job.disks) disks.push(await openDisk(diskSpec(job, d)))
-  } catch (err) {
-    for (const d of disks) d.close()
-    throw err
-  }
+  const configs = await readConfigFiles(job.configs ?? [])
+  const disks = await openDisks(job.disks.map(d => diskSpec(job, d)))
   for (const d of disks) task.info({ device: d.name, path: d.path, format: d.format, size: d.size }, `disk ${d.name}: ${d.path} (${d.format}, ${d.size} bytes)`)
-  const output = await openOutput(path)
+  const output = await openOutput(path).catch(err => {
+    closeDisks(disks)
+    throw err
+  })
   try {
     await packArchive(disks, output, {
       configs,
@@ -163,9 +159,11 @@ async function writeChains (job: BackupJob, now: Date, task: TaskLog, options: B
     task.info({ device: d.name, path: d.path, size: source.size, previous }, previous === undefined
       ? `disk ${d.name}: ${d.path}, the whole disk (the chain starts here)`
       : `disk ${d.name}: ${d.path}, what dirty bitmap ${d.dirtyBitmap ?? ''} marks, over ${previous}`)
-    const result = previous === undefined
-      ? await writeImage(source, out, options.progress !== undefined ? { progress: options.progress } : {})
-      : await writeOverlay(source, join(job.target, previous), { output: out, ...(options.progress !== undefined ? { progress: options.progress } : {}) })
+    const progress = options.progress !== undefined ? { progress: options.progress } : {}
+    const result = await (previous === undefined
+      ? writeImage(source, out, progress)
+      : writeOverlay(source, join(job.target, previous), { output: out, ...progress })
+    ).finally(() => source.close())
     if (job.verify === true) await verifyImage(out, task)
     written.files.push(basename(out))
     written.bytes += (await stat(out)).size
@@ -181,13 +179,6 @@ async function verifyImage (path: string, task: TaskLog): Promise<void> {
   let clusters = 0
   for await (const _ of reader) clusters++
   task.info({ image: path, clusters }, `${basename(path)} reads back whole with its chain`)
-}
-
-async function readConfigs (job: BackupJob): Promise<ConfigBlob[]> {
-  return await Promise.all((job.configs ?? []).map(async c => {
-    const { name, path } = typeof c === 'string' ? { name: basename(c), path: c } : { name: c.name ?? basename(c.path), path: c.path }
-    return { name, data: await readFile(path).catch(err => { throw ioError(err, `cannot read config ${path}`) }) }
-  }))
 }
 
 /** Temporary files of this VM's archives and sidecars: a crashed run's leftovers (we hold the lock). */

@@ -1,10 +1,11 @@
 import { createWriteStream, mkdirSync } from 'node:fs'
 import { dirname } from 'node:path'
 import { pino, type LevelWithSilent } from 'pino'
-import { readJob } from '../backup/job.js'
+import { jobId, readJob } from '../backup/job.js'
 import { runBackupJob } from '../backup/run.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals } from './command.js'
+import { createLogger } from './context.js'
 
 export const backup: Command = {
   name: 'backup',
@@ -42,12 +43,12 @@ Examples:
     const job = await readJob(positionals[0])
     const level = (values['log-level'] as string | undefined) ?? job.log?.level ?? (values.quiet === true ? 'error' : 'info')
     const streams: pino.StreamEntry[] = []
-    if (job.log?.stderr ?? job.log?.file === undefined) streams.push({ level: level as pino.Level, stream: process.stderr })
+    if (job.log?.stderr ?? job.log?.file === undefined) streams.push({ level: level as pino.Level, stream: ctx.stderr })
     if (job.log?.file !== undefined) {
       mkdirSync(dirname(job.log.file), { recursive: true })
       streams.push({ level: level as pino.Level, stream: createWriteStream(job.log.file, { flags: 'a' }) })
     }
-    const log = pino({ name: 'vma', level: level as LevelWithSilent, base: { cmd: 'backup' }, timestamp: pino.stdTimeFunctions.isoTime }, pino.multistream(streams))
+    const log = createLogger('backup', level as LevelWithSilent, pino.multistream(streams))
     const progress = ctx.progress('backup')
     try {
       const result = await runBackupJob(job, { log, signal: ctx.signal, ...(progress ? { progress } : {}) })
@@ -59,7 +60,7 @@ Examples:
       ctx.stopProgress()
       const e = err instanceof VmapipeError ? err : new VmapipeError('E_IO', (err as Error).message, { cause: err })
       const nothing = e.exitCode === EXIT.NOTHING_DONE
-      log[nothing ? 'warn' : 'error']({ job: job.id ?? `vzdump-qemu-${job.vmid}`, result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device }, e.message)
+      log[nothing ? 'warn' : 'error']({ job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device }, e.message)
       return e.exitCode
     } finally {
       await new Promise<void>(resolve => log.flush(() => resolve()))

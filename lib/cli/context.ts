@@ -26,8 +26,15 @@ export const COMMON_HELP = `Common options:
 
 const LEVELS = new Set(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'])
 
+/** A command's logger: JSON lines with the command's name and ISO times. */
+export function createLogger (command: string, level: LevelWithSilent, destination: pino.DestinationStream): Logger {
+  return pino({ name: 'vma', level, base: { cmd: command }, timestamp: pino.stdTimeFunctions.isoTime }, destination)
+}
+
 export class CliContext {
   readonly log: Logger
+  /** stderr for log lines: the progress bar is cleared before each. */
+  readonly stderr = { write: (line: string): void => { this.bar?.clear(); process.stderr.write(line) } }
   readonly signal: AbortSignal
   private bar?: ProgressBar
   private readonly quiet: boolean
@@ -38,8 +45,7 @@ export class CliContext {
     const level = options['log-level'] ?? (options.quiet === true ? 'error' : 'info')
     if (!LEVELS.has(level)) throw new VmapipeError('E_USAGE', `unknown log level ${level}`)
     this.quiet = options.quiet === true
-    const destination = { write: (line: string) => { this.bar?.clear(); process.stderr.write(line) } }
-    this.log = pino({ name: 'vma', level: level as LevelWithSilent, base: { cmd: command }, timestamp: pino.stdTimeFunctions.isoTime }, destination)
+    this.log = createLogger(command, level as LevelWithSilent, this.stderr)
     const controller = new AbortController()
     this.signal = controller.signal
     const onSignal = (name: NodeJS.Signals): void => {

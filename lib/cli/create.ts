@@ -1,15 +1,10 @@
-import { readFile } from 'node:fs/promises'
-import { basename } from 'node:path'
-import { type Compression, compressionForName } from '../io/compression.js'
+import { COMPRESSIONS, type Compression, compressionForName } from '../io/compression.js'
 import { openOutput } from '../io/output.js'
-import { packArchive } from '../pack.js'
-import { DISK_FORMATS, type DiskFormat, type DiskSource, type DiskSpec, openDisk } from '../sources.js'
-import { EXIT, VmapipeError, ioError } from '../errors.js'
-import type { ConfigBlob } from '../record.js'
+import { packArchive, readConfigFiles } from '../pack.js'
+import { DISK_FORMATS, type DiskFormat, type DiskSpec, closeDisks, openDisks } from '../sources.js'
+import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, parseSize } from './command.js'
 import type { CliContext } from './context.js'
-
-const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none']
 
 const PACK_OPTIONS = {
   config: { type: 'string', short: 'c', multiple: true },
@@ -152,13 +147,6 @@ function parseCtime (value: unknown): number | undefined {
   return Math.floor(seconds)
 }
 
-async function readConfigs (files: string[]): Promise<ConfigBlob[]> {
-  return await Promise.all(files.map(async file => ({
-    name: basename(file),
-    data: await readFile(file).catch(err => { throw ioError(err, `cannot read config ${file}`) }),
-  })))
-}
-
 async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
   const specs = given.map(spec => ({
     ...spec,
@@ -171,22 +159,17 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
     throw new VmapipeError('E_USAGE', `${incremental.name}: dirty bitmap ${incremental.dirtyBitmap} gives only the changed clusters, an overlay on the previous backup, while a VMA archive holds whole disks; write the overlay with vma incremental URI --dirty-bitmap ${incremental.dirtyBitmap} --overlay-of PREVIOUS`)
   }
   const compress = values.compress as string | undefined
-  if (compress !== undefined && !COMPRESSIONS.includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
+  if (compress !== undefined && !(COMPRESSIONS as readonly string[]).includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
   const compression = (compress ?? compressionForName(out)) as Compression
-  const configs = await readConfigs((values.config as string[] | undefined) ?? [])
+  const configs = await readConfigFiles((values.config as string[] | undefined) ?? [])
   const ctime = parseCtime(values.ctime)
-  const disks: DiskSource[] = []
-  try {
-    for (const spec of specs) disks.push(await openDisk(spec))
-  } catch (err) {
-    for (const d of disks) d.close()
-    throw err
-  }
+  const disks = await openDisks(specs)
   const output = await openOutput(out, { force: values.force === true }).catch(err => {
-    for (const d of disks) d.close()
+    closeDisks(disks)
     throw err
   })
-  const progress = ctx.progress('pack', disks.reduce((n, d) => n + d.size, 0))
+  const diskBytes = disks.reduce((n, d) => n + d.size, 0)
+  const progress = ctx.progress('pack', diskBytes)
   try {
     const result = await packArchive(disks, output, {
       configs,
@@ -198,7 +181,6 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
       ...(progress ? { progress } : {}),
     })
     await output.commit()
-    const diskBytes = disks.reduce((n, d) => n + d.size, 0)
     ctx.done({
       archive: output.name,
       uuid: result.info.uuid,

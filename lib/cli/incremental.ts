@@ -1,6 +1,7 @@
 import { writeOverlay } from '../incremental.js'
 import { openDisk } from '../sources.js'
 import { EXIT, VmapipeError } from '../errors.js'
+import { CLUSTER_SIZE } from '../record.js'
 import { type Command, expectPositionals } from './command.js'
 
 export const incremental: Command = {
@@ -47,8 +48,8 @@ Examples:
     const result = await writeOverlay(source, previous, {
       ...(values.output !== undefined ? { output: values.output as string } : {}),
       ...(progress ? { progress } : {}),
-    })
-    ctx.done({ source: positionals[0], bitmap, previous, overlay: result.path, format: result.format, clusters: result.clusters, bytes: result.clusters * 65536 }, 'overlay written')
+    }).finally(() => source.close())
+    ctx.done({ source: positionals[0], bitmap, previous, overlay: result.path, format: result.format, clusters: result.clusters, bytes: result.clusters * CLUSTER_SIZE }, 'overlay written')
     return EXIT.OK
   },
 }

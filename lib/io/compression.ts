@@ -8,7 +8,8 @@ import { Duplex, type Readable, Writable } from 'node:stream'
 import { createGunzip, createGzip } from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
 
-export type Compression = 'none' | 'zstd' | 'gzip' | 'lzo'
+export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
+export type Compression = typeof COMPRESSIONS[number]
 
 const MAGICS: Array<[Exclude<Compression, 'none'>, Buffer]> = [
   ['zstd', Buffer.from([0x28, 0xb5, 0x2f, 0xfd])],

@@ -8,14 +8,19 @@ import { VmapipeError, ioError } from '../errors.js'
  * file that ends inside its last cluster).
  */
 export async function readFully (file: FileHandle, buf: Buffer, position: number, where: string, zeroPastEnd = false): Promise<void> {
+  const done = await readUpTo(file, buf, position, where)
+  if (done === buf.length) return
+  if (!zeroPastEnd) throw new VmapipeError('E_IO', `${where} ended at byte ${position + done} while being read; did it change?`)
+  buf.fill(0, done)
+}
+
+/** Reads until `buf` is full or the file ends; returns the bytes read. */
+export async function readUpTo (file: FileHandle, buf: Buffer, position: number, where: string): Promise<number> {
   let done = 0
   while (done < buf.length) {
     const { bytesRead } = await file.read(buf, done, buf.length - done, position + done).catch(err => { throw ioError(err, `reading ${where}`) })
-    if (bytesRead === 0) {
-      if (!zeroPastEnd) throw new VmapipeError('E_IO', `${where} ended at byte ${position + done} while being read; did it change?`)
-      buf.fill(0, done)
-      return
-    }
+    if (bytesRead === 0) break
     done += bytesRead
   }
+  return done
 }

@@ -157,6 +157,7 @@ export class NbdClient {
   private copy?: Copy
   private failure?: Error
   private closing = false
+  private closed?: Promise<void>
 
   private constructor (private readonly socket: Socket, address: NbdAddress, options: NbdClientOptions) {
     this.where = describeAddress(address)
@@ -375,7 +376,7 @@ export class NbdClient {
     if (chunk.type === CHUNK.OFFSET_DATA) return this.offsetData(chunk, p)
     if (chunk.length > this.chunkLimit(chunk.type)) throw this.violation(`${nameOf('CHUNK', chunk.type)} of ${chunk.length} bytes`)
     if (this.queue.length < CHUNK_HEADER_SIZE + chunk.length) return false
-    this.queue.take(CHUNK_HEADER_SIZE)
+    this.queue.skip(CHUNK_HEADER_SIZE)
     const payload = chunk.length === 0 ? Buffer.alloc(0) : this.queue.take(chunk.length) as Buffer
     this.chunk(chunk, p, payload)
     if ((chunk.flags & REPLY_FLAG_DONE) !== 0) this.complete(chunk.cookie)
@@ -431,7 +432,7 @@ export class NbdClient {
     if (p.type !== COMMAND.READ || chunk.length < 9) throw this.violation(`a data chunk of ${chunk.length} bytes that does not answer a READ`)
     const head = this.queue.peek(CHUNK_HEADER_SIZE + 8)
     if (head === null) return false
-    this.queue.take(CHUNK_HEADER_SIZE + 8)
+    this.queue.skip(CHUNK_HEADER_SIZE + 8)
     const offset = Number(head.readBigUInt64BE(CHUNK_HEADER_SIZE))
     const length = chunk.length - 8
     this.within(p, offset, length)
@@ -512,8 +513,13 @@ export class NbdClient {
     this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: the connection is closed`))
   }
 
-  /** Waits for the requests in flight, says NBD_CMD_DISC and closes. */
+  /** Waits for the requests in flight, says NBD_CMD_DISC and closes; calling it again waits for the same. */
   async close (): Promise<void> {
+    this.closed ??= this.shutdown()
+    await this.closed
+  }
+
+  private async shutdown (): Promise<void> {
     while (this.failure === undefined && this.pending.size > 0) await new Promise<void>(resolve => this.waiters.push(resolve))
     if (this.failure !== undefined) return
     this.closing = true

@@ -300,8 +300,9 @@ class Connection {
     if (this.socket.writableLength > MAX_BACKLOG) return false
     if (this.discard > 0) {
       if (this.queue.length === 0) return false
-      const skipped = this.queue.take(Math.min(this.discard, this.queue.length))
-      this.discard -= skipped?.length ?? 0
+      const n = Math.min(this.discard, this.queue.length)
+      this.queue.skip(n)
+      this.discard -= n
       return this.discard === 0
     }
     switch (this.phase) {
@@ -321,7 +322,7 @@ class Connection {
         if (length > MAX_OPTION_DATA) throw new Error(`${nameOf('OPTION', option)} with ${length} bytes of data (at most ${MAX_OPTION_DATA})`)
         if (this.queue.length < OPTION_HEADER_SIZE + length) return false
         if (this.optionsLeft-- === 0) throw new Error('too many options')
-        this.queue.take(OPTION_HEADER_SIZE)
+        this.queue.skip(OPTION_HEADER_SIZE)
         this.option(option, length === 0 ? Buffer.alloc(0) : this.queue.take(length) as Buffer)
         return true
       }

@@ -12,6 +12,7 @@ import { inflateRaw } from 'node:zlib'
 import { VmapipeError, ioError } from '../errors.js'
 import { type DiskDescription, type Extent, type RandomAccessDisk, mappedBytes } from '../disk.js'
 import { readFully } from '../io/pread.js'
+import { readHead } from '../io/input.js'
 import { RawImage } from '../raw/image.js'
 import {
   type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry,
@@ -63,7 +64,8 @@ export class Qcow2Image implements RandomAccessDisk {
     readonly path: string,
     readonly header: Qcow2Header,
     private readonly file: Opened,
-    private readonly l1: Buffer,
+    /** The L1 table, decoded and checked once: each L2 table's offset, 0 for none. */
+    private readonly l2Offsets: Float64Array,
     private readonly data: Opened | undefined,
     readonly backing: RandomAccessDisk | undefined,
   ) {
@@ -182,7 +184,7 @@ export class Qcow2Image implements RandomAccessDisk {
   /** The L2 entry of guest cluster `cluster`, its data range checked against the file it lives in. */
   private async entry (cluster: number): Promise<L2Entry> {
     const l1Index = Math.floor(cluster / this.entries)
-    const l2Offset = readL1Entry(this.l1, l1Index, this.clusterSize, this.file.size, this.header.l1Offset)
+    const l2Offset = this.l2Offsets[l1Index]
     if (l2Offset === 0) return { kind: 'unallocated' }
     const table = await this.l2Table(l2Offset)
     const entry = readL2Entry(table, cluster % this.entries, this.header.clusterBits, this.extended, l2Offset)
@@ -295,7 +297,8 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
     const clusterSize = 2 ** header.clusterBits
     const l1 = Buffer.alloc(header.l1Size * 8)
     await readFully(file.handle, l1, header.l1Offset, `${path} (its L1 table)`)
-    for (let i = 0; i < header.l1Size; i++) readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
+    const l2Offsets = new Float64Array(header.l1Size)
+    for (let i = 0; i < header.l1Size; i++) l2Offsets[i] = readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
 
     let data: Opened | undefined
     const refuseReference = (what: string): void => {
@@ -317,7 +320,7 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
       backing = await openBacking(backingPath, header.backing?.format, seen, depth)
       opened.push(backing)
     }
-    return new Qcow2Image(path, header, file, l1, data, backing)
+    return new Qcow2Image(path, header, file, l2Offsets, data, backing)
   } catch (err) {
     for (const o of opened.reverse()) await o.close().catch(() => {})
     throw err
@@ -326,13 +329,7 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
 
 /** A backing file: qcow2 (its own chain followed) or raw, by its format extension or its magic. */
 async function openBacking (path: string, format: string | undefined, seen: Set<string>, depth: number): Promise<RandomAccessDisk> {
-  const file = await openFile(path)
-  const head = Buffer.alloc(Math.min(4, file.size))
-  try {
-    await readFully(file.handle, head, 0, path)
-  } finally {
-    await file.handle.close()
-  }
+  const head = await readHead(path, 4)
   if (format === 'qcow2' || (format === undefined && isQcow2(head))) return await openChain(path, { followBacking: true }, seen, depth + 1)
   if (format !== undefined && format !== 'raw') {
     throw new VmapipeError('E_QCOW2_BACKING', `backing file ${path} is in format ${format}, which vmapipe does not read as a backing file`)

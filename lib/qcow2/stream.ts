@@ -82,7 +82,8 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
     const l2At = new Map<number, number>() // L2 table offset -> L1 index
     const hosts = new HostMap()
     let pos = 0
-    const store = async (b: Buffer, at: number): Promise<void> => { await queue.write((spill as FileHandle).fd, Buffer.from(b), at, 'writing a temporary file') }
+    // Input chunks are never reused, so a piece of one can wait in the write queue as it is.
+    const store = async (b: Buffer, at: number): Promise<void> => { await queue.write((spill as FileHandle).fd, b, at, 'writing a temporary file') }
 
     const onCluster = async function * (c: Buffer): AsyncGenerator<ClusterRecord> {
       const h = header as Qcow2Header

@@ -95,12 +95,11 @@ export class Qcow2FileWriter implements DiskWriter {
   async finish (): Promise<void> {
     await this.data?.finish()
     const guestClusters = clusterCount(this.size)
-    const l1Size = Math.ceil(guestClusters / ENTRIES)
+    const { l1Size, l1Clusters } = l1Layout(this.size)
     // A raw data file maps every guest cluster to itself, as QEMU does for data_file_raw.
     const tableIndexes = this.data !== undefined ? Array.from({ length: l1Size }, (_, i) => i) : [...this.map.tables.keys()].sort((a, b) => a - b)
     const l2Start = this.nextHost
     const l1Start = l2Start + tableIndexes.length
-    const l1Clusters = Math.ceil(l1Size * 8 / CLUSTER_SIZE)
     const refs = refcountLayout(l1Start + l1Clusters, CLUSTER_BITS)
     const blocksStart = l1Start + l1Clusters
     const tableStart = blocksStart + refs.blocks
@@ -161,10 +160,16 @@ interface MetadataSpec {
   backing?: { name: string, format: string }
 }
 
+/** L1 entries for a disk of `size` bytes, and the clusters they fill. */
+function l1Layout (size: number): { l1Size: number, l1Clusters: number } {
+  const l1Size = Math.ceil(clusterCount(size) / ENTRIES)
+  return { l1Size, l1Clusters: Math.ceil(l1Size * 8 / CLUSTER_SIZE) }
+}
+
 /** The L1 table, refcount blocks and table, and header of an image whose every cluster is in use once. */
 function metadata (spec: MetadataSpec): { l1: Buffer, blocks: Buffer, table: Buffer, header: Buffer } {
-  const l1Size = Math.ceil(clusterCount(spec.size) / ENTRIES)
-  const l1 = Buffer.alloc(Math.ceil(l1Size * 8 / CLUSTER_SIZE) * CLUSTER_SIZE)
+  const { l1Size, l1Clusters } = l1Layout(spec.size)
+  const l1 = Buffer.alloc(l1Clusters * CLUSTER_SIZE)
   for (const [index, host] of spec.l2Tables) writeEntry(l1, index * 8, host * CLUSTER_SIZE, COPIED)
   const blocks = Buffer.alloc(spec.refs.blocks * CLUSTER_SIZE)
   for (let c = 0; c < spec.refs.total; c++) blocks.writeUInt16BE(1, c * 2)
@@ -190,14 +195,12 @@ function metadata (spec: MetadataSpec): { l1: Buffer, blocks: Buffer, table: Buf
  * memory or in a temporary file. Returns the bytes written.
  */
 export async function writeQcow2Stream (disk: RandomAccessDisk, out: Writable): Promise<number> {
-  const guestClusters = clusterCount(disk.size)
-  const l1Size = Math.ceil(guestClusters / ENTRIES)
+  const { l1Size, l1Clusters } = l1Layout(disk.size)
   // Pass 1: which guest clusters hold data, counted per L2 table.
   const perTable = new Uint32Array(l1Size)
   await forEachDataCluster(disk, cluster => { perTable[Math.floor(cluster / ENTRIES)]++ })
   const tables = [...perTable.keys()].filter(i => perTable[i] > 0)
   const dataClusters = perTable.reduce((n, c) => n + c, 0)
-  const l1Clusters = Math.ceil(l1Size * 8 / CLUSTER_SIZE)
   const l1Start = 1
   // The refcount structures follow the L1 table; their size depends on the total, which includes them.
   const refs = refcountLayout(1 + l1Clusters + tables.length + dataClusters, CLUSTER_BITS)

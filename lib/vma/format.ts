@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto'
 import { VmapipeError } from '../errors.js'
 import { formatUuid, isUuid, uuidBytes } from '../util/uuid.js'
 import {
-  type ConfigBlob, type DeviceInfo, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
+  type ArchiveInfo, type ConfigBlob, type DeviceInfo, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
 } from '../record.js'
 
 export const VMA_MAGIC = Buffer.from('VMA\0', 'latin1')
@@ -42,6 +42,11 @@ export interface VmaHeader {
   ctime: number
   configs: ConfigBlob[]
   devices: DeviceInfo[]
+}
+
+/** The header as the first item of a record stream. */
+export function archiveInfo (header: VmaHeader): ArchiveInfo {
+  return { kind: 'archive', uuid: header.uuid, ctime: header.ctime, configs: header.configs, devices: header.devices }
 }
 
 /** One used blockinfo slot of an extent header. */

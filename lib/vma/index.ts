@@ -14,8 +14,9 @@ import type { Extent, RandomAccessDisk } from '../disk.js'
 import { detectCompression } from '../io/compression.js'
 import { type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
+import { readUpTo } from '../io/pread.js'
 import {
-  EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, MAX_EXTENT_CLUSTERS, VMA_MAGIC, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
+  EXTENT_HEADER_SIZE, archiveInfo, HEADER_PREFIX_SIZE, MAX_EXTENT_CLUSTERS, VMA_MAGIC, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
 } from './format.js'
 
 export interface VmaIndex {
@@ -36,17 +37,6 @@ interface IndexedDevice {
 
 const UNPACK: Record<string, string> = { zstd: 'zstd -d', gzip: 'gunzip -k', lzo: 'lzop -d' }
 
-/** Reads up to `length` bytes at `position`; fewer only at the end of the file. */
-async function readAt (handle: FileHandle, buf: Buffer, position: number): Promise<number> {
-  let done = 0
-  while (done < buf.length) {
-    const { bytesRead } = await handle.read(buf, done, buf.length - done, position + done)
-    if (bytesRead === 0) break
-    done += bytesRead
-  }
-  return done
-}
-
 export async function openVmaIndex (path: string): Promise<VmaIndex> {
   const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
   try {
@@ -62,14 +52,14 @@ async function buildIndex (handle: FileHandle, path: string): Promise<VmaIndex> 
   if (!stat.isFile()) throw new VmapipeError('E_USAGE', `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`)
   const fileSize = stat.size
   const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
-  const got = await readAt(handle, prefix, 0)
+  const got = await readUpTo(handle, prefix, 0, path)
   const compression = detectCompression(prefix.subarray(0, got))
   if (compression !== 'none') throw new VmapipeError('E_USAGE', `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`)
   if (got >= VMA_MAGIC.length) checkMagic(prefix)
   if (got < HEADER_PREFIX_SIZE) throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header', { offset: got })
   const headerSize = readHeaderSize(prefix)
   const head = Buffer.alloc(headerSize)
-  if (await readAt(handle, head, 0) < headerSize) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
+  if (await readUpTo(handle, head, 0, path) < headerSize) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
   const header = parseHeader(head)
 
   // A complete archive needs an extent header per 59 clusters: a header that
@@ -89,7 +79,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<VmaIndex> 
   const buf = Buffer.alloc(EXTENT_HEADER_SIZE)
   let extents = 0
   for (let pos = headerSize; pos < fileSize; extents++) {
-    if (await readAt(handle, buf, pos) < EXTENT_HEADER_SIZE) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent header at byte ${pos}`, { offset: fileSize })
+    if (await readUpTo(handle, buf, pos, path) < EXTENT_HEADER_SIZE) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent header at byte ${pos}`, { offset: fileSize })
     const extent = parseExtentHeader(buf, header.uuidBytes, pos)
     trackExtent(tracked, extent, pos)
     let data = pos + EXTENT_HEADER_SIZE
@@ -118,7 +108,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<VmaIndex> 
     }
   }
   return {
-    info: { kind: 'archive', uuid: header.uuid, ctime: header.ctime, configs: header.configs, devices: header.devices },
+    info: archiveInfo(header),
     extents,
     disk: device => {
       const d = devices[device.id]
@@ -181,7 +171,7 @@ function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: 
         else runs.push({ at: at - offset, length: n, archiveOffset })
       })
       await Promise.all(runs.map(async r => {
-        if (await readAt(handle, buf.subarray(r.at, r.at + r.length), r.archiveOffset) < r.length) {
+        if (await readUpTo(handle, buf.subarray(r.at, r.at + r.length), r.archiveOffset, path) < r.length) {
           throw new VmapipeError('E_VMA_TRUNCATED', `${path} is shorter than when it was indexed`, { offset: r.archiveOffset, device: d.tracked.info.name })
         }
       }))

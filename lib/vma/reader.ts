@@ -11,7 +11,7 @@ import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from '.
 import { ByteQueue } from '../util/byte-queue.js'
 import {
   type ExtentHeader, EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, VMA_MAGIC,
-  checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
+  archiveInfo, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
 } from './format.js'
 
 export interface VmaReaderOptions {
@@ -166,7 +166,7 @@ export class VmaReader extends Transform {
     const selected = new Set(this.selected)
     for (const info of header.devices) this.devices[info.id] = { ...trackDevice(info), selected: selected.has(info) }
     this.uuid = header.uuidBytes
-    this.info = { kind: 'archive', uuid: header.uuid, ctime: header.ctime, configs: header.configs, devices: header.devices }
+    this.info = archiveInfo(header)
     this.push(this.info)
   }
 
