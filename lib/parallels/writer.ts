@@ -10,7 +10,7 @@
 import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
+import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
 import type { RandomAccessDisk } from '../disk.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
@@ -114,6 +114,8 @@ export class ParallelsWriter implements DiskWriter {
   }
 
   write (rec: ClusterRecord): Promise<void> | undefined {
+    // Checked before cover() gives the cluster file space: forEachRun lets a record with no data past the end through.
+    if (rec.cluster >= clusterCount(this.size)) throw new VmapipeError('E_RECORD', 'cluster past the device end', { cluster: rec.cluster })
     if (this.base !== undefined) this.cover(rec.cluster * CLUSTER_SIZE)
     let wait: Promise<void> | undefined
     forEachRun(rec, this.size, (position, bytes) => {
