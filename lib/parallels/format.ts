@@ -75,9 +75,12 @@ export function dataOffset (h: ParallelsHeader): number {
   return h.dataOff * SECTOR_SIZE
 }
 
+/** Bytes one unit of a BAT entry stands for: a sector in old images, a cluster in current ones. */
+export const entryUnit = (h: ParallelsHeader): number => h.magic === MAGIC_SECTORS ? SECTOR_SIZE : clusterSize(h)
+
 /** Byte offset in the file that a non-zero BAT entry stands for. */
 export function entryOffset (h: ParallelsHeader, entry: number): number {
-  return entry * (h.magic === MAGIC_SECTORS ? SECTOR_SIZE : clusterSize(h))
+  return entry * entryUnit(h)
 }
 
 /**
@@ -146,12 +149,22 @@ export function encodeHeader (h: ParallelsHeader): Buffer {
  * start, and (when the size is known) wholly inside the file.
  */
 export function checkHostCluster (h: ParallelsHeader, offset: number, fileSize: number | undefined, what: string, where: string, code: 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION', at: number): void {
-  const start = dataOffset(h)
-  const size = clusterSize(h)
-  if (offset < start) throw fail(code, where, `${what} points to byte ${offset}, before the data area (byte ${start})`, at)
-  if ((offset - start) % size !== 0) throw fail(code, where, `${what} points to byte ${offset}, not on a cluster boundary of the data area (clusters of ${size} bytes from byte ${start})`, at)
-  if (fileSize !== undefined && offset + size > fileSize) throw fail(code, where, `${what} points to byte ${offset}, past the end of the file (${fileSize} bytes)`, at)
-  if (!Number.isSafeInteger(offset + size)) throw fail(code, where, `${what} points beyond any file`, at)
+  const fault = hostClusterFault(offset, dataOffset(h), clusterSize(h), fileSize)
+  if (fault !== undefined) throw fail(code, where, `${what} ${fault}`, at)
+}
+
+/**
+ * What is wrong with a cluster at byte `offset` for checkHostCluster, to
+ * follow the name of what points there; undefined when nothing is. Takes the
+ * data area's start and the cluster size, and builds no text for a good
+ * cluster, so that a BAT of millions of entries is checked cheaply.
+ */
+function hostClusterFault (offset: number, start: number, size: number, fileSize: number | undefined): string | undefined {
+  if (offset < start) return `points to byte ${offset}, before the data area (byte ${start})`
+  if ((offset - start) % size !== 0) return `points to byte ${offset}, not on a cluster boundary of the data area (clusters of ${size} bytes from byte ${start})`
+  if (fileSize !== undefined && offset + size > fileSize) return `points to byte ${offset}, past the end of the file (${fileSize} bytes)`
+  if (!Number.isSafeInteger(offset + size)) return 'points beyond any file'
+  return undefined
 }
 
 /** Byte position in the file of BAT entry `index`. */
@@ -165,13 +178,17 @@ export const batEntryAt = (index: number): number => HEADER_SIZE + 4 * index
  */
 export function parseBat (h: ParallelsHeader, bytes: Buffer, where: string, fileSize?: number): { bat: Uint32Array, sorted: Uint32Array } {
   const bat = new Uint32Array(h.batEntries)
+  const unit = entryUnit(h)
+  const start = dataOffset(h)
+  const size = clusterSize(h)
   let used = 0
   for (let i = 0; i < h.batEntries; i++) {
     const entry = bytes.readUInt32LE(4 * i)
     bat[i] = entry
     if (entry === 0) continue
     used++
-    checkHostCluster(h, entryOffset(h, entry), fileSize, `BAT entry ${i}`, where, 'E_PARALLELS_BAT', batEntryAt(i))
+    const fault = hostClusterFault(entry * unit, start, size, fileSize)
+    if (fault !== undefined) throw fail('E_PARALLELS_BAT', where, `BAT entry ${i} ${fault}`, batEntryAt(i))
   }
   const sorted = new Uint32Array(used)
   for (let i = 0, j = 0; i < bat.length; i++) if (bat[i] !== 0) sorted[j++] = bat[i]
