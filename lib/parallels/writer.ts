@@ -67,7 +67,7 @@ export class ParallelsWriter implements DiskWriter {
     private readonly file: FileHandle,
     private readonly path: string,
     private readonly size: number,
-    private readonly header: ParallelsHeader,
+    readonly header: ParallelsHeader,
     private readonly queue: WriteQueue,
     private readonly base?: RandomAccessDisk,
   ) {
@@ -252,12 +252,12 @@ export class ParallelsBundleWriter implements DiskWriter {
     const guid = newGuid()
     const file = `${basename(path)}.0.${guid}.hds`
     const image = await ParallelsWriter.create(join(path, file), size, options)
-    const sectors = Math.ceil(size / SECTOR_SIZE)
+    const { sectors, tracks } = image.header
     const descriptor = buildDescriptor({
       diskSize: sectors,
       ...geometry(sectors),
       padding: 0,
-      storages: [{ start: 0, end: sectors, blockSize: (options.clusterSize ?? DEFAULT_CLUSTER_SIZE) / SECTOR_SIZE, images: [{ guid, type: 'Compressed', file }] }],
+      storages: [{ start: 0, end: sectors, blockSize: tracks, images: [{ guid, type: 'Compressed', file }] }],
       topGuid: guid,
       shots: [{ guid, parentGuid: ROOT_PARENT }],
     })
