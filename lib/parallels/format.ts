@@ -13,7 +13,7 @@ export const HEADER_SIZE = 64
 export const MAGIC_SECTORS = 'WithoutFreeSpace'
 /** Current images: BAT entries in clusters, data_off cluster-aligned. */
 export const MAGIC_CLUSTERS = 'WithouFreSpacExt'
-export const VERSION = 2
+const VERSION = 2
 /** in_use while software has the image open for writing. */
 export const IN_USE = 0x746f6e59
 /** in_use once closed by software that knows the Format Extension. */
@@ -24,15 +24,15 @@ export const DEFAULT_CLUSTER_SIZE = 1 << 20
 /** 1 GiB of BAT (16 TiB of disk at 64 KiB clusters): more is refused before anything is allocated. */
 export const MAX_BAT_ENTRIES = 2 ** 28
 /** Clusters above 2 GiB are refused (QEMU's own limit is the same). */
-export const MAX_CLUSTER_SECTORS = 2 ** 22
+const MAX_CLUSTER_SECTORS = 2 ** 22
 
-export const EXTENSION_MAGIC = 0xab234cef23dcea87n
-export const FEATURE_END = 0n
-export const FEATURE_DIRTY_BITMAP = 0x20385fae252cb34an
+const EXTENSION_MAGIC = 0xab234cef23dcea87n
+const FEATURE_END = 0n
+const FEATURE_DIRTY_BITMAP = 0x20385fae252cb34an
 /** Feature flag: software that cannot load the feature must not use the image. */
-export const FEATURE_NECESSARY = 1n
+const FEATURE_NECESSARY = 1n
 /** Feature flag: software that does not know the feature keeps it as it is. */
-export const FEATURE_TRANSIT = 2n
+const FEATURE_TRANSIT = 2n
 const EXTENSION_HEADER_SIZE = 24
 const FEATURE_HEADER_SIZE = 24
 const BITMAP_HEADER_SIZE = 32
@@ -77,6 +77,12 @@ export function dataOffset (h: ParallelsHeader): number {
 
 /** Bytes one unit of a BAT entry stands for: a sector in old images, a cluster in current ones. */
 export const entryUnit = (h: ParallelsHeader): number => h.magic === MAGIC_SECTORS ? SECTOR_SIZE : clusterSize(h)
+
+/** The BAT as readers see it: an image flagged empty reads as all zeros, so its entries are cleared (in place). */
+export function visibleBat (h: ParallelsHeader, bat: Uint32Array): Uint32Array {
+  if ((h.flags & FLAG_EMPTY) !== 0) bat.fill(0)
+  return bat
+}
 
 /** Byte offset in the file that a non-zero BAT entry stands for. */
 export function entryOffset (h: ParallelsHeader, entry: number): number {
@@ -234,7 +240,7 @@ export interface FormatExtension {
 }
 
 /** L1 entries a bitmap needs: one per cluster of bits. */
-export function bitmapL1Size (sectors: number, granularity: number, clusterBytes: number): number {
+function bitmapL1Size (sectors: number, granularity: number, clusterBytes: number): number {
   return Math.ceil(Math.ceil(sectors / granularity) / (clusterBytes * 8))
 }
 
