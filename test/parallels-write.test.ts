@@ -6,7 +6,8 @@ import { cmp, exits, run, tempDir, vma } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { qemuCheck, qemuCompare, randomDisk, readImage } from './helpers/parallels.js'
 import { ParallelsWriter } from '../lib/parallels/writer.js'
-import { clusterFromBytes } from '../lib/record.js'
+import { RawImage } from '../lib/raw/image.js'
+import { clusterFromBytes, clusterRecord } from '../lib/record.js'
 
 const disks = (names: string[]): string[] => names.filter(n => n !== 'vmstate')
 
@@ -109,4 +110,19 @@ t.test('ParallelsWriter: in_use while writing, records in any order, a size that
   t.equal(got.length, Math.ceil(size / 512) * 512)
   t.ok(got.subarray(0, size).equals(data) && got.subarray(size).every(b => b === 0), 'contents equal')
   await t.rejects(ParallelsWriter.create(image, size), { code: 'E_IO' }, 'an existing file is never overwritten')
+})
+
+t.test('ParallelsWriter: a cluster past the device end is refused before it takes file space, over a base or not', async t => {
+  const dir = tempDir(t)
+  const size = 3 << 19 // 1.5 MiB: cluster 24 is past the end but inside the second 1 MiB image cluster
+  const base = await RawImage.open(randomDisk(dir, 'base.raw', 65, size).path)
+  t.teardown(async () => await base.close())
+  for (const [name, options] of [['snapshot', { base }], ['plain', {}]] as const) {
+    const image = join(dir, `${name}.hds`)
+    const writer = await ParallelsWriter.create(image, size, options)
+    t.throws(() => writer.write(clusterRecord(1, 24, 0, Buffer.alloc(0))), { code: 'E_RECORD', message: 'cluster past the device end' }, `${name}: an empty record past the end`)
+    await writer.finish()
+    t.equal(statSync(image).size, readImage(image).dataOff * 512, `${name}: no data cluster was allocated`)
+    await qemuCheck(t, image)
+  }
 })

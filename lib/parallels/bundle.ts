@@ -7,10 +7,10 @@
  */
 import { readFile, realpath, stat } from 'node:fs/promises'
 import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
-import { VmapipeError, ioError } from '../errors.js'
+import { ioError } from '../errors.js'
 import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, describeBitmaps, mappedBytes } from '../disk.js'
 import { RawImage } from '../raw/image.js'
-import { type DescriptorImage, type DiskDescriptor, ROOT_PARENT, parseDescriptor, topOf } from './descriptor.js'
+import { type DescriptorImage, type DiskDescriptor, ROOT_PARENT, fail, parseDescriptor, topOf } from './descriptor.js'
 import { ParallelsImage } from './reader.js'
 import { SECTOR_SIZE } from './format.js'
 
@@ -27,10 +27,6 @@ export interface BundleLayer extends DescriptorImage {
 /** A DiskDescriptor.xml's first bytes. */
 export function isDescriptor (head: Buffer): boolean {
   return head.toString('utf8').includes('<Parallels_disk_image')
-}
-
-function fail (where: string, message: string): VmapipeError {
-  return new VmapipeError('E_PARALLELS_XML', `${where}: ${message}`)
 }
 
 /**

@@ -59,7 +59,8 @@ const parser = new XMLParser({ ...OPTIONS, trimValues: false, parseTagValue: fal
 
 export const newGuid = (): string => `{${randomUUID()}}`
 
-function fail (where: string, message: string): VmapipeError {
+/** An E_PARALLELS_XML error: a descriptor, or the bundle it describes, at `where` is wrong. */
+export function fail (where: string, message: string): VmapipeError {
   return new VmapipeError('E_PARALLELS_XML', `${where}: ${message}`)
 }
 

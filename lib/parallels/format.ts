@@ -13,7 +13,7 @@ export const HEADER_SIZE = 64
 export const MAGIC_SECTORS = 'WithoutFreeSpace'
 /** Current images: BAT entries in clusters, data_off cluster-aligned. */
 export const MAGIC_CLUSTERS = 'WithouFreSpacExt'
-export const VERSION = 2
+const VERSION = 2
 /** in_use while software has the image open for writing. */
 export const IN_USE = 0x746f6e59
 /** in_use once closed by software that knows the Format Extension. */
@@ -24,15 +24,15 @@ export const DEFAULT_CLUSTER_SIZE = 1 << 20
 /** 1 GiB of BAT (16 TiB of disk at 64 KiB clusters): more is refused before anything is allocated. */
 export const MAX_BAT_ENTRIES = 2 ** 28
 /** Clusters above 2 GiB are refused (QEMU's own limit is the same). */
-export const MAX_CLUSTER_SECTORS = 2 ** 22
+const MAX_CLUSTER_SECTORS = 2 ** 22
 
-export const EXTENSION_MAGIC = 0xab234cef23dcea87n
-export const FEATURE_END = 0n
-export const FEATURE_DIRTY_BITMAP = 0x20385fae252cb34an
+const EXTENSION_MAGIC = 0xab234cef23dcea87n
+const FEATURE_END = 0n
+const FEATURE_DIRTY_BITMAP = 0x20385fae252cb34an
 /** Feature flag: software that cannot load the feature must not use the image. */
-export const FEATURE_NECESSARY = 1n
+const FEATURE_NECESSARY = 1n
 /** Feature flag: software that does not know the feature keeps it as it is. */
-export const FEATURE_TRANSIT = 2n
+const FEATURE_TRANSIT = 2n
 const EXTENSION_HEADER_SIZE = 24
 const FEATURE_HEADER_SIZE = 24
 const BITMAP_HEADER_SIZE = 32
@@ -75,9 +75,18 @@ export function dataOffset (h: ParallelsHeader): number {
   return h.dataOff * SECTOR_SIZE
 }
 
+/** Bytes one unit of a BAT entry stands for: a sector in old images, a cluster in current ones. */
+export const entryUnit = (h: ParallelsHeader): number => h.magic === MAGIC_SECTORS ? SECTOR_SIZE : clusterSize(h)
+
+/** The BAT as readers see it: an image flagged empty reads as all zeros, so its entries are cleared (in place). */
+export function visibleBat (h: ParallelsHeader, bat: Uint32Array): Uint32Array {
+  if ((h.flags & FLAG_EMPTY) !== 0) bat.fill(0)
+  return bat
+}
+
 /** Byte offset in the file that a non-zero BAT entry stands for. */
 export function entryOffset (h: ParallelsHeader, entry: number): number {
-  return entry * (h.magic === MAGIC_SECTORS ? SECTOR_SIZE : clusterSize(h))
+  return entry * entryUnit(h)
 }
 
 /**
@@ -146,12 +155,22 @@ export function encodeHeader (h: ParallelsHeader): Buffer {
  * start, and (when the size is known) wholly inside the file.
  */
 export function checkHostCluster (h: ParallelsHeader, offset: number, fileSize: number | undefined, what: string, where: string, code: 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION', at: number): void {
-  const start = dataOffset(h)
-  const size = clusterSize(h)
-  if (offset < start) throw fail(code, where, `${what} points to byte ${offset}, before the data area (byte ${start})`, at)
-  if ((offset - start) % size !== 0) throw fail(code, where, `${what} points to byte ${offset}, not on a cluster boundary of the data area (clusters of ${size} bytes from byte ${start})`, at)
-  if (fileSize !== undefined && offset + size > fileSize) throw fail(code, where, `${what} points to byte ${offset}, past the end of the file (${fileSize} bytes)`, at)
-  if (!Number.isSafeInteger(offset + size)) throw fail(code, where, `${what} points beyond any file`, at)
+  const fault = hostClusterFault(offset, dataOffset(h), clusterSize(h), fileSize)
+  if (fault !== undefined) throw fail(code, where, `${what} ${fault}`, at)
+}
+
+/**
+ * What is wrong with a cluster at byte `offset` for checkHostCluster, to
+ * follow the name of what points there; undefined when nothing is. Takes the
+ * data area's start and the cluster size, and builds no text for a good
+ * cluster, so that a BAT of millions of entries is checked cheaply.
+ */
+function hostClusterFault (offset: number, start: number, size: number, fileSize: number | undefined): string | undefined {
+  if (offset < start) return `points to byte ${offset}, before the data area (byte ${start})`
+  if ((offset - start) % size !== 0) return `points to byte ${offset}, not on a cluster boundary of the data area (clusters of ${size} bytes from byte ${start})`
+  if (fileSize !== undefined && offset + size > fileSize) return `points to byte ${offset}, past the end of the file (${fileSize} bytes)`
+  if (!Number.isSafeInteger(offset + size)) return 'points beyond any file'
+  return undefined
 }
 
 /** Byte position in the file of BAT entry `index`. */
@@ -165,13 +184,17 @@ export const batEntryAt = (index: number): number => HEADER_SIZE + 4 * index
  */
 export function parseBat (h: ParallelsHeader, bytes: Buffer, where: string, fileSize?: number): { bat: Uint32Array, sorted: Uint32Array } {
   const bat = new Uint32Array(h.batEntries)
+  const unit = entryUnit(h)
+  const start = dataOffset(h)
+  const size = clusterSize(h)
   let used = 0
   for (let i = 0; i < h.batEntries; i++) {
     const entry = bytes.readUInt32LE(4 * i)
     bat[i] = entry
     if (entry === 0) continue
     used++
-    checkHostCluster(h, entryOffset(h, entry), fileSize, `BAT entry ${i}`, where, 'E_PARALLELS_BAT', batEntryAt(i))
+    const fault = hostClusterFault(entry * unit, start, size, fileSize)
+    if (fault !== undefined) throw fail('E_PARALLELS_BAT', where, `BAT entry ${i} ${fault}`, batEntryAt(i))
   }
   const sorted = new Uint32Array(used)
   for (let i = 0, j = 0; i < bat.length; i++) if (bat[i] !== 0) sorted[j++] = bat[i]
@@ -217,7 +240,7 @@ export interface FormatExtension {
 }
 
 /** L1 entries a bitmap needs: one per cluster of bits. */
-export function bitmapL1Size (sectors: number, granularity: number, clusterBytes: number): number {
+function bitmapL1Size (sectors: number, granularity: number, clusterBytes: number): number {
   return Math.ceil(Math.ceil(sectors / granularity) / (clusterBytes * 8))
 }
 

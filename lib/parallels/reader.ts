@@ -16,8 +16,8 @@ import { chain } from '../io/chain.js'
 import { counter } from '../io/progress.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
-  type BitmapFeature, type FormatExtension, type ParallelsHeader, FLAG_EMPTY, HEADER_SIZE, MAGIC_SECTORS, SECTOR_SIZE,
-  batEnd, checkHostCluster, clusterSize, dataOffset, entryOffset, parseBat, parseFormatExtension, parseHeader,
+  type BitmapFeature, type FormatExtension, type ParallelsHeader, FLAG_EMPTY, HEADER_SIZE, SECTOR_SIZE,
+  batEnd, batEntryAt, checkHostCluster, clusterSize, dataOffset, entryOffset, entryUnit, parseBat, parseFormatExtension, parseHeader, visibleBat,
 } from './format.js'
 
 export class ParallelsImage implements RandomAccessDisk {
@@ -36,7 +36,7 @@ export class ParallelsImage implements RandomAccessDisk {
   ) {
     this.size = header.sectors * SECTOR_SIZE
     this.clusterSize = clusterSize(header)
-    this.bat = (header.flags & FLAG_EMPTY) !== 0 ? new Uint32Array(bat.length) : bat
+    this.bat = visibleBat(header, bat)
     this.bitmaps = (extension?.bitmaps ?? []).map(b => new ParallelsBitmap(b, this.size, this.clusterSize, async (buf, at) => { await readFully(file, buf, at, path) }))
   }
 
@@ -140,7 +140,7 @@ async function readExtension (file: FileHandle, h: ParallelsHeader, sortedBat: U
   const used = new Set<number>()
   const claim = (offset: number, what: string, at: number): void => {
     checkHostCluster(h, offset, fileSize, what, where, 'E_PARALLELS_EXTENSION', at)
-    const entry = offset / (h.magic === MAGIC_SECTORS ? SECTOR_SIZE : clusterSize(h))
+    const entry = offset / entryUnit(h)
     if (used.has(offset) || binarySearch(sortedBat, entry)) throw new VmapipeError('E_PARALLELS_EXTENSION', `${where}: ${what} points to byte ${offset}, a cluster used already`, { offset: at })
     used.add(offset)
   }
@@ -242,8 +242,7 @@ export async function streamParallels (input: Readable, where: string): Promise<
   if (clusterSize(header) % CLUSTER_SIZE !== 0) return undefined
   const head = await peek(input, batEnd(header))
   if (head.length < batEnd(header)) throw new VmapipeError('E_PARALLELS_HEADER', `${where}: the input ended at byte ${head.length}, inside the BAT (which ends at byte ${batEnd(header)})`, { offset: head.length })
-  const { bat } = parseBat(header, head.subarray(HEADER_SIZE), where)
-  if ((header.flags & FLAG_EMPTY) !== 0) bat.fill(0)
+  const bat = visibleBat(header, parseBat(header, head.subarray(HEADER_SIZE), where).bat)
   const order = Uint32Array.from(bat.keys()).filter(i => bat[i] !== 0).sort((a, b) => bat[a] - bat[b])
   return {
     size: header.sectors * SECTOR_SIZE,
@@ -285,7 +284,7 @@ async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32
   }
   if (next < order.length) {
     const end = queue.consumed + queue.length
-    throw new VmapipeError('E_PARALLELS_BAT', `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`, { offset: HEADER_SIZE + 4 * order[next] })
+    throw new VmapipeError('E_PARALLELS_BAT', `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`, { offset: batEntryAt(order[next]) })
   }
   const empty = Buffer.alloc(0)
   for (let c = 0; c < clusterCount(size); c++) {

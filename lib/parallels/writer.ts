@@ -10,11 +10,12 @@
 import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
+import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
 import type { RandomAccessDisk } from '../disk.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { isUuid } from '../util/uuid.js'
+import { ClusterSet } from '../util/cluster-set.js'
 import { syncPath } from '../io/output.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
@@ -59,14 +60,14 @@ export class ParallelsWriter implements DiskWriter {
   private readonly clusterBytes: number
   /** File cluster the next newly written image cluster takes. */
   private next: number
-  /** Snapshots: the records (64 KiB parts) each written image cluster got. */
-  private readonly covered = new Map<number, Uint8Array>()
+  /** Snapshots: the 64 KiB clusters that records were written for. */
+  private readonly covered = new ClusterSet()
 
   private constructor (
     private readonly file: FileHandle,
     private readonly path: string,
     private readonly size: number,
-    private readonly header: ParallelsHeader,
+    readonly header: ParallelsHeader,
     private readonly queue: WriteQueue,
     private readonly base?: RandomAccessDisk,
   ) {
@@ -114,7 +115,9 @@ export class ParallelsWriter implements DiskWriter {
   }
 
   write (rec: ClusterRecord): Promise<void> | undefined {
-    if (this.base !== undefined) this.cover(rec.cluster * CLUSTER_SIZE)
+    // Checked before cover() gives the cluster file space: forEachRun lets a record with no data past the end through.
+    if (rec.cluster >= clusterCount(this.size)) throw new VmapipeError('E_RECORD', 'cluster past the device end', { cluster: rec.cluster })
+    if (this.base !== undefined) this.cover(rec.cluster)
     let wait: Promise<void> | undefined
     forEachRun(rec, this.size, (position, bytes) => {
       if (bytes.equals(ZERO_CLUSTER.subarray(0, bytes.length))) return
@@ -126,33 +129,45 @@ export class ParallelsWriter implements DiskWriter {
   /** Writes guest bytes at `position`, giving their image cluster the next free file cluster if it has none. */
   private put (bytes: Buffer, position: number): Promise<void> | undefined {
     const index = Math.floor(position / this.clusterBytes)
-    if (this.bat[index] === 0) this.bat[index] = this.next++
-    const at = this.bat[index] * this.clusterBytes + position - index * this.clusterBytes
+    const at = this.hostCluster(index) * this.clusterBytes + position - index * this.clusterBytes
     return this.queue.write(this.file.fd, bytes, at, `writing ${this.path}`)
   }
 
-  /** Snapshots: the image cluster of guest `position` is in this layer, and the record there is its own. */
-  private cover (position: number): void {
-    const index = Math.floor(position / this.clusterBytes)
+  /** The file cluster of image cluster `index`, the next free one if it has none yet. */
+  private hostCluster (index: number): number {
     if (this.bat[index] === 0) this.bat[index] = this.next++
-    let parts = this.covered.get(index)
-    if (parts === undefined) {
-      parts = new Uint8Array(this.clusterBytes / CLUSTER_SIZE)
-      this.covered.set(index, parts)
-    }
-    parts[(position - index * this.clusterBytes) / CLUSTER_SIZE] = 1
+    return this.bat[index]
   }
 
-  /** Snapshots: the rest of each written image cluster, from the layers below. */
+  /** Snapshots: the image cluster holding 64 KiB `cluster` is in this layer, and the record there is its own. */
+  private cover (cluster: number): void {
+    this.hostCluster(Math.floor(cluster * CLUSTER_SIZE / this.clusterBytes))
+    this.covered.add(cluster)
+  }
+
+  /**
+   * Snapshots: the parts of each written image cluster that no record
+   * covered, from the layers below; parts that are zero there stay unwritten.
+   * Only cover() allocates in a snapshot, so the non-zero BAT entries are the
+   * written image clusters.
+   */
   private async fillFromBase (base: RandomAccessDisk): Promise<void> {
-    const buf = Buffer.alloc(CLUSTER_SIZE)
-    for (const [index, parts] of this.covered) {
-      for (let p = 0; p < parts.length; p++) {
-        const position = index * this.clusterBytes + p * CLUSTER_SIZE
-        if (parts[p] === 1 || position >= this.size) continue
-        const bytes = buf.subarray(0, Math.min(CLUSTER_SIZE, this.size - position))
-        await base.read(bytes, position)
-        if (!bytes.equals(ZERO_CLUSTER.subarray(0, bytes.length))) await this.put(Buffer.from(bytes), position)
+    const perCluster = this.clusterBytes / CLUSTER_SIZE
+    const guestClusters = clusterCount(this.size)
+    for (let index = 0; index < this.bat.length; index++) {
+      if (this.bat[index] === 0) continue
+      const first = index * perCluster
+      const end = Math.min(first + perCluster, guestClusters)
+      let c = first
+      while (c < end && this.covered.has(c)) c++
+      if (c === end) continue
+      // A buffer per image cluster: the queue holds its parts until they are written.
+      const bytes = Buffer.alloc(Math.min(this.clusterBytes, this.size - first * CLUSTER_SIZE))
+      await base.read(bytes, first * CLUSTER_SIZE)
+      for (; c < end; c++) {
+        if (this.covered.has(c)) continue
+        const part = bytes.subarray((c - first) * CLUSTER_SIZE, (c - first + 1) * CLUSTER_SIZE)
+        if (!part.equals(ZERO_CLUSTER.subarray(0, part.length))) await this.put(part, c * CLUSTER_SIZE)
       }
     }
   }
@@ -237,12 +252,12 @@ export class ParallelsBundleWriter implements DiskWriter {
     const guid = newGuid()
     const file = `${basename(path)}.0.${guid}.hds`
     const image = await ParallelsWriter.create(join(path, file), size, options)
-    const sectors = Math.ceil(size / SECTOR_SIZE)
+    const { sectors, tracks } = image.header
     const descriptor = buildDescriptor({
       diskSize: sectors,
       ...geometry(sectors),
       padding: 0,
-      storages: [{ start: 0, end: sectors, blockSize: (options.clusterSize ?? DEFAULT_CLUSTER_SIZE) / SECTOR_SIZE, images: [{ guid, type: 'Compressed', file }] }],
+      storages: [{ start: 0, end: sectors, blockSize: tracks, images: [{ guid, type: 'Compressed', file }] }],
       topGuid: guid,
       shots: [{ guid, parentGuid: ROOT_PARENT }],
     })
