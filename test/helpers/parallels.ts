@@ -2,14 +2,14 @@
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Test } from 'tap'
-import { SHARED, exits, run } from './run.js'
+import { FIXTURES, exits, run } from './run.js'
 import { Rng, makeDisk } from './random.js'
 
 /** The two QEMU samples, decompressed into `dir`: [path, magic]. */
 export async function qemuSamples (dir: string): Promise<Array<[string, string]>> {
   const out: Array<[string, string]> = []
   for (const [name, magic] of [['parallels-v1', 'WithoutFreeSpace'], ['parallels-v2', 'WithouFreSpacExt']]) {
-    const src = join(SHARED, 'fixtures', `${name}.hds.bz2`)
+    const src = join(FIXTURES, `${name}.hds.bz2`)
     if (!existsSync(src)) throw new Error(`missing ${src}`)
     const r = await run('bzip2', ['-dc', src])
     if (r.code !== 0) throw new Error(`bzip2 -dc ${src}: ${r.stderr}`)

@@ -10,10 +10,17 @@ import type { Test } from 'tap'
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
 export const VMA = join(root, 'dist/bin/vma.js')
 export const PACK_VMA = join(root, 'dist/bin/pack-vma.js')
-/** ../shared beside the checkout (VMAPIPE_SHARED overrides, /work/shared as a last resort). */
-export const SHARED = [process.env.VMAPIPE_SHARED, resolve(root, '../shared'), '/work/shared']
-  .find(dir => dir !== undefined && existsSync(join(dir, 'fixtures'))) ?? resolve(root, '../shared')
-export const SAMPLE = join(SHARED, 'fixtures/proxmox-sample.vma.gz')
+/** Samples kept in the repository (test/fixtures/README.md says where each comes from). */
+export const FIXTURES = join(root, 'test/fixtures')
+export const SAMPLE = join(FIXTURES, 'proxmox-sample.vma.gz')
+/**
+ * Proxmox's own vma, an optional peer: $PVE_VMA, else ../shared/tools/pve-vma
+ * beside the checkout. Undefined where neither exists; tests that need it skip.
+ */
+export const PVE_VMA = [process.env.PVE_VMA, resolve(root, '../shared/tools/pve-vma')]
+  .find(path => path !== undefined && path !== '' && existsSync(path))
+/** tap's skip option for a test that needs pve-vma. */
+export const needsPveVma = PVE_VMA === undefined ? { skip: 'pve-vma not found' } : {}
 
 export interface RunResult { code: number | null, stdout: Buffer, stderr: string }
 
