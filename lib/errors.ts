@@ -16,8 +16,10 @@ export const EXIT = {
   NOTHING_DONE: 4,
   /** vma backup: the archive was written, but some old ones could not be pruned. */
   PARTLY_PRUNED: 5,
-  /** Stopped by SIGINT or SIGTERM (128 + 2 is reported for both, as shells do for ^C). */
+  /** Stopped by SIGINT (128 + 2, as shells report ^C); also E_INTERRUPTED, where the signal is not known. */
   INTERRUPTED: 130,
+  /** Stopped by SIGTERM (128 + 15). */
+  TERMINATED: 143,
 } as const
 
 /** Codes that say the system failed rather than the input being wrong. */
@@ -80,7 +82,8 @@ export class VmapipeError extends Error implements ErrorPlace {
   }
 }
 
-function describePlace (place: ErrorPlace): string {
+/** ` (device D, cluster C, byte offset N)`: where a problem is, as messages end. */
+export function describePlace (place: ErrorPlace): string {
   const parts: string[] = []
   if (place.device !== undefined) parts.push(`device ${place.device}`)
   if (place.cluster !== undefined) parts.push(`cluster ${place.cluster}`)

@@ -41,14 +41,16 @@ Examples:
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'JOBFILE')
     const job = await readJob(positionals[0])
-    const level = (values['log-level'] as string | undefined) ?? job.log?.level ?? (values.quiet === true ? 'error' : 'info')
-    const streams: pino.StreamEntry[] = []
-    if (job.log?.stderr ?? job.log?.file === undefined) streams.push({ level: level as pino.Level, stream: ctx.stderr })
-    if (job.log?.file !== undefined) {
+    const level = ((values['log-level'] as string | undefined) ?? job.log?.level ?? (values.quiet === true ? 'warn' : 'info')) as LevelWithSilent
+    // A failure always reaches stderr, whatever the job's log settings or -q say: cron mails it, the journal keeps it.
+    const belowError = pino.levels.values[level] < pino.levels.values.error
+    const toStderr = (job.log?.stderr ?? job.log?.file === undefined) && belowError
+    const streams: pino.StreamEntry[] = [{ level: toStderr ? level as pino.Level : 'error', stream: ctx.stderr }]
+    if (job.log?.file !== undefined && level !== 'silent') {
       mkdirSync(dirname(job.log.file), { recursive: true })
       streams.push({ level: level as pino.Level, stream: createWriteStream(job.log.file, { flags: 'a' }) })
     }
-    const log = createLogger('backup', level as LevelWithSilent, pino.multistream(streams))
+    const log = createLogger('backup', belowError ? level : 'error', pino.multistream(streams))
     const progress = ctx.progress('backup')
     try {
       const result = await runBackupJob(job, { log, signal: ctx.signal, ...(progress ? { progress } : {}) })
@@ -58,10 +60,12 @@ Examples:
       return partly ? EXIT.PARTLY_PRUNED : EXIT.OK
     } catch (err) {
       ctx.stopProgress()
-      const e = err instanceof VmapipeError ? err : new VmapipeError('E_IO', (err as Error).message, { cause: err })
+      const e = ctx.signalExit !== undefined
+        ? new VmapipeError('E_INTERRUPTED', 'interrupted, no archive kept', { cause: err })
+        : err instanceof VmapipeError ? err : new VmapipeError('E_IO', (err as Error).message, { cause: err })
       const nothing = e.exitCode === EXIT.NOTHING_DONE
-      log[nothing ? 'warn' : 'error']({ job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device }, e.message)
-      return e.exitCode
+      log[nothing ? 'warn' : 'error']({ job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device, hint: ctx.hint(e.code) }, e.message)
+      return ctx.signalExit ?? e.exitCode
     } finally {
       await new Promise<void>(resolve => log.flush(() => resolve()))
     }

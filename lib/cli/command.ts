@@ -15,13 +15,30 @@ export interface Command {
   run: (positionals: string[], values: Record<string, unknown>, ctx: CliContext) => Promise<number>
 }
 
+/** The Usage: lines at the top of a command's help. */
+export function usageOf (command: Command): string {
+  return command.help.split('\n\n')[0]
+}
+
 export function parseCommandLine (command: Command, args: string[]): { positionals: string[], values: Record<string, unknown> } {
   try {
     const { positionals, values } = parseArgs({ args, options: { ...COMMON_OPTIONS, ...command.options }, allowPositionals: true, strict: true })
     return { positionals, values }
   } catch (err) {
-    throw new VmapipeError('E_USAGE', `${(err as Error).message.split('\n')[0]}`)
+    throw new VmapipeError('E_USAGE', parseErrorText(err as Error & { code?: string }))
   }
+}
+
+/** Our own words for what node:util's parseArgs refused (its text tells about JavaScript, not about us). */
+function parseErrorText (err: Error & { code?: string }): string {
+  const option = (/'([^']*)'/.exec(err.message)?.[1] ?? '').replace(/ <value>$/, '')
+  if (err.code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `unknown option ${option}`
+  if (err.code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE') {
+    if (/does not take an argument/.test(err.message)) return `option ${option} takes no value`
+    if (/ambiguous/.test(err.message)) return `option ${option} needs a value; for one that starts with -, write it as --name=VALUE`
+    return `option ${option} needs a value`
+  }
+  return err.message.split('\n')[0]
 }
 
 /** Checks the number of positional arguments. */

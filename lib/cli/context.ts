@@ -1,56 +1,120 @@
 /**
  * What every command shares: parsed common options, the pino logger on
- * stderr, the progress bar on a terminal, Ctrl-C handling and the mapping of
- * errors to exit codes.
+ * stderr (JSON lines, or plain lines for a person at a terminal), the
+ * progress bar on a terminal, Ctrl-C handling and the mapping of errors to
+ * exit codes.
  */
 import { pino, type Logger, type LevelWithSilent } from 'pino'
-import { EXIT, VmapipeError } from '../errors.js'
+import { EXIT, VmapipeError, describePlace } from '../errors.js'
 import { ProgressBar, type ProgressSink } from '../io/progress.js'
 
 export interface CommonOptions {
   'log-level'?: string
+  'log-format'?: string
   quiet?: boolean
 }
 
 export const COMMON_OPTIONS = {
   'log-level': { type: 'string' },
+  'log-format': { type: 'string' },
   quiet: { type: 'boolean', short: 'q' },
   help: { type: 'boolean', short: 'h' },
+  version: { type: 'boolean', short: 'V' },
 } as const
 
 export const COMMON_HELP = `Common options:
-  --log-level LEVEL   trace, debug, info (default), warn, error, fatal or silent;
-                      logs are JSON lines (pino) on stderr
-  -q, --quiet         only errors in the log, no progress bar
-  -h, --help          this text`
+  --log-level LEVEL   trace, debug, info (default), warn, error, fatal or silent
+  --log-format FMT    text (plain lines, the default when stderr is a terminal)
+                      or json (JSON lines, pino; the default otherwise)
+  -q, --quiet         no progress bar and no info lines; warnings and errors
+                      are still shown
+  -h, --help          this text
+  -V, --version       the version of vmapipe`
 
 const LEVELS = new Set(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'])
+const LEVEL_NAMES: Record<number, string> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warning', 50: 'error', 60: 'fatal' }
+/** Fields every log line has; a plain line leaves them out. */
+const STANDARD_FIELDS = new Set(['level', 'time', 'cmd', 'name', 'msg', 'pid', 'hostname'])
+/** Signal numbers for the exit code 128 + n, as shells report a killed job. */
+const SIGNAL_EXIT: Partial<Record<NodeJS.Signals, number>> = { SIGINT: EXIT.INTERRUPTED, SIGTERM: EXIT.TERMINATED }
+
+/** What a person can do about an error with this code. */
+const HINTS: Partial<Record<string, string>> = {
+  E_VMA_MAGIC: 'is it a VMA archive (.vma, .vma.zst, .vma.gz, .vma.lzo)?',
+  E_VMA_TRUNCATED: 'the archive ends early: was it copied or written completely?',
+  E_VMA_HEADER_MD5: 'the archive is damaged; vma verify reports the first problem',
+  E_VMA_EXTENT_MD5: 'the archive is damaged; vma verify reports the first problem',
+  E_NOT_FOUND: 'vma list ARCHIVE shows the devices and config blobs an archive holds',
+  E_TARGET_EXISTS: 'name a path that does not exist yet, or see --force in --help',
+  E_TOOL_MISSING: 'install the program named above (e.g. apt-get install zstd lzop)',
+  E_JOB: 'examples/backup-job.json shows every key of a job file',
+  E_LOCKED: 'another run of this job is still working; nothing was done',
+}
 
 /** A command's logger: JSON lines with the command's name and ISO times. */
 export function createLogger (command: string, level: LevelWithSilent, destination: pino.DestinationStream): Logger {
   return pino({ name: 'vma', level, base: { cmd: command }, timestamp: pino.stdTimeFunctions.isoTime }, destination)
 }
 
+function fieldText (value: unknown): string {
+  if (Array.isArray(value)) return value.map(fieldText).join(',')
+  return typeof value === 'object' && value !== null ? JSON.stringify(value) : String(value)
+}
+
+/**
+ * One pino JSON line as a person reads it: `vma: what went wrong (CODE,
+ * device D, cluster C, byte N)` and the hint for an error; `vma: warning:
+ * ...`; info with its fields as key=value. Anything not JSON passes as is.
+ */
+export function plainLine (line: string, program: string): string {
+  let record: Record<string, unknown>
+  try {
+    record = JSON.parse(line) as Record<string, unknown>
+  } catch {
+    return line
+  }
+  const level = Number(record.level)
+  const msg = String(record.msg ?? '')
+  if (level >= 50) {
+    const { code, offset, device, cluster, hint } = record as { code?: string, offset?: number, device?: string, cluster?: number, hint?: string }
+    const place = describePlace({ offset, device, cluster })
+    const what = place !== '' && msg.endsWith(place) ? msg.slice(0, -place.length) : msg
+    const parts = [code, device !== undefined ? `device ${device}` : undefined, cluster !== undefined ? `cluster ${cluster}` : undefined,
+      offset !== undefined ? `byte ${offset}` : undefined].filter(p => p !== undefined)
+    return `${program}: ${what}${parts.length > 0 ? ` (${parts.join(', ')})` : ''}\n${hint !== undefined ? `${program}: hint: ${hint}\n` : ''}`
+  }
+  const fields = Object.entries(record).filter(([k, v]) => !STANDARD_FIELDS.has(k) && v !== undefined).map(([k, v]) => `${k}=${fieldText(v)}`)
+  const prefix = level === 30 ? '' : `${LEVEL_NAMES[level] ?? 'log'}: `
+  return `${program}: ${prefix}${msg}${fields.length > 0 ? ` (${fields.join(' ')})` : ''}\n`
+}
+
 export class CliContext {
   readonly log: Logger
-  /** stderr for log lines: the progress bar is cleared before each. */
-  readonly stderr = { write: (line: string): void => { this.bar?.clear(); process.stderr.write(line) } }
+  /** stderr for log lines: the progress bar is cleared before each; plain text for a person. */
+  readonly stderr = { write: (line: string): void => { this.bar?.clear(); process.stderr.write(this.text ? plainLine(line, this.program) : line) } }
   readonly signal: AbortSignal
+  /** Log lines are plain text (a terminal, or --log-format text) rather than JSON. */
+  readonly text: boolean
   private bar?: ProgressBar
   private readonly quiet: boolean
-  private interrupted = false
+  /** The signal that stopped us, once one came. */
+  private interrupted?: NodeJS.Signals
   private readonly started = Date.now()
 
-  constructor (readonly command: string, options: CommonOptions) {
-    const level = options['log-level'] ?? (options.quiet === true ? 'error' : 'info')
-    if (!LEVELS.has(level)) throw new VmapipeError('E_USAGE', `unknown log level ${level}`)
+  constructor (readonly command: string, options: CommonOptions, readonly program = 'vma') {
+    const level = options['log-level'] ?? (options.quiet === true ? 'warn' : 'info')
+    if (!LEVELS.has(level)) throw new VmapipeError('E_USAGE', `unknown log level ${level} (trace, debug, info, warn, error, fatal or silent)`)
+    const format = options['log-format']
+    if (format !== undefined && format !== 'json' && format !== 'text') throw new VmapipeError('E_USAGE', `--log-format ${format}: choose json or text`)
+    this.text = format === 'text' || (format === undefined && process.stderr.isTTY === true)
     this.quiet = options.quiet === true
     this.log = createLogger(command, level as LevelWithSilent, this.stderr)
     const controller = new AbortController()
     this.signal = controller.signal
     const onSignal = (name: NodeJS.Signals): void => {
-      if (this.interrupted) process.exit(EXIT.INTERRUPTED)
-      this.interrupted = true
+      // A second signal: the user insists, stop without cleaning up.
+      if (this.interrupted !== undefined) process.exit(SIGNAL_EXIT[name] ?? EXIT.INTERRUPTED)
+      this.interrupted = name
       this.log.warn({ signal: name }, 'interrupted, cleaning up')
       controller.abort()
     }
@@ -70,18 +134,38 @@ export class CliContext {
     this.bar = undefined
   }
 
-  /** Logs a job's outcome with its duration and peak memory. */
-  done (fields: Record<string, unknown>, message: string): void {
+  /**
+   * Logs a job's outcome with its duration and peak memory: a JSON line, or
+   * on a terminal the `summary` a person reads, with the time it took.
+   */
+  done (fields: Record<string, unknown>, message: string, summary: string): void {
     this.stopProgress()
-    this.log.info({ ...fields, seconds: (Date.now() - this.started) / 1000, maxRssKiB: process.resourceUsage().maxRSS }, message)
+    const seconds = (Date.now() - this.started) / 1000
+    if (!this.text) this.log.info({ ...fields, seconds, maxRssKiB: process.resourceUsage().maxRSS }, message)
+    else if (this.log.isLevelEnabled('info')) process.stderr.write(`${this.program}: ${summary} in ${seconds.toFixed(1)} s\n`)
+  }
+
+  /** 130 after SIGINT, 143 after SIGTERM; undefined while no signal came. */
+  get signalExit (): number | undefined {
+    return this.interrupted === undefined ? undefined : SIGNAL_EXIT[this.interrupted] ?? EXIT.INTERRUPTED
+  }
+
+  /** What a person can do about an error with this code, if we know. */
+  hint (code: string): string | undefined {
+    return HINTS[code] ?? (code === 'E_USAGE' ? `${this.program === 'vma' ? `vma ${this.command}` : this.program} --help shows the usage` : undefined)
   }
 
   /** Logs the error and returns the exit code it stands for. */
   fail (err: unknown): number {
     this.stopProgress()
+    // After a signal the cause is the signal, whatever a helper or stream said as it was torn down.
+    if (this.signalExit !== undefined) {
+      this.log.error({ code: 'E_INTERRUPTED', signal: this.interrupted }, `interrupted by ${this.interrupted}`)
+      return this.signalExit
+    }
     if (err instanceof VmapipeError) {
       const { code, offset, device, cluster } = err
-      this.log.error({ code, offset, device, cluster }, err.message)
+      this.log.error({ code, offset, device, cluster, hint: this.hint(code) }, err.message)
       return err.exitCode
     }
     const e = err as NodeJS.ErrnoException
@@ -96,4 +180,12 @@ export async function writeOut (text: string | Buffer): Promise<void> {
     process.stdout.once('error', () => resolve())
     process.stdout.write(text, () => resolve())
   })
+}
+
+/**
+ * Refuses to write binary data to a terminal, as gzip and zstd do: it would
+ * garble the screen and be lost. A pipe or a file is fine.
+ */
+export function refuseTerminal (what: string, remedy: string): void {
+  if (process.stdout.isTTY === true) throw new VmapipeError('E_USAGE', `${what} not written to a terminal; ${remedy}`)
 }

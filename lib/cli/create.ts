@@ -1,10 +1,12 @@
+import { basename } from 'node:path'
 import { COMPRESSIONS, type Compression, compressionForName } from '../io/compression.js'
 import { openOutput } from '../io/output.js'
 import { packArchive, readConfigFiles } from '../pack.js'
 import { DISK_FORMATS, type DiskFormat, type DiskSpec, closeDisks, openDisks } from '../sources.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, parseSize } from './command.js'
-import type { CliContext } from './context.js'
+import { type CliContext, refuseTerminal } from './context.js'
+import { formatBytes } from '../io/progress.js'
 
 const PACK_OPTIONS = {
   config: { type: 'string', short: 'c', multiple: true },
@@ -18,7 +20,10 @@ const PACK_OPTIONS = {
 } as const
 
 const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its base name
-                      (repeatable), e.g. qemu-server.conf
+                      (repeatable); NAME=FILE stores it as NAME. A lone
+                      Proxmox VM config <vmid>.conf is stored as
+                      qemu-server.conf and <vmid>.fw as qemu-server.fw,
+                      the names vzdump gives them
   --compress KIND     zstd, gzip, lzo or none; default from the name of
                       the output (.zst, .gz, .lzo), else none
   --uuid UUID         archive uuid (default random)
@@ -34,14 +39,17 @@ const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its b
 export const create: Command = {
   name: 'create',
   summary: 'pack disks and config blobs into a new archive',
-  help: `Usage: vma create OUT [-c FILE]... -d [OPTS:]NAME=PATH [-d ...]
+  help: `Usage: vma create OUT [-c [NAME=]FILE]... -d [OPTS:]NAME=PATH [-d ...]
+       vma create OUT [-c [NAME=]FILE]... NAME=PATH...     (deprecated, as in Proxmox)
 
 Writes a VMA archive that Proxmox restores: one device per -d, in the order
 given (dev_ids from 1), each disk read front to back after the one before
 (--interleave reads them together and mixes their clusters in extents, as a
-live backup does). Zero 4 KiB blocks are left out. OUT may be - (stdout); a
-file is written under a temporary name and renamed only when complete. At
-most one PATH may be - (stdin).
+live backup does). Zero 4 KiB blocks are left out. OUT may be - (stdout, a
+file or a pipe but not a terminal); a file is written under a temporary name
+and renamed only when complete. At most one PATH may be - (stdin). Disks
+given without -d (Proxmox's deprecated form; a bare PATH is named disk0,
+disk1...) are taken with Proxmox's warning, and not together with -d.
 
 PATH may be raw, a Parallels image (.hds) or a Parallels bundle (a .hdd
 directory, or its DiskDescriptor.xml: its snapshots are merged); the format
@@ -69,21 +77,28 @@ Examples:
   vma create backup.vma -d 'drive-scsi0=nbd+unix:///drive-scsi0?socket=/run/qemu-nbd.sock'`,
   options: { ...PACK_OPTIONS, drive: { type: 'string', short: 'd', multiple: true } },
   async run (positionals, values, ctx) {
-    expectPositionals(positionals, 1, 1, 'OUT')
+    expectPositionals(positionals, 1, Infinity, 'OUT')
+    const [out, ...bare] = positionals
     // Not split at commas: they separate a -d's own options.
-    const specs = ((values.drive as string[] | undefined) ?? []).map(parseDiskSpec)
+    const drives = (values.drive as string[] | undefined) ?? []
+    if (drives.length > 0 && bare.length > 0) throw new VmapipeError('E_USAGE', `unexpected argument ${bare[0]}: give every disk with -d`)
+    const specs = drives.map(parseDiskSpec)
+    for (const [i, text] of bare.entries()) {
+      ctx.log.warn(`Specifying a device without a format is deprecated - use '-d format=<format>:${text}'`)
+      specs.push(parseDiskSpec(text.includes('=') ? text : `disk${i}=${text}`))
+    }
     if (specs.length === 0) throw new VmapipeError('E_USAGE', 'no disks: give at least one -d NAME=PATH')
-    return await runPack(ctx, positionals[0], specs, values)
+    return await runPack(ctx, out, specs, values)
   },
 }
 
 export const pack: Command = {
   name: 'pack-vma',
   summary: 'pack one disk into an archive on stdout',
-  help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c FILE]... [-o OUT]
+  help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c [NAME=]FILE]... [-o OUT]
 
 Packs one disk from a file, stdin or an NBD export into a VMA archive on
-stdout (or -o OUT). The input's format is told by its magic bytes: raw (the
+stdout (a file or a pipe, not a terminal) or -o OUT. The input's format is told by its magic bytes: raw (the
 fallback), qcow2, a Parallels image (.hds) or bundle (.hdd directory). Raw
 from stdin needs --size, since the archive header comes first. qcow2 and .hds
 from stdin are read as they stream in (what cannot be placed yet waits in
@@ -115,7 +130,11 @@ Examples:
       ...(size !== undefined ? { size } : {}),
       ...(bitmap !== undefined ? { dirtyBitmap: bitmap } : {}),
     }
-    return await runPack(ctx, (values.output as string | undefined) ?? '-', [spec], values)
+    try {
+      return await runPack(ctx, (values.output as string | undefined) ?? '-', [spec], values)
+    } catch (err) {
+      throw inPackVmaTerms(err)
+    }
   },
 }
 
@@ -137,6 +156,37 @@ export function parseDiskSpec (text: string): DiskSpec {
     else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${DISK_FORMATS.join(', ')})`)
   }
   return spec
+}
+
+/**
+ * The disk sources speak vma create's language (`size=BYTES:` in -d);
+ * pack-vma's user has --size.
+ */
+function inPackVmaTerms (err: unknown): unknown {
+  if (!(err instanceof VmapipeError) || !err.message.includes('size=BYTES: in -d')) return err
+  return new VmapipeError(err.code, err.message.replace(/\s*\([^()]*size=BYTES: in -d\)/, ' with --size BYTES'), { cause: err })
+}
+
+/**
+ * -c values: `NAME=PATH`, or a PATH stored under its base name. A lone Proxmox
+ * VM config (/etc/pve/qemu-server/<vmid>.conf) is stored as qemu-server.conf,
+ * a lone firewall file <vmid>.fw as qemu-server.fw: vzdump's names, which
+ * qmrestore and vma config look for.
+ */
+export function configSpecs (value: unknown, ctx: CliContext): Array<{ name: string, path: string }> {
+  const specs = ((value as string[] | undefined) ?? []).map(text => {
+    const eq = text.indexOf('=')
+    if (eq <= 0 || text.slice(0, eq).includes('/')) return { name: basename(text), path: text, named: false }
+    if (eq === text.length - 1) throw new VmapipeError('E_USAGE', `-c ${text}: expected NAME=FILE`)
+    return { name: text.slice(0, eq), path: text.slice(eq + 1), named: true }
+  })
+  for (const [pattern, vzdumpName] of [[/^\d+\.conf$/, 'qemu-server.conf'], [/^\d+\.fw$/, 'qemu-server.fw']] as const) {
+    const matching = specs.filter(s => !s.named && pattern.test(s.name))
+    if (matching.length !== 1 || specs.some(s => s.name === vzdumpName)) continue
+    ctx.log.info(`storing config ${matching[0].name} as ${vzdumpName}`)
+    matching[0].name = vzdumpName
+  }
+  return specs.map(({ name, path }) => ({ name, path }))
 }
 
 function parseCtime (value: unknown): number | undefined {
@@ -161,7 +211,8 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
   const compress = values.compress as string | undefined
   if (compress !== undefined && !(COMPRESSIONS as readonly string[]).includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
   const compression = (compress ?? compressionForName(out)) as Compression
-  const configs = await readConfigFiles((values.config as string[] | undefined) ?? [])
+  if (out === '-') refuseTerminal('archive', `redirect stdout (> backup.vma, | ssh ...) or ${ctx.program === 'pack-vma' ? 'give -o FILE' : 'name an OUT file'}`)
+  const configs = await readConfigFiles(configSpecs(values.config, ctx))
   const ctime = parseCtime(values.ctime)
   const disks = await openDisks(specs)
   const output = await openOutput(out, { force: values.force === true }).catch(err => {
@@ -190,7 +241,7 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
       archiveBytes: result.stats.bytes,
       dataBlocks: result.stats.dataBlocks,
       extents: result.stats.extents,
-    }, 'archive written')
+    }, 'archive written', `${output.name} written: ${result.info.devices.length} disk${result.info.devices.length === 1 ? '' : 's'} (${formatBytes(diskBytes)}), ${formatBytes(result.stats.bytes)} archive`)
     return EXIT.OK
   } catch (err) {
     await output.abort()

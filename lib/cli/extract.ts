@@ -1,16 +1,19 @@
+import { basename } from 'node:path'
 import { extractToDirectory, extractToNbd, extractToStream } from '../extract.js'
+import { formatBytes } from '../io/progress.js'
 import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, listOption, parseSize } from './command.js'
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats.js'
 import { checkClusterSize } from '../parallels/writer.js'
 import { isNbdUri } from '../nbd/client.js'
+import { refuseTerminal } from './context.js'
 
 export const extract: Command = {
   name: 'extract',
   summary: 'restore disks and config blobs into a new directory, or one disk to stdout',
-  help: `Usage: vma extract ARCHIVE TARGETDIR [-d DRIVE[,DRIVE...]] [--format FORMAT] [--force]
-       vma extract ARCHIVE [-] [-d DRIVE] [--tmpdir DIR]
+  help: `Usage: vma extract ARCHIVE TARGETDIR [-v] [-d DRIVE[,DRIVE...]] [--format FORMAT] [--force]
+       vma extract ARCHIVE [-] [-d DRIVE] [--tmpdir DIR]     (stdout not a terminal)
        vma extract ARCHIVE --to NBD-URI [-d DRIVE]
 
 With TARGETDIR: writes each config blob under its own name, each disk as
@@ -25,7 +28,8 @@ parallels-bundle writes the directory disk-<device>.hdd holding that image
 and its DiskDescriptor.xml, as Parallels Desktop wants it.
 
 Without TARGETDIR (or with -): writes one disk (the only one, or the one -d
-names) to stdout as raw bytes in order, zeros included. Clusters that arrive
+names) to stdout as raw bytes in order, zeros included; stdout must be a
+file or a pipe, not a terminal. Clusters that arrive
 early wait in memory (1 MiB) and then in a temporary file, so memory stays
 flat whatever the order. With --format qcow2 the image is built in --tmpdir
 and copied to stdout when complete (its tables come first).
@@ -35,9 +39,14 @@ writable NBD export of at least its size (qemu-nbd, nbdkit), by WRITE and
 WRITE_ZEROES; an export that zeroes fast is zeroed first and only data is
 sent. URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH.
 
+Options as Proxmox's vma takes them come before or after ARCHIVE and
+TARGETDIR. -r FIFO (qmrestore's restore map) is not supported: write a disk
+to stdout (> PATH) or into an NBD export (--to) instead.
+
 Options:
   -d, --drive DRIVE   only these devices (repeat or separate with commas);
                       scsi0 is short for drive-scsi0
+  -v, --verbose       name each file written
   --format FORMAT     image format of the disks: ${OUTPUT_FORMATS.join(', ')} (default raw)
   --data-file         with qcow2: disk-<device>.raw (sparse, usable on its own)
                       holds the data, disk-<device>.qcow2 only the metadata
@@ -66,9 +75,15 @@ Examples:
     tmpdir: { type: 'string' },
     memory: { type: 'string' },
     to: { type: 'string' },
+    verbose: { type: 'boolean', short: 'v' },
+    readmap: { type: 'string', short: 'r' },
   },
   async run (positionals, values, ctx) {
     const to = values.to as string | undefined
+    if (values.readmap !== undefined) {
+      throw new VmapipeError('E_USAGE', `-r ${String(values.readmap)}: a restore map (qmrestore's FIFO) is not supported; write a disk where it belongs with ` +
+        'vma extract ARCHIVE - -d DRIVE > PATH, or into an NBD export with --to NBD-URI, or extract to a TARGETDIR')
+    }
     expectPositionals(positionals, 1, to === undefined ? 2 : 1, 'ARCHIVE')
     const [archive, target = '-'] = positionals
     const devices = listOption(values.drive)
@@ -84,12 +99,14 @@ Examples:
       if (unused.length > 0) throw new VmapipeError('E_USAGE', `--${unused[0]} does not apply with --to`)
       if (!isNbdUri(to)) throw new VmapipeError('E_USAGE', `--to ${to}: expected an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
     }
+    if (to === undefined && target === '-') refuseTerminal('disk image', 'give a TARGETDIR, or redirect stdout (> disk.raw, | dd of=PATH)')
     const input = openInput(archive)
     const progress = ctx.progress('extract', input.size)
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
     if (to !== undefined) {
       const result = await extractToNbd(input.stream, to, common)
-      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, to, dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes }, 'disk written to the NBD export')
+      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, to, dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes }, 'disk written to the NBD export',
+        `${result.device.name} (${formatBytes(result.device.size)}) written to ${to}`)
       return EXIT.OK
     }
     if (target === '-') {
@@ -105,7 +122,8 @@ Examples:
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),
       })
-      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes }, 'disk written to stdout')
+      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes }, 'disk written to stdout',
+        `${result.device.name} (${formatBytes(result.device.size)}) written to stdout`)
       return EXIT.OK
     }
     if (values.tmpdir !== undefined || values.memory !== undefined) throw new VmapipeError('E_USAGE', '--tmpdir and --memory only apply when writing to stdout')
@@ -116,7 +134,9 @@ Examples:
       dataFile: values['data-file'] === true,
       ...(clusterSize !== undefined ? { clusterSize } : {}),
     })
-    ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted')
+    if (values.verbose === true) for (const file of result.files) ctx.log.info(`wrote ${file}`)
+    ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted',
+      `${input.name} extracted into ${target}: ${result.files.map(f => basename(f)).join(', ')}`)
     return EXIT.OK
   },
 }

@@ -1,7 +1,7 @@
 /** `vma COMMAND ...`: dispatch, help, and the exit code. */
 import { readFileSync } from 'node:fs'
 import { EXIT, VmapipeError } from '../errors.js'
-import { type Command, parseCommandLine } from './command.js'
+import { type Command, parseCommandLine, usageOf } from './command.js'
 import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
 import { backup } from './backup.js'
 import { config } from './config.js'
@@ -22,7 +22,8 @@ const EXIT_HELP = `Exit codes:
   3    system failure: unreadable input, target exists, disk full, missing tool
   4    vma backup: nothing done, another run holds the job's lock
   5    vma backup: archive written, but some old archives could not be pruned
-  130  interrupted (SIGINT or SIGTERM); partial output was removed`
+  130  interrupted by SIGINT (Ctrl-C); partial output was removed
+  143  stopped by SIGTERM; partial output was removed`
 
 function usage (): string {
   const width = Math.max(...COMMANDS.map(c => c.name.length))
@@ -41,7 +42,7 @@ ${EXIT_HELP}
 `
 }
 
-function version (): string {
+export function version (): string {
   const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }
   return pkg.version
 }
@@ -66,20 +67,25 @@ export async function main (argv: string[]): Promise<number> {
 
 /** Runs one command with its own argument list; also the entry of pack-vma. */
 export async function runCommand (command: Command, args: string[], program: string): Promise<number> {
+  const invocation = program === 'vma' ? `vma ${command.name}` : program
   let parsed
   try {
     parsed = parseCommandLine(command, args)
   } catch (err) {
-    process.stderr.write(`${program}: ${(err as Error).message}\nTry '${program === 'vma' ? `vma ${command.name}` : program} --help'.\n`)
+    process.stderr.write(`${program}: ${(err as Error).message}\n${usageOf(command)}\nTry '${invocation} --help' for more.\n`)
     return EXIT.USAGE
   }
   if (parsed.values.help === true) {
     process.stdout.write(`${command.help}\n\n${COMMON_HELP}\n\n${EXIT_HELP}\n`)
     return EXIT.OK
   }
+  if (parsed.values.version === true) {
+    process.stdout.write(`vmapipe ${version()}\n`)
+    return EXIT.OK
+  }
   let ctx: CliContext
   try {
-    ctx = new CliContext(command.name, parsed.values as CommonOptions)
+    ctx = new CliContext(command.name, parsed.values as CommonOptions, program)
   } catch (err) {
     process.stderr.write(`${program}: ${(err as Error).message}\n`)
     return EXIT.USAGE
@@ -88,7 +94,8 @@ export async function runCommand (command: Command, args: string[], program: str
     return await command.run(parsed.positionals, parsed.values, ctx)
   } catch (err) {
     const code = ctx.fail(err)
-    if (err instanceof VmapipeError && code === EXIT.USAGE) process.stderr.write(`${program}: ${err.message}\n`)
+    // Below the JSON line, the mistake in a sentence and where to read the usage; a terminal already has it as text.
+    if (err instanceof VmapipeError && code === EXIT.USAGE && !ctx.text) process.stderr.write(`${program}: ${err.message}\nTry '${invocation} --help'.\n`)
     return code
   }
 }

@@ -51,7 +51,7 @@ Examples:
     } finally {
       await opened.close()
     }
-    ctx.done({ exports: opened.exports.length }, 'server stopped')
+    ctx.done({ exports: opened.exports.length }, 'server stopped', 'server stopped')
     return EXIT.OK
   },
 }

@@ -32,8 +32,11 @@ Example:
     const report = await verifyArchive(input.stream, { ...(progress ? { progress } : {}), signal: ctx.signal })
     ctx.stopProgress()
     const totals = countTotals(report)
-    if (report.ok) ctx.done({ archive: input.name, ...totals }, 'archive verified')
-    else ctx.log.error({ archive: input.name, code: report.error?.code, offset: report.error?.offset }, `verify failed: ${report.error?.message}`)
+    if (report.ok) ctx.done({ archive: input.name, ...totals }, 'archive verified', `${input.name}: verified, ${totals.clusters} clusters of ${report.devices.length} devices`)
+    else {
+      const { code, offset, device, cluster } = report.error ?? {}
+      ctx.log.error({ archive: input.name, code, offset, device, cluster }, `verify failed: ${report.error?.message}`)
+    }
     if (values.json === true) {
       await writeOut(JSON.stringify({
         archive: input.name,
