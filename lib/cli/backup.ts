@@ -46,10 +46,8 @@ Examples:
     const belowError = pino.levels.values[level] < pino.levels.values.error
     const toStderr = (job.log?.stderr ?? job.log?.file === undefined) && belowError
     const streams: pino.StreamEntry[] = [{ level: toStderr ? level as pino.Level : 'error', stream: ctx.stderr }]
-    if (job.log?.file !== undefined && level !== 'silent') {
-      mkdirSync(dirname(job.log.file), { recursive: true })
-      streams.push({ level: level as pino.Level, stream: createWriteStream(job.log.file, { flags: 'a' }) })
-    }
+    const file = job.log?.file !== undefined && level !== 'silent' ? createWriteStream((mkdirSync(dirname(job.log.file), { recursive: true }), job.log.file), { flags: 'a' }) : undefined
+    if (file !== undefined) streams.push({ level: level as pino.Level, stream: file })
     const log = createLogger('backup', belowError ? level : 'error', pino.multistream(streams))
     const progress = ctx.progress('backup')
     try {
@@ -68,6 +66,8 @@ Examples:
       return ctx.signalExit ?? e.exitCode
     } finally {
       await new Promise<void>(resolve => log.flush(() => resolve()))
+      // The process exits right after: the file's last lines (the failure) must be on disk first.
+      if (file !== undefined) await new Promise<void>(resolve => file.end(() => resolve()))
     }
   },
 }
