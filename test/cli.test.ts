@@ -9,7 +9,7 @@ import { buildArchive } from './helpers/vma-builder.js'
 t.test('help lists every command and the exit codes', async t => {
   const r = await vma(['--help'])
   exits(t, r, 0)
-  for (const word of ['list', 'config', 'verify', 'extract', 'Exit codes', '130']) t.match(r.stdout.toString(), word)
+  for (const word of ['list', 'config', 'verify', 'extract', 'Exit codes', '130', '143']) t.match(r.stdout.toString(), word)
   const none = await vma([])
   exits(t, none, 2, 'no command is a usage error')
   for (const cmd of ['list', 'config', 'verify', 'extract']) {
@@ -49,7 +49,7 @@ t.test('a progress bar appears on a terminal, not in a pipe', async t => {
   t.notMatch(piped.stderr, /\[#/, 'no bar when stderr is not a terminal')
 })
 
-t.test('SIGTERM mid-extraction: exit 130, every file removed', async t => {
+t.test('SIGTERM mid-extraction: exit 143, every file removed', async t => {
   const dir = tempDir(t)
   const fx = writeFixture(dir, multiDeviceSpec(32))
   const bytes = buildArchive(fx.spec)
@@ -64,7 +64,7 @@ t.test('SIGTERM mid-extraction: exit 130, every file removed', async t => {
   t.ok(existsSync(out), 'extraction had started')
   child.kill('SIGTERM')
   const code = await new Promise(resolve => child.on('close', resolve))
-  t.equal(code, 130, 'exit 130', { stderr })
+  t.equal(code, 143, 'exit 143', { stderr })
   t.notOk(existsSync(out), 'the target directory it created is gone')
   t.match(stderr, /interrupted/)
 })

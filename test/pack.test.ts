@@ -169,7 +169,7 @@ t.test('a full disk while writing: exit 3, no archive under the final name', asy
 
 function popcount (m: number): number { let n = 0; for (; m; m &= m - 1) n++; return n }
 
-t.test('SIGTERM mid-create: exit 130, neither archive nor temporary file left', async t => {
+t.test('SIGTERM mid-create: exit 143, neither archive nor temporary file left', async t => {
   const dir = tempDir(t)
   const out = join(dir, 'backup.vma.zst')
   const child = spawn(process.execPath, [VMA, 'create', out, '-d', 'size=8M:drive-scsi0=-'], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, NODE_OPTIONS: '' } })
@@ -181,7 +181,7 @@ t.test('SIGTERM mid-create: exit 130, neither archive nor temporary file left', 
   t.ok(readdirSync(dir).some(f => f.includes('partial')), 'writing had started, under a temporary name')
   child.kill('SIGTERM')
   const code = await new Promise(resolve => child.on('close', resolve))
-  t.equal(code, 130, 'exit 130', { stderr })
+  t.equal(code, 143, 'exit 143', { stderr })
   t.same(readdirSync(dir), [], 'nothing left')
 })
 
