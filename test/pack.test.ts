@@ -86,7 +86,7 @@ t.test('pack-vma: a file or stdin to stdout, -o with compression by name', async
   exits(t, await sh(`${packCmd} ${q(src)} --name drive-virtio3 -c ${q(conf)} > ${q(join(dir, 'b.vma'))}`), 0)
   exits(t, await vma(['extract', join(dir, 'b.vma'), join(dir, 'b')]), 0)
   t.ok(cmp(join(dir, 'b/disk-drive-virtio3.raw'), src))
-  t.equal(readFileSync(join(dir, 'b/100.conf'), 'utf8'), 'cores: 4\n', 'config stored under its base name')
+  t.equal(readFileSync(join(dir, 'b/qemu-server.conf'), 'utf8'), 'cores: 4\n', 'a lone <vmid>.conf stored as qemu-server.conf, as vzdump names it')
   exits(t, await run(process.execPath, [PACK_VMA, src, '-o', join(dir, 'c.vma.gz')]), 0)
   t.equal(JSON.parse((await vma(['list', join(dir, 'c.vma.gz'), '--json'])).stdout.toString()).compression, 'gzip')
   const help = await run(process.execPath, [PACK_VMA, '--help'])

@@ -26,8 +26,9 @@ each disk's dirty bitmap (dirtyBitmap, on an NBD export) marks.
 
 A lock per target and VM keeps a second run from starting while the first is
 alive; a lock left by a dead run is taken over and the dead run's temporary
-files removed. Logs are JSON lines (job id, bytes, rate, duration, result) to
-stderr and/or the file the job names.
+files removed. Logs (job id, bytes, rate, duration, result) go to stderr
+and/or the file the job names; an error always reaches stderr as well, even
+with -q or "stderr": false, so cron's mail and the journal show a failure.
 
 Exit codes: 0 done; 4 nothing done (another run holds the lock); 5 the
 archive was written but some old ones could not be pruned; 1, 2, 3 failed

@@ -92,9 +92,11 @@ export class CliContext {
   readonly log: Logger
   /** stderr for log lines: the progress bar is cleared before each; plain text for a person. */
   readonly stderr = { write: (line: string): void => { this.bar?.clear(); process.stderr.write(this.text ? plainLine(line, this.program) : line) } }
-  readonly signal: AbortSignal
   /** Log lines are plain text (a terminal, or --log-format text) rather than JSON. */
   readonly text: boolean
+  private readonly controller = new AbortController()
+  /** A command took the signal, promising to stop and clean up when it aborts. */
+  private abortable = false
   private bar?: ProgressBar
   private readonly quiet: boolean
   /** The signal that stopped us, once one came. */
@@ -109,17 +111,27 @@ export class CliContext {
     this.text = format === 'text' || (format === undefined && process.stderr.isTTY === true)
     this.quiet = options.quiet === true
     this.log = createLogger(command, level as LevelWithSilent, this.stderr)
-    const controller = new AbortController()
-    this.signal = controller.signal
     const onSignal = (name: NodeJS.Signals): void => {
-      // A second signal: the user insists, stop without cleaning up.
-      if (this.interrupted !== undefined) process.exit(SIGNAL_EXIT[name] ?? EXIT.INTERRUPTED)
+      // A second signal (the user insists), or a command that has nothing to clean up: stop now.
+      if (this.interrupted !== undefined || !this.abortable) {
+        this.log.error({ code: 'E_INTERRUPTED', signal: name }, `interrupted by ${name}`)
+        process.exit(SIGNAL_EXIT[name] ?? EXIT.INTERRUPTED)
+      }
       this.interrupted = name
       this.log.warn({ signal: name }, 'interrupted, cleaning up')
-      controller.abort()
+      this.controller.abort()
     }
     process.on('SIGINT', onSignal)
     process.on('SIGTERM', onSignal)
+  }
+
+  /**
+   * Aborts on SIGINT or SIGTERM. A command that takes it stops through it and
+   * cleans up; until one does, a signal ends the process at once.
+   */
+  get signal (): AbortSignal {
+    this.abortable = true
+    return this.controller.signal
   }
 
   /** A progress bar when stderr is a terminal and not quiet; otherwise nothing. */

@@ -18,7 +18,8 @@ const COMMANDS: Command[] = [list, config, verify, extract, create, backup, serv
 const EXIT_HELP = `Exit codes:
   0    success
   1    the archive or image is invalid, damaged or incomplete
-  2    wrong arguments, or a device or blob that does not exist
+  2    wrong arguments, binary output to a terminal, or a device or blob
+       that does not exist
   3    system failure: unreadable input, target exists, disk full, missing tool
   4    vma backup: nothing done, another run holds the job's lock
   5    vma backup: archive written, but some old archives could not be pruned
