@@ -11,6 +11,8 @@ import { cmp, exits, needsPveVma, run, tempDir, vma, PACK_VMA, PVE_VMA } from '.
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 
 const packVma = async (args: string[], stdin?: Buffer): ReturnType<typeof run> => await run(process.execPath, [PACK_VMA, ...args], stdin ? { stdin } : {})
+const configNames = async (archive: string): Promise<string[]> =>
+  (JSON.parse((await vma(['list', '--json', archive])).stdout.toString()) as { configs: Array<{ name: string }> }).configs.map(c => c.name)
 const VM_CONFIG = 'boot: order=scsi0\ncores: 2\nmemory: 2048\nscsi0: local-lvm:vm-100-disk-0,size=1M\n'
 
 t.test('vma extract -v ARCHIVE DIR and options after the positionals, as Proxmox takes them', async t => {
@@ -129,14 +131,12 @@ t.test('-c NAME=PATH stores a config under another name; a lone <vmid>.conf beco
 
   const both = join(dir, 'both.vma')
   exits(t, await vma(['create', both, '-c', conf, '-c', join(dir, '100.fw'), '-d', `drive-scsi0=${disk}`]), 0)
-  const list = await vma(['list', '--json', both])
-  t.same((JSON.parse(list.stdout.toString()) as { configs: Array<{ name: string }> }).configs.map(c => c.name), ['qemu-server.conf', 'qemu-server.fw'], 'vzdump\'s names')
+  t.same(await configNames(both), ['qemu-server.conf', 'qemu-server.fw'], 'vzdump\'s names')
 
   writeFileSync(join(dir, '101.conf'), VM_CONFIG)
   const two = join(dir, 'two.vma')
   exits(t, await vma(['create', two, '-c', conf, '-c', join(dir, '101.conf'), '-d', `drive-scsi0=${disk}`]), 0)
-  const twoList = await vma(['list', '--json', two])
-  t.same((JSON.parse(twoList.stdout.toString()) as { configs: Array<{ name: string }> }).configs.map(c => c.name), ['100.conf', '101.conf'], 'two VM configs keep their own names')
+  t.same(await configNames(two), ['100.conf', '101.conf'], 'two VM configs keep their own names')
 
   const empty = await vma(['create', join(dir, 'e.vma'), '-c', 'name=', '-d', `drive-scsi0=${disk}`])
   exits(t, empty, 2)

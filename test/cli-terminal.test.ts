@@ -4,7 +4,7 @@
  * Terminal behaviour runs under a pseudo-terminal from script(1).
  */
 import t, { type Test } from 'tap'
-import { spawn, spawnSync } from 'node:child_process'
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { cmp, exits, have, q, run, sh, tempDir, vma, vmaCmd, PACK_VMA, VMA } from './helpers/run.js'
@@ -114,7 +114,8 @@ t.test('the cron and systemd examples make a failed job visible', async t => {
     log: { file: join(dir, 'job.log'), stderr: false },
   })
   mkdirSync(join(dir, 'dump'))
-  for (const [file, pattern] of [['vmapipe-backup.cron', /^[^#\n]*\broot\s+vma\s+(.*)$/m], ['vmapipe-backup@.service', /^ExecStart=\S*\/vma\s+(.*)$/m]] as const) {
+  const examples = [['vmapipe-backup.cron', /^[^#\n]*\broot\s+vma\s+(.*)$/m], ['vmapipe-backup@.service', /^ExecStart=\S*\/vma\s+(.*)$/m]] as const
+  for (const [file, pattern] of examples) {
     const args = exampleArgs(file, pattern)
     t.match(args.at(-1), /^\/etc\/vmapipe\/.*\.json$/, `${file}: the job file comes last`)
     const r = await vma([...args.slice(0, -1), job])
@@ -125,8 +126,9 @@ t.test('the cron and systemd examples make a failed job visible', async t => {
 })
 
 /** Starts `vma extract - OUT` in its own process group, fed half of `input`, and waits until files appear. */
-async function halfExtract (t: Test, input: Buffer, out: string): Promise<{ child: ReturnType<typeof spawn>, result: Promise<{ code: number | null, stderr: string }> }> {
+async function halfExtract (t: Test, input: Buffer, out: string): Promise<{ child: ChildProcess, result: Promise<{ code: number | null, stderr: string }> }> {
   const child = spawn(process.execPath, [VMA, 'extract', '-', out], { stdio: ['pipe', 'pipe', 'pipe'], detached: true, env: { ...process.env, NODE_OPTIONS: '' } })
+  if (child.stdin === null || child.stderr === null) throw new Error('no pipes')
   let stderr = ''
   child.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
   child.stdin.on('error', () => {})

@@ -47,7 +47,9 @@ Examples:
     const belowError = pino.levels.values[level] < pino.levels.values.error
     const toStderr = (job.log?.stderr ?? job.log?.file === undefined) && belowError
     const streams: pino.StreamEntry[] = [{ level: toStderr ? level as pino.Level : 'error', stream: ctx.stderr }]
-    const file = job.log?.file !== undefined && level !== 'silent' ? createWriteStream((mkdirSync(dirname(job.log.file), { recursive: true }), job.log.file), { flags: 'a' }) : undefined
+    const path = level !== 'silent' ? job.log?.file : undefined
+    if (path !== undefined) mkdirSync(dirname(path), { recursive: true })
+    const file = path !== undefined ? createWriteStream(path, { flags: 'a' }) : undefined
     if (file !== undefined) streams.push({ level: level as pino.Level, stream: file })
     const log = createLogger('backup', belowError ? level : 'error', pino.multistream(streams))
     const progress = ctx.progress('backup')
@@ -63,7 +65,8 @@ Examples:
         ? new VmapipeError('E_INTERRUPTED', 'interrupted, no archive kept', { cause: err })
         : err instanceof VmapipeError ? err : new VmapipeError('E_IO', (err as Error).message, { cause: err })
       const nothing = e.exitCode === EXIT.NOTHING_DONE
-      log[nothing ? 'warn' : 'error']({ job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device, hint: ctx.hint(e.code) }, e.message)
+      const fields = { job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device, hint: ctx.hint(e.code) }
+      log[nothing ? 'warn' : 'error'](fields, e.message)
       return ctx.signalExit ?? e.exitCode
     } finally {
       await new Promise<void>(resolve => log.flush(() => resolve()))

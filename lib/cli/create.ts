@@ -198,6 +198,7 @@ function parseCtime (value: unknown): number | undefined {
 }
 
 async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
+  const signal = ctx.signal // from here a signal removes what was written
   const specs = given.map(spec => ({
     ...spec,
     ...(values['follow-backing'] === true ? { followBacking: true } : {}),
@@ -226,7 +227,7 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
       configs,
       compression,
       interleave: values.interleave === true,
-      signal: ctx.signal,
+      signal,
       ...(values.uuid !== undefined ? { uuid: values.uuid as string } : {}),
       ...(ctime !== undefined ? { ctime } : {}),
       ...(progress ? { progress } : {}),
@@ -241,7 +242,7 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
       archiveBytes: result.stats.bytes,
       dataBlocks: result.stats.dataBlocks,
       extents: result.stats.extents,
-    }, 'archive written', `${output.name} written: ${result.info.devices.length} disk${result.info.devices.length === 1 ? '' : 's'} (${formatBytes(diskBytes)}), ${formatBytes(result.stats.bytes)} archive`)
+    }, 'archive written', `${output.name} written: ${disks.length} disk${disks.length === 1 ? '' : 's'} (${formatBytes(diskBytes)}), ${formatBytes(result.stats.bytes)} archive`)
     return EXIT.OK
   } catch (err) {
     await output.abort()

@@ -40,13 +40,14 @@ Examples:
   },
   async run (positionals, values, ctx) {
     if (positionals.length === 0) throw new VmapipeError('E_USAGE', 'missing SOURCE')
+    const signal = ctx.signal // from here a signal closes the server and the exports
     const address = listenAddress(values.socket as string | undefined, values.listen as string | undefined)
     const opened = await openExports(positionals, listOption(values.name) ?? [])
     const server = new NbdServer(opened.exports, { log: ctx.log })
     try {
       const bound = await server.listen(address)
       ctx.log.info({ ...bound, exports: opened.exports.map(e => ({ name: e.name, size: e.disk.size })) }, 'serving')
-      if (!ctx.signal.aborted) await once(ctx.signal, 'abort')
+      if (!signal.aborted) await once(signal, 'abort')
       await server.close()
     } finally {
       await opened.close()

@@ -32,7 +32,7 @@ Example:
     const report = await verifyArchive(input.stream, { ...(progress ? { progress } : {}), signal: ctx.signal })
     ctx.stopProgress()
     const totals = countTotals(report)
-    if (report.ok) ctx.done({ archive: input.name, ...totals }, 'archive verified', `${input.name}: verified, ${totals.clusters} clusters of ${report.devices.length} devices`)
+    if (report.ok) ctx.done({ archive: input.name, ...totals }, 'archive verified', `${input.name} verified: ${report.devices.length} devices, ${totals.clusters} clusters`)
     else {
       const { code, offset, device, cluster } = report.error ?? {}
       ctx.log.error({ archive: input.name, code, offset, device, cluster }, `verify failed: ${report.error?.message}`)
