@@ -156,6 +156,19 @@ t.test('Ctrl-C: SIGINT to the process group exits 130 with "interrupted", also o
   }
 })
 
+t.test('Ctrl-C stops a command that has nothing to clean up at once: exit 130', async t => {
+  // vma list waiting for an archive that does not come: nothing written, nothing to wait for.
+  const child = spawn(process.execPath, [VMA, 'list', '--log-level', 'debug', '-'], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, NODE_OPTIONS: '' } })
+  let stderr = ''
+  const closed = new Promise<number | null>(resolve => child.on('close', resolve))
+  // The debug line 'starting' comes once the signal handlers are in place.
+  await new Promise<void>(resolve => child.stderr.on('data', (b: Buffer) => { stderr += b.toString(); if (stderr.includes('starting')) resolve() }))
+  child.kill('SIGINT')
+  t.equal(await closed, 130, 'exit 130 while stdin is still open', { stderr })
+  t.match(stderr, /"code":"E_INTERRUPTED".*interrupted by SIGINT/)
+  child.stdin.end()
+})
+
 t.test('SIGTERM exits 143 and cleans up', async t => {
   const dir = tempDir(t)
   const fx = writeFixture(dir, multiDeviceSpec(115))

@@ -98,13 +98,13 @@ export const pack: Command = {
   help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c [NAME=]FILE]... [-o OUT]
 
 Packs one disk from a file, stdin or an NBD export into a VMA archive on
-stdout (a file or a pipe, not a terminal) or -o OUT. The input's format is told by its magic bytes: raw (the
-fallback), qcow2, a Parallels image (.hds) or bundle (.hdd directory). Raw
-from stdin needs --size, since the archive header comes first. qcow2 and .hds
-from stdin are read as they stream in (what cannot be placed yet waits in
---tmpdir); an image from stdin may not refer to other files. INPUT may be an
-NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH): only
-allocated extents are read.
+stdout (a file or a pipe, not a terminal) or -o OUT. The input's format is
+told by its magic bytes: raw (the fallback), qcow2, a Parallels image (.hds)
+or bundle (.hdd directory). Raw from stdin needs --size, since the archive
+header comes first. qcow2 and .hds from stdin are read as they stream in
+(what cannot be placed yet waits in --tmpdir); an image from stdin may not
+refer to other files. INPUT may be an NBD URI (nbd://HOST[:PORT]/EXPORT,
+nbd+unix:///EXPORT?socket=PATH): only allocated extents are read.
 
 Options:
   --name NAME         device name (default drive-scsi0)

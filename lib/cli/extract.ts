@@ -29,9 +29,9 @@ and its DiskDescriptor.xml, as Parallels Desktop wants it.
 
 Without TARGETDIR (or with -): writes one disk (the only one, or the one -d
 names) to stdout as raw bytes in order, zeros included; stdout must be a
-file or a pipe, not a terminal. Clusters that arrive
-early wait in memory (1 MiB) and then in a temporary file, so memory stays
-flat whatever the order. With --format qcow2 the image is built in --tmpdir
+file or a pipe, not a terminal. Clusters that arrive early wait in memory
+(1 MiB) and then in a temporary file, so memory stays flat whatever the
+order. With --format qcow2 the image is built in --tmpdir
 and copied to stdout when complete (its tables come first).
 
 With --to: restores one disk (the only one, or the one -d names) into a
