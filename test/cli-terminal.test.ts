@@ -77,6 +77,25 @@ t.test('a successful run on a terminal ends with a human summary, not JSON', asy
   t.same(quiet.lines, [], '-q: no summary, no bar')
 })
 
+t.test('vma backup on a terminal: plain lines and a summary; the log file keeps JSON', async t => {
+  const dir = tempDir(t)
+  const disk = join(dir, 'disk.raw')
+  writeFileSync(disk, Buffer.alloc(1 << 20, 9))
+  mkdirSync(join(dir, 'dump'))
+  const logFile = join(dir, 'job.log')
+  const job = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: disk }], target: join(dir, 'dump'), compression: 'none', log: { file: logFile, stderr: true } })
+  const r = await onTerminal(`${vmaCmd} backup ${q(job)}`)
+  t.equal(r.code, 0)
+  t.match(r.lines.at(-1), /^vma: .*vzdump-qemu-100-[\d_-]+\.vma written, [\d.]+ [KM]iB from 1\.00 MiB of disk in \d+\.\d s$/)
+  t.notOk(r.lines.some(l => l.includes('{"level"')), 'no JSON on the terminal', { lines: r.lines })
+  const logged = readFileSync(logFile, 'utf8').trim().split('\n').map(l => JSON.parse(l) as { msg: string, result?: string })
+  t.equal(logged.at(-1)?.msg, 'backup job done', 'the file ends with the JSON summary')
+  t.equal(logged.at(-1)?.result, 'ok')
+  const archive = readdirSync(join(dir, 'dump')).find(n => n.endsWith('.vma')) as string
+  const back = await vma(['extract', join(dir, 'dump', archive), '-'])
+  t.ok(back.stdout.equals(readFileSync(disk)), 'and the archive holds the disk')
+})
+
 t.test('-q never hides an error: vma backup -q with a job that logs to a file', async t => {
   const dir = tempDir(t)
   // As examples/backup-job.json: logs go to a file, not to stderr.

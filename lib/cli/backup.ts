@@ -6,6 +6,7 @@ import { runBackupJob } from '../backup/run.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals } from './command.js'
 import { createLogger } from './context.js'
+import { formatBytes } from '../io/progress.js'
 
 export const backup: Command = {
   name: 'backup',
@@ -57,7 +58,16 @@ Examples:
       const result = await runBackupJob(job, { log, signal: ctx.signal, ...(progress ? { progress } : {}) })
       ctx.stopProgress()
       const partly = result.pruneFailures.length > 0
-      log.info({ job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive, files: result.files, bytes: result.bytes, diskBytes: result.diskBytes, seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)), pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS }, 'backup job done')
+      const fields = {
+        job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive, files: result.files, bytes: result.bytes, diskBytes: result.diskBytes,
+        seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)), pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS,
+      }
+      if (toStderr && ctx.text) {
+        // A person at the terminal reads a sentence; the log file keeps the JSON line.
+        if (file !== undefined) createLogger('backup', level, file).info(fields, 'backup job done')
+        ctx.done({}, 'backup job done', `${result.archive} written, ${formatBytes(result.bytes)} from ${formatBytes(result.diskBytes)} of disk` +
+          (result.pruned.length > 0 ? `, ${result.pruned.length} old archive${result.pruned.length === 1 ? '' : 's'} pruned` : ''))
+      } else log.info(fields, 'backup job done')
       return partly ? EXIT.PARTLY_PRUNED : EXIT.OK
     } catch (err) {
       ctx.stopProgress()

@@ -83,7 +83,9 @@ export function plainLine (line: string, program: string): string {
       offset !== undefined ? `byte ${offset}` : undefined].filter(p => p !== undefined)
     return `${program}: ${what}${parts.length > 0 ? ` (${parts.join(', ')})` : ''}\n${hint !== undefined ? `${program}: hint: ${hint}\n` : ''}`
   }
-  const fields = Object.entries(record).filter(([k, v]) => !STANDARD_FIELDS.has(k) && v !== undefined).map(([k, v]) => `${k}=${fieldText(v)}`)
+  // Fields the sentence already says are left out.
+  const fields = Object.entries(record).filter(([k, v]) => !STANDARD_FIELDS.has(k) && v !== undefined && !msg.includes(fieldText(v)))
+    .map(([k, v]) => `${k}=${fieldText(v)}`)
   const prefix = level === 30 ? '' : `${LEVEL_NAMES[level] ?? 'log'}: `
   return `${program}: ${prefix}${msg}${fields.length > 0 ? ` (${fields.join(' ')})` : ''}\n`
 }
