@@ -64,7 +64,8 @@ function fieldText (value: unknown): string {
 /**
  * One pino JSON line as a person reads it: `vma: what went wrong (CODE,
  * device D, cluster C, byte N)` and the hint for an error; `vma: warning:
- * ...`; info with its fields as key=value. Anything not JSON passes as is.
+ * ...`; info with its other fields as key=value. Anything not JSON passes
+ * as is.
  */
 export function plainLine (line: string, program: string): string {
   let record: Record<string, unknown>
@@ -83,9 +84,9 @@ export function plainLine (line: string, program: string): string {
       offset !== undefined ? `byte ${offset}` : undefined].filter(p => p !== undefined)
     return `${program}: ${what}${parts.length > 0 ? ` (${parts.join(', ')})` : ''}\n${hint !== undefined ? `${program}: hint: ${hint}\n` : ''}`
   }
-  // Fields the sentence already says are left out.
-  const fields = Object.entries(record).filter(([k, v]) => !STANDARD_FIELDS.has(k) && v !== undefined && !msg.includes(fieldText(v)))
-    .map(([k, v]) => `${k}=${fieldText(v)}`)
+  // Fields the sentence already says (a path, a name) are left out, and empty ones.
+  const fields = Object.entries(record).map(([k, v]) => [k, fieldText(v)]).filter(([k, v]) => !STANDARD_FIELDS.has(k) && v !== 'undefined' && v !== '' &&
+    !(v.length >= 4 && msg.includes(v))).map(([k, v]) => `${k}=${v}`)
   const prefix = level === 30 ? '' : `${LEVEL_NAMES[level] ?? 'log'}: `
   return `${program}: ${prefix}${msg}${fields.length > 0 ? ` (${fields.join(' ')})` : ''}\n`
 }
