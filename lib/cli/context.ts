@@ -44,7 +44,6 @@ const HINTS: Partial<Record<string, string>> = {
   E_VMA_TRUNCATED: 'the archive ends early: was it copied or written completely?',
   E_VMA_HEADER_MD5: 'the archive is damaged; vma verify reports the first problem',
   E_VMA_EXTENT_MD5: 'the archive is damaged; vma verify reports the first problem',
-  E_NOT_FOUND: 'vma list ARCHIVE shows the devices and config blobs an archive holds',
   E_TARGET_EXISTS: 'name a path that does not exist yet, or see --force in --help',
   E_TOOL_MISSING: 'install the program named above (e.g. apt-get install zstd lzop)',
   E_JOB: 'examples/backup-job.json shows every key of a job file',
@@ -167,7 +166,9 @@ export class CliContext {
 
   /** What a person can do about an error with this code, if we know. */
   hint (code: string): string | undefined {
-    return HINTS[code] ?? (code === 'E_USAGE' ? `${this.program === 'vma' ? `vma ${this.command}` : this.program} --help shows the usage` : undefined)
+    if (code === 'E_USAGE') return `${this.program === 'vma' ? `vma ${this.command}` : this.program} --help shows the usage`
+    if (code === 'E_NOT_FOUND' && (this.command === 'extract' || this.command === 'config')) return 'vma list ARCHIVE shows the devices and config blobs it holds'
+    return HINTS[code]
   }
 
   /** Logs the error and returns the exit code it stands for. */
