@@ -56,12 +56,12 @@ export function sizeOf (st: Stats): number | undefined {
   }
 }
 
-/** The first `n` bytes of a file or device (fewer if it is shorter), to tell its format. */
-export async function readHead (path: string, n: number): Promise<Buffer> {
+/** The first `n` bytes of a file or device (fewer if it is shorter), or those at `position`, to tell its format. */
+export async function readHead (path: string, n: number, position = 0): Promise<Buffer> {
   try {
     const handle = await open(path, 'r')
     try {
-      const { buffer, bytesRead } = await handle.read(Buffer.alloc(n), 0, n, 0)
+      const { buffer, bytesRead } = await handle.read(Buffer.alloc(n), 0, n, position)
       return buffer.subarray(0, bytesRead)
     } finally {
       await handle.close()
