@@ -1,9 +1,10 @@
 /**
  * Disk sources for packing: a path or stdin, its format told by magic bytes
- * (raw is the fallback, formats other tools read are refused), opened far enough to know its size, then read as a
- * record stream for a given device id. Raw is streamed; image formats are
- * read by random access, or from stdin front to back where the format can
- * (else stdin is first copied to a temporary file).
+ * (raw is the fallback; formats other tools read are refused), opened far
+ * enough to know its size, then read as a record stream for a given device id.
+ * Raw is streamed; image formats are read by random access, or from stdin
+ * front to back where the format can (else stdin is first copied to a
+ * temporary file).
  */
 import { statSync } from 'node:fs'
 import type { Readable } from 'node:stream'
