@@ -32,7 +32,7 @@ const VHD_COOKIE = 'conectix'
 const FOREIGN: Array<[ForeignFormat, (head: Buffer) => boolean]> = [
   [image('a VMDK image (sparse)'), h => at(h, 0, 'KDMV')],
   [image('a VMDK image (ESX sparse)'), h => at(h, 0, 'COWD')],
-  [image('a VMDK descriptor'), h => h.toString('latin1').includes('# Disk DescriptorFile')],
+  [image('a VMDK descriptor'), h => at(h, 0, '# Disk DescriptorFile')],
   [image('a VHD image (dynamic)'), h => at(h, 0, VHD_COOKIE)],
   [image('a VHDX image'), h => at(h, 0, 'vhdxfile')],
   // VirtualBox: the signature 0xbeda107f (little-endian) after a 64-byte text banner.
