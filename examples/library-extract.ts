@@ -1,30 +1,12 @@
-/**
- * Library use: restore one disk of an archive to a sparse raw file, with the
- * record pipeline spelled out (bytes -> decompress -> VmaReader -> DeviceRouter).
- *
- *   node dist/examples/library-extract.js examples/demo.vma.zst drive-scsi0 /tmp/scsi0.raw
- */
 import { createReadStream } from 'node:fs'
-import pump from 'pump'
-import { DeviceRouter, RawFileWriter, VmaReader, VmapipeError, createDecompressor } from '../lib/index.js'
+import { pipeline } from 'node:stream/promises'
+import { DeviceRouter, RawFileWriter, VmaReader, VmapipeError, createDecompressor } from 'vmapipe'
 
-const [archive, deviceName, target] = process.argv.slice(2)
-if (target === undefined) {
-  process.stderr.write('usage: library-extract ARCHIVE DEVICE TARGET.raw\n')
-  process.exit(2)
-}
-
-const reader = new VmaReader({ select: devices => devices.filter(d => d.name === deviceName) })
+// Restores drive-scsi0 of backup.vma.zst to the sparse raw file scsi0.raw.
+const reader = new VmaReader({ select: devices => devices.filter(d => d.name === 'drive-scsi0') })
 const router = new DeviceRouter(async (_info, add) => {
-  const device = reader.selected[0]
-  if (device === undefined) throw new VmapipeError('E_NOT_FOUND', `no device ${deviceName}`)
-  add(device.id, await RawFileWriter.create(target, device.size))
+  const disk = reader.selected[0]
+  if (disk === undefined) throw new VmapipeError('E_NOT_FOUND', 'the archive has no drive-scsi0')
+  add(disk.id, await RawFileWriter.create('scsi0.raw', disk.size))
 })
-
-pump(createReadStream(archive, { highWaterMark: 1 << 20 }), createDecompressor(), reader, router, (err?: Error) => {
-  if (err) {
-    process.stderr.write(`${err.message}\n`)
-    process.exit(err instanceof VmapipeError ? err.exitCode : 1)
-  }
-  process.stderr.write(`${deviceName} restored to ${target}\n`)
-})
+await pipeline(createReadStream('backup.vma.zst'), createDecompressor(), reader, router)

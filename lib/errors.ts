@@ -36,6 +36,8 @@ export type ErrorCode =
   | 'E_PARALLELS_HEADER' | 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION' | 'E_PARALLELS_XML'
   // streams of records handed to writers, and inputs that break their promises
   | 'E_RECORD' | 'E_INPUT_SIZE'
+  // an input in a format read by other tools (another image format, a compressed file, an archive) where a disk was wanted
+  | 'E_INPUT_FORMAT'
   // what a format cannot hold
   | 'E_LIMIT'
   // qcow2 images

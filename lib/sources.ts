@@ -1,15 +1,17 @@
 /**
  * Disk sources for packing: a path or stdin, its format told by magic bytes
- * (raw is the fallback), opened far enough to know its size, then read as a
- * record stream for a given device id. Raw is streamed; image formats are
- * read by random access, or from stdin front to back where the format can
- * (else stdin is first copied to a temporary file).
+ * (raw is the fallback; formats other tools read are refused), opened far
+ * enough to know its size, then read as a record stream for a given device id.
+ * Raw is streamed; image formats are read by random access, or from stdin
+ * front to back where the format can (else stdin is first copied to a
+ * temporary file).
  */
 import { statSync } from 'node:fs'
 import type { Readable } from 'node:stream'
 import { VmapipeError } from './errors.js'
 import { chain } from './io/chain.js'
-import { type Input, openInput, peek, readHead, spillToFile } from './io/input.js'
+import { type Input, openInput, peek, readHead, sizeOf, spillToFile } from './io/input.js'
+import { TAIL_BYTES, refuseForeign } from './foreign.js'
 import { type ProgressSink, counter } from './io/progress.js'
 import { RawReader } from './raw/reader.js'
 import { RawImage } from './raw/image.js'
@@ -104,6 +106,20 @@ export function detectDiskFormat (head: Buffer): DiskFormat {
   return Object.entries(IMAGE_FORMATS).find(([, f]) => f.magic(head))?.[0] ?? 'raw'
 }
 
+/**
+ * The format a file's first bytes announce; raw when none does. A format that
+ * other tools read is refused (a fixed VHD, known by its footer, only where
+ * the end of the file can be read).
+ */
+async function detect (path: string, head: Buffer, size: number | undefined): Promise<DiskFormat> {
+  const format = detectDiskFormat(head)
+  if (format !== 'raw') return format
+  const tailAt = path !== '-' && size !== undefined && size > TAIL_BYTES ? size - TAIL_BYTES : undefined
+  const tail = tailAt === undefined ? undefined : { bytes: await readHead(path, TAIL_BYTES, tailAt), offset: tailAt }
+  refuseForeign(path, head, tail)
+  return format
+}
+
 function checkFormat (format: DiskFormat | undefined): void {
   if (format !== undefined && !(DISK_FORMATS as readonly string[]).includes(format)) {
     throw new VmapipeError('E_USAGE', `unknown disk format ${format} (known: ${DISK_FORMATS.join(', ')})`)
@@ -125,7 +141,7 @@ export async function openImageFile (path: string, format?: DiskFormat): Promise
   // Looking at an image (or serving it) reads its whole chain; each file still has to lie beside the one naming it.
   const spec = { name: path, path, followBacking: true }
   if (isDirectory(path)) return await openDirectory(path, format, spec)
-  const chosen = format ?? detectDiskFormat(await readHead(path, DETECT_BYTES))
+  const chosen = format ?? await detect(path, await readHead(path, DETECT_BYTES), sizeOf(statSync(path)))
   const image = IMAGE_FORMATS[chosen]
   return { format: chosen, disk: image === undefined ? await RawImage.open(path) : await image.open(path, spec, false) }
 }
@@ -158,7 +174,7 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
   const input = openInput(spec.path)
   try {
     const head = await peek(input.stream, DETECT_BYTES)
-    const format = spec.format ?? detectDiskFormat(head)
+    const format = spec.format ?? await detect(spec.path, head, input.size)
     const image = IMAGE_FORMATS[format]
     if (image === undefined) return openRaw(spec, input)
     return await openImage(spec, input, format, image)

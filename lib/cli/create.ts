@@ -95,7 +95,7 @@ Examples:
 export const pack: Command = {
   name: 'pack-vma',
   summary: 'pack one disk into an archive on stdout',
-  help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [-c [NAME=]FILE]... [-o OUT]
+  help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [--format FORMAT] [-c [NAME=]FILE]... [-o OUT]
 
 Packs one disk from a file, stdin or an NBD export into a VMA archive on
 stdout (a file or a pipe, not a terminal) or -o OUT. The input's format is
@@ -109,6 +109,8 @@ nbd+unix:///EXPORT?socket=PATH): only allocated extents are read.
 Options:
   --name NAME         device name (default drive-scsi0)
   --size BYTES        size of a raw input that cannot be seen (suffixes K, M, G)
+  --format FORMAT     skip format detection: ${DISK_FORMATS.join(', ')} (raw packs
+                      the bytes of a file in another tool's format as they are)
   -o, --output OUT    write OUT instead of stdout
   --dirty-bitmap NAME refused: an incremental backup is an overlay on the
                       previous backup, not an archive (vma incremental)
@@ -119,15 +121,17 @@ Examples:
   cat disk.raw | pack-vma --size 10G --compress zstd > backup.vma.zst
   pack-vma /dev/vg0/vm-100-disk-0 -o vzdump-qemu-100-2024_01_31-02_00_01.vma.zst
   pack-vma 'nbd+unix:///?socket=/run/qemu-nbd.sock' -o backup.vma.zst`,
-  options: { ...PACK_OPTIONS, name: { type: 'string' }, size: { type: 'string' }, output: { type: 'string', short: 'o' }, 'dirty-bitmap': { type: 'string' } },
+  options: { ...PACK_OPTIONS, name: { type: 'string' }, size: { type: 'string' }, format: { type: 'string' }, output: { type: 'string', short: 'o' }, 'dirty-bitmap': { type: 'string' } },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 0, 1, 'INPUT')
     const size = parseSize(values.size, '--size')
     const bitmap = values['dirty-bitmap'] as string | undefined
+    const format = values.format as string | undefined
     const spec: DiskSpec = {
       name: (values.name as string | undefined) ?? 'drive-scsi0',
       path: positionals[0] ?? '-',
       ...(size !== undefined ? { size } : {}),
+      ...(format !== undefined ? { format } : {}),
       ...(bitmap !== undefined ? { dirtyBitmap: bitmap } : {}),
     }
     try {

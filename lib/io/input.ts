@@ -56,12 +56,12 @@ export function sizeOf (st: Stats): number | undefined {
   }
 }
 
-/** The first `n` bytes of a file or device (fewer if it is shorter), to tell its format. */
-export async function readHead (path: string, n: number): Promise<Buffer> {
+/** The first `n` bytes of a file or device (fewer if it is shorter), or those at `position`, to tell its format. */
+export async function readHead (path: string, n: number, position = 0): Promise<Buffer> {
   try {
     const handle = await open(path, 'r')
     try {
-      const { buffer, bytesRead } = await handle.read(Buffer.alloc(n), 0, n, 0)
+      const { buffer, bytesRead } = await handle.read(Buffer.alloc(n), 0, n, position)
       return buffer.subarray(0, bytesRead)
     } finally {
       await handle.close()
@@ -73,34 +73,60 @@ export async function readHead (path: string, n: number): Promise<Buffer> {
 
 /**
  * The first `n` bytes of a stream (fewer if it is shorter), left in the stream
- * to be read again.
+ * to be read again. While it waits for more, peek takes bytes out but always
+ * leaves one in: a stream whose buffer empties at its end fires 'end' by itself
+ * (sockets and pipes do), and after that nothing can be put back.
  */
 export async function peek (stream: Readable, n: number): Promise<Buffer> {
   const chunks: Buffer[] = []
   let length = 0
-  while (length < n) {
-    const chunk = stream.read() as Buffer | null
-    if (chunk !== null) {
-      chunks.push(chunk)
-      length += chunk.length
-      continue
-    }
-    if (stream.readableEnded || stream.destroyed) break
-    await new Promise<void>((resolve, reject) => {
-      const done = (err?: Error): void => {
-        stream.off('readable', done)
-        stream.off('end', done)
-        stream.off('error', done)
-        if (err instanceof Error) reject(err); else resolve()
-      }
-      stream.on('readable', done)
-      stream.on('end', done)
-      stream.on('error', done)
-    })
+  // Listening all along: a 'readable' listener added while bytes are buffered fires at once, so one per wait would spin.
+  let signalled = false
+  let failure: Error | undefined
+  let wake: (() => void) | undefined
+  const signal = (err?: Error): void => {
+    if (err instanceof Error) failure = err
+    signalled = true
+    wake?.()
   }
-  const head = Buffer.concat(chunks)
-  if (head.length > 0) stream.unshift(head)
+  const events = ['readable', 'end', 'close', 'error']
+  for (const event of events) stream.on(event, signal)
+  try {
+    for (;;) {
+      if (failure !== undefined) throw failure
+      const buffered = stream.readableLength
+      if (length + buffered >= n || ended(stream) || stream.destroyed) break
+      if (buffered > 1) {
+        chunks.push(stream.read(buffered - 1) as Buffer)
+        length += buffered - 1
+      }
+      // Asks for more, and for 'readable' when it comes (also at the end).
+      stream.read(0)
+      if (!signalled) await new Promise<void>(resolve => { wake = resolve })
+      signalled = false
+    }
+  } finally {
+    for (const event of events) stream.off(event, signal)
+  }
+  const rest = Math.min(n - length, stream.readableLength)
+  if (rest > 0) {
+    chunks.push(stream.read(rest) as Buffer)
+    length += rest
+  }
+  const head = Buffer.concat(chunks, length)
+  // Put back in the same tick: an 'end' already scheduled is skipped while bytes are buffered.
+  if (length > 0) stream.unshift(head)
   return head.subarray(0, n)
+}
+
+/**
+ * The stream has delivered its last chunk to its buffer. Node has no public
+ * flag for this ('readableEnded' is only set once 'end' has fired, too late to
+ * give bytes back); `_readableState.ended` is what stream libraries read.
+ */
+function ended (stream: Readable): boolean {
+  const state = (stream as Readable & { _readableState?: { ended?: boolean } })._readableState
+  return stream.readableEnded || state?.ended === true
 }
 
 /**
