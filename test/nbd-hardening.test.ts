@@ -273,3 +273,23 @@ t.test('NbdDiskWriter takes the timeout too', async t => {
   const err = await failure(NbdDiskWriter.open(`nbd+unix:///?socket=${join(dir, 'w')}`, { id: 1, name: 'drive-scsi0', size: 65536 }, { timeout: 200 }))
   t.equal(err?.code, 'E_NBD_CONNECT', 'a fast zero that never returns: given up on')
 })
+
+t.test('block status chunks: one per selected context, no more', async t => {
+  const dir = tempDir(t)
+  const cases: Array<[string, (s: Socket, req: SeenRequest) => void]> = [
+    ['a context never selected', (s, req) => {
+      const chunk = statusChunk(req.cookie, [[req.length, 0]])
+      chunk.writeUInt32BE(7, 20)
+      s.write(chunk)
+    }],
+    ['chunk after chunk for the same context, never done', (s, req) => {
+      for (let i = 0; i < 1000; i++) s.write(statusChunk(req.cookie, [[4096, 0]], 0))
+    }],
+  ]
+  for (const [i, [what, answer]] of cases.entries()) {
+    const socket = join(dir, `b${i}`)
+    await fakeServer(t, socket, { answer: (s, req) => { if (req.type === NBD.CMD.BLOCK_STATUS) answer(s, req); else honest(s, req) } })
+    const client = await NbdClient.connect(`nbd+unix:///?socket=${socket}`, { contexts: ['base:allocation'] })
+    await refused(t, async () => await client.blockStatus('base:allocation', 0, MiB), 'E_NBD_PROTOCOL', 2, what)
+  }
+})

@@ -11,7 +11,7 @@ import { openSync, readFileSync, writeSync, closeSync } from 'node:fs'
 import { spawn } from 'node:child_process'
 import { join } from 'node:path'
 import { exits, run, tempDir } from './helpers/run.js'
-import { NBD, RawPeer, type Served, handshake, open, option, goData, readChunk, readOptionReply, readSimple, request, rssKiB, startServe } from './helpers/nbd.js'
+import { NBD, RawPeer, type Served, flooder, handshake, open, option, goData, readChunk, readOptionReply, readSimple, request, rssKiB, startServe } from './helpers/nbd.js'
 
 const MiB = 1048576
 const SIZE = 256 * MiB
@@ -36,15 +36,6 @@ async function nbdcopy (uri: string, limit = 60): Promise<number> {
   const code = await new Promise<number | null>(resolve => child.on('exit', resolve))
   clearTimeout(timer)
   return code === 0 ? (performance.now() - start) / 1000 : Infinity
-}
-
-/** A client that opens the export, asks for `reads` reads of 32 MiB and never reads a reply. */
-async function flooder (socket: string, name: string, structured: boolean, reads = 64): Promise<RawPeer> {
-  const p = await RawPeer.connect({ socket })
-  await open(p, name, { structured })
-  p.socket.pause()
-  for (let r = 0; r < reads; r++) p.write(request(NBD.CMD.READ, (r % 8) * 32 * MiB, 32 * MiB, { cookie: r }))
-  return p
 }
 
 const sleep = async (ms: number): Promise<void> => { await new Promise(resolve => setTimeout(resolve, ms)) }

@@ -87,6 +87,8 @@ const MAP_GRAIN = 4096
 /** The largest minimum block size the spec allows. */
 const MAX_MINIMUM_BLOCK = 65536
 export const DEFAULT_REQUEST_TIMEOUT = 60_000
+/** The longest delay setTimeout takes; longer timeouts are checked again when it runs out. */
+const MAX_TIMER = 2 ** 31 - 1
 
 export function isNbdUri (text: string): boolean {
   return /^nbds?(\+[a-z]+)?:\/\//i.test(text)
@@ -378,7 +380,7 @@ export class NbdClient {
         return
       }
       this.watch()
-    }, Math.max(0, oldest.sent + this.timeout - performance.now()))
+    }, Math.min(MAX_TIMER, Math.max(0, oldest.sent + this.timeout - performance.now())))
     this.timer.unref()
   }
 
@@ -473,6 +475,9 @@ export class NbdClient {
       case CHUNK.BLOCK_STATUS: {
         if (p.type !== COMMAND.BLOCK_STATUS) throw this.violation('a block status chunk that does not answer BLOCK_STATUS')
         const { contextId, descriptors } = decodeBlockStatus(payload)
+        // Exactly one chunk per selected context (the spec's words): anything else would pile up until the timeout.
+        if (![...this.contexts.values()].includes(contextId)) throw this.violation(`a block status chunk for context ${contextId}, which was not selected`)
+        if (p.status.has(contextId)) throw this.violation(`two block status chunks for context ${contextId} in one reply`)
         p.status.set(contextId, descriptors)
         return
       }
@@ -616,7 +621,7 @@ export class NbdClient {
     if (this.transmitting) this.socket.write(encodeRequest({ flags: 0, type: COMMAND.DISC, cookie: 0n, offset: 0, length: 0 }))
     this.socket.end()
     // A server that never hangs up after NBD_CMD_DISC is hung up on.
-    const timer = this.timeout > 0 ? setTimeout(() => this.socket.destroy(), this.timeout) : undefined
+    const timer = this.timeout > 0 ? setTimeout(() => this.socket.destroy(), Math.min(MAX_TIMER, this.timeout)) : undefined
     await closed
     clearTimeout(timer)
   }

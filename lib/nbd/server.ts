@@ -365,7 +365,7 @@ class Connection {
       if (idle >= this.idleTimeout) {
         this.fail(`idle for ${Math.round(idle / 1000)} s (no request, no reply taken; --idle-timeout ${this.idleTimeout / 1000})`)
       } else this.watchIdle()
-    }, this.active + this.idleTimeout - performance.now())
+    }, Math.min(2 ** 31 - 1, this.active + this.idleTimeout - performance.now()))
     this.idleTimer.unref()
   }
 

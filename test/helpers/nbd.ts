@@ -263,6 +263,18 @@ export function chunkError (c: Chunk): number {
   return (c.type & 0x8000) !== 0 ? c.payload.readUInt32BE(0) : 0
 }
 
+/**
+ * A client that opens an export (of 256 MiB at least), asks for `reads`
+ * reads of 32 MiB and never reads a reply: what starved `vma serve` once.
+ */
+export async function flooder (socket: string, name: string, structured: boolean, reads = 64): Promise<RawPeer> {
+  const p = await RawPeer.connect({ socket })
+  await open(p, name, { structured })
+  p.socket.pause()
+  for (let r = 0; r < reads; r++) p.write(request(NBD.CMD.READ, (r % 8) * 32 * 1048576, 32 * 1048576, { cookie: r }))
+  return p
+}
+
 /** A request as a fake server sees it, with the WRITE payload when there is one. */
 export interface SeenRequest { flags: number, type: number, cookie: Buffer, offset: number, length: number, payload?: Buffer }
 
