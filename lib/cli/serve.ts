@@ -50,7 +50,9 @@ Examples:
     const address = listenAddress(values.socket as string | undefined, values.listen as string | undefined)
     const max = values['max-connections'] as string | undefined
     const maxConnections = max === undefined ? undefined : Number(max)
-    if (maxConnections !== undefined && (!/^\d+$/.test(max as string) || maxConnections < 1)) throw new VmapipeError('E_USAGE', `--max-connections ${max}: expected a whole number, at least 1`)
+    if (maxConnections !== undefined && (!/^\d+$/.test(max as string) || maxConnections < 1)) {
+      throw new VmapipeError('E_USAGE', `--max-connections ${max}: expected a whole number, at least 1`)
+    }
     const opened = await openExports(positionals, listOption(values.name) ?? [])
     const idleTimeout = parseSeconds(values['idle-timeout'], '--idle-timeout')
     const server = new NbdServer(opened.exports, {

@@ -266,7 +266,9 @@ export class NbdClient {
         if (reply.type === REPLY.META_CONTEXT) {
           const context = decodeMetaContextReply(reply.data)
           // Only what was asked for, once each: anything else is a server making up replies.
-          if (!contexts.includes(context.name)) throw this.violation(`NBD_REP_META_CONTEXT for ${JSON.stringify(context.name.slice(0, 100))}, which was not asked for`)
+          if (!contexts.includes(context.name)) {
+            throw this.violation(`NBD_REP_META_CONTEXT for ${JSON.stringify(context.name.slice(0, 100))}, which was not asked for`)
+          }
           if (this.contexts.has(context.name)) throw this.violation(`NBD_REP_META_CONTEXT for ${context.name} twice`)
           this.contexts.set(context.name, context.id)
         } else if (reply.type === REPLY.ACK || isErrorReply(reply.type)) {
@@ -354,7 +356,8 @@ export class NbdClient {
     if (this.failure !== undefined) throw this.failure
     const cookie = this.nextCookie++
     return await new Promise((resolve, reject) => {
-      this.pending.set(cookie, { type, offset, length, ...(options.buf !== undefined ? { buf: options.buf } : {}), covered: [], sent: performance.now(), status: new Map(), resolve, reject })
+      const buf = options.buf !== undefined ? { buf: options.buf } : {}
+      this.pending.set(cookie, { type, offset, length, ...buf, covered: [], sent: performance.now(), status: new Map(), resolve, reject })
       this.watch()
       this.socket.cork()
       this.socket.write(encodeRequest({ flags, type, cookie, offset, length }))
@@ -376,7 +379,8 @@ export class NbdClient {
       this.timer = undefined
       const due = this.pending.values().next().value
       if (due !== undefined && performance.now() - due.sent >= this.timeout) {
-        this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: no complete reply to ${nameOf('COMMAND', due.type)} of ${due.length} bytes at ${due.offset} within ${this.timeout / 1000} s`))
+        const what = `${nameOf('COMMAND', due.type)} of ${due.length} bytes at ${due.offset}`
+        this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: no complete reply to ${what} within ${this.timeout / 1000} s`))
         return
       }
       this.watch()
@@ -390,7 +394,8 @@ export class NbdClient {
     const covered = p.covered.length === 1 ? p.covered[0][1] - p.covered[0][0] : 0
     if (p.error !== undefined) p.reject(p.error)
     else if (p.type === COMMAND.READ && covered !== p.length) {
-      const err = this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} left bytes unanswered (${p.covered.length === 0 ? 'it covered none' : `it covered ${p.covered.map(([a, b]) => `${p.offset + a}-${p.offset + b}`).slice(0, 4).join(', ')}`})`)
+      const got = p.covered.length === 0 ? 'none' : p.covered.slice(0, 4).map(([a, b]) => `${p.offset + a}-${p.offset + b}`).join(', ')
+      const err = this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} left bytes unanswered (it covered ${got})`)
       p.reject(err)
       this.fail(err)
     } else p.resolve(p.status)
@@ -507,7 +512,9 @@ export class NbdClient {
       else hi = mid
     }
     const next = ranges[lo]
-    if (next !== undefined && next[0] < to) throw this.violation(`a chunk for ${length} bytes at ${offset} overlaps one already received for the READ of ${p.length} bytes at ${p.offset}`)
+    if (next !== undefined && next[0] < to) {
+      throw this.violation(`a chunk for ${length} bytes at ${offset} overlaps one already received for the READ of ${p.length} bytes at ${p.offset}`)
+    }
     const before = ranges[lo - 1]
     const joinsBefore = before !== undefined && before[1] === from
     const joinsNext = next !== undefined && next[0] === to
@@ -517,7 +524,9 @@ export class NbdClient {
     } else if (joinsBefore) before[1] = to
     else if (joinsNext) next[0] = from
     else {
-      if (ranges.length >= MAX_READ_PIECES) throw this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} comes in more than ${MAX_READ_PIECES} separate pieces`)
+      if (ranges.length >= MAX_READ_PIECES) {
+        throw this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} comes in more than ${MAX_READ_PIECES} separate pieces`)
+      }
       ranges.splice(lo, 0, [from, to])
     }
   }

@@ -274,7 +274,10 @@ class Connection {
   private active = performance.now()
   private idleTimer?: NodeJS.Timeout
 
-  constructor (private readonly server: NbdServer, private readonly socket: Socket, private readonly log: ServerLog, handshakeTimeout: number, private readonly idleTimeout: number) {
+  constructor (
+    private readonly server: NbdServer, private readonly socket: Socket, private readonly log: ServerLog,
+    handshakeTimeout: number, private readonly idleTimeout: number,
+  ) {
     socket.setNoDelay(true)
     socket.on('data', (chunk: Buffer) => {
       this.active = performance.now()
@@ -778,7 +781,9 @@ export class NbdServer {
     this.handshakeTimeout = options.handshakeTimeout ?? 10_000
     this.idleTimeout = options.idleTimeout ?? 600_000
     this.maxConnections = options.maxConnections ?? 1024
-    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) throw new VmapipeError('E_USAGE', `the connection limit must be at least 1, not ${this.maxConnections}`)
+    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) {
+      throw new VmapipeError('E_USAGE', `the connection limit must be at least 1, not ${this.maxConnections}`)
+    }
     this.budget = new SharedBudget(options.bufferLimit ?? 256 * 1024 * 1024)
     this.net = createServer(socket => {
       if (this.connections.size >= this.maxConnections) return this.turnAway(socket)
