@@ -227,6 +227,31 @@ t.test('extents of a byte: work bounded by the bytes, not by the extent count', 
   t.ok(oneMap.every(e => e.offset % 4096 === 0 && e.length % 4096 === 0), 'extents in whole 4 KiB grains')
   await one.close()
 
+  // Holes of a grain or more stay holes; a byte of data makes its grain data.
+  await fakeServer(t, join(dir, 'mixed'), {
+    size,
+    answer: (s, req) => {
+      if (req.type !== NBD.CMD.BLOCK_STATUS) return honest(s, req)
+      // The layout, cut to the range asked about.
+      const layout: Array<[number, number, number]> = [[0, 10000, 3], [10000, 10001, 0], [10001, 40001, 3], [40001, size, 0]]
+      const end = req.offset + req.length
+      s.write(statusChunk(req.cookie, layout.filter(([a, b]) => b > req.offset && a < end).map(([a, b, f]) => [Math.min(b, end) - Math.max(a, req.offset), f])))
+    },
+  })
+  const mixed = await openNbdDisk(`nbd+unix:///?socket=${join(dir, 'mixed')}`)
+  t.same(await mixed.map(0, size), [
+    { offset: 0, length: 8192, data: false },
+    { offset: 8192, length: 4096, data: true },
+    { offset: 12288, length: 36864 - 12288, data: false },
+    { offset: 36864, length: size - 36864, data: true },
+  ], 'holes kept in whole grains, data grown to whole grains')
+  t.same(await mixed.map(5000, 30000), [
+    { offset: 5000, length: 8192 - 5000, data: false },
+    { offset: 8192, length: 4096, data: true },
+    { offset: 12288, length: 35000 - 12288, data: false },
+  ], 'and the same for a range that starts and ends off the grain')
+  await mixed.close()
+
   // The whole way: pack-vma of the byte-extent export in bounded time, and the archive holds the server's bytes.
   reads = 0
   start = performance.now()
