@@ -60,7 +60,8 @@ t.test('eight clients that never read: nbdcopy keeps at least half its speed, th
   await sleep(1000)
   let peak = await rssKiB(server.pid)
   const sampler = setInterval(() => { rssKiB(server.pid).then(kib => { peak = Math.max(peak, kib) }, () => {}) }, 50)
-  const loaded = Math.min(await nbdcopy(uri), await nbdcopy(uri))
+  // A third try under load: a busy moment of a shared machine is not what is measured.
+  const loaded = Math.min(await nbdcopy(uri), await nbdcopy(uri), await nbdcopy(uri))
   clearInterval(sampler)
   t.ok(loaded <= 2 * unloaded, `with 8 flooders: ${(SIZE / MiB / loaded).toFixed(0)} MiB/s (unloaded ${(SIZE / MiB / unloaded).toFixed(0)} MiB/s)`)
   t.ok(peak < 256 * 1024, `server RSS peaked at ${(peak / 1024).toFixed(0)} MiB`)
