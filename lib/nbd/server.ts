@@ -366,7 +366,7 @@ class Connection {
     this.idleTimer = setTimeout(() => {
       const idle = performance.now() - this.active
       if (idle >= this.idleTimeout) {
-        this.fail(`idle for ${Math.round(idle / 1000)} s (no request, no reply taken; --idle-timeout ${this.idleTimeout / 1000})`)
+        this.fail(`idle for ${Math.round(idle / 1000)} s (no request, no reply taken; the idle timeout is ${this.idleTimeout / 1000} s)`)
       } else this.watchIdle()
     }, Math.min(2 ** 31 - 1, this.active + this.idleTimeout - performance.now()))
     this.idleTimer.unref()
@@ -793,7 +793,7 @@ export class NbdServer {
 
   /** Refuses a connection over the limit, with a warning at most every 10 s saying how many were refused. */
   private turnAway (socket: Socket): void {
-    const message = `too many connections: ${this.maxConnections} are open, the most this server takes (--max-connections)`
+    const message = `too many connections: ${this.maxConnections} are open, the most this server takes`
     turnAway(socket, message)
     this.refused++
     const now = performance.now()
