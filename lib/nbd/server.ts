@@ -81,8 +81,8 @@ const STATUS_WINDOW = 256 * 1024 * 1024
 const FIRST_WINDOW = 1024 * 1024
 /** Milliseconds a client has at shutdown to take the replies to its last requests. */
 const SHUTDOWN_GRACE = 5000
-/** Bytes of read buffers kept for reuse. */
-const POOLED = 64 * 1024 * 1024
+/** Bytes of read buffers kept for reuse: what four connections of one client (nbdcopy's default) can hold at once. */
+const POOLED = 4 * CONNECTION_BUFFERS
 /** Descriptors per chunk: the spec's 2^20 would be an 8 MiB reply. */
 const MAX_DESCRIPTORS = 65536
 
