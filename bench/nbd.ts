@@ -1,6 +1,7 @@
 /**
  * NBD: nbdcopy from `vma serve` of a raw image against nbdcopy from
- * `qemu-nbd -r` of the same image, and from `vma serve` of a VMA archive
+ * `qemu-nbd -r` of the same image (and against itself beside eight clients
+ * that never read their replies), and from `vma serve` of a VMA archive
  * against qemu-nbd of the image with the same holes (also with qemu-img
  * convert); then our client: pack-vma from qemu-nbd against pack-vma of the
  * file, and a restore into qemu-nbd against nbdcopy of the raw disk into it.
@@ -9,7 +10,7 @@ import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchArchive, writeBenchDisk } from './archives.js'
 import { GIB, MB, type Timed, Table, best, packVma, q, timed, vma } from './lib.js'
-import { type Teardown, startQemuNbd, startServe } from '../test/helpers/nbd.js'
+import { type Teardown, flooder, rssKiB, startQemuNbd, startServe } from '../test/helpers/nbd.js'
 
 export async function benchNbd (dir: string, gib: number): Promise<void> {
   const cleanups: Array<() => void | Promise<void>> = []
@@ -38,12 +39,23 @@ async function run (dir: string, gib: number, servers: Teardown): Promise<void> 
   await startQemuNbd(servers, { socket: join(dir, 'sparse.sock') }, ['-r', '-f', 'raw', '-e', '8', sparse])
   const qemu = `nbd+unix:///?socket=${join(dir, 'qemu.sock')}`
   const qemuSparse = `nbd+unix:///?socket=${join(dir, 'sparse.sock')}`
-  const ours = (await startServe(servers, [disk, '--name', 'disk', '--socket', join(dir, 'ours.sock')])).uri('disk')
+  const oursServer = await startServe(servers, [disk, '--name', 'disk', '--socket', join(dir, 'ours.sock')])
+  const ours = oursServer.uri('disk')
   const fromArchive = (await startServe(servers, [archive, '--socket', join(dir, 'archive.sock')])).uri('drive-scsi0')
 
   const peer = await best(3, `nbdcopy ${q(qemu)} null:`)
   table.add('nbdcopy from qemu-nbd -r (raw image) to null:', peer, size)
-  table.add('nbdcopy from vma serve (raw image) to null:', await best(3, `nbdcopy ${q(ours)} null:`), size, peer, 'qemu-nbd')
+  const unloaded = await best(3, `nbdcopy ${q(ours)} null:`)
+  table.add('nbdcopy from vma serve (raw image) to null:', unloaded, size, peer, 'qemu-nbd')
+  // Eight clients that ask for 32 MiB reads and never read a reply (half structured, half simple) beside it.
+  const flooders = await Promise.all(Array.from({ length: 8 }, async (_, i) => await flooder(join(dir, 'ours.sock'), 'disk', i % 2 === 0)))
+  await new Promise(resolve => setTimeout(resolve, 1000))
+  let peak = await rssKiB(oursServer.pid)
+  const sampler = setInterval(() => { rssKiB(oursServer.pid).then(kib => { peak = Math.max(peak, kib) }, () => {}) }, 50)
+  const loaded = await best(3, `nbdcopy ${q(ours)} null:`)
+  clearInterval(sampler)
+  for (const p of flooders) p.destroy()
+  table.add(`  the same beside 8 clients not reading their replies (server peak RSS ${(peak / 1024).toFixed(0)} MiB)`, loaded, size, unloaded, 'unloaded')
   const sparsePeer = await best(3, `nbdcopy ${q(qemuSparse)} null:`)
   table.add('nbdcopy from qemu-nbd -r (raw image, zero blocks as holes)', sparsePeer, size)
   table.add('nbdcopy from vma serve (VMA archive) to null:', await best(3, `nbdcopy ${q(fromArchive)} null:`), size, sparsePeer, 'qemu-nbd, same holes')

@@ -170,10 +170,12 @@ async function copyFileTo (path: string, output: Writable): Promise<number> {
  * Restores one disk (the only one, or the one named) into a writable NBD
  * export at least as large: data written, zero blocks zeroed.
  */
-export async function extractToNbd (input: Readable, target: NbdAddress | string, options: ExtractOptions = {}): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
+export async function extractToNbd (
+  input: Readable, target: NbdAddress | string, options: ExtractOptions & { nbdTimeout?: number } = {},
+): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
   let writer: NbdDiskWriter | undefined
   const result = await extractOneDisk(input, options, 'an NBD export', async device => {
-    writer = await NbdDiskWriter.open(target, device)
+    writer = await NbdDiskWriter.open(target, device, options.nbdTimeout !== undefined ? { timeout: options.nbdTimeout } : {})
     return writer
   })
   return { ...result, written: (writer as NbdDiskWriter).stats }

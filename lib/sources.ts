@@ -78,6 +78,8 @@ export interface DiskSpec {
   tmpDir?: string
   /** Read only the clusters this dirty bitmap of an NBD export marks (an incremental backup). */
   dirtyBitmap?: string
+  /** Milliseconds an NBD server has to answer each request (default 60 s). */
+  nbdTimeout?: number
 }
 
 export interface DiskSource {
@@ -219,7 +221,10 @@ function imageSource (spec: DiskSpec, format: DiskFormat, disk: RandomAccessDisk
 /** An NBD export: allocated clusters only are read, or with a dirty bitmap only the dirty ones. */
 async function openNbdSource (spec: DiskSpec): Promise<DiskSource> {
   const bitmap = spec.dirtyBitmap
-  const disk = await openNbdDisk(spec.path, bitmap !== undefined ? { dirtyBitmaps: [bitmap] } : {})
+  const disk = await openNbdDisk(spec.path, {
+    ...(bitmap !== undefined ? { dirtyBitmaps: [bitmap] } : {}),
+    ...(spec.nbdTimeout !== undefined ? { timeout: spec.nbdTimeout } : {}),
+  })
   return {
     name: spec.name,
     path: spec.path,

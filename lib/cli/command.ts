@@ -55,6 +55,14 @@ export function listOption (value: unknown): string[] | undefined {
   return items.length > 0 ? items : undefined
 }
 
+/** `60`, `0.5` (seconds, 0 for none) -> milliseconds. */
+export function parseSeconds (value: unknown, what: string): number | undefined {
+  if (value === undefined) return undefined
+  const seconds = /^\d+(\.\d+)?$/.test(String(value).trim()) ? Number(value) : NaN
+  if (!Number.isFinite(seconds)) throw new VmapipeError('E_USAGE', `${what}: ${String(value)} is not a number of seconds (e.g. 60, 0.5)`)
+  return Math.round(seconds * 1000)
+}
+
 const SIZE_UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 }
 
 /** `540672`, `64K`, `10G`, `1.5M` (binary units) -> bytes. */

@@ -4,7 +4,7 @@ import { openOutput } from '../io/output.js'
 import { packArchive, readConfigFiles } from '../pack.js'
 import { DISK_FORMATS, type DiskFormat, type DiskSpec, closeDisks, openDisks } from '../sources.js'
 import { EXIT, VmapipeError } from '../errors.js'
-import { type Command, expectPositionals, parseSize } from './command.js'
+import { type Command, expectPositionals, parseSeconds, parseSize } from './command.js'
 import { type CliContext, refuseTerminal } from './context.js'
 import { formatBytes } from '../io/progress.js'
 
@@ -17,6 +17,7 @@ const PACK_OPTIONS = {
   interleave: { type: 'boolean' },
   'follow-backing': { type: 'boolean' },
   tmpdir: { type: 'string' },
+  'nbd-timeout': { type: 'string' },
 } as const
 
 const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its base name
@@ -34,7 +35,9 @@ const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its b
   --follow-backing    read qcow2 backing chains (each file must lie in its
                       image's directory) instead of refusing them
   --tmpdir DIR        where an image read from stdin is copied first
-                      (default $TMPDIR or /tmp)`
+                      (default $TMPDIR or /tmp)
+  --nbd-timeout SECS  seconds an NBD server has to answer each request
+                      (default 60; 0: wait for ever)`
 
 export const create: Command = {
   name: 'create',
@@ -203,8 +206,10 @@ function parseCtime (value: unknown): number | undefined {
 
 async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
   const signal = ctx.signal // from here a signal removes what was written
+  const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
   const specs = given.map(spec => ({
     ...spec,
+    ...(nbdTimeout !== undefined ? { nbdTimeout } : {}),
     ...(values['follow-backing'] === true ? { followBacking: true } : {}),
     ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
   }))

@@ -3,7 +3,7 @@ import { extractToDirectory, extractToNbd, extractToStream } from '../extract.js
 import { formatBytes } from '../io/progress.js'
 import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
-import { type Command, expectPositionals, listOption, parseSize } from './command.js'
+import { type Command, expectPositionals, listOption, parseSeconds, parseSize } from './command.js'
 import { OUTPUT_FORMATS, type OutputFormat } from '../formats.js'
 import { checkClusterSize } from '../parallels/writer.js'
 import { isNbdUri } from '../nbd/client.js'
@@ -58,6 +58,8 @@ Options:
   --memory SIZE       memory for early clusters before they go to --tmpdir
                       (default 1M)
   --to NBD-URI        write the disk into this NBD export
+  --nbd-timeout SECS  with --to: seconds the NBD server has to answer each
+                      request (default 60; 0: wait for ever)
 
 Examples:
   vma extract vzdump-qemu-100-2024_01_31-02_00_01.vma.zst restored/
@@ -77,6 +79,7 @@ Examples:
     to: { type: 'string' },
     verbose: { type: 'boolean', short: 'v' },
     readmap: { type: 'string', short: 'r' },
+    'nbd-timeout': { type: 'string' },
   },
   async run (positionals, values, ctx) {
     const to = values.to as string | undefined
@@ -98,13 +101,14 @@ Examples:
       const unused = ['format', 'force', 'tmpdir', 'memory', 'data-file', 'cluster-size'].filter(o => values[o] !== undefined)
       if (unused.length > 0) throw new VmapipeError('E_USAGE', `--${unused[0]} does not apply with --to`)
       if (!isNbdUri(to)) throw new VmapipeError('E_USAGE', `--to ${to}: expected an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
-    }
+    } else if (values['nbd-timeout'] !== undefined) throw new VmapipeError('E_USAGE', '--nbd-timeout applies with --to')
     if (to === undefined && target === '-') refuseTerminal('disk image', 'give a TARGETDIR, or redirect stdout (> disk.raw, | dd of=PATH)')
     const input = openInput(archive)
     const progress = ctx.progress('extract', input.size)
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
     if (to !== undefined) {
-      const result = await extractToNbd(input.stream, to, common)
+      const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
+      const result = await extractToNbd(input.stream, to, { ...common, ...(nbdTimeout !== undefined ? { nbdTimeout } : {}) })
       ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, to, dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes }, 'disk written to the NBD export',
         `${result.device.name} (${formatBytes(result.device.size)}) written to ${to}`)
       return EXIT.OK

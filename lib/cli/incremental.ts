@@ -2,7 +2,7 @@ import { writeOverlay } from '../incremental.js'
 import { openDisk } from '../sources.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { CLUSTER_SIZE } from '../record.js'
-import { type Command, expectPositionals } from './command.js'
+import { type Command, expectPositionals, parseSeconds } from './command.js'
 
 export const incremental: Command = {
   name: 'incremental',
@@ -27,6 +27,8 @@ Options:
   --dirty-bitmap NAME   the bitmap (as in qemu:dirty-bitmap:NAME)
   --overlay-of PATH     the previous backup
   -o, --output OUT      where a qcow2 overlay goes
+  --nbd-timeout SECS    seconds the server has to answer each request
+                        (default 60; 0: wait for ever)
 
 Examples:
   qemu-nbd -r -f qcow2 -B bm0 -k /run/vm.sock vm.qcow2 &
@@ -36,6 +38,7 @@ Examples:
     'dirty-bitmap': { type: 'string' },
     'overlay-of': { type: 'string' },
     output: { type: 'string', short: 'o' },
+    'nbd-timeout': { type: 'string' },
   },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'URI')
@@ -43,7 +46,8 @@ Examples:
     const previous = values['overlay-of'] as string | undefined
     if (bitmap === undefined) throw new VmapipeError('E_USAGE', '--dirty-bitmap NAME is required')
     if (previous === undefined) throw new VmapipeError('E_USAGE', '--overlay-of PREVIOUS is required')
-    const source = await openDisk({ name: 'incremental', path: positionals[0], dirtyBitmap: bitmap })
+    const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
+    const source = await openDisk({ name: 'incremental', path: positionals[0], dirtyBitmap: bitmap, ...(nbdTimeout !== undefined ? { nbdTimeout } : {}) })
     const progress = ctx.progress('incremental', source.size)
     const result = await writeOverlay(source, previous, {
       ...(values.output !== undefined ? { output: values.output as string } : {}),

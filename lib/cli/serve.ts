@@ -2,7 +2,7 @@ import { once } from 'node:events'
 import { EXIT, VmapipeError } from '../errors.js'
 import { openExports } from '../nbd/exports.js'
 import { type ListenAddress, NbdServer } from '../nbd/server.js'
-import { type Command, listOption } from './command.js'
+import { type Command, listOption, parseSeconds } from './command.js'
 
 export const serve: Command = {
   name: 'serve',
@@ -27,6 +27,11 @@ Options:
   --listen HOST:PORT  listen on TCP: nbd://HOST:PORT/EXPORT (port 0: any free
                       port, logged at start)
   --name NAME         export name of the next image SOURCE (repeatable)
+  --max-connections N connections at once (default 1024); more are refused
+                      with NBD_REP_ERR_POLICY and a warning in the log
+  --idle-timeout SECS close a connection on which no request arrives and no
+                      reply is taken for this long (default 600; 0: never,
+                      e.g. for a kernel nbd device that may sit idle)
 
 Examples:
   vma serve backup.vma --socket /run/vma.sock
@@ -37,13 +42,25 @@ Examples:
     socket: { type: 'string' },
     listen: { type: 'string' },
     name: { type: 'string', multiple: true },
+    'max-connections': { type: 'string' },
+    'idle-timeout': { type: 'string' },
   },
   async run (positionals, values, ctx) {
     if (positionals.length === 0) throw new VmapipeError('E_USAGE', 'missing SOURCE')
     const signal = ctx.signal // from here a signal closes the server and the exports
     const address = listenAddress(values.socket as string | undefined, values.listen as string | undefined)
+    const max = values['max-connections'] as string | undefined
+    const maxConnections = max === undefined ? undefined : Number(max)
+    if (maxConnections !== undefined && (!/^\d+$/.test(max as string) || maxConnections < 1)) {
+      throw new VmapipeError('E_USAGE', `--max-connections ${max}: expected a whole number, at least 1`)
+    }
     const opened = await openExports(positionals, listOption(values.name) ?? [])
-    const server = new NbdServer(opened.exports, { log: ctx.log })
+    const idleTimeout = parseSeconds(values['idle-timeout'], '--idle-timeout')
+    const server = new NbdServer(opened.exports, {
+      log: ctx.log,
+      ...(maxConnections !== undefined ? { maxConnections } : {}),
+      ...(idleTimeout !== undefined ? { idleTimeout } : {}),
+    })
     try {
       const bound = await server.listen(address)
       ctx.log.info({ ...bound, exports: opened.exports.map(e => ({ name: e.name, size: e.disk.size })) }, 'serving')

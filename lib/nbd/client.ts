@@ -41,6 +41,8 @@ export interface NbdClientOptions {
   maxInFlight?: number
   /** Milliseconds the server has to connect and finish the handshake (default 30 s). */
   handshakeTimeout?: number
+  /** Milliseconds the server has to answer each request in full (default 60 s; 0: wait for ever). */
+  timeout?: number
 }
 
 export interface NbdClientStats {
@@ -72,6 +74,21 @@ const MAX_OPTION_REPLY = 64 * 1024
 const MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
 /** Guest bytes one BLOCK_STATUS asks about; the length field is 32 bits. */
 const MAX_STATUS_LENGTH = 2 ** 31
+/** Option replies in the whole handshake: a real server sends a handful per option. */
+const MAX_HANDSHAKE_REPLIES = 256
+/** Disjoint pieces a READ's reply may be in at once before it is refused: chunks come in order from real servers. */
+const MAX_READ_PIECES = 1024
+/**
+ * The finest a map is told in: holes shorter than this are read as data, so
+ * that the work of a map and of reading it is bounded by the bytes, whatever
+ * extents the server reports (VMA's block, and no finer than 512 per the spec).
+ */
+const MAP_GRAIN = 4096
+/** The largest minimum block size the spec allows. */
+const MAX_MINIMUM_BLOCK = 65536
+export const DEFAULT_REQUEST_TIMEOUT = 60_000
+/** The longest delay setTimeout takes; longer timeouts are checked again when it runs out. */
+const MAX_TIMER = 2 ** 31 - 1
 
 export function isNbdUri (text: string): boolean {
   return /^nbds?(\+[a-z]+)?:\/\//i.test(text)
@@ -115,9 +132,11 @@ interface Pending {
   type: number
   offset: number
   length: number
-  /** READ: where the bytes go. */
+  /** READ: where the bytes go, and the ranges of it the reply has covered so far (sorted, disjoint, relative to `offset`). */
   buf?: Buffer
-  covered: number
+  covered: Array<[number, number]>
+  /** When the request was sent (ms, monotonic). */
+  sent: number
   /** BLOCK_STATUS: descriptors by context id. */
   status: Map<number, Descriptor[]>
   error?: VmapipeError
@@ -158,10 +177,14 @@ export class NbdClient {
   private failure?: Error
   private closing = false
   private closed?: Promise<void>
+  private readonly timeout: number
+  private timer?: NodeJS.Timeout
+  private handshakeReplies = 0
 
   private constructor (private readonly socket: Socket, address: NbdAddress, options: NbdClientOptions) {
     this.where = describeAddress(address)
     this.maxInFlight = options.maxInFlight ?? 16
+    this.timeout = options.timeout ?? DEFAULT_REQUEST_TIMEOUT
     socket.on('data', (chunk: Buffer) => {
       this.queue.push(chunk)
       if (this.transmitting) this.parse()
@@ -214,6 +237,7 @@ export class NbdClient {
 
   private async optionReply (option: number): Promise<{ type: number, data: Buffer }> {
     const header = decodeOptionReplyHeader(await this.take(OPTION_REPLY_HEADER_SIZE))
+    if (++this.handshakeReplies > MAX_HANDSHAKE_REPLIES) throw this.violation(`more than ${MAX_HANDSHAKE_REPLIES} option replies in the handshake`)
     if (header.option !== option) throw this.violation(`a reply to ${nameOf('OPTION', header.option)} came while ${nameOf('OPTION', option)} was asked`)
     if (header.length > MAX_OPTION_REPLY) throw this.violation(`${nameOf('REPLY', header.type)} of ${header.length} bytes`)
     return { type: header.type, data: header.length === 0 ? Buffer.alloc(0) : await this.take(header.length) }
@@ -241,6 +265,11 @@ export class NbdClient {
         const reply = await this.optionReply(OPTION.SET_META_CONTEXT)
         if (reply.type === REPLY.META_CONTEXT) {
           const context = decodeMetaContextReply(reply.data)
+          // Only what was asked for, once each: anything else is a server making up replies.
+          if (!contexts.includes(context.name)) {
+            throw this.violation(`NBD_REP_META_CONTEXT for ${JSON.stringify(context.name.slice(0, 100))}, which was not asked for`)
+          }
+          if (this.contexts.has(context.name)) throw this.violation(`NBD_REP_META_CONTEXT for ${context.name} twice`)
           this.contexts.set(context.name, context.id)
         } else if (reply.type === REPLY.ACK || isErrorReply(reply.type)) {
           // A server that cannot select contexts is still a server: we read without them.
@@ -263,8 +292,7 @@ export class NbdClient {
           this.flags = info.flags
           sized = true
         } else if ('maximum' in info) {
-          this.maxPayload = Math.min(MAX_PAYLOAD, info.maximum)
-          this.minimumBlock = info.minimum
+          this.blockSizes(info.minimum, info.preferred, info.maximum)
         }
         continue
       }
@@ -286,6 +314,20 @@ export class NbdClient {
     this.parse()
   }
 
+  /** NBD_INFO_BLOCK_SIZE, checked against the spec's rules: reads are sized by it. */
+  private blockSizes (minimum: number, preferred: number, maximum: number): void {
+    const power = (n: number): boolean => n > 0 && (n & (n - 1)) === 0
+    const wrong = !power(minimum) || minimum > MAX_MINIMUM_BLOCK
+      ? `a minimum block size of ${minimum} (a power of 2 up to ${MAX_MINIMUM_BLOCK})`
+      : !power(preferred) || preferred < Math.max(minimum, 512)
+        ? `a preferred block size of ${preferred} (a power of 2, at least 512 and the minimum ${minimum})`
+        : maximum < preferred ? `a maximum payload of ${maximum} (at least the preferred block size ${preferred})` : undefined
+    if (wrong !== undefined) throw this.violation(`NBD_INFO_BLOCK_SIZE gives ${wrong}`)
+    this.minimumBlock = minimum
+    // Whole minimum blocks: requests must be multiples of it.
+    this.maxPayload = Math.min(MAX_PAYLOAD, maximum) - Math.min(MAX_PAYLOAD, maximum) % minimum
+  }
+
   // -------------------------------------------------------- transmission
 
   private violation (message: string): VmapipeError {
@@ -298,6 +340,7 @@ export class NbdClient {
     this.failure = this.closing ? new VmapipeError('E_NBD_CONNECT', `${this.where}: the connection is closed`) : err
     for (const p of this.pending.values()) p.reject(this.failure)
     this.pending.clear()
+    clearTimeout(this.timer)
     this.socket.destroy()
     this.wake()
   }
@@ -313,7 +356,9 @@ export class NbdClient {
     if (this.failure !== undefined) throw this.failure
     const cookie = this.nextCookie++
     return await new Promise((resolve, reject) => {
-      this.pending.set(cookie, { type, offset, length, ...(options.buf !== undefined ? { buf: options.buf } : {}), covered: 0, status: new Map(), resolve, reject })
+      const buf = options.buf !== undefined ? { buf: options.buf } : {}
+      this.pending.set(cookie, { type, offset, length, ...buf, covered: [], sent: performance.now(), status: new Map(), resolve, reject })
+      this.watch()
       this.socket.cork()
       this.socket.write(encodeRequest({ flags, type, cookie, offset, length }))
       for (const p of options.payload ?? []) this.socket.write(p)
@@ -321,12 +366,36 @@ export class NbdClient {
     })
   }
 
+  /**
+   * One timer for all requests: they are sent in order with the same
+   * timeout, so the oldest in flight is the first due. It fails the
+   * connection when that one has waited too long, else waits for the next.
+   */
+  private watch (): void {
+    if (this.timeout <= 0 || this.timer !== undefined) return
+    const oldest = this.pending.values().next().value
+    if (oldest === undefined) return
+    this.timer = setTimeout(() => {
+      this.timer = undefined
+      const due = this.pending.values().next().value
+      if (due !== undefined && performance.now() - due.sent >= this.timeout) {
+        const what = `${nameOf('COMMAND', due.type)} of ${due.length} bytes at ${due.offset}`
+        this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: no complete reply to ${what} within ${this.timeout / 1000} s`))
+        return
+      }
+      this.watch()
+    }, Math.min(MAX_TIMER, Math.max(0, oldest.sent + this.timeout - performance.now())))
+    this.timer.unref()
+  }
+
   private complete (cookie: bigint): void {
     const p = this.pending.get(cookie) as Pending
     this.pending.delete(cookie)
+    const covered = p.covered.length === 1 ? p.covered[0][1] - p.covered[0][0] : 0
     if (p.error !== undefined) p.reject(p.error)
-    else if (p.type === COMMAND.READ && p.covered !== p.length) {
-      const err = this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} covered ${p.covered}`)
+    else if (p.type === COMMAND.READ && covered !== p.length) {
+      const got = p.covered.length === 0 ? 'none' : p.covered.slice(0, 4).map(([a, b]) => `${p.offset + a}-${p.offset + b}`).join(', ')
+      const err = this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} left bytes unanswered (it covered ${got})`)
       p.reject(err)
       this.fail(err)
     } else p.resolve(p.status)
@@ -361,7 +430,7 @@ export class NbdClient {
       if (error !== 0) p.error = this.serverError(p, error, '')
       else if (p.type === COMMAND.READ) {
         if (this.structured) throw this.violation('a simple reply with data to a READ, after structured replies were agreed')
-        p.covered = p.length
+        p.covered = [[0, p.length]]
         this.copy = { cookie, target: p.buf as Buffer, done: true }
         return true
       }
@@ -404,14 +473,16 @@ export class NbdClient {
         if (p.type !== COMMAND.READ || payload.length !== 12) throw this.violation('a hole chunk that does not answer a READ')
         const offset = Number(payload.readBigUInt64BE(0))
         const length = payload.readUInt32BE(8)
-        this.within(p, offset, length)
+        this.cover(p, offset, length)
         ;(p.buf as Buffer).fill(0, offset - p.offset, offset - p.offset + length)
-        p.covered += length
         return
       }
       case CHUNK.BLOCK_STATUS: {
         if (p.type !== COMMAND.BLOCK_STATUS) throw this.violation('a block status chunk that does not answer BLOCK_STATUS')
         const { contextId, descriptors } = decodeBlockStatus(payload)
+        // Exactly one chunk per selected context (the spec's words): anything else would pile up until the timeout.
+        if (![...this.contexts.values()].includes(contextId)) throw this.violation(`a block status chunk for context ${contextId}, which was not selected`)
+        if (p.status.has(contextId)) throw this.violation(`two block status chunks for context ${contextId} in one reply`)
         p.status.set(contextId, descriptors)
         return
       }
@@ -420,10 +491,43 @@ export class NbdClient {
     }
   }
 
-  /** A content chunk must lie inside its request and carry something. */
-  private within (p: Pending, offset: number, length: number): void {
+  /**
+   * A content chunk must lie inside its request, carry something, and not
+   * overlap what earlier chunks answered (the spec's MUST NOT): each byte of
+   * a READ is answered once, and complete() checks that all were.
+   */
+  private cover (p: Pending, offset: number, length: number): void {
     if (length === 0 || offset < p.offset || offset + length > p.offset + p.length) {
       throw this.violation(`a chunk for ${length} bytes at ${offset} answers a READ of ${p.length} bytes at ${p.offset}`)
+    }
+    const from = offset - p.offset
+    const to = from + length
+    const ranges = p.covered
+    // The first range that ends after `from`: the only one that could overlap or follow.
+    let lo = 0
+    let hi = ranges.length
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1
+      if (ranges[mid][1] <= from) lo = mid + 1
+      else hi = mid
+    }
+    const next = ranges[lo]
+    if (next !== undefined && next[0] < to) {
+      throw this.violation(`a chunk for ${length} bytes at ${offset} overlaps one already received for the READ of ${p.length} bytes at ${p.offset}`)
+    }
+    const before = ranges[lo - 1]
+    const joinsBefore = before !== undefined && before[1] === from
+    const joinsNext = next !== undefined && next[0] === to
+    if (joinsBefore && joinsNext) {
+      before[1] = next[1]
+      ranges.splice(lo, 1)
+    } else if (joinsBefore) before[1] = to
+    else if (joinsNext) next[0] = from
+    else {
+      if (ranges.length >= MAX_READ_PIECES) {
+        throw this.violation(`the reply to a READ of ${p.length} bytes at ${p.offset} comes in more than ${MAX_READ_PIECES} separate pieces`)
+      }
+      ranges.splice(lo, 0, [from, to])
     }
   }
 
@@ -435,8 +539,7 @@ export class NbdClient {
     this.queue.skip(CHUNK_HEADER_SIZE + 8)
     const offset = Number(head.readBigUInt64BE(CHUNK_HEADER_SIZE))
     const length = chunk.length - 8
-    this.within(p, offset, length)
-    p.covered += length
+    this.cover(p, offset, length)
     this.copy = { cookie: chunk.cookie, target: (p.buf as Buffer).subarray(offset - p.offset, offset - p.offset + length), done: (chunk.flags & REPLY_FLAG_DONE) !== 0 }
     return true
   }
@@ -526,7 +629,55 @@ export class NbdClient {
     const closed = new Promise<void>(resolve => this.socket.once('close', () => resolve()))
     if (this.transmitting) this.socket.write(encodeRequest({ flags: 0, type: COMMAND.DISC, cookie: 0n, offset: 0, length: 0 }))
     this.socket.end()
+    // A server that never hangs up after NBD_CMD_DISC is hung up on.
+    const timer = this.timeout > 0 ? setTimeout(() => this.socket.destroy(), Math.min(MAX_TIMER, this.timeout)) : undefined
     await closed
+    clearTimeout(timer)
+  }
+}
+
+/**
+ * Extents over [start, end) built front to back in MAP_GRAIN units: a set
+ * range grows out to whole grains (reading a hole as data costs a read,
+ * never a wrong byte), an unset one keeps only its whole grains. However
+ * short the server's extents, there are at most two per grain.
+ */
+class GrainedExtents {
+  readonly extents: Extent[] = []
+  constructor (readonly start: number, readonly end: number) {}
+
+  /** Where the extents reach: past the last range added when a set grain was rounded up. */
+  get reached (): number {
+    const last = this.extents[this.extents.length - 1]
+    return last === undefined ? this.start : last.offset + last.length
+  }
+
+  /** Adds [at, at + n), which follows the ranges added before. */
+  add (at: number, n: number, data: boolean): void {
+    let from = at
+    let to = at + n
+    if (data) {
+      from = Math.max(this.start, from - from % MAP_GRAIN)
+      to = Math.min(this.end, Math.ceil(to / MAP_GRAIN) * MAP_GRAIN)
+    }
+    const out = this.extents
+    let last = out[out.length - 1]
+    if (from < this.reached) {
+      if (!data) from = this.reached
+      else {
+        // Rounded down into the unset extent before: that grain becomes set.
+        if (!last.data) {
+          last.length = from - last.offset
+          if (last.length <= 0) out.pop()
+        }
+        last = out[out.length - 1]
+        from = this.reached
+      }
+    }
+    if (to > from) {
+      if (last !== undefined && last.data === data && last.offset + last.length === from) last.length += to - from
+      else out.push({ offset: from, length: to - from, data })
+    }
   }
 }
 
@@ -539,6 +690,8 @@ export interface OpenNbdDiskOptions {
   /** Dirty bitmaps to select as qemu:dirty-bitmap:NAME; each must exist. */
   dirtyBitmaps?: string[]
   maxInFlight?: number
+  /** Milliseconds the server has to answer each request (NbdClientOptions.timeout). */
+  timeout?: number
 }
 
 /** An NBD export as a RandomAccessDisk. */
@@ -547,28 +700,34 @@ export async function openNbdDisk (target: NbdAddress | string, options: OpenNbd
   const client = await NbdClient.connect(target, {
     contexts: [CONTEXT_ALLOCATION, ...names.map(n => CONTEXT_BITMAP_PREFIX + n)],
     ...(options.maxInFlight !== undefined ? { maxInFlight: options.maxInFlight } : {}),
+    ...(options.timeout !== undefined ? { timeout: options.timeout } : {}),
   })
   const missing = names.find(n => !client.contexts.has(CONTEXT_BITMAP_PREFIX + n))
   if (missing !== undefined) {
     await client.close()
     throw new VmapipeError('E_NOT_FOUND', `${client.where} offers no dirty bitmap ${missing} (qemu-nbd exports one with -B ${missing})`)
   }
-  /** Extents of a context over [offset, offset + length), asking as often as the server answers in part. */
+  /**
+   * Extents of a context over [offset, offset + length), asking as often as
+   * the server answers in part, told in MAP_GRAIN units (see grainExtents).
+   * A reply that ends inside a grain has that grain's rest taken as set:
+   * each question moves on by a grain at least, however little the server answers.
+   */
   const extentsOf = async (context: string, offset: number, length: number, set: (flags: number) => boolean): Promise<Extent[]> => {
-    const out: Extent[] = []
-    const end = offset + length
-    for (let at = offset; at < end;) {
-      for (const d of await client.blockStatus(context, at, end - at)) {
-        const n = Math.min(d.length, end - at)
-        const data = set(d.flags)
-        const last = out[out.length - 1]
-        if (last !== undefined && last.data === data) last.length += n
-        else out.push({ offset: at, length: n, data })
-        at += n
-        if (at >= end) break
+    const out = new GrainedExtents(offset, offset + length)
+    for (let at = offset; at < out.end;) {
+      let position = at
+      for (const d of await client.blockStatus(context, at, out.end - at)) {
+        const n = Math.min(d.length, out.end - position)
+        out.add(position, n, set(d.flags))
+        position += n
+        if (position >= out.end) break
       }
+      const next = Math.max(position, out.reached)
+      if (next < out.end && next - at < MAP_GRAIN && next % MAP_GRAIN !== 0) out.add(next, MAP_GRAIN - next % MAP_GRAIN, true)
+      at = Math.max(next, out.reached)
     }
-    return out
+    return out.extents
   }
   const allocated = client.contexts.has(CONTEXT_ALLOCATION)
   return {

@@ -6,7 +6,10 @@
  * for it; a client that breaks the protocol's framing is disconnected and
  * the others are served on. Memory: small per idle connection; read buffers
  * are counted against a per-connection and a server-wide budget and given
- * back when the socket has taken the reply.
+ * back when the socket has taken the reply. A client that does not read its
+ * replies holds at most its own budget and stops being read; it cannot hold
+ * up another (each connection's first piece is outside the shared budget),
+ * and it is dropped once nothing has moved for the idle timeout.
  */
 import { createServer, type Server, type Socket } from 'node:net'
 import { existsSync } from 'node:fs'
@@ -32,6 +35,8 @@ export interface NbdExport {
 
 /** The logging the server does: pino's Logger fits. */
 export interface ServerLog {
+  /** Optional: what is routine (a client that hangs up once it has its export list). */
+  debug?: (fields: Record<string, unknown>, message: string) => void
   info: (fields: Record<string, unknown>, message: string) => void
   warn: (fields: Record<string, unknown>, message: string) => void
 }
@@ -40,10 +45,12 @@ export interface NbdServerOptions {
   log?: ServerLog
   /** Milliseconds a client has from connecting to choosing an export (default 10 s, as qemu-nbd). */
   handshakeTimeout?: number
-  /** Bytes of read buffers in use at once across all connections (default 256 MiB). */
+  /** Bytes of read buffers in use at once across all connections, beyond each one's first piece (default 256 MiB). */
   bufferLimit?: number
-  /** Connections at once; more are refused (default 1024). */
+  /** Connections at once; more are refused with NBD_REP_ERR_POLICY and a warning in the log (default 1024). */
   maxConnections?: number
+  /** Milliseconds a connection may go without a request arriving or a reply being taken before it is closed (default 10 min; 0: never). */
+  idleTimeout?: number
 }
 
 export type ListenAddress = { socket: string } | { host: string, port: number }
@@ -60,18 +67,22 @@ const MAX_OPTIONS = 32
 const MAX_IN_FLIGHT = 64
 /** Reply bytes waiting in a socket before we stop reading that client's requests or options. */
 const MAX_BACKLOG = 4 * 1024 * 1024
-/** Read buffers one connection may hold: one largest READ. */
-const CONNECTION_BUFFERS = MAX_PAYLOAD
-/** A structured READ is sent in data chunks of at most this. */
+/** A READ is read and sent in pieces of at most this (structured: a data chunk each). */
 const PIECE = 4 * 1024 * 1024
+/** Read buffers one connection may hold, read or waiting in its socket: a piece being sent while the next is read. */
+const CONNECTION_BUFFERS = 2 * PIECE
+/** What each connection holds outside the server-wide budget, so that clients that fill that budget stall only themselves. */
+const OWN_SHARE = PIECE
+/** Milliseconds between warnings about refused connections. */
+const REFUSAL_LOG_INTERVAL = 10_000
 /** Guest bytes one BLOCK_STATUS looks at, at most; clients ask again for the rest. */
 const STATUS_WINDOW = 256 * 1024 * 1024
 /** The first look for a REQ_ONE query, widened until the first extent ends inside it. */
 const FIRST_WINDOW = 1024 * 1024
 /** Milliseconds a client has at shutdown to take the replies to its last requests. */
 const SHUTDOWN_GRACE = 5000
-/** Bytes of read buffers kept for reuse. */
-const POOLED = 64 * 1024 * 1024
+/** Bytes of read buffers kept for reuse: what four connections of one client (nbdcopy's default) can hold at once. */
+const POOLED = 4 * CONNECTION_BUFFERS
 /** Descriptors per chunk: the spec's 2^20 would be an 8 MiB reply. */
 const MAX_DESCRIPTORS = 65536
 
@@ -106,6 +117,39 @@ class ByteBudget {
       this.used += next.bytes
       next.grant()
     }
+  }
+}
+
+/**
+ * Bytes shared by all connections up to a limit. Whoever asks when there is
+ * room gets it; a connection that cannot waits for the next release and asks
+ * again (its need may have shrunk meanwhile: see Connection.hold).
+ */
+class SharedBudget {
+  private used = 0
+  private waiters: Array<() => void> = []
+  constructor (private readonly limit: number) {}
+
+  tryTake (bytes: number): boolean {
+    if (this.used + bytes > this.limit) return false
+    this.used += bytes
+    return true
+  }
+
+  release (bytes: number): void {
+    this.used -= bytes
+    this.wake()
+  }
+
+  /** Resolves at the next release (or wake). */
+  async changed (): Promise<void> {
+    await new Promise<void>(resolve => this.waiters.push(resolve))
+  }
+
+  wake (): void {
+    const waiters = this.waiters
+    this.waiters = []
+    for (const w of waiters) w()
   }
 }
 
@@ -213,25 +257,42 @@ class Connection {
   private inFlight = 0
   /** Bytes of a refused write's payload still to skip. */
   private discard = 0
+  /** Bytes of read buffers this connection holds, and how many of them come from the server-wide budget. */
   private held = 0
+  private shared = 0
   private readonly budget = new ByteBudget(CONNECTION_BUFFERS)
+  /** Simple replies: a READ's data goes out in pieces, so replies take turns (`tail`), `turns` of them waiting or under way. */
+  private tail: Promise<void> = Promise.resolve()
+  private turns = 0
   private closed = false
   private reason = 'the client closed the connection'
   private readonly started = Date.now()
   private requests = 0
   private bytesSent = 0
   private readonly timer: NodeJS.Timeout
+  /** When a request last arrived or the socket last took a reply (ms, monotonic). */
+  private active = performance.now()
+  private idleTimer?: NodeJS.Timeout
 
-  constructor (private readonly server: NbdServer, private readonly socket: Socket, private readonly log: ServerLog, handshakeTimeout: number) {
+  constructor (
+    private readonly server: NbdServer, private readonly socket: Socket, private readonly log: ServerLog,
+    handshakeTimeout: number, private readonly idleTimeout: number,
+  ) {
     socket.setNoDelay(true)
     socket.on('data', (chunk: Buffer) => {
+      this.active = performance.now()
       this.queue.push(chunk)
       this.pump()
     })
     socket.on('drain', () => this.pump())
     socket.on('error', (err: NodeJS.ErrnoException) => {
       this.reason = `connection error: ${err.code ?? err.message}`
-      this.log.warn({ conn: this.id, export: this.export?.name, code: err.code }, this.reason)
+      // A client that hangs up once it has its list (nbdinfo --list) or said goodbye is done, not in trouble.
+      const done = (this.listed || this.phase === 'closing') && (err.code === 'EPIPE' || err.code === 'ECONNRESET')
+      if (done) this.reason = 'the client closed the connection'
+      const fields = { conn: this.id, export: this.export?.name, code: err.code }
+      if (done) this.log.debug?.(fields, this.reason)
+      else this.log.warn(fields, this.reason)
     })
     socket.on('close', () => this.onClose())
     this.timer = setTimeout(() => this.fail(`no export chosen within ${handshakeTimeout / 1000} s`), handshakeTimeout)
@@ -259,8 +320,10 @@ class Connection {
   private onClose (): void {
     this.closed = true
     clearTimeout(this.timer)
-    this.server.release(this.held)
+    clearTimeout(this.idleTimer)
+    this.server.budget.release(this.shared)
     this.held = 0
+    this.shared = 0
     this.server.forget(this)
     this.log.info({
       conn: this.id, export: this.export?.name, requests: this.requests, bytesSent: this.bytesSent, seconds: (Date.now() - this.started) / 1000, reason: this.reason,
@@ -277,9 +340,36 @@ class Connection {
 
   private send (parts: Buffer[], written?: () => void): void {
     if (this.closed) { written?.(); return }
+    const taken = (): void => { this.active = performance.now(); written?.() }
     this.socket.cork()
-    parts.forEach((p, i) => this.socket.write(p, i === parts.length - 1 ? written : undefined))
+    parts.forEach((p, i) => this.socket.write(p, i === parts.length - 1 ? taken : undefined))
     this.socket.uncork()
+  }
+
+  /** Sends a whole reply to a request: at once with structured replies, else when no simple READ reply is going out. */
+  private answer (parts: Buffer[]): void {
+    if (this.structured || this.turns === 0) this.send(parts)
+    else void this.inTurn(async () => { this.send(parts) })
+  }
+
+  /** Runs `work` when the simple replies before it have gone out. */
+  private async inTurn (work: () => Promise<void>): Promise<void> {
+    this.turns++
+    const run = this.tail.then(work).finally(() => { this.turns-- })
+    this.tail = run.catch(() => {})
+    await run
+  }
+
+  /** Closes a connection on which nothing has moved for the idle timeout; checked when it would have run out. */
+  private watchIdle (): void {
+    if (this.idleTimeout <= 0 || this.closed) return
+    this.idleTimer = setTimeout(() => {
+      const idle = performance.now() - this.active
+      if (idle >= this.idleTimeout) {
+        this.fail(`idle for ${Math.round(idle / 1000)} s (no request, no reply taken; the idle timeout is ${this.idleTimeout / 1000} s)`)
+      } else this.watchIdle()
+    }, Math.min(2 ** 31 - 1, this.active + this.idleTimeout - performance.now()))
+    this.idleTimer.unref()
   }
 
   /** Parses what has arrived, as far as it goes and as far as we are willing to go now. */
@@ -431,6 +521,8 @@ class Connection {
 
   private start (chosen: NbdExport): void {
     clearTimeout(this.timer)
+    this.active = performance.now()
+    this.watchIdle()
     this.export = chosen
     this.contexts = this.chosen?.exportName === chosen.name ? this.chosen.contexts : []
     this.phase = 'requests'
@@ -457,18 +549,18 @@ class Connection {
         return this.endWhenIdle()
       case COMMAND.FLUSH: {
         if (req.flags !== 0 || req.offset !== 0 || req.length !== 0) return this.error(req, ERRNO.EINVAL, 'NBD_CMD_FLUSH takes no flags, offset or length')
-        return this.send([encodeSimpleReply(0, req.cookie)])
+        return this.answer([encodeSimpleReply(0, req.cookie)])
       }
       case COMMAND.CACHE: {
         const wrong = this.invalid(req, 0, disk.size)
         if (wrong !== undefined) return this.error(req, ERRNO.EINVAL, wrong)
-        return this.send([encodeSimpleReply(0, req.cookie)])
+        return this.answer([encodeSimpleReply(0, req.cookie)])
       }
       case COMMAND.READ: {
         const wrong = this.invalid(req, 0, disk.size)
         if (wrong !== undefined) return this.error(req, ERRNO.EINVAL, wrong)
         if (req.length > MAX_PAYLOAD) return this.error(req, this.structured ? ERRNO.EOVERFLOW : ERRNO.EINVAL, `reads are at most ${MAX_PAYLOAD} bytes`)
-        return this.serve(req, this.structured ? this.readChunks(req, disk) : this.readSimple(req, disk))
+        return this.serve(req, this.structured ? this.readChunks(req, disk) : this.inTurn(async () => { await this.readSimple(req, disk) }))
       }
       case COMMAND.BLOCK_STATUS: {
         if (this.contexts.length === 0) return this.error(req, ERRNO.EINVAL, 'no metadata context was selected with NBD_OPT_SET_META_CONTEXT')
@@ -490,7 +582,7 @@ class Connection {
   }
 
   private error (req: Request, errno: number, message: string): void {
-    this.send([this.structured ? encodeErrorChunk(REPLY_FLAG_DONE, req.cookie, errno, message) : encodeSimpleReply(errno, req.cookie)])
+    this.answer([this.structured ? encodeErrorChunk(REPLY_FLAG_DONE, req.cookie, errno, message) : encodeSimpleReply(errno, req.cookie)])
   }
 
   /** Counts a request as under way until `work` has answered it (with an error if it failed). */
@@ -510,22 +602,38 @@ class Connection {
     if (this.inFlight === 0 && !this.closed) this.socket.end(() => this.socket.destroy())
   }
 
-  /** Takes `bytes` of read buffers from this connection's and the server's budgets. */
+  /**
+   * Takes `bytes` of read buffers: from this connection's budget, and what
+   * goes beyond its own share from the server's. Waiting for the server's,
+   * it asks again whenever anything is released, its own buffers included:
+   * once they are back, its own share may be enough.
+   */
   private async hold (bytes: number): Promise<void> {
     await this.budget.acquire(bytes)
-    await this.server.acquire(bytes)
-    if (this.closed) {
-      this.server.release(bytes)
-      throw new Error('the client went away')
+    for (;;) {
+      if (this.closed) {
+        this.budget.release(bytes)
+        throw new Error('the client went away')
+      }
+      const need = Math.max(0, this.held + bytes - OWN_SHARE - this.shared)
+      if (this.server.budget.tryTake(need)) {
+        this.shared += need
+        this.held += bytes
+        return
+      }
+      await this.server.budget.changed()
     }
-    this.held += bytes
   }
 
   private unhold (bytes: number): void {
     if (this.closed) return
     this.held -= bytes
     this.budget.release(bytes)
-    this.server.release(bytes)
+    const over = this.shared - Math.max(0, this.held - OWN_SHARE)
+    if (over > 0) {
+      this.shared -= over
+      this.server.budget.release(over)
+    } else this.server.budget.wake()
   }
 
   /** A buffer of the disk's bytes, held against the budgets until `done` gives it back. */
@@ -548,9 +656,27 @@ class Connection {
     this.server.buffers.give(buf)
   }
 
+  /**
+   * A simple reply: the header and the data in pieces, so that a large READ
+   * holds a piece or two, not all of it. A piece that fails after the header
+   * went out cannot be an error reply any more: the connection is closed.
+   */
   private async readSimple (req: Request, disk: RandomAccessDisk): Promise<void> {
-    const buf = await this.readHeld(disk, req.offset, req.length)
-    this.send([encodeSimpleReply(0, req.cookie), buf], () => this.done(buf))
+    const end = req.offset + req.length
+    for (let at = req.offset; at < end && !this.closed;) {
+      const first = at === req.offset
+      const length = Math.min(PIECE, end - at)
+      let buf: Buffer
+      try {
+        buf = await this.readHeld(disk, at, length)
+      } catch (err) {
+        if (first) throw err
+        this.fail(`${nameOf('COMMAND', req.type)} of ${req.length} bytes at ${req.offset} failed after its reply began: ${(err as Error).message}`)
+        return
+      }
+      this.send(first ? [encodeSimpleReply(0, req.cookie), buf] : [buf], () => this.done(buf))
+      at += length
+    }
   }
 
   /** Holes as OFFSET_HOLE chunks, data in OFFSET_DATA chunks of at most PIECE bytes; the last chunk says DONE. */
@@ -593,16 +719,55 @@ class Connection {
   }
 }
 
+/**
+ * A connection over the limit: the greeting, then NBD_REP_ERR_POLICY with
+ * the reason to each option (clients try optional ones first and stop at
+ * the one they need: what nbdinfo and qemu then show), for a few options and
+ * a few seconds at most.
+ */
+function turnAway (socket: Socket, message: string): void {
+  socket.on('error', () => {})
+  socket.setTimeout(5000, () => socket.destroy())
+  socket.write(encodeGreeting(HANDSHAKE_FLAG.FIXED_NEWSTYLE | HANDSHAKE_FLAG.NO_ZEROES))
+  const queue = new ByteQueue()
+  let flags = false
+  let left = 16
+  socket.on('data', (chunk: Buffer) => {
+    queue.push(chunk)
+    if (!flags) flags = queue.take(4) !== null
+    for (let head = queue.peek(OPTION_HEADER_SIZE); flags && head !== null; head = queue.peek(OPTION_HEADER_SIZE)) {
+      let header
+      try {
+        header = decodeOptionHeader(head)
+      } catch {
+        return socket.destroy()
+      }
+      const { option, length } = header
+      if (length > MAX_OPTION_DATA || left-- === 0) return socket.destroy()
+      if (queue.length < OPTION_HEADER_SIZE + length) return
+      queue.skip(OPTION_HEADER_SIZE + length)
+      socket.write(encodeOptionReply(option, REPLY.ERR_POLICY, encodeErrorMessage(message)))
+      if (option === OPTION.ABORT) return socket.end()
+    }
+  })
+}
+
 export class NbdServer {
   readonly exports: NbdExport[]
   private readonly byName = new Map<string, NbdExport>()
   private readonly log: ServerLog
   private readonly handshakeTimeout: number
-  private readonly budget: ByteBudget
+  private readonly idleTimeout: number
+  private readonly maxConnections: number
+  /** Read buffers beyond each connection's own share. */
+  readonly budget: SharedBudget
   /** Read buffers for reuse. */
   readonly buffers = new BufferPool(POOLED)
   private readonly connections = new Set<Connection>()
   private readonly net: Server
+  /** Connections turned away since the last warning about it, and when that was. */
+  private refused = 0
+  private refusalLogged = -Infinity
 
   constructor (exports: NbdExport[], options: NbdServerOptions = {}) {
     if (exports.length === 0) throw new VmapipeError('E_USAGE', 'nothing to serve: no exports')
@@ -614,11 +779,28 @@ export class NbdServer {
     this.exports = exports
     this.log = options.log ?? { info: () => {}, warn: () => {} }
     this.handshakeTimeout = options.handshakeTimeout ?? 10_000
-    this.budget = new ByteBudget(Math.max(options.bufferLimit ?? 256 * 1024 * 1024, CONNECTION_BUFFERS))
+    this.idleTimeout = options.idleTimeout ?? 600_000
+    this.maxConnections = options.maxConnections ?? 1024
+    if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) {
+      throw new VmapipeError('E_USAGE', `the connection limit must be at least 1, not ${this.maxConnections}`)
+    }
+    this.budget = new SharedBudget(options.bufferLimit ?? 256 * 1024 * 1024)
     this.net = createServer(socket => {
-      this.connections.add(new Connection(this, socket, this.log, this.handshakeTimeout))
+      if (this.connections.size >= this.maxConnections) return this.turnAway(socket)
+      this.connections.add(new Connection(this, socket, this.log, this.handshakeTimeout, this.idleTimeout))
     })
-    this.net.maxConnections = options.maxConnections ?? 1024
+  }
+
+  /** Refuses a connection over the limit, with a warning at most every 10 s saying how many were refused. */
+  private turnAway (socket: Socket): void {
+    const message = `too many connections: ${this.maxConnections} are open, the most this server takes`
+    turnAway(socket, message)
+    this.refused++
+    const now = performance.now()
+    if (now - this.refusalLogged < REFUSAL_LOG_INTERVAL) return
+    this.log.warn({ refused: this.refused, connections: this.connections.size, maxConnections: this.maxConnections }, `connection refused: ${message}`)
+    this.refused = 0
+    this.refusalLogged = now
   }
 
   /** Connections open now. */
@@ -652,7 +834,5 @@ export class NbdServer {
     return name === '' ? this.exports[0] : this.byName.get(name)
   }
 
-  async acquire (bytes: number): Promise<void> { await this.budget.acquire(bytes) }
-  release (bytes: number): void { this.budget.release(bytes) }
   forget (c: Connection): void { this.connections.delete(c) }
 }

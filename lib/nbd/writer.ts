@@ -11,7 +11,7 @@
 import { VmapipeError } from '../errors.js'
 import { type ClusterRecord, type DeviceInfo, CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 import type { DiskWriter } from '../router.js'
-import { type NbdAddress, NbdClient, NbdReplyError } from './client.js'
+import { type NbdAddress, type NbdClientOptions, NbdClient, NbdReplyError } from './client.js'
 import { COMMAND_FLAG, ERRNO, TRANSMISSION_FLAG } from './protocol.js'
 
 /** Largest merged WRITE. */
@@ -37,8 +37,8 @@ export class NbdDiskWriter implements DiskWriter {
   private constructor (readonly client: NbdClient, private readonly device: DeviceInfo) {}
 
   /** Connects to `target` and checks that it can take `device`. */
-  static async open (target: NbdAddress | string, device: DeviceInfo): Promise<NbdDiskWriter> {
-    const client = await NbdClient.connect(target)
+  static async open (target: NbdAddress | string, device: DeviceInfo, options: NbdClientOptions = {}): Promise<NbdDiskWriter> {
+    const client = await NbdClient.connect(target, options)
     try {
       if ((client.flags & TRANSMISSION_FLAG.READ_ONLY) !== 0) throw new VmapipeError('E_USAGE', `${client.where} is read-only`)
       if (client.size < device.size) throw new VmapipeError('E_USAGE', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })

@@ -262,3 +262,150 @@ export async function readSimple (peer: RawPeer): Promise<{ error: number, cooki
 export function chunkError (c: Chunk): number {
   return (c.type & 0x8000) !== 0 ? c.payload.readUInt32BE(0) : 0
 }
+
+/**
+ * A client that opens an export (of 256 MiB at least), asks for `reads`
+ * reads of 32 MiB and never reads a reply: what starved `vma serve` once.
+ */
+export async function flooder (socket: string, name: string, structured: boolean, reads = 64): Promise<RawPeer> {
+  const p = await RawPeer.connect({ socket })
+  await open(p, name, { structured })
+  p.socket.pause()
+  for (let r = 0; r < reads; r++) p.write(request(NBD.CMD.READ, (r % 8) * 32 * 1048576, 32 * 1048576, { cookie: r }))
+  return p
+}
+
+/** A request as a fake server sees it, with the WRITE payload when there is one. */
+export interface SeenRequest { flags: number, type: number, cookie: Buffer, offset: number, length: number, payload?: Buffer }
+
+export interface FakeServerOptions {
+  /** Export size (default 1 MiB). */
+  size?: number
+  /** NBD_INFO_BLOCK_SIZE (minimum, preferred, maximum) sent in reply to NBD_OPT_GO, if given. */
+  blockSize?: [number, number, number]
+  /** Transmission flags (default HAS_FLAGS | SEND_FLUSH | SEND_WRITE_ZEROES). */
+  flags?: number
+  /** NBD_REP_INFO replies (NBD_INFO_NAME) sent before the others in reply to NBD_OPT_GO, for floods. */
+  infoFlood?: number
+  /** Replies to NBD_OPT_SET_META_CONTEXT; default: base:allocation as context 1, then ACK. `reply` returns false once the client is gone. */
+  meta?: (reply: (type: number, data: Buffer) => Promise<boolean>) => Promise<void>
+  /** Answers one request (structured replies are agreed). */
+  answer: (s: Socket, req: SeenRequest) => void
+}
+
+/**
+ * An NBD server in the test process that speaks just enough of the
+ * protocol for the client (fixed newstyle, structured replies, GO) and
+ * answers requests as the test says: for servers that break the rules.
+ */
+export async function fakeServer (t: Teardown, socket: string, o: FakeServerOptions): Promise<void> {
+  const { createServer } = await import('node:net')
+  const sockets = new Set<Socket>()
+  const server = createServer(s => {
+    sockets.add(s)
+    s.on('close', () => sockets.delete(s))
+    s.on('error', () => {})
+    const greeting = Buffer.alloc(18)
+    Buffer.from('NBDMAGICIHAVEOPT').copy(greeting)
+    greeting.writeUInt16BE(3, 16)
+    s.write(greeting)
+    let buffered: Buffer = Buffer.alloc(0)
+    let phase: 'flags' | 'options' | 'busy' | 'requests' = 'flags'
+    const reply = async (option: number, type: number, data: Buffer = Buffer.alloc(0)): Promise<boolean> => {
+      if (s.destroyed) return false
+      const h = Buffer.alloc(20)
+      h.writeBigUInt64BE(0x3e889045565a9n, 0)
+      h.writeUInt32BE(option, 8)
+      h.writeUInt32BE(type, 12)
+      h.writeUInt32BE(data.length, 16)
+      if (!s.write(Buffer.concat([h, data]))) await new Promise(resolve => { s.once('drain', resolve); s.once('close', resolve) })
+      return !s.destroyed
+    }
+    const go = async (): Promise<void> => {
+      const name = Buffer.concat([Buffer.from([0, 1]), Buffer.alloc(4000, 0x61)])
+      for (let i = 0; i < (o.infoFlood ?? 0); i++) if (!await reply(7, 3, name)) return
+      const info = Buffer.alloc(12)
+      info.writeBigUInt64BE(BigInt(o.size ?? 1048576), 2)
+      info.writeUInt16BE(o.flags ?? (1 | 4 | 64), 10)
+      await reply(7, 3, info)
+      if (o.blockSize !== undefined) {
+        const b = Buffer.alloc(14)
+        b.writeUInt16BE(3, 0)
+        o.blockSize.forEach((v, i) => b.writeUInt32BE(v, 2 + 4 * i))
+        await reply(7, 3, b)
+      }
+      await reply(7, 1)
+    }
+    const step = async (): Promise<void> => {
+      for (;;) {
+        if (phase === 'flags') {
+          if (buffered.length < 4) return
+          buffered = buffered.subarray(4)
+          phase = 'options'
+        } else if (phase === 'options') {
+          if (buffered.length < 16 || buffered.length < 16 + buffered.readUInt32BE(12)) return
+          const option = buffered.readUInt32BE(8)
+          buffered = buffered.subarray(16 + buffered.readUInt32BE(12))
+          phase = 'busy'
+          if (option === 10) {
+            if (o.meta !== undefined) await o.meta(async (type, data) => await reply(option, type, data))
+            else { await reply(option, 4, Buffer.concat([Buffer.from([0, 0, 0, 1]), Buffer.from('base:allocation')])); await reply(option, 1) }
+          } else if (option === 7) {
+            await go()
+            phase = 'requests'
+            continue
+          } else await reply(option, 1)
+          phase = 'options'
+        } else if (phase === 'requests') {
+          if (buffered.length < 28) return
+          const length = buffered.readUInt32BE(24)
+          const type = buffered.readUInt16BE(6)
+          const payload = type === 1 ? length : 0
+          if (buffered.length < 28 + payload) return
+          o.answer(s, {
+            flags: buffered.readUInt16BE(4),
+            type,
+            cookie: Buffer.from(buffered.subarray(8, 16)),
+            offset: Number(buffered.readBigUInt64BE(16)),
+            length,
+            ...(payload > 0 ? { payload: buffered.subarray(28, 28 + payload) } : {}),
+          })
+          buffered = buffered.subarray(28 + payload)
+        } else return
+      }
+    }
+    let running = Promise.resolve()
+    s.on('data', (b: Buffer) => {
+      buffered = Buffer.concat([buffered, b])
+      running = running.then(step).catch(() => { s.destroy() })
+    })
+  })
+  await new Promise<void>(resolve => server.listen(socket, resolve))
+  t.teardown(() => { server.close(); for (const s of sockets) s.destroy() })
+}
+
+/** A structured reply chunk for the cookie of a request. */
+export function replyChunk (cookie: Buffer, type: number, payload: Buffer, flags = 1): Buffer {
+  const h = Buffer.alloc(20)
+  h.writeUInt32BE(0x668e33ef, 0)
+  h.writeUInt16BE(flags, 4)
+  h.writeUInt16BE(type, 6)
+  cookie.copy(h, 8)
+  h.writeUInt32BE(payload.length, 16)
+  return Buffer.concat([h, payload])
+}
+
+/** An OFFSET_DATA chunk: offset, then the bytes. */
+export function dataChunk (cookie: Buffer, offset: number, bytes: Buffer, flags = 1): Buffer {
+  const head = Buffer.alloc(8)
+  head.writeBigUInt64BE(BigInt(offset))
+  return replyChunk(cookie, NBD.CHUNK.OFFSET_DATA, Buffer.concat([head, bytes]), flags)
+}
+
+/** A BLOCK_STATUS chunk for context 1: [length, flags] pairs. */
+export function statusChunk (cookie: Buffer, descriptors: Array<[number, number]>, flags = 1): Buffer {
+  const b = Buffer.alloc(4 + 8 * descriptors.length)
+  b.writeUInt32BE(1, 0)
+  descriptors.forEach(([length, f], i) => { b.writeUInt32BE(length, 4 + 8 * i); b.writeUInt32BE(f, 8 + 8 * i) })
+  return replyChunk(cookie, NBD.CHUNK.BLOCK_STATUS, b, flags)
+}
