@@ -16,7 +16,7 @@ import { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
 import type { NbdAddress } from './nbd/client.js'
 import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
-import { syncPath } from './io/output.js'
+import { ownerOf, ownerState, ownerTag, syncPath } from './io/output.js'
 import { drained } from './io/drained.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
@@ -42,11 +42,11 @@ export interface ExtractResult {
   archiveBytes: number
 }
 
-export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult> {
-  const created = await prepareTarget(targetDir, options.force ?? false)
+export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult & { removedStale: string[] }> {
+  const { created, removedStale } = await prepareTarget(targetDir, options.force ?? false)
   let staging: string | undefined
   try {
-    staging = await mkdtemp(join(targetDir, '.vmapipe-partial-')).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
+    staging = await mkdtemp(join(targetDir, stagingPrefix(created))).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
     const stagingDir = staging
     const names: string[] = []
     const decompress = createDecompressor()
@@ -65,7 +65,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
     for (const name of names) await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
     await rmdir(stagingDir)
     await syncPath(targetDir)
-    return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset }
+    return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset, removedStale }
   } catch (err) {
     if (staging !== undefined) await rm(staging, { recursive: true, force: true }).catch(() => {})
     if (created) await rmdir(targetDir).catch(() => {})
@@ -208,18 +208,54 @@ function checkClashes (info: ArchiveInfo, diskNames: string[]): void {
   }
 }
 
-/** Creates the target, or with `force` accepts an existing empty directory. Returns whether it was created. */
-async function prepareTarget (dir: string, force: boolean): Promise<boolean> {
+const STAGING = '.vmapipe-partial-'
+
+/**
+ * The staging directory's name: it names its owner (ownerTag) so that a later
+ * run can tell a dead run's staging from a live one's, and whether that run
+ * created the target ('n', new) or was let into an existing one ('e').
+ */
+function stagingPrefix (created: boolean): string {
+  return `${STAGING}${ownerTag}-${created ? 'n' : 'e'}`
+}
+
+/**
+ * Creates the target, or with `force` accepts an existing empty directory.
+ * Staging directories that dead runs left in it (SIGKILL, a power cut) are
+ * removed first, by any run; a target that such a run created and left with
+ * nothing else in it counts as not there. A live run's staging is never
+ * touched; one whose owner cannot be told (an older version's) only with
+ * `force`. Returns whether the target is this run's to remove on failure,
+ * and the stale staging removed.
+ */
+async function prepareTarget (dir: string, force: boolean): Promise<{ created: boolean, removedStale: string[] }> {
   try {
     await mkdir(dir)
-    return true
+    return { created: true, removedStale: [] }
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw ioError(err, `cannot create ${dir}`)
   }
-  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (use --force to extract into an existing empty directory)`)
-  const st = await stat(dir)
-  if (!st.isDirectory() || (await readdir(dir)).length > 0) {
-    throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory`)
+  const st = await stat(dir).catch(err => { throw ioError(err, `cannot open ${dir}`) })
+  if (!st.isDirectory()) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already and is not a directory`)
+  const entries = await readdir(dir).catch(err => { throw ioError(err, `cannot read ${dir}`) })
+  const removedStale: string[] = []
+  let deadRunCreated = false
+  for (const name of entries.filter(e => e.startsWith(STAGING))) {
+    const state = ownerState(name)
+    const owner = ownerOf(name)
+    if (state === 'live') throw new VmapipeError('E_TARGET_EXISTS', `${dir} is being extracted into by pid ${owner?.pid} right now (${name}); it is left alone`)
+    if (state === 'foreign') throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract on another host; remove it if that run is gone`)
+    if (state === 'unknown' && !force) {
+      throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract whose owner cannot be told (an older version); use --force to remove it if no extract is running there`)
+    }
+    await rm(join(dir, name), { recursive: true, force: true }).catch(err => { throw ioError(err, `cannot remove the stale staging ${join(dir, name)}`) })
+    removedStale.push(name)
+    deadRunCreated ||= owner !== undefined && /-n[^-]*$/.test(name)
   }
-  return false
+  const removed = removedStale.length === 0 ? '' : `; removed ${removedStale.join(', ')}, left by an extract that is gone`
+  const rest = entries.filter(e => !e.startsWith(STAGING))
+  if (rest.length === 0 && deadRunCreated) return { created: true, removedStale }
+  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (use --force to extract into an existing empty directory)${removed}`)
+  if (rest.length > 0) throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory${removed}`)
+  return { created: false, removedStale }
 }

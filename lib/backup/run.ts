@@ -9,7 +9,7 @@ import { readdir, stat, unlink } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { pino, type Logger } from 'pino'
 import { VmapipeError, ioError } from '../errors.js'
-import { isPartialName, openOutput, writeFileAtomically } from '../io/output.js'
+import { openOutput, removeStalePartials, writeFileAtomically } from '../io/output.js'
 import type { ProgressSink } from '../io/progress.js'
 import { type DiskSpec, closeDisks, openDisk, openDisks } from '../sources.js'
 import { writeImage, writeOverlay } from '../incremental.js'
@@ -181,11 +181,14 @@ async function verifyImage (path: string, task: TaskLog): Promise<void> {
   task.info({ image: path, clusters }, `${basename(path)} reads back whole with its chain`)
 }
 
-/** Temporary files of this VM's archives and sidecars: a crashed run's leftovers (we hold the lock). */
+/**
+ * Temporary files of this VM's archives, images and sidecars that runs which
+ * are gone left behind. We hold the lock, so one without an owner in its name
+ * (an older version's) is a leftover too.
+ */
 async function removeLeftovers (target: string, vmid: number, task: TaskLog): Promise<void> {
-  for (const file of await readdir(target)) {
-    if (!file.startsWith(`.vzdump-qemu-${vmid}-`) || !isPartialName(file)) continue
-    await unlink(join(target, file)).then(() => task.warn({ file }, `removed ${file}, left by a run that did not finish`), () => {})
+  for (const file of await removeStalePartials(target, name => name.startsWith(`vzdump-qemu-${vmid}-`), true)) {
+    task.warn({ file }, `removed ${file}, left by a run that did not finish`)
   }
 }
 

@@ -116,6 +116,7 @@ Examples:
       dataFile: values['data-file'] === true,
       ...(clusterSize !== undefined ? { clusterSize } : {}),
     })
+    for (const name of result.removedStale) ctx.log.warn({ removed: name }, `removed ${name} from ${target}, left by an extract that is gone`)
     ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted')
     return EXIT.OK
   },
