@@ -51,7 +51,7 @@ Examples:
     const log = createLogger('backup', level as LevelWithSilent, pino.multistream(streams))
     const progress = ctx.progress('backup')
     try {
-      const result = await runBackupJob(job, { log, signal: ctx.signal, ...(progress ? { progress } : {}) })
+      const result = await runBackupJob(job, { log, signal: ctx.signal, startedAt: performance.timeOrigin, ...(progress ? { progress } : {}) })
       ctx.stopProgress()
       const partly = result.pruneFailures.length > 0
       log.info({ job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive, files: result.files, bytes: result.bytes, diskBytes: result.diskBytes, seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)), pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS }, 'backup job done')

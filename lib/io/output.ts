@@ -58,7 +58,8 @@ function running (pid: number): boolean {
   }
 }
 
-const ME: Owner = { pid: process.pid, start: startOf('self') ?? 0, host: createHash('sha256').update(hostname()).digest('hex').slice(0, 8) }
+/** This process. */
+export const ME: Owner = { pid: process.pid, start: startOf('self') ?? 0, host: createHash('sha256').update(hostname()).digest('hex').slice(0, 8) }
 
 /** This process, as it is written into the names of its temporary files: `PID-START-HOST`. */
 export const ownerTag = `${ME.pid}-${ME.start}-${ME.host}`
@@ -79,11 +80,16 @@ export function ownerState (name: string): 'dead' | 'live' | 'foreign' | 'unknow
   const owner = ownerOf(name)
   if (owner === undefined) return 'unknown'
   if (owner.host !== ME.host) return 'foreign'
-  if (owner.pid === ME.pid) return owner.start === ME.start ? 'live' : 'dead'
-  if (!running(owner.pid)) return 'dead'
-  const start = startOf(owner.pid)
+  return processRuns(owner.pid, owner.start) ? 'live' : 'dead'
+}
+
+/** Whether process `pid` of this host, started at `start` (0: not known), is running; a pid reused by another program is not. */
+export function processRuns (pid: number, start: number): boolean {
+  if (pid === ME.pid) return start === ME.start || start === 0
+  if (!running(pid)) return false
+  const now = startOf(pid)
   // Without /proc the pid is all there is to go by; with it, a different start time is a reused pid.
-  return start === undefined || owner.start === 0 || start === owner.start ? 'live' : 'dead'
+  return now === undefined || start === 0 || now === start
 }
 
 /** The prefix of the temporary names used beside `name`. */
