@@ -55,6 +55,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
     const router = new DeviceRouter(async (info, add) => {
       const disks = reader.selected.map(device => ({ device, output: diskOutput(device, options) }))
       checkClashes(info, disks.flatMap(d => d.output.names))
+      checkFileNames(info, disks)
       names.push(...info.configs.map(c => c.name), ...disks.flatMap(d => d.output.names))
       for (const c of info.configs) {
         await writeFile(join(stagingDir, c.name), c.data, { flag: 'wx', mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${c.name}`) })
@@ -205,6 +206,29 @@ function checkClashes (info: ArchiveInfo, diskNames: string[]): void {
   const taken = new Set(diskNames)
   for (const c of info.configs) {
     if (taken.has(c.name)) throw new VmapipeError('E_NAME_CLASH', `config blob ${c.name} has the name of a disk file`)
+  }
+}
+
+/** What a file name holds, in bytes (NAME_MAX). */
+const NAME_MAX = 255
+
+/**
+ * Refuses, before anything is written, an archive whose names do not fit in
+ * a file name (written by a tool that does not limit them, as Proxmox's own
+ * vma create does not); one disk can still go to stdout.
+ */
+function checkFileNames (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: { names: string[] } }>): void {
+  const tooLong = (name: string): boolean => Buffer.byteLength(name) > NAME_MAX
+  for (const { device, output } of disks) {
+    const name = output.names.find(tooLong)
+    if (name !== undefined) {
+      throw new VmapipeError('E_LIMIT', `device ${device.name} would be written as a file name of ${Buffer.byteLength(name)} bytes, more than a file name holds (${NAME_MAX}); ` +
+        `write it to stdout with -d ${device.name}`, { device: device.name })
+    }
+  }
+  const config = info.configs.find(c => tooLong(c.name))
+  if (config !== undefined) {
+    throw new VmapipeError('E_LIMIT', `config blob ${config.name} has a name of ${Buffer.byteLength(config.name)} bytes, more than a file name holds (${NAME_MAX}); read it with vma config`)
   }
 }
 
