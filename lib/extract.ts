@@ -228,7 +228,8 @@ function checkFileNames (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, o
   }
   const config = info.configs.find(c => tooLong(c.name))
   if (config !== undefined) {
-    throw new VmapipeError('E_LIMIT', `config blob ${config.name} has a name of ${Buffer.byteLength(config.name)} bytes, more than a file name holds (${NAME_MAX}); read it with vma config`)
+    const bytes = Buffer.byteLength(config.name)
+    throw new VmapipeError('E_LIMIT', `config blob ${config.name} has a name of ${bytes} bytes, more than a file name holds (${NAME_MAX}); read it with vma config`)
   }
 }
 
@@ -270,7 +271,8 @@ async function prepareTarget (dir: string, force: boolean): Promise<{ created: b
     if (state === 'live') throw new VmapipeError('E_TARGET_EXISTS', `${dir} is being extracted into by pid ${owner?.pid} right now (${name}); it is left alone`)
     if (state === 'foreign') throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract on another host; remove it if that run is gone`)
     if (state === 'unknown' && !force) {
-      throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract whose owner cannot be told (an older version); use --force to remove it if no extract is running there`)
+      throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract whose owner cannot be told (an older version); ` +
+        'use --force to remove it if no extract is running there')
     }
     await rm(join(dir, name), { recursive: true, force: true }).catch(err => { throw ioError(err, `cannot remove the stale staging ${join(dir, name)}`) })
     removedStale.push(name)

@@ -20,7 +20,8 @@ const ARCHIVE = /^vzdump-qemu-100-\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}\.vma$/
 /** Two runs of `job` started together: their exit codes, sorted, and what they logged. */
 async function pair (job: string): Promise<{ codes: Array<number | null>, results: unknown[] }> {
   const both = await Promise.all([0, 1].map(async () => await run(process.execPath, [VMA, 'backup', job])))
-  return { codes: both.map(r => r.code).sort(), results: [...new Set(both.flatMap(r => logged(r).map(l => (l as { result?: string }).result).filter(x => x !== undefined)))].sort() }
+  const results = new Set(both.flatMap(r => logged(r).map(l => (l as { result?: string }).result).filter(x => x !== undefined)))
+  return { codes: both.map(r => r.code).sort(), results: [...results].sort() }
 }
 
 /**
@@ -43,7 +44,8 @@ t.test('20 pairs of runs started together: one archive, one exit 0 and one exit 
     if (i % 2 === 1) deadLock(join(target, '.vzdump-qemu-100.lock'))
     const { codes, results } = await pair(writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: disk }], target, compression: 'none' }))
     const files = readdirSync(target)
-    const key = `exits ${codes.join(',')}, ${files.filter(f => ARCHIVE.test(f)).length} archive(s), results ${results.join(',')}${files.some(f => f.startsWith('.')) ? ', dot files left' : ''}`
+    const archives = files.filter(f => ARCHIVE.test(f)).length
+    const key = `exits ${codes.join(',')}, ${archives} archive(s), results ${results.join(',')}${files.some(f => f.startsWith('.')) ? ', dot files left' : ''}`
     tally.set(key, (tally.get(key) ?? 0) + 1)
   }
   t.same(Object.fromEntries(tally), { 'exits 0,4, 1 archive(s), results nothing-done,ok': 20 }, 'never two archives, never a failure')

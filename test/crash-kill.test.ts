@@ -33,7 +33,8 @@ async function until (t: Test, what: string, test: () => boolean): Promise<void>
 
 const entries = (dir: string, prefix: string): string[] => { try { return readdirSync(dir).filter(f => f.startsWith(prefix)) } catch { return [] } }
 /** Bytes of the files under the staging directories in `dir`. */
-const stagedBytes = (dir: string): number => entries(dir, '.vmapipe-partial-').flatMap(s => readdirSync(join(dir, s)).map(f => statSync(join(dir, s, f)).size)).reduce((a, b) => a + b, 0)
+const stagedBytes = (dir: string): number =>
+  entries(dir, '.vmapipe-partial-').flatMap(s => readdirSync(join(dir, s)).map(f => statSync(join(dir, s, f)).size)).reduce((a, b) => a + b, 0)
 
 /** Starts `vma extract - target ...` fed the first half of the archive, and waits until it has written some of the disk. */
 async function extractCaughtWriting (t: Test, archive: Buffer, target: string, extra: string[] = []): Promise<ReturnType<typeof start>> {

@@ -52,7 +52,8 @@ t.test('descriptors that used to crash, hang or leak a raw error are refused by 
   const cases: Array<[string, string, RegExp]> = [
     ['101 levels of nesting', bundle(descriptor({ extra: nested(101) })), /<Vendor> at line 1 is nested 65 elements deep, more than the 64 allowed/],
     ['half a million unclosed levels', bundle(descriptor({ extra: '<Vendor>'.repeat(500000) })), /<Vendor> at line 1 is nested 65 elements deep/],
-    ['an unclosed element (the validator lists every open tag)', bundle(descriptor().replace(/<Disk_Parameters>.*/, '<Vendor>'.repeat(40))), /not well-formed XML at line 1: .{0,210}\.\.\./],
+    ['an unclosed element (the validator lists every open tag)', bundle(descriptor().replace(/<Disk_Parameters>.*/, '<Vendor>'.repeat(40))),
+      /not well-formed XML at line 1: .{0,210}\.\.\./],
     ['a TopGUID of all zeros', bundle(descriptor({ top: Z })), /<TopGUID> is \{00000000-0000-0000-0000-000000000000\}, which marks the root's parent/],
     ['a File that is a directory', bundle(descriptor({ file: join(dir, 'subdir') })), /<File> \S+subdir of Image \{aaaaaaaa\S+ is a directory, not an image/],
     ['a File that is a relative directory', bundle(descriptor({ file: 'sub' }), p => mkdirSync(join(p, 'sub'))), /<File> sub of Image \{aaaaaaaa\S+ is a directory/],
@@ -65,7 +66,9 @@ t.test('descriptors that used to crash, hang or leak a raw error are refused by 
   for (const [name, path, mention] of cases) await t.test(name, async t => { await refused(t, path, mention) })
 
   await t.test('a DiskDescriptor.xml that is a directory or a named pipe', async t => {
-    for (const [path, kind] of [[bundle(undefined, p => mkdirSync(join(p, 'DiskDescriptor.xml'))), 'a directory'], [bundle(undefined, p => spawnSync('mkfifo', [join(p, 'DiskDescriptor.xml')])), 'a named pipe']]) {
+    const directory = bundle(undefined, p => mkdirSync(join(p, 'DiskDescriptor.xml')))
+    const pipe = bundle(undefined, p => spawnSync('mkfifo', [join(p, 'DiskDescriptor.xml')]))
+    for (const [path, kind] of [[directory, 'a directory'], [pipe, 'a named pipe']]) {
       const r = await bounded([VMA, 'info', path])
       exits(t, r, 1, `exit 1 for ${kind}`)
       t.equal(failure(r).code, 'E_PARALLELS_XML')

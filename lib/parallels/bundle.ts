@@ -100,7 +100,9 @@ function kindOf (st: Stats): string {
  */
 async function readDescriptor (where: string, bundle?: string): Promise<string> {
   const st = await stat(where).catch(err => {
-    throw bundle !== undefined && err.code === 'ENOENT' ? ioError(err, `${bundle} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`) : ioError(err, `cannot open ${where}`)
+    throw bundle !== undefined && err.code === 'ENOENT'
+      ? ioError(err, `${bundle} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`)
+      : ioError(err, `cannot open ${where}`)
   })
   if (!st.isFile()) throw fail(where, `${kindOf(st)}, not a descriptor file`)
   const file = await open(where, 'r').catch(err => { throw ioError(err, `cannot open ${where}`) })
