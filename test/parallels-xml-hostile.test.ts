@@ -61,6 +61,8 @@ t.test('descriptors that used to crash, hang or leak a raw error are refused by 
     ['a File of /dev/zero', bundle(descriptor({ file: '/dev/zero' })), /<File> \/dev\/zero of Image \S+ is a character device/],
     ['a File that is a named pipe (reading it would block)', bundle(descriptor({ file: join(dir, 'fifo') })), /<File> \S+fifo of Image \S+ is a named pipe/],
     ['a File longer than a path', bundle(descriptor({ file: 'x'.repeat(5000) })), /<File> in Storage 1 Image 1 is 5000 bytes, longer than a path can be \(4096\)/],
+    ['a relative File that is not there', bundle(descriptor({ file: 'gone.hds' })), /File gone\.hds does not exist/],
+    ['an absolute File that is not there', bundle(descriptor({ file: join(dir, 'gone.hds') })), /<File> \S+gone\.hds of Image \S+ does not exist/],
     ['a GUID of a megabyte', bundle(descriptor({ top: 'g'.repeat(1 << 20) })), /<TopGUID> in Snapshots is "g{200}\.\.\.", not a GUID/],
   ]
   for (const [name, path, mention] of cases) await t.test(name, async t => { await refused(t, path, mention) })

@@ -8,7 +8,7 @@
 import { type Stats } from 'node:fs'
 import { open, realpath, stat } from 'node:fs/promises'
 import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
-import { ioError } from '../errors.js'
+import { type VmapipeError, ioError } from '../errors.js'
 import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, describeBitmaps, mappedBytes } from '../disk.js'
 import { RawImage } from '../raw/image.js'
 import { type DescriptorImage, type DiskDescriptor, ROOT_PARENT, fail, parseDescriptor, topOf } from './descriptor.js'
@@ -70,6 +70,11 @@ export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImag
   return chain
 }
 
+/** A file the descriptor names that is not there: the bundle is incomplete (E_PARALLELS_XML), not the system failing. */
+function missing (err: NodeJS.ErrnoException, where: string, element: string): VmapipeError | undefined {
+  return err.code === 'ENOENT' || err.code === 'ENOTDIR' ? fail(where, `${element} does not exist`) : undefined
+}
+
 /** An image's path: absolute as given, or relative to the bundle and not leaving it, symbolic links included. */
 async function imagePath (dir: string, file: string, where: string): Promise<string> {
   if (isAbsolute(file)) return file
@@ -79,7 +84,7 @@ async function imagePath (dir: string, file: string, where: string): Promise<str
     return rel === '..' || rel.startsWith(`..${sep}`) || isAbsolute(rel)
   }
   if (outside(dir, full)) throw fail(where, `File ${file} climbs out of the bundle`)
-  const real = await realpath(full).catch(err => { throw ioError(err, `cannot open ${full}`) })
+  const real = await realpath(full).catch(err => { throw missing(err, where, `File ${file}`) ?? ioError(err, `cannot open ${full}`) })
   if (outside(await realpath(dir), real)) throw fail(where, `File ${file} leads out of the bundle through a symbolic link`)
   return full
 }
@@ -131,7 +136,7 @@ async function readDescriptor (where: string, bundle?: string): Promise<string> 
 async function openLayer (dir: string, image: DescriptorImage, where: string): Promise<BundleLayer> {
   const path = await imagePath(dir, image.file, where)
   const element = `<File> ${image.file} of Image ${image.guid}`
-  const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${element}`) })
+  const st = await stat(path).catch(err => { throw missing(err, where, element) ?? ioError(err, `cannot open ${element}`) })
   if (!st.isFile() && !st.isBlockDevice()) throw fail(where, `${element} is ${kindOf(st)}, not an image`)
   if (st.isFile() && st.size === 0) throw fail(where, `${element} is empty (0 bytes), not an image`)
   const opening = image.type === 'Plain' ? RawImage.open(path) : ParallelsImage.open(path)
