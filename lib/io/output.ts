@@ -1,6 +1,7 @@
 /**
  * An output file that appears under its final name only when complete: bytes
- * go to a temporary file beside it, which is synced and renamed on commit and
+ * go to a temporary file beside it, which is synced and given the name on
+ * commit (never over a file that appeared meanwhile, unless forced) and
  * removed on abort; the temporary files of runs that died (SIGKILL, a power
  * cut) beside it are removed on the next opening. `-` is stdout.
  */
