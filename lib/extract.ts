@@ -109,7 +109,12 @@ export async function extractToStream (input: Readable, output: Writable, option
       return streamed
     }
   }
-  const dir = await mkdtemp(join(options.tmpDir ?? tmpdir(), 'vmapipe-image-')).catch(err => { throw ioError(err, 'cannot create a temporary directory') })
+  const tmp = options.tmpDir ?? tmpdir()
+  // A killed run's image would stay there for good: its owner is in the name, so the next run clears it.
+  for (const name of await readdir(tmp).catch(() => [] as string[])) {
+    if (name.startsWith(IMAGE_TMP) && ownerState(name) === 'dead') await rm(join(tmp, name), { recursive: true, force: true }).catch(() => {})
+  }
+  const dir = await mkdtemp(join(tmp, `${IMAGE_TMP}${ownerTag}-`)).catch(err => { throw ioError(err, 'cannot create a temporary directory') })
   try {
     let image = ''
     const result = await extractOneDisk(input, options, 'stdout', async device => {
@@ -122,6 +127,9 @@ export async function extractToStream (input: Readable, output: Writable, option
     await rm(dir, { recursive: true, force: true })
   }
 }
+
+/** Where an image for a stream is built: named with its owner (ownerTag). */
+const IMAGE_TMP = 'vmapipe-image-partial-'
 
 /**
  * qcow2 straight to a stream from an uncompressed archive file: an index of

@@ -7,7 +7,7 @@ import t, { type Test } from 'tap'
 import { type ChildProcess, spawn } from 'node:child_process'
 import { mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { VMA, cmp, exits, tempDir, vma } from './helpers/run.js'
+import { VMA, cmp, exits, run as runTool, tempDir, vma } from './helpers/run.js'
 import { failure, logged } from './helpers/logged.js'
 import { Rng, makeDisk } from './helpers/random.js'
 import { createHash } from 'node:crypto'
@@ -96,6 +96,23 @@ t.test('SIGKILL during vma extract: the rerun clears the dead run\'s staging, wi
     exits(t, { ...(await live.done), stdout: Buffer.alloc(0) }, 0, 'the live run completes')
     t.ok(cmp(join(target, 'disk-drive-scsi0.raw'), disk))
     t.same(readdirSync(target), ['disk-drive-scsi0.raw'])
+  })
+
+  await t.test('an image built aside for stdout (--format qcow2 from a pipe): the next such run clears the dead run\'s', async t => {
+    const tmp = join(dir, 'tmp')
+    mkdirSync(tmp)
+    const run = start(t, ['extract', '-', '-', '--format', 'qcow2', '--tmpdir', tmp])
+    run.child.stdin?.write(archive.subarray(0, archive.length >> 1))
+    const built = (): number =>
+      entries(tmp, 'vmapipe-image-').flatMap(d => readdirSync(join(tmp, d)).map(f => statSync(join(tmp, d, f)).size)).reduce((a, b) => a + b, 0)
+    await until(t, 'the run is caught building its image', () => built() > 1 << 20)
+    await kill(run)
+    t.equal(entries(tmp, 'vmapipe-image-').length, 1, 'the killed run left its image')
+    const rerun = await vma(['extract', '-', '-', '--format', 'qcow2', '--tmpdir', tmp], { stdin: { file: archivePath } })
+    exits(t, rerun, 0)
+    t.same(readdirSync(tmp), [], 'nothing stale remains')
+    writeFileSync(join(dir, 'out.qcow2'), rerun.stdout)
+    exits(t, await runTool('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', join(dir, 'out.qcow2'), disk]), 0, 'the image is the disk')
   })
 
   await t.test('a reused pid (same pid, another start time) is a dead owner; another host\'s or an unknown owner is not', async t => {
