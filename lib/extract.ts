@@ -16,7 +16,7 @@ import { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
 import type { NbdAddress } from './nbd/client.js'
 import { type OutputOptions, diskOutput } from './formats.js'
 import { WriteQueue } from './io/write-queue.js'
-import { syncPath } from './io/output.js'
+import { ownerOf, ownerState, ownerTag, syncPath } from './io/output.js'
 import { drained } from './io/drained.js'
 import { createDecompressor } from './io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
@@ -42,11 +42,11 @@ export interface ExtractResult {
   archiveBytes: number
 }
 
-export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult> {
-  const created = await prepareTarget(targetDir, options.force ?? false)
+export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult & { removedStale: string[] }> {
+  const { created, removedStale } = await prepareTarget(targetDir, options.force ?? false)
   let staging: string | undefined
   try {
-    staging = await mkdtemp(join(targetDir, '.vmapipe-partial-')).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
+    staging = await mkdtemp(join(targetDir, stagingPrefix(created))).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
     const stagingDir = staging
     const names: string[] = []
     const decompress = createDecompressor()
@@ -55,6 +55,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
     const router = new DeviceRouter(async (info, add) => {
       const disks = reader.selected.map(device => ({ device, output: diskOutput(device, options) }))
       checkClashes(info, disks.flatMap(d => d.output.names))
+      checkFileNames(info, disks)
       names.push(...info.configs.map(c => c.name), ...disks.flatMap(d => d.output.names))
       for (const c of info.configs) {
         await writeFile(join(stagingDir, c.name), c.data, { flag: 'wx', mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${c.name}`) })
@@ -65,7 +66,7 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
     for (const name of names) await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
     await rmdir(stagingDir)
     await syncPath(targetDir)
-    return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset }
+    return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset, removedStale }
   } catch (err) {
     if (staging !== undefined) await rm(staging, { recursive: true, force: true }).catch(() => {})
     if (created) await rmdir(targetDir).catch(() => {})
@@ -108,7 +109,12 @@ export async function extractToStream (input: Readable, output: Writable, option
       return streamed
     }
   }
-  const dir = await mkdtemp(join(options.tmpDir ?? tmpdir(), 'vmapipe-image-')).catch(err => { throw ioError(err, 'cannot create a temporary directory') })
+  const tmp = options.tmpDir ?? tmpdir()
+  // A killed run's image would stay there for good: its owner is in the name, so the next run clears it.
+  for (const name of await readdir(tmp).catch(() => [] as string[])) {
+    if (name.startsWith(IMAGE_TMP) && ownerState(name) === 'dead') await rm(join(tmp, name), { recursive: true, force: true }).catch(() => {})
+  }
+  const dir = await mkdtemp(join(tmp, `${IMAGE_TMP}${ownerTag}-`)).catch(err => { throw ioError(err, 'cannot create a temporary directory') })
   try {
     let image = ''
     const result = await extractOneDisk(input, options, 'stdout', async device => {
@@ -121,6 +127,9 @@ export async function extractToStream (input: Readable, output: Writable, option
     await rm(dir, { recursive: true, force: true })
   }
 }
+
+/** Where an image for a stream is built: named with its owner (ownerTag). */
+const IMAGE_TMP = 'vmapipe-image-partial-'
 
 /**
  * qcow2 straight to a stream from an uncompressed archive file: an index of
@@ -210,18 +219,79 @@ function checkClashes (info: ArchiveInfo, diskNames: string[]): void {
   }
 }
 
-/** Creates the target, or with `force` accepts an existing empty directory. Returns whether it was created. */
-async function prepareTarget (dir: string, force: boolean): Promise<boolean> {
+/** What a file name holds, in bytes (NAME_MAX). */
+const NAME_MAX = 255
+
+/**
+ * Refuses, before anything is written, an archive whose names do not fit in
+ * a file name (written by a tool that does not limit them, as Proxmox's own
+ * vma create does not); one disk can still go to stdout.
+ */
+function checkFileNames (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: { names: string[] } }>): void {
+  const tooLong = (name: string): boolean => Buffer.byteLength(name) > NAME_MAX
+  for (const { device, output } of disks) {
+    const name = output.names.find(tooLong)
+    if (name !== undefined) {
+      throw new VmapipeError('E_LIMIT', `device ${device.name} would be written as a file name of ${Buffer.byteLength(name)} bytes, more than a file name holds (${NAME_MAX}); ` +
+        `write it to stdout with -d ${device.name}`, { device: device.name })
+    }
+  }
+  const config = info.configs.find(c => tooLong(c.name))
+  if (config !== undefined) {
+    const bytes = Buffer.byteLength(config.name)
+    throw new VmapipeError('E_LIMIT', `config blob ${config.name} has a name of ${bytes} bytes, more than a file name holds (${NAME_MAX}); read it with vma config`)
+  }
+}
+
+const STAGING = '.vmapipe-partial-'
+
+/**
+ * The staging directory's name: it names its owner (ownerTag) so that a later
+ * run can tell a dead run's staging from a live one's, and whether that run
+ * created the target ('n', new) or was let into an existing one ('e').
+ */
+function stagingPrefix (created: boolean): string {
+  return `${STAGING}${ownerTag}-${created ? 'n' : 'e'}`
+}
+
+/**
+ * Creates the target, or with `force` accepts an existing empty directory.
+ * Staging directories that dead runs left in it (SIGKILL, a power cut) are
+ * removed first, by any run; a target that such a run created and left with
+ * nothing else in it counts as not there. A live run's staging is never
+ * touched; one whose owner cannot be told (an older version's) only with
+ * `force`. Returns whether the target is this run's to remove on failure,
+ * and the stale staging removed.
+ */
+async function prepareTarget (dir: string, force: boolean): Promise<{ created: boolean, removedStale: string[] }> {
   try {
     await mkdir(dir)
-    return true
+    return { created: true, removedStale: [] }
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw ioError(err, `cannot create ${dir}`)
   }
-  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (use --force to extract into an existing empty directory)`)
-  const st = await stat(dir)
-  if (!st.isDirectory() || (await readdir(dir)).length > 0) {
-    throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory`)
+  const st = await stat(dir).catch(err => { throw ioError(err, `cannot open ${dir}`) })
+  if (!st.isDirectory()) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already and is not a directory`)
+  const entries = await readdir(dir).catch(err => { throw ioError(err, `cannot read ${dir}`) })
+  const removedStale: string[] = []
+  let deadRunCreated = false
+  for (const name of entries.filter(e => e.startsWith(STAGING))) {
+    const state = ownerState(name)
+    const owner = ownerOf(name)
+    if (state === 'live') throw new VmapipeError('E_TARGET_EXISTS', `${dir} is being extracted into by pid ${owner?.pid} right now (${name}); it is left alone`)
+    if (state === 'foreign') throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract on another host; remove it if that run is gone`)
+    if (state === 'unknown' && !force) {
+      throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract whose owner cannot be told (an older version); ` +
+        'use --force to remove it if no extract is running there')
+    }
+    await rm(join(dir, name), { recursive: true, force: true }).catch(err => { throw ioError(err, `cannot remove the stale staging ${join(dir, name)}`) })
+    removedStale.push(name)
+    deadRunCreated ||= owner !== undefined && /-n[^-]*$/.test(name)
   }
-  return false
+  const removed = removedStale.length === 0 ? '' : `; removed ${removedStale.join(', ')}, left by an extract that is gone`
+  const rest = entries.filter(e => !e.startsWith(STAGING))
+  if (rest.length === 0 && deadRunCreated) return { created: true, removedStale }
+  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (use --force to extract into an existing empty directory)${removed}`)
+  if (rest.length > 0) throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory${removed}`)
+  return { created: false, removedStale }
 }

@@ -14,6 +14,11 @@ function stamp (when: Date): string {
   return `${when.getFullYear()}_${pad(when.getMonth() + 1)}_${pad(when.getDate())}-${pad(when.getHours())}_${pad(when.getMinutes())}_${pad(when.getSeconds())}`
 }
 
+/** What every file of one backup of VM `vmid` at `when` starts with: `vzdump-qemu-100-2024_01_31-02_00_01`. */
+export function backupBase (vmid: number, when: Date): string {
+  return `vzdump-qemu-${vmid}-${stamp(when)}`
+}
+
 export function archiveName (vmid: number, when: Date, compression: Compression): string {
   return `vzdump-qemu-${vmid}-${stamp(when)}.vma${EXTENSION[compression]}`
 }

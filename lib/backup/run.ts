@@ -9,7 +9,7 @@ import { readdir, stat, unlink } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { pino, type Logger } from 'pino'
 import { VmapipeError, ioError } from '../errors.js'
-import { isPartialName, openOutput, writeFileAtomically } from '../io/output.js'
+import { openOutput, removeStalePartials, writeFileAtomically } from '../io/output.js'
 import type { ProgressSink } from '../io/progress.js'
 import { type DiskSpec, closeDisks, openDisk, openDisks } from '../sources.js'
 import { writeImage, writeOverlay } from '../incremental.js'
@@ -20,7 +20,7 @@ import { packArchive, readConfigFiles } from '../pack.js'
 import { verifyArchive } from '../archive.js'
 import { type BackupJob, type JobDisk, jobId } from './job.js'
 import { acquireLock } from './lock.js'
-import { archiveName, chainOf, imageName, parseArchiveName, runLogName, sidecars } from './naming.js'
+import { archiveName, backupBase, chainOf, imageName, parseArchiveName, runLogName, sidecars } from './naming.js'
 import { type PruneItem, planPrune } from './retention.js'
 
 export interface BackupOptions {
@@ -31,7 +31,18 @@ export interface BackupOptions {
   now?: Date
   /** Receives the count of disk bytes read. */
   progress?: ProgressSink
+  /**
+   * When the run was asked for, in ms since the epoch (the command line gives
+   * its process's start). When given, a run of the job that finished after
+   * that (or less than JOB_WINDOW_MS before) was started together with this
+   * one, and this one does nothing (E_LOCKED). Without it only the lock
+   * keeps runs apart.
+   */
+  startedAt?: number
 }
+
+/** Runs of one job that finish less than this before another starts count as started together with it. */
+const JOB_WINDOW_MS = 1000
 
 export interface BackupResult {
   job: string
@@ -67,7 +78,6 @@ class TaskLog {
 
 export async function runBackupJob (job: BackupJob, options: BackupOptions = {}): Promise<BackupResult> {
   const started = Date.now()
-  const now = options.now ?? new Date()
   const id = jobId(job)
   const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
   const target = job.target
@@ -77,7 +87,9 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   const lock = await acquireLock(join(target, `.vzdump-qemu-${job.vmid}.lock`), `the backup of VM ${job.vmid} into ${target}`)
   try {
     if (lock.tookOverFrom !== undefined) task.warn({ stalePid: lock.tookOverFrom.pid }, `took over the lock of a run that is gone (pid ${lock.tookOverFrom.pid}, started ${lock.tookOverFrom.started})`)
+    if (options.startedAt !== undefined) await checkOverlap(target, job.vmid, options.startedAt)
     await removeLeftovers(target, job.vmid, task)
+    const now = await freeTime(target, job.vmid, options.now)
     const written = job.incremental === true ? await writeChains(job, now, task, options) : await writeArchive(job, now, task, options)
     const seconds = (Date.now() - started) / 1000
     task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) }, `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
@@ -181,11 +193,50 @@ async function verifyImage (path: string, task: TaskLog): Promise<void> {
   task.info({ image: path, clusters }, `${basename(path)} reads back whole with its chain`)
 }
 
-/** Temporary files of this VM's archives and sidecars: a crashed run's leftovers (we hold the lock). */
+/**
+ * Refuses (E_LOCKED: nothing done) when a run of this job finished after this
+ * one was started: the two were started together, and the other's backup
+ * counts for both. A run's task log is the last file it writes, so the
+ * newest log of the VM tells when its last successful run finished.
+ */
+async function checkOverlap (target: string, vmid: number, startedAt: number): Promise<void> {
+  const logs = (await readdir(target)).filter(f => f.startsWith(`vzdump-qemu-${vmid}-`) && f.endsWith('.log'))
+  for (const log of logs) {
+    const finished = (await stat(join(target, log)).catch(() => undefined))?.mtimeMs
+    if (finished !== undefined && finished >= startedAt - JOB_WINDOW_MS) {
+      throw new VmapipeError('E_LOCKED', `another run of the backup of VM ${vmid} finished at ${new Date(finished).toISOString()} (${log}), after this one ` +
+        `was started at ${new Date(startedAt).toISOString()} or less than ${JOB_WINDOW_MS} ms before: the two were started together, its backup counts for both`)
+    }
+  }
+}
+
+/**
+ * The backup's time: `given`, or now; moved on by whole seconds while files
+ * of a backup of that second are there (vzdump names have one-second
+ * resolution). With the clock, it waits for that second to come, so the
+ * name stays the time the backup was made.
+ */
+async function freeTime (target: string, vmid: number, given: Date | undefined): Promise<Date> {
+  const files = await readdir(target)
+  let when = given ?? new Date()
+  for (let tries = 0; tries < 60; tries++) {
+    const base = backupBase(vmid, when)
+    if (!files.some(f => f.startsWith(`${base}.`) || f.startsWith(`${base}-`))) return when
+    const next = (Math.floor(when.getTime() / 1000) + 1) * 1000
+    if (given === undefined) await new Promise(resolve => setTimeout(resolve, Math.max(0, next - Date.now())))
+    when = given === undefined ? new Date(Math.max(next, Date.now())) : new Date(next)
+  }
+  throw new VmapipeError('E_TARGET_EXISTS', `backups of VM ${vmid} are there for every second from ${backupBase(vmid, given ?? new Date())} on`)
+}
+
+/**
+ * Temporary files of this VM's archives, images and sidecars that runs which
+ * are gone left behind. We hold the lock, so one without an owner in its name
+ * (an older version's) is a leftover too.
+ */
 async function removeLeftovers (target: string, vmid: number, task: TaskLog): Promise<void> {
-  for (const file of await readdir(target)) {
-    if (!file.startsWith(`.vzdump-qemu-${vmid}-`) || !isPartialName(file)) continue
-    await unlink(join(target, file)).then(() => task.warn({ file }, `removed ${file}, left by a run that did not finish`), () => {})
+  for (const file of await removeStalePartials(target, name => name.startsWith(`vzdump-qemu-${vmid}-`), true)) {
+    task.warn({ file }, `removed ${file}, left by a run that did not finish`)
   }
 }
 

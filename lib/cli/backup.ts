@@ -55,7 +55,7 @@ Examples:
     const log = createLogger('backup', belowError ? level : 'error', pino.multistream(streams))
     const progress = ctx.progress('backup')
     try {
-      const result = await runBackupJob(job, { log, signal: ctx.signal, ...(progress ? { progress } : {}) })
+      const result = await runBackupJob(job, { log, signal: ctx.signal, startedAt: performance.timeOrigin, ...(progress ? { progress } : {}) })
       ctx.stopProgress()
       const partly = result.pruneFailures.length > 0
       const fields = {

@@ -229,6 +229,7 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
     closeDisks(disks)
     throw err
   })
+  for (const name of output.removedStale) ctx.log.warn({ removed: name }, `removed ${name}, left by a run that is gone`)
   const diskBytes = disks.reduce((n, d) => n + d.size, 0)
   const progress = ctx.progress('pack', diskBytes)
   try {

@@ -138,6 +138,7 @@ Examples:
       dataFile: values['data-file'] === true,
       ...(clusterSize !== undefined ? { clusterSize } : {}),
     })
+    for (const name of result.removedStale) ctx.log.warn({ removed: name }, `removed ${name} from ${target}, left by an extract that is gone`)
     if (values.verbose === true) for (const file of result.files) ctx.log.info(`wrote ${file}`)
     ctx.done({ archive: input.name, target, files: result.files, archiveBytes: result.archiveBytes }, 'archive extracted',
       `${input.name} extracted into ${target}: ${result.files.map(f => basename(f)).join(', ')}`)

@@ -5,9 +5,10 @@
  * it. Extents carry that layer's depth (1 = top) and the top image's dirty
  * bitmaps are the bundle's.
  */
-import { readFile, realpath, stat } from 'node:fs/promises'
+import { type Stats } from 'node:fs'
+import { open, realpath, stat } from 'node:fs/promises'
 import { dirname, isAbsolute, join, relative, resolve, sep } from 'node:path'
-import { ioError } from '../errors.js'
+import { type VmapipeError, ioError } from '../errors.js'
 import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, describeBitmaps, mappedBytes } from '../disk.js'
 import { RawImage } from '../raw/image.js'
 import { type DescriptorImage, type DiskDescriptor, ROOT_PARENT, fail, parseDescriptor, topOf } from './descriptor.js'
@@ -53,7 +54,9 @@ export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImag
   if (roots.length !== 1) throw fail(where, roots.length === 0 ? 'no root snapshot (a Shot whose ParentGUID is all zeros)' : `${roots.length} root snapshots (${roots.join(', ')}), one expected`)
   const chain: DescriptorImage[] = []
   const seen = new Set<string>()
-  for (let guid = topOf(d, where); guid !== ROOT_PARENT;) {
+  const top = topOf(d, where)
+  if (top === ROOT_PARENT) throw fail(where, `<TopGUID> is ${ROOT_PARENT}, which marks the root's parent, not a snapshot`)
+  for (let guid = top; guid !== ROOT_PARENT;) {
     if (seen.has(guid)) throw fail(where, `the snapshots loop back to ${guid}`)
     seen.add(guid)
     const parent = parents.get(guid)
@@ -67,6 +70,11 @@ export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImag
   return chain
 }
 
+/** A file the descriptor names that is not there: the bundle is incomplete (E_PARALLELS_XML), not the system failing. */
+function missing (err: NodeJS.ErrnoException, where: string, element: string): VmapipeError | undefined {
+  return err.code === 'ENOENT' || err.code === 'ENOTDIR' ? fail(where, `${element} does not exist`) : undefined
+}
+
 /** An image's path: absolute as given, or relative to the bundle and not leaving it, symbolic links included. */
 async function imagePath (dir: string, file: string, where: string): Promise<string> {
   if (isAbsolute(file)) return file
@@ -76,9 +84,64 @@ async function imagePath (dir: string, file: string, where: string): Promise<str
     return rel === '..' || rel.startsWith(`..${sep}`) || isAbsolute(rel)
   }
   if (outside(dir, full)) throw fail(where, `File ${file} climbs out of the bundle`)
-  const real = await realpath(full).catch(err => { throw ioError(err, `cannot open ${full}`) })
+  const real = await realpath(full).catch(err => { throw missing(err, where, `File ${file}`) ?? ioError(err, `cannot open ${full}`) })
   if (outside(await realpath(dir), real)) throw fail(where, `File ${file} leads out of the bundle through a symbolic link`)
   return full
+}
+
+/** What a file system entry is, for a message. */
+function kindOf (st: Stats): string {
+  if (st.isDirectory()) return 'a directory'
+  if (st.isCharacterDevice()) return 'a character device'
+  if (st.isFIFO()) return 'a named pipe'
+  if (st.isSocket()) return 'a socket'
+  return 'not a regular file'
+}
+
+/**
+ * The descriptor's text, read only from a regular file (a pipe would block)
+ * and never more than MAX_DESCRIPTOR_BYTES of it, whatever its size claims:
+ * files in /proc claim 0. `bundle` is the directory it was found in, if any.
+ */
+async function readDescriptor (where: string, bundle?: string): Promise<string> {
+  const st = await stat(where).catch(err => {
+    throw bundle !== undefined && err.code === 'ENOENT'
+      ? ioError(err, `${bundle} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`)
+      : ioError(err, `cannot open ${where}`)
+  })
+  if (!st.isFile()) throw fail(where, `${kindOf(st)}, not a descriptor file`)
+  const file = await open(where, 'r').catch(err => { throw ioError(err, `cannot open ${where}`) })
+  try {
+    const chunks: Buffer[] = []
+    let length = 0
+    for (;;) {
+      const chunk = Buffer.alloc(65536)
+      const { bytesRead } = await file.read(chunk, 0, chunk.length, length).catch(err => { throw ioError(err, `cannot read ${where}`) })
+      if (bytesRead === 0) break
+      chunks.push(chunk.subarray(0, bytesRead))
+      length += bytesRead
+      if (length > MAX_DESCRIPTOR_BYTES) throw fail(where, `more than ${MAX_DESCRIPTOR_BYTES} bytes, more than a descriptor can be`)
+    }
+    return Buffer.concat(chunks).toString('utf8')
+  } finally {
+    await file.close()
+  }
+}
+
+/**
+ * Opens the image an Image element names. What cannot hold a disk (a
+ * directory, a pipe, a character device, an empty file such as /proc/self/mem)
+ * is refused by the element before a byte is read from it.
+ */
+async function openLayer (dir: string, image: DescriptorImage, where: string): Promise<BundleLayer> {
+  const path = await imagePath(dir, image.file, where)
+  const element = `<File> ${image.file} of Image ${image.guid}`
+  const st = await stat(path).catch(err => { throw missing(err, where, element) ?? ioError(err, `cannot open ${element}`) })
+  if (!st.isFile() && !st.isBlockDevice()) throw fail(where, `${element} is ${kindOf(st)}, not an image`)
+  if (st.isFile() && st.size === 0) throw fail(where, `${element} is empty (0 bytes), not an image`)
+  const opening = image.type === 'Plain' ? RawImage.open(path) : ParallelsImage.open(path)
+  const disk = await opening.catch(err => { throw ioError(err, `cannot read ${element}`) })
+  return { ...image, path, disk }
 }
 
 export class ParallelsBundle implements RandomAccessDisk {
@@ -95,17 +158,15 @@ export class ParallelsBundle implements RandomAccessDisk {
   static async open (path: string): Promise<ParallelsBundle> {
     const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
     const where = st.isDirectory() ? join(path, DESCRIPTOR_NAME) : path
-    const size = st.isDirectory() ? (await stat(where).catch(err => { throw ioError(err, `${path} is a directory without a ${DESCRIPTOR_NAME}, not a .hdd bundle`) })).size : st.size
-    if (size > MAX_DESCRIPTOR_BYTES) throw fail(where, `${size} bytes, more than a descriptor can be (${MAX_DESCRIPTOR_BYTES})`)
-    const xml = await readFile(where, 'utf8').catch(err => { throw ioError(err, `cannot read ${where}`) })
+    const xml = await readDescriptor(where, st.isDirectory() ? path : undefined)
     const d = parseDescriptor(xml, where)
     const chain = snapshotChain(d, where)
     const layers: BundleLayer[] = []
     try {
       for (const image of chain) {
-        const file = await imagePath(dirname(where), image.file, where)
-        const disk = image.type === 'Plain' ? await RawImage.open(file) : await ParallelsImage.open(file)
-        layers.push({ ...image, path: file, disk })
+        const layer = await openLayer(dirname(where), image, where)
+        layers.push(layer)
+        const { disk } = layer
         if (disk.size !== d.diskSize * SECTOR_SIZE) throw fail(where, `${image.file} holds ${disk.size} bytes, the disk is ${d.diskSize * SECTOR_SIZE}`)
         if (disk instanceof ParallelsImage && disk.clusterSize !== d.storages[0].blockSize * SECTOR_SIZE) {
           throw fail(where, `${image.file} has clusters of ${disk.clusterSize / SECTOR_SIZE} sectors, the Storage's Blocksize is ${d.storages[0].blockSize}`)

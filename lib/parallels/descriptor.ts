@@ -57,6 +57,9 @@ const OPTIONS = {
 } as const
 const parser = new XMLParser({ ...OPTIONS, trimValues: false, parseTagValue: false, parseAttributeValue: false })
 
+/** Text quoted from the input into a message, cut to a readable length. */
+const clip = (text: string): string => text.length > 200 ? `${text.slice(0, 200)}...` : text
+
 export const newGuid = (): string => `{${randomUUID()}}`
 
 /** An E_PARALLELS_XML error: a descriptor, or the bundle it describes, at `where` is wrong. */
@@ -64,17 +67,40 @@ export function fail (where: string, message: string): VmapipeError {
   return new VmapipeError('E_PARALLELS_XML', `${where}: ${message}`)
 }
 
+/** Linux's PATH_MAX: no longer <File> can name a file. */
+const PATH_MAX = 4096
+/** A descriptor is five elements deep; deeper nesting is refused here, naming the element, before any parser recurses into it. */
+const MAX_DEPTH = 64
+
+/** Refuses elements nested deeper than MAX_DEPTH in `markup` (comments, CDATA and processing instructions blanked out). */
+function checkDepth (markup: string, where: string): void {
+  let depth = 0
+  for (const tag of markup.matchAll(/<(\/?)([^\s/>!?]+)(?:"[^"]*"|'[^']*'|[^'">])*?(\/?)>/g)) {
+    if (tag[1] === '/') depth--
+    else if (tag[3] !== '/' && ++depth > MAX_DEPTH) {
+      const line = markup.slice(0, tag.index).split('\n').length
+      throw fail(where, `<${tag[2]}> at line ${line} is nested ${depth} elements deep, more than the ${MAX_DEPTH} allowed`)
+    }
+  }
+}
+
 /** Parses the text after the safety checks; the ordered tree, for rewriting. */
 function parseTree (xml: string, where: string): XmlNode[] {
-  // Comments and CDATA hold text, not markup.
-  const markup = xml.replace(/<!--[\s\S]*?-->|<!\[CDATA\[[\s\S]*?\]\]>/g, '')
+  // Comments, CDATA and processing instructions hold text, not markup; blanked with their line breaks kept, so lines still count.
+  const markup = xml.replace(/<!--[\s\S]*?-->|<!\[CDATA\[[\s\S]*?\]\]>|<\?[\s\S]*?\?>/g, m => m.replace(/[^\n]/g, ' '))
   if (/<!DOCTYPE/i.test(markup)) throw fail(where, 'a DOCTYPE is not allowed in a DiskDescriptor.xml')
   if (/<!ENTITY/i.test(markup)) throw fail(where, 'entity declarations are not allowed in a DiskDescriptor.xml')
   const entity = /&(?!(?:amp|lt|gt|quot|apos|#\d+|#x[0-9a-f]+);)[^;\s]{0,32};?/i.exec(markup)
   if (entity !== null) throw fail(where, `entity reference ${entity[0]} is not allowed (only &amp; &lt; &gt; &quot; &apos; and character references)`)
+  checkDepth(markup, where)
   const valid = XMLValidator.validate(xml)
-  if (valid !== true) throw fail(where, `not well-formed XML at line ${valid.err.line}: ${valid.err.msg}`)
-  return parser.parse(xml) as XmlNode[]
+  // The validator's message can quote the whole input (every unclosed tag); a line of it says enough.
+  if (valid !== true) throw fail(where, `not well-formed XML at line ${valid.err.line}: ${clip(valid.err.msg)}`)
+  try {
+    return parser.parse(xml) as XmlNode[]
+  } catch (err) {
+    throw fail(where, `cannot be parsed: ${clip((err as Error).message)}`)
+  }
 }
 
 const tagOf = (node: XmlNode): string => Object.keys(node).find(k => k !== ':@') as string
@@ -94,20 +120,20 @@ function textOf (node: XmlNode): string {
 function numberOf (children: XmlNode[], name: string, where: string, path: string): number {
   const text = textOf(only(children, name, where, path))
   const n = Number(text)
-  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n)) throw fail(where, `<${name}> in ${path} is "${text}", not a whole number`)
+  if (!/^\d+$/.test(text) || !Number.isSafeInteger(n)) throw fail(where, `<${name}> in ${path} is "${clip(text)}", not a whole number`)
   return n
 }
 
 function guidOf (children: XmlNode[], name: string, where: string, path: string): string {
   const text = textOf(only(children, name, where, path))
-  if (!/^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$/i.test(text)) throw fail(where, `<${name}> in ${path} is "${text}", not a GUID in braces`)
+  if (!/^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$/i.test(text)) throw fail(where, `<${name}> in ${path} is "${clip(text)}", not a GUID in braces`)
   return text.toLowerCase()
 }
 
 function rootOf (tree: XmlNode[], where: string): XmlNode {
   const root = only(tree.filter(n => !tagOf(n).startsWith('?') && tagOf(n) !== '#comment' && tagOf(n) !== '#text'), 'Parallels_disk_image', where, 'the document')
   const version = (root[':@'] as Record<string, string> | undefined)?.['@_Version']
-  if (version !== '1.0') throw fail(where, `Parallels_disk_image Version is ${version === undefined ? 'missing' : `"${version}"`}, only 1.0 is known`)
+  if (version !== '1.0') throw fail(where, `Parallels_disk_image Version is ${version === undefined ? 'missing' : `"${clip(version)}"`}, only 1.0 is known`)
   return root
 }
 
@@ -130,9 +156,10 @@ function describe (root: XmlNode, where: string): DiskDescriptor {
         const at = `${path} Image ${i + 1}`
         const fields = childrenOf(image)
         const type = textOf(only(fields, 'Type', where, at))
-        if (type !== 'Plain' && type !== 'Compressed') throw fail(where, `<Type> in ${at} is "${type}", neither Plain nor Compressed`)
+        if (type !== 'Plain' && type !== 'Compressed') throw fail(where, `<Type> in ${at} is "${clip(type)}", neither Plain nor Compressed`)
         const file = textOf(only(fields, 'File', where, at))
         if (file === '' || file.includes('\0')) throw fail(where, `<File> in ${at} is empty or holds NUL`)
+        if (Buffer.byteLength(file) > PATH_MAX) throw fail(where, `<File> in ${at} is ${Buffer.byteLength(file)} bytes, longer than a path can be (${PATH_MAX})`)
         return { guid: guidOf(fields, 'GUID', where, at), type: type as DescriptorImage['type'], file }
       }),
     }

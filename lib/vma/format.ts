@@ -116,6 +116,25 @@ export function checkName (name: string, what: string, offset?: number): void {
   }
 }
 
+/**
+ * The longest names an archive is written with, in bytes: what Proxmox's own
+ * `vma extract` restores (measured with pve-vma 10.0.2). It writes a device
+ * as tmp-disk-NAME.raw and a config blob through a temporary NAME.XXXXXX, and
+ * a file name holds 255 bytes. VMA itself would hold 65534 (blobs have a
+ * 2-byte size), but an archive whose restore fails is no backup.
+ */
+export const MAX_NAME_BYTES = { device: 255 - 'tmp-disk-.raw'.length, config: 255 - '.XXXXXX'.length } as const
+
+/** Refuses (E_LIMIT) a name longer than Proxmox can restore, saying the limit. */
+function checkNameLength (name: string, what: keyof typeof MAX_NAME_BYTES): void {
+  const bytes = Buffer.byteLength(name)
+  if (bytes > MAX_NAME_BYTES[what]) {
+    const cut = name.length > 40 ? `${name.slice(0, 40)}...` : name
+    throw new VmapipeError('E_LIMIT', `${what} name ${JSON.stringify(cut)} is ${bytes} bytes; at most ${MAX_NAME_BYTES[what]} can be restored by Proxmox's vma extract ` +
+      `(it writes ${what === 'device' ? 'tmp-disk-NAME.raw' : 'NAME.XXXXXX'}, and a file name holds 255 bytes)`)
+  }
+}
+
 function blobString (blobs: Map<number, Buffer>, ptr: number, what: string, fieldOffset: number): string {
   const blob = blobs.get(ptr)
   if (blob === undefined) throw new VmapipeError('E_VMA_BLOB', `${what} points to ${ptr}, which is not a blob`, { offset: fieldOffset })
@@ -259,12 +278,14 @@ export function encodeHeader (spec: HeaderSpec): Buffer {
   const zeroTerminated = (name: string): Buffer => Buffer.from(`${name}\0`, 'utf8')
   spec.configs.forEach((c, i) => {
     checkName(c.name, 'config')
+    checkNameLength(c.name, 'config')
     fixed.writeUInt32BE(blobs.add(zeroTerminated(c.name), `config name ${c.name}`), OFF.configNames + 4 * i)
     fixed.writeUInt32BE(blobs.add(c.data, `config ${c.name}`), OFF.configData + 4 * i)
   })
   const ids = new Set<number>()
   for (const d of spec.devices) {
     checkName(d.name, 'device')
+    checkNameLength(d.name, 'device')
     if (!Number.isInteger(d.id) || d.id < 1 || d.id > MAX_DEVICES || ids.has(d.id)) throw new VmapipeError('E_LIMIT', `device id ${d.id} is not a free id in 1..${MAX_DEVICES}`)
     if (d.size <= 0 || d.size > MAX_CLUSTERS * CLUSTER_SIZE) throw new VmapipeError('E_LIMIT', `device ${d.name} has size ${d.size}; VMA takes 1 byte to 256 TiB`)
     ids.add(d.id)
