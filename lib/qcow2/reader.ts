@@ -15,7 +15,7 @@ import { readFully } from '../io/pread.js'
 import { readHead } from '../io/input.js'
 import { RawImage } from '../raw/image.js'
 import {
-  type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry,
+  type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l1EntriesUsed, l2Entries, parseHeader, readL1Entry, readL2Entry,
 } from './format.js'
 
 const inflate = promisify(inflateRaw)
@@ -183,25 +183,9 @@ export class Qcow2Image implements RandomAccessDisk {
 
   /** The L2 entry of guest cluster `cluster`, its data range checked against the file it lives in. */
   private async entry (cluster: number): Promise<L2Entry> {
-    const l1Index = Math.floor(cluster / this.entries)
-    const l2Offset = this.l2Offsets[l1Index]
+    const l2Offset = this.l2Offsets[Math.floor(cluster / this.entries)]
     if (l2Offset === 0) return { kind: 'unallocated' }
-    const table = await this.l2Table(l2Offset)
-    const entry = readL2Entry(table, cluster % this.entries, this.header.clusterBits, this.extended, l2Offset)
-    const where = { offset: l2Offset + (cluster % this.entries) * (this.extended ? 16 : 8) }
-    if (entry.kind === 'data' || entry.kind === 'subclusters') {
-      if (this.data !== undefined && entry.host !== cluster * this.clusterSize) {
-        throw new VmapipeError('E_QCOW2_L2', `guest cluster ${cluster} maps to ${entry.host} in the data file, not to its own offset`, where)
-      }
-      if (this.data === undefined && entry.host >= this.file.size) {
-        throw new VmapipeError('E_QCOW2_L2', `guest cluster ${cluster} points to ${entry.host}, past the end of the ${this.file.size}-byte file`, where)
-      }
-    }
-    if (entry.kind === 'compressed') {
-      if (this.data !== undefined) throw new VmapipeError('E_QCOW2_L2', 'compressed cluster in an image with a data file', where)
-      if (entry.host >= this.file.size) throw new VmapipeError('E_QCOW2_L2', `compressed cluster ${cluster} at ${entry.host} lies past the end of the file`, where)
-    }
-    return entry
+    return readL2Entry(this.header, await this.l2Table(l2Offset), cluster % this.entries, l2Offset, cluster, this.file.size)
   }
 
   private async l2Table (offset: number): Promise<Buffer> {
@@ -297,8 +281,9 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
     const clusterSize = 2 ** header.clusterBits
     const l1 = Buffer.alloc(header.l1Size * 8)
     await readFully(file.handle, l1, header.l1Offset, `${path} (its L1 table)`)
+    // Entries past the disk are never read (as in QEMU): they stay 0.
     const l2Offsets = new Float64Array(header.l1Size)
-    for (let i = 0; i < header.l1Size; i++) l2Offsets[i] = readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
+    for (let i = 0; i < l1EntriesUsed(header); i++) l2Offsets[i] = readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
 
     let data: Opened | undefined
     const refuseReference = (what: string): void => {
