@@ -9,7 +9,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
-import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, describeBitmaps, mappedBytes } from '../disk.js'
+import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, checkpoint, describeBitmaps, mappedBytes } from '../disk.js'
 import { peek } from '../io/input.js'
 import { readFully } from '../io/pread.js'
 import { chain } from '../io/chain.js'
@@ -104,10 +104,12 @@ export class ParallelsImage implements RandomAccessDisk {
     if (runLength > 0) await flush()
   }
 
-  async describe (): Promise<DiskDescription> {
+  async describe (signal?: AbortSignal): Promise<DiskDescription> {
+    const pause = checkpoint(signal)
     let allocated = 0
     let clusters = 0
     for (let i = 0; i < this.bat.length; i++) {
+      if ((i & 0xffff) === 0) await pause()
       if (this.bat[i] === 0) continue
       clusters++
       allocated += Math.max(0, Math.min(this.clusterSize, this.size - i * this.clusterSize))

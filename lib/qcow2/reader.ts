@@ -80,8 +80,8 @@ export class Qcow2Image implements RandomAccessDisk {
   }
 
   /** For `vma info`: allocation counts what the whole chain stores. */
-  async describe (): Promise<DiskDescription> {
-    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data)
+  async describe (signal?: AbortSignal): Promise<DiskDescription> {
+    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data, signal)
     let layers = 1
     for (let d: RandomAccessDisk | undefined = this.backing; d !== undefined; d = d instanceof Qcow2Image ? d.backing : undefined) layers++
     return {
@@ -138,15 +138,25 @@ export class Qcow2Image implements RandomAccessDisk {
   private async walk (offset: number, length: number, fn: (piece: Piece, at: number, len: number) => Promise<void>): Promise<void> {
     let pending: { piece: Piece, at: number, len: number } | undefined
     const flush = async (): Promise<void> => { if (pending) await fn(pending.piece, pending.at, pending.len); pending = undefined }
+    const add = async (piece: Piece, pieceAt: number, len: number): Promise<void> => {
+      if (pending && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) pending.len += len
+      else { await flush(); pending = { piece, at: pieceAt, len } }
+    }
+    const span = this.entries * this.clusterSize
     for (let at = offset; at < offset + length;) {
+      const l1Index = Math.floor(at / span)
+      if (this.l2Offsets[l1Index] === 0) {
+        // No L2 table: its whole span is one piece, so work follows the tables, not the virtual size.
+        const end = Math.min(offset + length, (l1Index + 1) * span)
+        await add(this.unallocated(), at, end - at)
+        at = end
+        continue
+      }
       const cluster = Math.floor(at / this.clusterSize)
       const inCluster = at - cluster * this.clusterSize
       const end = Math.min(offset + length, (cluster + 1) * this.clusterSize)
       for (const [piece, from, to] of this.pieces(await this.entry(cluster), inCluster, end - cluster * this.clusterSize)) {
-        const pieceAt = cluster * this.clusterSize + from
-        const len = to - from
-        if (pending && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) pending.len += len
-        else { await flush(); pending = { piece, at: pieceAt, len } }
+        await add(piece, cluster * this.clusterSize + from, to - from)
       }
       at = end
     }
@@ -156,7 +166,7 @@ export class Qcow2Image implements RandomAccessDisk {
   /** The stretches of one cluster between `from` and `to` (bytes within the cluster). */
   private pieces (entry: L2Entry, from: number, to: number): Array<[Piece, number, number]> {
     switch (entry.kind) {
-      case 'unallocated': return [[this.backing ? { kind: 'backing' } : { kind: 'zero', depth: 0 }, from, to]]
+      case 'unallocated': return [[this.unallocated(), from, to]]
       case 'zero': return [[{ kind: 'zero', depth: 1 }, from, to]]
       case 'data': return [[{ kind: 'data', file: this.dataFile(), host: entry.host + from }, from, to]]
       case 'compressed': return [[{ kind: 'compressed', host: entry.host, bytes: entry.bytes }, from, to]]
@@ -169,12 +179,17 @@ export class Qcow2Image implements RandomAccessDisk {
           const bit = 1 << i
           const piece: Piece = (entry.allocated & bit) !== 0
             ? { kind: 'data', file: this.dataFile(), host: entry.host + a }
-            : (entry.zero & bit) !== 0 ? { kind: 'zero', depth: 1 } : this.backing === undefined ? { kind: 'zero', depth: 0 } : { kind: 'backing' }
+            : (entry.zero & bit) !== 0 ? { kind: 'zero', depth: 1 } : this.unallocated()
           out.push([piece, a, b])
         }
         return out
       }
     }
+  }
+
+  /** What an unallocated stretch reads: the backing file, or zeros. */
+  private unallocated (): Piece {
+    return this.backing === undefined ? { kind: 'zero', depth: 0 } : { kind: 'backing' }
   }
 
   private dataFile (): FileHandle {
