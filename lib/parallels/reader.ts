@@ -283,11 +283,16 @@ async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32
         piece = 0
       }
     }
+    // What follows the last data cluster is only counted, not kept.
+    if (next === order.length) queue.skip(queue.length)
   }
+  const end = queue.consumed + queue.length
   if (next < order.length) {
-    const end = queue.consumed + queue.length
     throw new VmapipeError('E_PARALLELS_BAT', `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`, { offset: batEntryAt(order[next]) })
   }
+  // Every cluster whole in the input, the last one's part past the disk's end included: the file reader's rule (parseBat).
+  const last = order[order.length - 1]
+  if (last !== undefined) checkHostCluster(h, entryOffset(h, bat[last]), end, `BAT entry ${last}`, where, 'E_PARALLELS_BAT', batEntryAt(last))
   const empty = Buffer.alloc(0)
   for (let c = 0; c < clusterCount(size); c++) {
     if (bat[Math.floor(c / perCluster)] === 0) yield clusterRecord(device, c, 0, empty)
