@@ -39,9 +39,9 @@ const l2 = (base: Base, cluster: number, entry: bigint, bitmap?: bigint) => (img
 }
 const l1 = (index: number, entry: bigint) => (img: Buffer, l1: number): Buffer => { img.writeBigUInt64BE(entry, l1 + index * 8); return img }
 
-/** Cluster 1 becomes a compressed cluster of 0x44 bytes appended to the file, with `flags` and an extended bitmap if given. */
-const compressed = (base: Base, flags: bigint, bitmap?: bigint) => (img: Buffer, l1: number, l2table: number): Buffer => {
-  const data = deflateRawSync(Buffer.alloc(65536, 0x44), { windowBits: 12 })
+/** Cluster 1 becomes a compressed cluster of `inflated` 0x44 bytes appended to the file, with `flags` and an extended bitmap if given. */
+const compressed = (base: Base, flags: bigint, bitmap?: bigint, inflated = 65536) => (img: Buffer, l1: number, l2table: number): Buffer => {
+  const data = deflateRawSync(Buffer.alloc(inflated, 0x44), { windowBits: 12 })
   const host = BigInt(img.length)
   const sectors = BigInt(Math.ceil(data.length / 512) - 1)
   const out = Buffer.concat([img, data, Buffer.alloc((512 - data.length % 512) % 512)])
@@ -61,6 +61,8 @@ const CASES: Record<string, Case> = {
   'compressed descriptor at offset 0': { base: 'std', expect: 'fails', patch: l2('std', 1, CMP) },
   'compressed cluster': { base: 'std', expect: 'reads', patch: compressed('std', 0n) },
   'compressed cluster with COPIED': { base: 'std', expect: 'reads', patch: compressed('std', C) },
+  'compressed cluster that inflates past its cluster (cut there)': { base: 'std', expect: 'reads', patch: compressed('std', 0n, undefined, 70000) },
+  'compressed cluster that inflates short': { base: 'std', expect: 'fails', patch: compressed('std', 0n, undefined, 1000) },
   'version 2: zero flag': { base: 'v2', expect: 'fails', patch: l2('v2', 1, Z) },
   'version 2: zero flag with an offset': { base: 'v2', expect: 'fails', patch: l2('v2', 1, C | DATA2 | Z) },
   'extended: COPIED, offset 0, subclusters allocated': { base: 'ext', expect: 'fails', patch: l2('ext', 1, C, 0xffffffffn) },

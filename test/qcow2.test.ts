@@ -212,7 +212,7 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
     ['unknown incompatible feature', mutate(b => b.writeUInt32BE(1 << 7, 76)), /unknown incompatible features 0x80/],
     ['encrypted', mutate(b => b.writeUInt32BE(1, 32)), /encrypted images are not supported/],
     ['compressed cluster of garbage', (() => { const b = Buffer.from(cgood); b.fill(0xff, chost, chost + 32); return b })(), /compressed cluster at \d+ does not inflate/],
-    ['compressed cluster that inflates past a cluster', (() => { const b = Buffer.from(cgood); deflateRawSync(Buffer.alloc(70000, 7)).copy(b, chost); return b })(), /compressed cluster at \d+ does not inflate to one 65536-byte cluster/],
+    // One that inflates past its cluster is cut there, as QEMU does: test/format-qcow2-entries.test.ts.
     ['compressed cluster that inflates short', (() => { const b = Buffer.from(cgood); deflateRawSync(Buffer.alloc(1000, 7)).copy(b, chost); return b })(), /compressed cluster at \d+ inflates to 1000 bytes, not 65536/],
   ]
   for (const [what, bytes, message] of cases) {

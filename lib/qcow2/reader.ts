@@ -8,7 +8,7 @@
 import { open, realpath, type FileHandle } from 'node:fs/promises'
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path'
 import { promisify } from 'node:util'
-import { inflateRaw } from 'node:zlib'
+import { constants, createInflateRaw, inflateRaw } from 'node:zlib'
 import { VmapipeError, ioError } from '../errors.js'
 import { type DiskDescription, type Extent, type RandomAccessDisk, mappedBytes } from '../disk.js'
 import { readFully } from '../io/pread.js'
@@ -224,7 +224,7 @@ export class Qcow2Image implements RandomAccessDisk {
     await readFully(this.file.handle, compressed, host, `${this.path} (the compressed cluster at ${host})`)
     let out: Buffer
     try {
-      out = await inflate(compressed, { maxOutputLength: this.clusterSize, finishFlush: 2 /* Z_SYNC_FLUSH: trailing bytes may follow */ })
+      out = await inflateCluster(compressed, this.clusterSize)
     } catch (err) {
       throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
     }
@@ -248,6 +248,31 @@ export class Qcow2Image implements RandomAccessDisk {
     if (inside > 0) await backing.read(target.subarray(0, inside), offset)
     target.fill(0, inside)
   }
+}
+
+/**
+ * The first `clusterSize` bytes `compressed` inflates to. Like QEMU (which
+ * inflates into one cluster and stops when it is full), a stream that would
+ * go on is cut at the cluster's end; one that ends short is for the caller.
+ */
+async function inflateCluster (compressed: Buffer, clusterSize: number): Promise<Buffer> {
+  // Z_SYNC_FLUSH at the end: bytes after the deflate stream (up to the descriptor's sector) may follow.
+  const options = { maxOutputLength: clusterSize, finishFlush: constants.Z_SYNC_FLUSH }
+  try {
+    return await inflate(compressed, options)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') throw err
+  }
+  const out = Buffer.alloc(clusterSize)
+  let filled = 0
+  const stream = createInflateRaw({ finishFlush: constants.Z_SYNC_FLUSH, chunkSize: clusterSize })
+  stream.end(compressed)
+  for await (const chunk of stream) {
+    filled += (chunk as Buffer).copy(out, filled)
+    if (filled === clusterSize) break
+  }
+  stream.destroy()
+  return out.subarray(0, filled)
 }
 
 function sameRun (a: Piece, b: Piece, aLength: number): boolean {
