@@ -20,7 +20,8 @@ function spreadArchive (last?: Slot): Buffer {
   if (last !== undefined) slots.push(last)
   const extents: Slot[][] = []
   for (let i = 0; i < slots.length; i += 59) extents.push(slots.slice(i, i + 59))
-  return buildArchive({ configs: [{ name: 'qemu-server.conf', data: Buffer.from('memory: 512\n') }], devices: [{ id: 1, name: 'drive-scsi0', size: DEVICE_SIZE, data: Buffer.alloc(0) }], extents })
+  const devices = [{ id: 1, name: 'drive-scsi0', size: DEVICE_SIZE, data: Buffer.alloc(0) }]
+  return buildArchive({ configs: [{ name: 'qemu-server.conf', data: Buffer.from('memory: 512\n') }], devices, extents })
 }
 
 /** Runs `vma verify --json` under /usr/bin/time; the report and peak RSS in KiB. */

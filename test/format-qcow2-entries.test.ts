@@ -160,7 +160,8 @@ t.test('every L1/L2 entry form: both readers agree with qemu-img convert', async
       t.comment(`qemu-img check exits ${check.code ?? 'signal'}`)
       t.equal(qemu !== undefined, c.expect !== 'fails', c.expect === 'fails' ? 'QEMU fails to read it' : 'QEMU reads it')
       if (c.expect === 'reads') {
-        t.ok('bytes' in file && qemu !== undefined && file.bytes.equals(qemu), 'the file reader reads what QEMU reads', 'code' in file ? { code: file.code } : {})
+        const same = 'bytes' in file && qemu !== undefined && file.bytes.equals(qemu)
+        t.ok(same, 'the file reader reads what QEMU reads', 'code' in file ? { code: file.code } : {})
       } else {
         t.match(file, { code: /^E_QCOW2_(L1|L2|DATA)$/ }, 'the file reader refuses it with a typed error')
       }

@@ -9,7 +9,9 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
-import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, checkpoint, describeBitmaps, mappedBytes } from '../disk.js'
+import {
+  type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, checkpoint, describeBitmaps, mappedBytes,
+} from '../disk.js'
 import { peek } from '../io/input.js'
 import { readFully } from '../io/pread.js'
 import { chain } from '../io/chain.js'
