@@ -61,7 +61,7 @@ export interface RandomAccessDisk {
   /** Dirty bitmaps stored in the image. */
   readonly bitmaps?: DirtyBitmap[]
   /** What the image is; without it `vma info` sums up map(). */
-  describe?: () => Promise<DiskDescription>
+  describe?: (signal?: AbortSignal) => Promise<DiskDescription>
 }
 
 /** An image read once as it streams in (stdin), without a temporary copy. */
@@ -71,14 +71,47 @@ export interface StreamedImage {
   records: (device: number, progress?: ProgressSink) => Promise<Readable>
 }
 
-/** Guest bytes mapped per step when summing up a map, so that a fragmented one never becomes one huge array. */
+/** Guest bytes mapped in the first step when summing up a map, so that a fragmented one never becomes one huge array. */
 const SUM_STEP = 1 << 30
+const MIN_SUM_STEP = 64 << 20
 
-/** The bytes of [0, size) in ranges `map` gives that `counts` accepts: allocated bytes, dirty bytes. */
-export async function mappedBytes<T extends { length: number }> (map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean): Promise<number> {
+/**
+ * A checkpoint for long loops: call it often (it costs a clock read); about
+ * every 50 ms it yields to the event loop, so that signal handlers and timers
+ * run, and once `signal` is aborted it throws E_INTERRUPTED.
+ */
+export function checkpoint (signal?: AbortSignal): () => Promise<void> {
+  let last = Date.now()
+  return async () => {
+    if (Date.now() - last < 50) return
+    await new Promise(resolve => setImmediate(resolve))
+    last = Date.now()
+    if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
+  }
+}
+
+/**
+ * The bytes of [0, size) in ranges `map` gives that `counts` accepts:
+ * allocated bytes, dirty bytes. The step grows while the map comes back fast
+ * and in few ranges, so a huge sparse disk takes a few calls, not one per
+ * gigabyte, and shrinks when a call is slow, so that signals are seen.
+ */
+export async function mappedBytes<T extends { length: number }> (
+  map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean, signal?: AbortSignal,
+): Promise<number> {
+  const pause = checkpoint(signal)
   let bytes = 0
-  for (let offset = 0; offset < size; offset += SUM_STEP) {
-    for (const range of await map(offset, Math.min(SUM_STEP, size - offset))) if (counts(range)) bytes += range.length
+  let step = SUM_STEP
+  for (let offset = 0; offset < size;) {
+    const length = Math.min(step, size - offset)
+    const started = Date.now()
+    const ranges = await map(offset, length)
+    const took = Date.now() - started
+    for (const range of ranges) if (counts(range)) bytes += range.length
+    offset += length
+    if (ranges.length < 64 && took < 20) step *= 2
+    else if (ranges.length > 4096 || took > 200) step = Math.max(MIN_SUM_STEP, step / 2)
+    await pause()
   }
   return bytes
 }

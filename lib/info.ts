@@ -6,11 +6,16 @@
 import { type DiskDescription, describeBitmaps, mappedBytes } from './disk.js'
 import { type DiskFormat, openImageFile } from './sources.js'
 
-export async function describeImage (path: string, format?: DiskFormat): Promise<DiskDescription> {
+export interface DescribeOptions {
+  /** Aborting stops with E_INTERRUPTED within about a second, however large the image. */
+  signal?: AbortSignal
+}
+
+export async function describeImage (path: string, format?: DiskFormat, options: DescribeOptions = {}): Promise<DiskDescription> {
   const { format: chosen, disk } = await openImageFile(path, format)
   try {
-    if (disk.describe !== undefined) return await disk.describe()
-    const allocated = await mappedBytes(disk.map, disk.size, e => e.data)
+    if (disk.describe !== undefined) return await disk.describe(options.signal)
+    const allocated = await mappedBytes(disk.map, disk.size, e => e.data, options.signal)
     return { format: chosen, size: disk.size, allocated, ...(disk.bitmaps !== undefined ? { bitmaps: await describeBitmaps(disk.bitmaps) } : {}) }
   } finally {
     await disk.close()

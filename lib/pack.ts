@@ -14,7 +14,7 @@ import { type Compression, compressesToFd, createCompressingSink, createCompress
 import type { ProgressSink } from './io/progress.js'
 import { RecordMerger } from './merge.js'
 import type { DiskSource } from './sources.js'
-import { VmaWriter, type WriterStats } from './vma/writer.js'
+import { VmaWriter, type WriterStats, vmaDeviceSize } from './vma/writer.js'
 
 export interface PackOptions {
   configs?: ConfigBlob[]
@@ -62,7 +62,7 @@ export async function packArchive (disks: DiskSource[], output: { stream: Writab
     uuid: options.uuid ?? randomUUID(),
     ctime: options.ctime ?? Math.floor(Date.now() / 1000),
     configs: options.configs ?? [],
-    devices: disks.map((d, i) => ({ id: i + 1, name: d.name, size: d.size })),
+    devices: disks.map((d, i) => ({ id: i + 1, name: d.name, size: vmaDeviceSize(d.size) })),
   }
   const sources = await Promise.all(disks.map(async (d, i) => await d.records(i + 1, options.progress)))
   const merger = new RecordMerger(info, sources, options.interleave !== true)

@@ -192,7 +192,6 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
   const good = readFileSync(base)
   const l1Offset = Number(good.readBigUInt64BE(40))
   const l2Offset = Number(good.readBigUInt64BE(l1Offset) & 0x00fffffffffffe00n)
-  const firstData = Number(good.readBigUInt64BE(l2Offset) & 0x00fffffffffffe00n)
   const mutate = (f: (b: Buffer) => void): Buffer => { const b = Buffer.from(good); f(b); return b }
   const compressed = join(dir, 'c.qcow2')
   await qemuImg(['convert', '-c', '-f', 'raw', '-O', 'qcow2', src, compressed])
@@ -208,13 +207,12 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
     ['unaligned refcount table', mutate(b => b.writeBigUInt64BE(BigInt(65536 + 16), 48)), /refcount table offset \d+ is not cluster aligned/],
     ['huge l1_size', mutate(b => b.writeUInt32BE(0x7fffffff, 36)), /l1_size 2147483647 needs more than/],
     ['huge cluster_bits', mutate(b => b.writeUInt32BE(31, 20)), /cluster_bits 31 is outside 9\.\.21/],
-    ['reserved bits in an L2 entry', mutate(b => b.writeBigUInt64BE(BigInt(firstData) | (1n << 63n) | (1n << 57n), l2Offset)), /L2 entry 0 has reserved bits set/],
-    ['reserved bits in an L1 entry', mutate(b => b.writeBigUInt64BE(BigInt(l2Offset) | (1n << 63n) | (1n << 60n), l1Offset)), /L1 entry 0 has reserved bits set/],
-    ['data cluster past the end', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 8) | (1n << 63n), l2Offset)), /points to \d+, past the end of the \d+-byte file/],
+    // Reserved bits in L1/L2 entries are ignored, as QEMU ignores them: test/format-qcow2-entries.test.ts.
+    ['data cluster past the end', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 8) | (1n << 63n), l2Offset)), /points to data at \d+, past the end of the \d+-byte file/],
     ['unknown incompatible feature', mutate(b => b.writeUInt32BE(1 << 7, 76)), /unknown incompatible features 0x80/],
     ['encrypted', mutate(b => b.writeUInt32BE(1, 32)), /encrypted images are not supported/],
     ['compressed cluster of garbage', (() => { const b = Buffer.from(cgood); b.fill(0xff, chost, chost + 32); return b })(), /compressed cluster at \d+ does not inflate/],
-    ['compressed cluster that inflates past a cluster', (() => { const b = Buffer.from(cgood); deflateRawSync(Buffer.alloc(70000, 7)).copy(b, chost); return b })(), /compressed cluster at \d+ does not inflate to one 65536-byte cluster/],
+    // One that inflates past its cluster is cut there, as QEMU does: test/format-qcow2-entries.test.ts.
     ['compressed cluster that inflates short', (() => { const b = Buffer.from(cgood); deflateRawSync(Buffer.alloc(1000, 7)).copy(b, chost); return b })(), /compressed cluster at \d+ inflates to 1000 bytes, not 65536/],
   ]
   for (const [what, bytes, message] of cases) {

@@ -26,9 +26,9 @@ Examples:
   vma info disk-drive-scsi0.hds
   vma info restored/disk-drive-scsi0.hdd --json`,
   options: { format: { type: 'string' }, json: { type: 'boolean' } },
-  async run (positionals, values) {
+  async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'IMAGE')
-    const d = await describeImage(positionals[0], values.format as string | undefined)
+    const d = await describeImage(positionals[0], values.format as string | undefined, { signal: ctx.signal })
     if (values.json === true) {
       await writeOut(JSON.stringify({ image: positionals[0], ...d }, null, 2) + '\n')
       return EXIT.OK

@@ -9,7 +9,9 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
-import { type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, describeBitmaps, mappedBytes } from '../disk.js'
+import {
+  type DirtyBitmap, type DiskDescription, type Extent, type RandomAccessDisk, type StreamedImage, checkpoint, describeBitmaps, mappedBytes,
+} from '../disk.js'
 import { peek } from '../io/input.js'
 import { readFully } from '../io/pread.js'
 import { chain } from '../io/chain.js'
@@ -104,10 +106,12 @@ export class ParallelsImage implements RandomAccessDisk {
     if (runLength > 0) await flush()
   }
 
-  async describe (): Promise<DiskDescription> {
+  async describe (signal?: AbortSignal): Promise<DiskDescription> {
+    const pause = checkpoint(signal)
     let allocated = 0
     let clusters = 0
     for (let i = 0; i < this.bat.length; i++) {
+      if ((i & 0xffff) === 0) await pause()
       if (this.bat[i] === 0) continue
       clusters++
       allocated += Math.max(0, Math.min(this.clusterSize, this.size - i * this.clusterSize))
@@ -281,11 +285,16 @@ async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32
         piece = 0
       }
     }
+    // What follows the last data cluster is only counted, not kept.
+    if (next === order.length) queue.skip(queue.length)
   }
+  const end = queue.consumed + queue.length
   if (next < order.length) {
-    const end = queue.consumed + queue.length
     throw new VmapipeError('E_PARALLELS_BAT', `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`, { offset: batEntryAt(order[next]) })
   }
+  // Every cluster whole in the input, the last one's part past the disk's end included: the file reader's rule (parseBat).
+  const last = order[order.length - 1]
+  if (last !== undefined) checkHostCluster(h, entryOffset(h, bat[last]), end, `BAT entry ${last}`, where, 'E_PARALLELS_BAT', batEntryAt(last))
   const empty = Buffer.alloc(0)
   for (let c = 0; c < clusterCount(size); c++) {
     if (bat[Math.floor(c / perCluster)] === 0) yield clusterRecord(device, c, 0, empty)

@@ -79,7 +79,7 @@ export function parseHeader (head: Buffer, fileSize: number): Qcow2Header {
   const clusterBits = head.readUInt32BE(20)
   if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) throw fail(`cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`, 20)
   const clusterSize = 2 ** clusterBits
-  const size = u64(head, 24, 'size')
+  const size = diskSize(u64(head, 24, 'size'))
   if (head.readUInt32BE(32) !== 0) throw fail('encrypted images are not supported', 32)
   const l1Size = head.readUInt32BE(36)
   const l1Offset = u64(head, 40, 'l1_table_offset')
@@ -172,50 +172,100 @@ export type L2Entry =
 
 const TWO32 = 2 ** 32
 
+/** The disk size a header's size field gives: whole 512-byte sectors, as QEMU reads it (it rounds down). */
+export function diskSize (field: number): number {
+  return field - field % 512
+}
+
 /**
- * Decodes entry `index` of an L2 table (`where` is the table's file offset,
- * for messages). Throws for reserved bits and unaligned offsets; whether the
- * data lies inside its file is for the reader to check.
+ * Guest clusters of the disk. QEMU looks up L1 and L2 entries only for these,
+ * so entries past the end are never read, nor checked, by either reader.
  */
-export function readL2Entry (table: Buffer, index: number, clusterBits: number, extended: boolean, where: number): L2Entry {
+export function guestClusters (h: Qcow2Header): number {
+  return Math.ceil(h.size / 2 ** h.clusterBits)
+}
+
+/** L1 entries that cover the disk. */
+export function l1EntriesUsed (h: Qcow2Header): number {
+  return Math.ceil(guestClusters(h) / l2Entries(h.clusterBits, (h.incompatible & INCOMPAT.EXTENDED_L2) !== 0))
+}
+
+/**
+ * The L2 entry of guest `cluster`, at `index` in the table that lies at file
+ * offset `l2Offset`, read as QEMU reads it (qcow2_get_cluster_type and
+ * qcow2_get_host_offset): reserved bits are ignored; offset 0 is unallocated
+ * unless an external data file and the COPIED flag make it that file's first
+ * cluster; the zero flag is refused in version 2 and ignored with extended L2;
+ * compressed clusters keep whatever subcluster bits they have. What QEMU
+ * fails to read is refused: unaligned offsets, subclusters allocated without
+ * an offset or both allocated and zero, compressed clusters with a data file,
+ * data-file clusters away from their guest offset. Beyond QEMU, data past
+ * `fileSize` is refused (QEMU reads zeros there; qemu-img check calls it
+ * corruption): an image cut short must not read as a shorter disk.
+ * The one check for every L2 entry, from a file and from a stream.
+ */
+export function readL2Entry (h: Qcow2Header, table: Buffer, index: number, l2Offset: number, cluster: number, fileSize: number): L2Entry {
+  const extended = (h.incompatible & INCOMPAT.EXTENDED_L2) !== 0
+  const dataFile = (h.incompatible & INCOMPAT.DATA_FILE) !== 0
+  const clusterSize = 2 ** h.clusterBits
   const at = index * (extended ? 16 : 8)
   const hi = table.readUInt32BE(at)
   const lo = table.readUInt32BE(at + 4)
-  const bad = (why: string): VmapipeError => new VmapipeError('E_QCOW2_L2', `L2 entry ${index} ${why}`, { offset: where + at })
+  const bad = (why: string): VmapipeError => new VmapipeError('E_QCOW2_L2', `L2 entry ${index} (guest cluster ${cluster}) ${why}`, { offset: l2Offset + at })
+  // Data in an external data file may lie past its end: that reads as zeros, as in QEMU.
+  const inFile = (host: number, what: string): void => {
+    if (!dataFile && host >= fileSize) throw bad(`points to ${what} at ${host}, past the end of the ${fileSize}-byte file`)
+  }
+  const checkHost = (host: number): void => {
+    if (host % clusterSize !== 0) throw bad(`points to ${host}, which is not cluster aligned`)
+    if (dataFile && host !== cluster * clusterSize) throw bad(`maps to ${host} in the data file, not to its own offset`)
+  }
   if ((hi & 0x40000000) !== 0) {
+    if (dataFile) throw bad('is a compressed cluster in an image with an external data file')
     // Compressed: x = 62 - (cluster_bits - 8) bits of offset, then the sector count.
-    const x = 62 - (clusterBits - 8)
+    const x = 62 - (h.clusterBits - 8)
     const raw = (BigInt(hi & 0x3fffffff) << 32n) | BigInt(lo)
     const host = Number(raw & ((1n << BigInt(x)) - 1n))
     const sectors = Number(raw >> BigInt(x))
-    const bytes = (sectors + 1) * 512 - (host % 512)
-    if (extended && (table.readUInt32BE(at + 8) !== 0 || table.readUInt32BE(at + 12) !== 0)) throw bad('has subcluster bits on a compressed cluster')
-    return { kind: 'compressed', host, bytes }
+    inFile(host, 'compressed data')
+    return { kind: 'compressed', host, bytes: (sectors + 1) * 512 - (host % 512) }
   }
-  if ((hi & 0x3f000000) !== 0 || (lo & 0x1fe) !== 0) throw bad('has reserved bits set')
   const host = (hi & 0x00ffffff) * TWO32 + (lo & 0xfffffe00)
-  const clusterSize = 2 ** clusterBits
-  if (host % clusterSize !== 0) throw bad(`points to ${host}, which is not cluster aligned`)
+  const allocatedAt0 = host === 0 && !(dataFile && (hi & 0x80000000) !== 0)
+  const zeroFlag = !extended && (lo & 1) !== 0
+  if (zeroFlag && h.version < 3) throw bad('has the zero flag, which version 2 images do not have')
   if (extended) {
-    if ((lo & 1) !== 0) throw bad('has the zero flag, which extended L2 entries do not use')
-    const allocated = table.readUInt32BE(at + 12)
     const zero = table.readUInt32BE(at + 8)
+    const allocated = table.readUInt32BE(at + 12)
+    if (allocatedAt0) {
+      if (allocated !== 0) throw bad('allocates subclusters without an offset')
+      return zero === 0 ? { kind: 'unallocated' } : { kind: 'subclusters', host: 0, allocated: 0, zero }
+    }
     if ((allocated & zero) !== 0) throw bad('marks a subcluster both allocated and zero')
-    if (allocated !== 0 && host === 0 && (hi & 0x80000000) === 0) throw bad('allocates subclusters without an offset')
-    return allocated === 0 && zero === 0 ? { kind: 'unallocated' } : { kind: 'subclusters', host, allocated, zero }
+    checkHost(host)
+    if (allocated !== 0) inFile(host, 'data')
+    return { kind: 'subclusters', host, allocated, zero }
   }
-  if ((lo & 1) !== 0) return { kind: 'zero' }
-  if (host === 0 && (hi & 0x80000000) === 0) return { kind: 'unallocated' }
+  if (zeroFlag) {
+    if (host !== 0) checkHost(host)
+    return { kind: 'zero' }
+  }
+  if (allocatedAt0) return { kind: 'unallocated' }
+  checkHost(host)
+  inFile(host, 'data')
   return { kind: 'data', host }
 }
 
-/** Decodes L1 entry `index`: the L2 table's offset, or 0. */
+/**
+ * Decodes L1 entry `index`: the L2 table's offset, or 0. As in QEMU, reserved
+ * bits are ignored and an unaligned offset is refused; an L2 table past the
+ * end of the file is refused too (QEMU reads zeros there).
+ */
 export function readL1Entry (l1: Buffer, index: number, clusterSize: number, fileSize: number, l1Offset: number): number {
   const hi = l1.readUInt32BE(index * 8)
   const lo = l1.readUInt32BE(index * 8 + 4)
   const at = l1Offset + index * 8
-  if ((hi & 0x7f000000) !== 0 || (lo & 0x1ff) !== 0) throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} has reserved bits set`, { offset: at })
-  const offset = (hi & 0x00ffffff) * TWO32 + lo
+  const offset = (hi & 0x00ffffff) * TWO32 + (lo & 0xfffffe00)
   if (offset === 0) return 0
   if (offset % clusterSize !== 0) throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} points to ${offset}, which is not cluster aligned`, { offset: at })
   if (offset + clusterSize > fileSize) throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} points to an L2 table at ${offset}, past the end of the ${fileSize}-byte file`, { offset: at })

@@ -8,14 +8,14 @@
 import { open, realpath, type FileHandle } from 'node:fs/promises'
 import { dirname, isAbsolute, relative, resolve, sep } from 'node:path'
 import { promisify } from 'node:util'
-import { inflateRaw } from 'node:zlib'
+import { constants, createInflateRaw, inflateRaw } from 'node:zlib'
 import { VmapipeError, ioError } from '../errors.js'
 import { type DiskDescription, type Extent, type RandomAccessDisk, mappedBytes } from '../disk.js'
 import { readFully } from '../io/pread.js'
 import { readHead } from '../io/input.js'
 import { RawImage } from '../raw/image.js'
 import {
-  type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry,
+  type L2Entry, type Qcow2Header, INCOMPAT, isQcow2, l1EntriesUsed, l2Entries, parseHeader, readL1Entry, readL2Entry,
 } from './format.js'
 
 const inflate = promisify(inflateRaw)
@@ -80,8 +80,8 @@ export class Qcow2Image implements RandomAccessDisk {
   }
 
   /** For `vma info`: allocation counts what the whole chain stores. */
-  async describe (): Promise<DiskDescription> {
-    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data)
+  async describe (signal?: AbortSignal): Promise<DiskDescription> {
+    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data, signal)
     let layers = 1
     for (let d: RandomAccessDisk | undefined = this.backing; d !== undefined; d = d instanceof Qcow2Image ? d.backing : undefined) layers++
     return {
@@ -138,15 +138,25 @@ export class Qcow2Image implements RandomAccessDisk {
   private async walk (offset: number, length: number, fn: (piece: Piece, at: number, len: number) => Promise<void>): Promise<void> {
     let pending: { piece: Piece, at: number, len: number } | undefined
     const flush = async (): Promise<void> => { if (pending) await fn(pending.piece, pending.at, pending.len); pending = undefined }
+    const add = async (piece: Piece, pieceAt: number, len: number): Promise<void> => {
+      if (pending && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) pending.len += len
+      else { await flush(); pending = { piece, at: pieceAt, len } }
+    }
+    const span = this.entries * this.clusterSize
     for (let at = offset; at < offset + length;) {
+      const l1Index = Math.floor(at / span)
+      if (this.l2Offsets[l1Index] === 0) {
+        // No L2 table: its whole span is one piece, so work follows the tables, not the virtual size.
+        const end = Math.min(offset + length, (l1Index + 1) * span)
+        await add(this.unallocated(), at, end - at)
+        at = end
+        continue
+      }
       const cluster = Math.floor(at / this.clusterSize)
       const inCluster = at - cluster * this.clusterSize
       const end = Math.min(offset + length, (cluster + 1) * this.clusterSize)
       for (const [piece, from, to] of this.pieces(await this.entry(cluster), inCluster, end - cluster * this.clusterSize)) {
-        const pieceAt = cluster * this.clusterSize + from
-        const len = to - from
-        if (pending && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) pending.len += len
-        else { await flush(); pending = { piece, at: pieceAt, len } }
+        await add(piece, cluster * this.clusterSize + from, to - from)
       }
       at = end
     }
@@ -156,7 +166,7 @@ export class Qcow2Image implements RandomAccessDisk {
   /** The stretches of one cluster between `from` and `to` (bytes within the cluster). */
   private pieces (entry: L2Entry, from: number, to: number): Array<[Piece, number, number]> {
     switch (entry.kind) {
-      case 'unallocated': return [[this.backing ? { kind: 'backing' } : { kind: 'zero', depth: 0 }, from, to]]
+      case 'unallocated': return [[this.unallocated(), from, to]]
       case 'zero': return [[{ kind: 'zero', depth: 1 }, from, to]]
       case 'data': return [[{ kind: 'data', file: this.dataFile(), host: entry.host + from }, from, to]]
       case 'compressed': return [[{ kind: 'compressed', host: entry.host, bytes: entry.bytes }, from, to]]
@@ -169,12 +179,17 @@ export class Qcow2Image implements RandomAccessDisk {
           const bit = 1 << i
           const piece: Piece = (entry.allocated & bit) !== 0
             ? { kind: 'data', file: this.dataFile(), host: entry.host + a }
-            : (entry.zero & bit) !== 0 ? { kind: 'zero', depth: 1 } : this.backing === undefined ? { kind: 'zero', depth: 0 } : { kind: 'backing' }
+            : (entry.zero & bit) !== 0 ? { kind: 'zero', depth: 1 } : this.unallocated()
           out.push([piece, a, b])
         }
         return out
       }
     }
+  }
+
+  /** What an unallocated stretch reads: the backing file, or zeros. */
+  private unallocated (): Piece {
+    return this.backing === undefined ? { kind: 'zero', depth: 0 } : { kind: 'backing' }
   }
 
   private dataFile (): FileHandle {
@@ -183,25 +198,9 @@ export class Qcow2Image implements RandomAccessDisk {
 
   /** The L2 entry of guest cluster `cluster`, its data range checked against the file it lives in. */
   private async entry (cluster: number): Promise<L2Entry> {
-    const l1Index = Math.floor(cluster / this.entries)
-    const l2Offset = this.l2Offsets[l1Index]
+    const l2Offset = this.l2Offsets[Math.floor(cluster / this.entries)]
     if (l2Offset === 0) return { kind: 'unallocated' }
-    const table = await this.l2Table(l2Offset)
-    const entry = readL2Entry(table, cluster % this.entries, this.header.clusterBits, this.extended, l2Offset)
-    const where = { offset: l2Offset + (cluster % this.entries) * (this.extended ? 16 : 8) }
-    if (entry.kind === 'data' || entry.kind === 'subclusters') {
-      if (this.data !== undefined && entry.host !== cluster * this.clusterSize) {
-        throw new VmapipeError('E_QCOW2_L2', `guest cluster ${cluster} maps to ${entry.host} in the data file, not to its own offset`, where)
-      }
-      if (this.data === undefined && entry.host >= this.file.size) {
-        throw new VmapipeError('E_QCOW2_L2', `guest cluster ${cluster} points to ${entry.host}, past the end of the ${this.file.size}-byte file`, where)
-      }
-    }
-    if (entry.kind === 'compressed') {
-      if (this.data !== undefined) throw new VmapipeError('E_QCOW2_L2', 'compressed cluster in an image with a data file', where)
-      if (entry.host >= this.file.size) throw new VmapipeError('E_QCOW2_L2', `compressed cluster ${cluster} at ${entry.host} lies past the end of the file`, where)
-    }
-    return entry
+    return readL2Entry(this.header, await this.l2Table(l2Offset), cluster % this.entries, l2Offset, cluster, this.file.size)
   }
 
   private async l2Table (offset: number): Promise<Buffer> {
@@ -225,7 +224,7 @@ export class Qcow2Image implements RandomAccessDisk {
     await readFully(this.file.handle, compressed, host, `${this.path} (the compressed cluster at ${host})`)
     let out: Buffer
     try {
-      out = await inflate(compressed, { maxOutputLength: this.clusterSize, finishFlush: 2 /* Z_SYNC_FLUSH: trailing bytes may follow */ })
+      out = await inflateCluster(compressed, this.clusterSize)
     } catch (err) {
       throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
     }
@@ -249,6 +248,31 @@ export class Qcow2Image implements RandomAccessDisk {
     if (inside > 0) await backing.read(target.subarray(0, inside), offset)
     target.fill(0, inside)
   }
+}
+
+/**
+ * The first `clusterSize` bytes `compressed` inflates to. Like QEMU (which
+ * inflates into one cluster and stops when it is full), a stream that would
+ * go on is cut at the cluster's end; one that ends short is for the caller.
+ */
+async function inflateCluster (compressed: Buffer, clusterSize: number): Promise<Buffer> {
+  // Z_SYNC_FLUSH at the end: bytes after the deflate stream (up to the descriptor's sector) may follow.
+  const options = { maxOutputLength: clusterSize, finishFlush: constants.Z_SYNC_FLUSH }
+  try {
+    return await inflate(compressed, options)
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ERR_BUFFER_TOO_LARGE') throw err
+  }
+  const out = Buffer.alloc(clusterSize)
+  let filled = 0
+  const stream = createInflateRaw({ finishFlush: constants.Z_SYNC_FLUSH, chunkSize: clusterSize })
+  stream.end(compressed)
+  for await (const chunk of stream) {
+    filled += (chunk as Buffer).copy(out, filled)
+    if (filled === clusterSize) break
+  }
+  stream.destroy()
+  return out.subarray(0, filled)
 }
 
 function sameRun (a: Piece, b: Piece, aLength: number): boolean {
@@ -297,8 +321,9 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
     const clusterSize = 2 ** header.clusterBits
     const l1 = Buffer.alloc(header.l1Size * 8)
     await readFully(file.handle, l1, header.l1Offset, `${path} (its L1 table)`)
+    // Entries past the disk are never read (as in QEMU): they stay 0.
     const l2Offsets = new Float64Array(header.l1Size)
-    for (let i = 0; i < header.l1Size; i++) l2Offsets[i] = readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
+    for (let i = 0; i < l1EntriesUsed(header); i++) l2Offsets[i] = readL1Entry(l1, i, clusterSize, file.size, header.l1Offset)
 
     let data: Opened | undefined
     const refuseReference = (what: string): void => {

@@ -24,7 +24,7 @@ import { type StreamedImage, diskRecords } from '../disk.js'
 import { chain } from '../io/chain.js'
 import { peek } from '../io/input.js'
 import { counter } from '../io/progress.js'
-import { INCOMPAT, type Qcow2Header, isQcow2, l2Entries, parseHeader, readL1Entry, readL2Entry } from './format.js'
+import { INCOMPAT, type Qcow2Header, diskSize, guestClusters, isQcow2, l1EntriesUsed, l2Entries, parseHeader, readL1Entry, readL2Entry } from './format.js'
 import { Qcow2Image } from './reader.js'
 
 const UNKNOWN = -1
@@ -57,7 +57,7 @@ export async function streamQcow2 (input: Readable, options: { tmpDir?: string }
   if (head.length < 32 || !isQcow2(head)) throw new VmapipeError('E_QCOW2_HEADER', 'not a qcow2 header', { offset: 0 })
   const raw = head.readBigUInt64BE(24)
   if (raw > BigInt(Number.MAX_SAFE_INTEGER)) throw new VmapipeError('E_QCOW2_HEADER', `size ${raw} is beyond any real image`, { offset: 24 })
-  const size = Number(raw)
+  const size = diskSize(Number(raw))
   return {
     size,
     records: async (device, progress) => qcow2StreamRecords(progress ? chain(input, await counter(progress)) : input, { id: device, name: 'stdin', size }, options),
@@ -100,7 +100,7 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
         const from = Math.max(0, h.l1Offset - at)
         l1Filled += c.copy(l1, Math.max(0, at - h.l1Offset), from, Math.min(c.length, h.l1Offset + l1.length - at))
         if (l1Filled === l1.length) {
-          for (let i = 0; i < h.l1Size; i++) {
+          for (let i = 0; i < l1EntriesUsed(h); i++) {
             const l2 = readL1Entry(l1, i, clusterSize, NO_FILE_LIMIT, h.l1Offset)
             if (l2 > at) l2At.set(l2, i)
           }
@@ -112,13 +112,13 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
 
     /** Records the L2 table's data clusters that still lie ahead. */
     const learnL2 = (table: Buffer, l1Index: number, at: number, h: Qcow2Header): void => {
-      const extended = (h.incompatible & INCOMPAT.EXTENDED_L2) !== 0
-      const entries = l2Entries(h.clusterBits, extended)
+      const entries = l2Entries(h.clusterBits, (h.incompatible & INCOMPAT.EXTENDED_L2) !== 0)
       const clusterSize = 2 ** h.clusterBits
       // A record is 64 KiB of guest data: smaller clusters are left to the final pass.
       if (clusterSize < CLUSTER_SIZE) return
-      for (let i = 0; i < entries; i++) {
-        const entry = readL2Entry(table, i, h.clusterBits, extended, at)
+      // Only the disk's own entries, checked as the file reader checks them (the end of the file is not known yet).
+      for (let i = 0; i < entries && l1Index * entries + i < guestClusters(h); i++) {
+        const entry = readL2Entry(h, table, i, at, l1Index * entries + i, NO_FILE_LIMIT)
         if ((entry.kind === 'data' || (entry.kind === 'subclusters' && entry.allocated === 0xffffffff)) && entry.host >= pos) {
           hosts.set(entry.host / clusterSize, l1Index * entries + i)
         }

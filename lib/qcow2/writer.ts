@@ -177,7 +177,8 @@ function metadata (spec: MetadataSpec): { l1: Buffer, blocks: Buffer, table: Buf
   for (let b = 0; b < spec.refs.blocks; b++) writeEntry(table, b * 8, (spec.blocksStart + b) * CLUSTER_SIZE)
   const header = encodeHeader({
     clusterBits: CLUSTER_BITS,
-    size: spec.size,
+    // QEMU reads the size in whole sectors, rounding down; qemu-img convert -O qcow2 rounds up, the padding zero.
+    size: Math.ceil(spec.size / 512) * 512,
     l1Size,
     l1Offset: spec.l1Start * CLUSTER_SIZE,
     refcountTableOffset: spec.tableStart * CLUSTER_SIZE,

@@ -20,6 +20,15 @@ export interface WriterStats {
   bytes: number
 }
 
+/**
+ * The size VMA records for a disk of `size` bytes: whole 512-byte sectors, as
+ * the reference writer records it (the padding reads as zeros). Proxmox's
+ * `vma extract` restores only whole sectors of a size that is not one.
+ */
+export function vmaDeviceSize (size: number): number {
+  return Math.ceil(size / 512) * 512
+}
+
 export class VmaWriter extends Transform {
   readonly stats: WriterStats = { extents: 0, clusters: 0, dataBlocks: 0, bytes: 0 }
   private uuid?: Buffer
@@ -55,8 +64,9 @@ export class VmaWriter extends Transform {
   private start (info: ArchiveInfo): void {
     if (this.uuid !== undefined) throw new VmapipeError('E_RECORD', 'a second ArchiveInfo in one record stream')
     this.uuid = parseUuid(info.uuid)
-    this.out(encodeHeader({ uuid: this.uuid, ctime: info.ctime, configs: info.configs, devices: info.devices }))
-    for (const d of info.devices) this.devices.set(d.id, trackDevice(d))
+    const devices = info.devices.map(d => ({ ...d, size: vmaDeviceSize(d.size) }))
+    this.out(encodeHeader({ uuid: this.uuid, ctime: info.ctime, configs: info.configs, devices }))
+    for (const d of devices) this.devices.set(d.id, trackDevice(d))
   }
 
   private add (rec: ClusterRecord): void {
