@@ -120,7 +120,9 @@ const zlibZstd = zlib as unknown as ZlibZstd
 
 /** A job run in a worker thread, with credits both ways (see compression-worker.ts). */
 function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
-  const worker = new Worker(new URL('./compression-worker.js', import.meta.url), { workerData: options })
+  // The worker is a file: flags only meant for a main script given as text (node --input-type -e) would stop it loading.
+  const execArgv = process.execArgv.filter(a => !a.startsWith('--input-type'))
+  const worker = new Worker(new URL('./compression-worker.js', import.meta.url), { workerData: options, execArgv })
   /** Input chunks sent and not yet consumed; at most this many are in flight. */
   const IN_FLIGHT = 4
   let inFlight = 0
