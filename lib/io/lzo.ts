@@ -16,10 +16,31 @@ const M2_MAX_OFFSET = 0x0800
 const M3_MAX_OFFSET = 0x4000
 const M4_MAX_OFFSET = 0xbfff
 
+function fail (what: string, at: number): never {
+  throw new LzoError(`LZO1X data ${what}`, at)
+}
+
+/** Where the last longLength() ended in the input (module state, so the decoder's locals stay in registers). */
+let lengthEnd = 0
+
+/** A length extended by zero bytes (255 each) and ended by a non-zero byte. */
+function longLength (src: Uint8Array, ip: number, base: number, limit: number): number {
+  let n = base
+  while (true) {
+    if (ip >= src.length) fail('ends early', ip)
+    const b = src[ip++]
+    if (b !== 0) { lengthEnd = ip; return n + b }
+    n += 255
+    if (n > limit) fail('has a run longer than its block', ip)
+  }
+}
+
 /**
  * Decompresses one LZO1X block into `out`, which must be exactly the size
  * the container promised. Every read and copy is bounds-checked, so hostile
  * input ends in an LzoError, never in reading or writing outside the buffers.
+ * The states follow lzo1x_d.ch: a literal run, then matches, each followed by
+ * 0-3 literals (low bits of its offset) or a new literal run.
  */
 export function lzo1xDecompress (src: Uint8Array, out: Uint8Array): void {
   const end = src.length
@@ -27,89 +48,89 @@ export function lzo1xDecompress (src: Uint8Array, out: Uint8Array): void {
   let ip = 0
   let op = 0
   let t = 0
-  let mPos = 0
-  const fail = (what: string): never => { throw new LzoError(`LZO1X data ${what}`, ip) }
-  const byte = (): number => { if (ip >= end) fail('ends early'); return src[ip++] }
-  /** Zero bytes extend a length by 255 each, the next byte ends it. */
-  const longLength = (base: number): number => {
-    let n = 0
-    while (true) {
-      const b = byte()
-      if (b !== 0) return n + base + b
-      n += 255
-      if (n > outEnd) fail('has a run longer than its block')
-    }
-  }
-  const literals = (n: number): void => {
-    if (ip + n > end) fail('ends inside a literal run')
-    if (op + n > outEnd) fail('overruns its block')
-    out.set(src.subarray(ip, ip + n), op)
-    ip += n
-    op += n
-  }
-  const copyMatch = (n: number): void => {
-    if (mPos < 0) fail('refers before the start of its block')
-    if (op + n > outEnd) fail('overruns its block')
-    if (op - mPos >= n) {
-      out.copyWithin(op, mPos, mPos + n)
-      op += n
-    } else {
-      for (let i = 0; i < n; i++) out[op++] = out[mPos++]
-    }
-  }
-  // States of the decoder as in lzo1x_d.ch: a literal run, then matches, each
-  // followed by 0-3 literals (low bits of its offset) or a new literal run.
-  type State = 'literal' | 'firstLiteral' | 'match' | 'matchNext'
-  let state: State = 'literal'
+  let m = 0
+  let len = 0
+  const LITERAL = 0
+  const FIRST_LITERAL = 1
+  const MATCH = 2
+  const MATCH_NEXT = 3
+  let state = LITERAL
   if (end > 0 && src[0] > 17) {
     t = src[ip++] - 17
-    if (t < 4) state = 'matchNext'
-    else { literals(t); state = 'firstLiteral' }
+    state = t < 4 ? MATCH_NEXT : FIRST_LITERAL
+    if (t >= 4) {
+      if (ip + t > end || t > outEnd) fail('overruns its block', ip)
+      out.set(src.subarray(ip, ip + t), op)
+      ip += t
+      op += t
+    }
   }
   while (true) {
-    if (state === 'literal') {
-      t = byte()
-      if (t >= 16) { state = 'match'; continue }
-      literals((t === 0 ? longLength(15) : t) + 3)
-      state = 'firstLiteral'
+    if (state === LITERAL || state === MATCH_NEXT) {
+      if (state === LITERAL) {
+        if (ip >= end) fail('ends early', ip)
+        t = src[ip++]
+        if (t >= 16) { state = MATCH; continue }
+        if (t === 0) { t = longLength(src, ip, 15, outEnd); ip = lengthEnd }
+        t += 3
+      }
+      if (ip + t > end || op + t > outEnd) fail('overruns its block', ip)
+      if (t < 16) {
+        for (let i = 0; i < t; i++) out[op++] = src[ip++]
+      } else {
+        out.set(src.subarray(ip, ip + t), op)
+        ip += t
+        op += t
+      }
+      if (ip >= end) fail('ends early', ip)
+      if (state === MATCH_NEXT) { t = src[ip++]; state = MATCH; continue }
+      state = FIRST_LITERAL
       continue
     }
-    if (state === 'firstLiteral') {
-      t = byte()
-      if (t >= 16) { state = 'match'; continue }
-      mPos = op - (1 + M2_MAX_OFFSET) - (t >> 2) - (byte() << 2)
-      copyMatch(3)
-    } else if (state === 'matchNext') {
-      literals(t)
-      t = byte()
-      state = 'match'
-      continue
+    if (ip + 2 > end) fail('ends early', ip)
+    if (state === FIRST_LITERAL) {
+      t = src[ip++]
+      if (t >= 16) { state = MATCH; continue }
+      m = op - (1 + M2_MAX_OFFSET) - (t >> 2) - (src[ip++] << 2)
+      len = 3
     } else if (t >= 64) {
-      mPos = op - 1 - ((t >> 2) & 7) - (byte() << 3)
-      copyMatch((t >> 5) + 1)
+      m = op - 1 - ((t >> 2) & 7) - (src[ip++] << 3)
+      len = (t >> 5) + 1
     } else if (t >= 32) {
-      const len = (t & 31) === 0 ? longLength(31) : t & 31
-      const lo = byte()
-      mPos = op - 1 - ((lo | (byte() << 8)) >> 2)
-      copyMatch(len + 2)
+      t &= 31
+      if (t === 0) { t = longLength(src, ip, 31, outEnd); ip = lengthEnd }
+      if (ip + 2 > end) fail('ends early', ip)
+      m = op - 1 - ((src[ip] | (src[ip + 1] << 8)) >> 2)
+      ip += 2
+      len = t + 2
     } else if (t >= 16) {
       const far = (t & 8) << 11
-      const len = (t & 7) === 0 ? longLength(7) : t & 7
-      const lo = byte()
-      const distance = far + ((lo | (byte() << 8)) >> 2)
+      t &= 7
+      if (t === 0) { t = longLength(src, ip, 7, outEnd); ip = lengthEnd }
+      if (ip + 2 > end) fail('ends early', ip)
+      const distance = far + ((src[ip] | (src[ip + 1] << 8)) >> 2)
+      ip += 2
       if (distance === 0) {
-        if (op !== outEnd) fail(`ends after ${op} of ${outEnd} bytes`)
-        if (ip !== end) fail('goes on after its end marker')
+        if (op !== outEnd) fail(`ends after ${op} of ${outEnd} bytes`, ip)
+        if (ip !== end) fail('goes on after its end marker', ip)
         return
       }
-      mPos = op - distance - 0x4000
-      copyMatch(len + 2)
+      m = op - distance - 0x4000
+      len = t + 2
     } else {
-      mPos = op - 1 - (t >> 2) - (byte() << 2)
-      copyMatch(2)
+      m = op - 1 - (t >> 2) - (src[ip++] << 2)
+      len = 2
+    }
+    if (m < 0) fail('refers before the start of its block', ip)
+    if (op + len > outEnd) fail('overruns its block', ip)
+    if (len < 32 || op - m < len) {
+      for (let i = 0; i < len; i++) out[op++] = out[m++]
+    } else {
+      out.copyWithin(op, m, m + len)
+      op += len
     }
     t = src[ip - 2] & 3
-    state = t === 0 ? 'literal' : 'matchNext'
+    state = t === 0 ? LITERAL : MATCH_NEXT
   }
 }
 
