@@ -13,7 +13,14 @@ import { LZOP_BLOCK, LZOP_END, LzoError, LzopDecoder, lzo1xBound, lzopBlock, lzo
 
 const OUT = 1 << 20
 
-type Binding = typeof import('zstd-napi/binding.js')
+/** The part of zstd-napi's binding used here, declared locally: the package is optional, and the build must not need it. */
+interface Binding {
+  DCtx: new () => { setParameter: (p: number, v: number) => void, decompressStream: (dst: Uint8Array, src: Uint8Array) => [number, number, number] }
+  CCtx: new () => { setParameter: (p: number, v: number) => void, compressStream2: (dst: Uint8Array, src: Uint8Array, end: number) => [number, number, number] }
+  DParameter: { windowLogMax: number }
+  CParameter: { compressionLevel: number, nbWorkers: number }
+  EndDirective: { continue: number, end: number }
+}
 /** Sends output; `owned`: a buffer of our own (not Buffer's shared pool) that may be handed over to the reader. */
 type Emit = (data: Buffer, owned?: boolean) => Promise<void>
 interface Engine {

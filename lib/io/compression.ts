@@ -9,6 +9,7 @@
  * `lzop` programs instead, as before.
  */
 import { spawn } from 'node:child_process'
+import { createRequire } from 'node:module'
 import { availableParallelism } from 'node:os'
 import { Duplex, Readable, Writable } from 'node:stream'
 import { Worker } from 'node:worker_threads'
@@ -118,6 +119,26 @@ interface ZlibZstd {
 }
 const zlibZstd = zlib as unknown as ZlibZstd
 
+let zstdNapi: boolean | undefined
+/**
+ * zstd-napi is an optional dependency: where it could not be built at install
+ * (no C compiler) and Node has no zstd of its own, say what to do rather than fail later.
+ */
+function needZstdNapi (): void {
+  if (zstdNapi === undefined) {
+    try {
+      createRequire(import.meta.url)('zstd-napi/binding.js')
+      zstdNapi = true
+    } catch {
+      zstdNapi = false
+    }
+  }
+  if (!zstdNapi) {
+    throw new VmapipeError('E_TOOL_MISSING', 'zstd needs Node 22.15 or later, or the zstd-napi package built at install (npm ci with a C compiler), ' +
+      'or the zstd program with VMAPIPE_EXTERNAL_COMPRESSION=1')
+  }
+}
+
 /** A job run in a worker thread, with credits both ways (see compression-worker.ts). */
 function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
   // The worker is a file: flags only meant for a main script given as text (node --input-type -e) would stop it loading.
@@ -178,6 +199,7 @@ function zstdDecompressor (): Filter {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
   }
+  needZstdNapi()
   return workerFilter({ job: 'zstd-d' }, 'E_COMPRESSED_DATA')
 }
 
@@ -205,6 +227,7 @@ function zstdCompressor (level = ZSTD_LEVEL): Filter {
     const params = { [c.ZSTD_c_compressionLevel]: level, ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}) }
     return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
   }
+  needZstdNapi()
   return workerFilter({ job: 'zstd-c', level, threads }, 'E_IO')
 }
 
@@ -245,13 +268,24 @@ class FilterStream extends Duplex {
       this.head.push(chunk)
       this.headLength += chunk.length
       if (this.headLength < this.headBytes) { callback(); return }
-      chunk = this.start()
+      try {
+        chunk = this.start()
+      } catch (err) {
+        callback(err as Error)
+        return
+      }
     }
     this.forward(chunk, callback)
   }
 
   override _final (callback: (err?: Error | null) => void): void {
-    const rest = this.inner === undefined ? this.start() : null
+    let rest: Buffer | null
+    try {
+      rest = this.inner === undefined ? this.start() : null
+    } catch (err) {
+      callback(err as Error)
+      return
+    }
     const finish = (): void => {
       const filter = this.inner
       if (filter === null || filter === undefined) { this.push(null); callback(); return }
