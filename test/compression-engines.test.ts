@@ -11,6 +11,9 @@ import { join } from 'node:path'
 import { PACK_VMA, PVE_VMA, VMA, cmp, exits, needsPveVma, q, run, sh, tempDir } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { Rng } from './helpers/random.js'
+import { createCompressor, createDecompressor } from '../lib/io/compression.js'
+import { LZOP_BLOCK, LZOP_END, lzo1xBound, lzo1xCompress, lzo1xDecompress, lzopBlock, lzopHeader } from '../lib/io/lzo.js'
+import type { Duplex } from 'node:stream'
 
 const KINDS: Array<{ kind: string, ext: string, pack: string, unpack: string }> = [
   { kind: 'zstd', ext: '.zst', pack: 'zstd -q -c', unpack: 'zstd -q -d -c' },
@@ -182,5 +185,61 @@ t.test('SIGINT during verify of a .zst exits 130, with our engine and with the z
       t.equal(r.code, 130, `${engine}: exits 130`)
       t.equal(lastLog(r.stderr).code, 'E_INTERRUPTED', `${engine}: says interrupted`)
     }
+  }
+})
+
+/** Runs bytes through one of our streams, in-process. */
+async function through (stream: Duplex, data: Buffer): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  stream.on('data', (b: Buffer) => chunks.push(b))
+  const ended = new Promise((resolve, reject) => { stream.on('end', resolve); stream.on('error', reject) })
+  stream.end(data)
+  await ended
+  return Buffer.concat(chunks)
+}
+
+t.test('LZO1X edge cases: what we write, lzop -d and our reader both give back', async t => {
+  const dir = tempDir(t)
+  const rng = new Rng(36)
+  const random = (n: number): Buffer => rng.fill(Buffer.alloc(n))
+  /** `unit` repeated (with a random head) so matches come at exactly one distance and run for `length`. */
+  const periodic = (distance: number, length: number): Buffer => {
+    const unit = random(distance)
+    return Buffer.concat([random(7), ...Array.from({ length: Math.ceil(length / distance) + 1 }, () => unit)]).subarray(0, 7 + distance + length)
+  }
+  const cases: Array<[string, Buffer]> = [
+    ['empty', Buffer.alloc(0)], ['1 byte', random(1)], ['3 bytes', random(3)], ['4 bytes', random(4)],
+    ['238 literals', random(238)], ['239 literals', random(239)], ['4000 literals', random(4000)],
+    ['1 MiB of zeros', Buffer.alloc(1 << 20)], ['one byte past a block', random((256 << 10) + 1)],
+    ...[3, 4, 8, 9, 10, 33, 34, 288, 289, 544].map(n => [`a match of ${n}`, Buffer.concat([random(5), Buffer.alloc(n, 0x61), random(2), Buffer.alloc(n, 0x61), random(9)])] as [string, Buffer]),
+    ...[2048, 2049, 0x4000, 0x4001, 0x8000, 0xbfff, 0xc000].map(d => [`distance ${d}`, periodic(d, 600)] as [string, Buffer]),
+    ['literals 1 to 3 after matches', Buffer.concat(Array.from({ length: 300 }, (_, i) => Buffer.concat([Buffer.from('matchme!'), random(1 + (i % 4))])))],
+  ]
+  // Each case a block of its own (as lzop's blocks are compressed apart); every case through LZO1X itself too,
+  // even where the block would be stored because it does not shrink.
+  const dict = new Int32Array(1 << 14)
+  const scratch = new Uint8Array(lzo1xBound(Math.max(...cases.map(([, d]) => d.length))))
+  for (const [what, data] of cases) {
+    const packed = lzo1xCompress(data, scratch, dict)
+    const back = Buffer.alloc(data.length)
+    lzo1xDecompress(packed, back)
+    t.ok(back.equals(data), `${what}: LZO1X round trip`)
+  }
+  // lzop -d takes blocks of up to its own block size.
+  const fitting = cases.map(([, d]) => d).filter(d => d.length > 0 && d.length <= LZOP_BLOCK)
+  const file = join(dir, 'cases.lzo')
+  writeFileSync(file, Buffer.concat([lzopHeader(), ...fitting.map(d => lzopBlock(d, scratch, dict)), LZOP_END]))
+  const all = Buffer.concat(fitting)
+  const theirs = await run('lzop', ['-d', '-c', file])
+  exits(t, theirs, 0, 'lzop -d takes every case')
+  t.ok(theirs.stdout.equals(all), 'lzop -d gives every case back')
+  t.ok((await through(createDecompressor(), readFileSync(file))).equals(all), 'our reader gives every case back')
+  // And our compressing stream, whole: blocks of 256 KiB, the last one short; an empty stream.
+  for (const data of [Buffer.concat(cases.map(([, d]) => d)), Buffer.alloc(0)]) {
+    const packed = await through(createCompressor('lzo'), data)
+    writeFileSync(file, packed)
+    const r = await run('lzop', ['-d', '-c', file])
+    exits(t, r, 0, `lzop -d takes our stream of ${data.length} bytes`)
+    t.ok(r.stdout.equals(data), `lzop -d gives back our stream of ${data.length} bytes`)
   }
 })

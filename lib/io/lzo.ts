@@ -147,67 +147,74 @@ const MIN_MATCH = 4
 export function lzo1xCompress (src: Uint8Array, scratch: Uint8Array, dict: Int32Array): Uint8Array {
   dict.fill(-1)
   const n = src.length
+  const limit = n - MIN_MATCH
   let op = 0
   let ip = 0
   let lit = 0
-  const put = (b: number): void => { scratch[op++] = b }
-  const putLength = (rest: number): void => {
-    while (rest > 255) { rest -= 255; put(0) }
-    put(rest)
-  }
-  const flushLiterals = (end: number): void => {
-    const len = end - lit
-    if (len === 0) return
-    if (op === 0 && len <= 238) put(17 + len)
-    else if (len <= 3) scratch[op - 2] |= len
-    else if (len <= 18) put(len - 3)
-    else { put(0); putLength(len - 18) }
-    scratch.set(src.subarray(lit, end), op)
-    op += len
-  }
-  const limit = n - MIN_MATCH
   let misses = 0
-  while (ip <= limit) {
-    const v = src[ip] | (src[ip + 1] << 8) | (src[ip + 2] << 16) | (src[ip + 3] << 24)
-    const h = Math.imul(v, 0x1e35a7bd) >>> (32 - HASH_BITS)
-    const cand = dict[h]
-    dict[h] = ip
-    const off = ip - cand
-    if (cand < 0 || off > M4_MAX_OFFSET || src[cand] !== src[ip] || src[cand + 1] !== src[ip + 1] ||
-        src[cand + 2] !== src[ip + 2] || src[cand + 3] !== src[ip + 3]) {
+  // Everything inline, no closures over op/ip: V8 keeps them in registers that way.
+  while (true) {
+    let len = 0
+    let off = 0
+    while (ip <= limit) {
+      const v = src[ip] | (src[ip + 1] << 8) | (src[ip + 2] << 16) | (src[ip + 3] << 24)
+      const h = Math.imul(v, 0x1e35a7bd) >>> (32 - HASH_BITS)
+      const cand = dict[h]
+      dict[h] = ip
+      off = ip - cand
+      if (cand >= 0 && off <= M4_MAX_OFFSET && (src[cand] | (src[cand + 1] << 8) | (src[cand + 2] << 16) | (src[cand + 3] << 24)) === v) {
+        len = MIN_MATCH
+        while (ip + len < n && src[cand + len] === src[ip + len]) len++
+        break
+      }
       ip += 1 + (misses++ >> 5)
-      continue
     }
+    const litEnd = len === 0 ? n : ip
+    const count = litEnd - lit
+    if (count > 0) {
+      if (op === 0 && count <= 238) scratch[op++] = 17 + count
+      else if (count <= 3) scratch[op - 2] |= count
+      else if (count <= 18) scratch[op++] = count - 3
+      else {
+        scratch[op++] = 0
+        let rest = count - 18
+        while (rest > 255) { rest -= 255; scratch[op++] = 0 }
+        scratch[op++] = rest
+      }
+      scratch.set(src.subarray(lit, litEnd), op)
+      op += count
+    }
+    if (len === 0) break
     misses = 0
-    let len = MIN_MATCH
-    while (ip + len < n && src[cand + len] === src[ip + len]) len++
-    flushLiterals(ip)
     if (len <= 8 && off <= M2_MAX_OFFSET) {
       const o = off - 1
-      put(((len - 1) << 5) | ((o & 7) << 2))
-      put(o >> 3)
+      scratch[op++] = ((len - 1) << 5) | ((o & 7) << 2)
+      scratch[op++] = o >> 3
     } else {
       let o: number
+      let rest: number
       if (off <= M3_MAX_OFFSET) {
         o = off - 1
-        if (len <= 33) put(32 | (len - 2))
-        else { put(32); putLength(len - 33) }
+        rest = len <= 33 ? -1 : len - 33
+        scratch[op++] = rest < 0 ? 32 | (len - 2) : 32
       } else {
         o = off - 0x4000
-        const high = (o >> 11) & 8
-        if (len <= 9) put(16 | high | (len - 2))
-        else { put(16 | high); putLength(len - 9) }
+        rest = len <= 9 ? -1 : len - 9
+        scratch[op++] = 16 | ((o >> 11) & 8) | (rest < 0 ? len - 2 : 0)
       }
-      put((o << 2) & 0xff)
-      put((o >> 6) & 0xff)
+      if (rest >= 0) {
+        while (rest > 255) { rest -= 255; scratch[op++] = 0 }
+        scratch[op++] = rest
+      }
+      scratch[op++] = (o << 2) & 0xff
+      scratch[op++] = (o >> 6) & 0xff
     }
     ip += len
     lit = ip
   }
-  flushLiterals(n)
-  put(16 | 1)
-  put(0)
-  put(0)
+  scratch[op++] = 16 | 1
+  scratch[op++] = 0
+  scratch[op++] = 0
   return scratch.subarray(0, op)
 }
 
