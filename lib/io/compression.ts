@@ -52,7 +52,7 @@ interface Filter {
   stop: () => void
 }
 
-/** Whether to run the `zstd` and `lzop` programs rather than our own engines (faster for nobody we measured; kept as an option). */
+/** Whether to run the `zstd` and `lzop` programs rather than our own engines (an option: `lzop` compresses faster than our LZO1X). */
 function externalPrograms (): boolean {
   return process.env.VMAPIPE_EXTERNAL_COMPRESSION === '1'
 }
