@@ -138,9 +138,10 @@ const HASH_BITS = 14
 const MIN_MATCH = 4
 
 /**
- * Compresses one block (at most 64 KiB windows apart, as LZO1X allows
- * 48 KiB back) into LZO1X: greedy matches of 4 bytes or more found through a
- * hash of the next 4 bytes, skipping faster through data that does not match.
+ * Compresses one block into LZO1X: greedy matches of 4 bytes or more, up to
+ * 48 KiB back (LZO1X's reach), found through a hash of the next 4 bytes,
+ * skipping faster through data that does not match. `dict` (2^14 entries) is
+ * scratch space too.
  * Returns the compressed bytes (a view of `scratch`, which must hold
  * `lzo1xBound(src.length)`).
  */
