@@ -266,12 +266,24 @@ export class LzopDecoder {
   private flags = -1
   private finished = false
 
+  /** Input not yet joined to `buf`: joined only once the unit waiting for it is complete, so a large block costs one copy. */
+  private pending: Buffer[] = []
+  private pendingBytes = 0
+  /** Bytes `buf` must hold before the unit at its start can be read. */
+  private need = 0
+
   push (chunk: Buffer): void {
-    this.buf = this.buf.length === 0 ? chunk : Buffer.concat([this.buf, chunk])
+    this.pending.push(chunk)
+    this.pendingBytes += chunk.length
   }
 
   /** The next decompressed block, or null until more input arrives. */
   next (): Buffer | null {
+    if (this.pendingBytes > 0 && this.buf.length + this.pendingBytes >= this.need) {
+      this.buf = Buffer.concat([this.buf, ...this.pending])
+      this.pending = []
+      this.pendingBytes = 0
+    }
     if (this.finished) {
       if (this.buf.length > 0) this.fail(0, 'there are bytes after the end of the lzop stream')
       return null
@@ -282,7 +294,7 @@ export class LzopDecoder {
 
   /** Says whether the stream ended where it should. */
   end (): void {
-    if (!this.finished) this.fail(this.buf.length, this.flags < 0 ? 'the lzop header is cut off' : 'the lzop stream is cut off')
+    if (!this.finished) this.fail(this.buf.length + this.pendingBytes, this.flags < 0 ? 'the lzop header is cut off' : 'the lzop stream is cut off')
   }
 
   private fail (at: number, message: string): never {
@@ -292,6 +304,7 @@ export class LzopDecoder {
   private take (n: number): void {
     this.buf = this.buf.subarray(n)
     this.consumed += n
+    this.need = 0
   }
 
   private block (): Buffer | null {
@@ -312,7 +325,7 @@ export class LzopDecoder {
     const dSums = (f & F_ADLER32_D ? 4 : 0) + (f & F_CRC32_D ? 4 : 0)
     const cSums = compressed ? (f & F_ADLER32_C ? 4 : 0) + (f & F_CRC32_C ? 4 : 0) : 0
     const start = 8 + dSums + cSums
-    if (b.length < start + srcLen) return null
+    if (b.length < start + srcLen) { this.need = start + srcLen; return null }
     let at = 8
     const dAdler = f & F_ADLER32_D ? b.readUInt32BE((at += 4) - 4) : undefined
     const dCrc = f & F_CRC32_D ? b.readUInt32BE((at += 4) - 4) : undefined
