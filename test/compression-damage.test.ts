@@ -14,7 +14,7 @@ import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { Rng } from './helpers/random.js'
 import { EXTERNAL, KINDS, barePath, lastLog } from './helpers/compression.js'
 import { createCompressor, createDecompressor } from '../lib/io/compression.js'
-import { LZOP_BLOCK, LZOP_END, lzo1xBound, lzo1xCompress, lzo1xDecompress, lzopBlock, lzopHeader } from '../lib/io/lzo.js'
+import { LZOP_BLOCK, LZOP_END, adler32, lzo1xBound, lzo1xCompress, lzo1xDecompress, lzopBlock, lzopHeader } from '../lib/io/lzo.js'
 
 t.test('damaged, cut and hostile compressed streams are E_COMPRESSED_DATA with an offset', async t => {
   const dir = tempDir(t)
@@ -147,6 +147,16 @@ t.test('LZO1X edge cases: what we write, lzop -d and our reader both give back',
   exits(t, theirs, 0, 'lzop -d takes every case')
   t.ok(theirs.stdout.equals(all), 'lzop -d gives every case back')
   t.ok((await through(createDecompressor(), readFileSync(file))).equals(all), 'our reader gives every case back')
+  // Blocks larger than lzop's own (others may write them; up to 64 MiB is allowed) come out whole.
+  const big = Buffer.alloc(8 << 20, 7)
+  big.write('in the middle', 4 << 20)
+  const bigBlock = Buffer.from(lzo1xCompress(big, new Uint8Array(lzo1xBound(big.length)), dict))
+  const blockHeader = Buffer.alloc(12)
+  blockHeader.writeUInt32BE(big.length, 0)
+  blockHeader.writeUInt32BE(bigBlock.length, 4)
+  blockHeader.writeUInt32BE(adler32(big), 8)
+  const bigFile = Buffer.concat([lzopHeader(), blockHeader, bigBlock, blockHeader, bigBlock, LZOP_END])
+  t.ok((await through(createDecompressor(), bigFile)).equals(Buffer.concat([big, big])), 'two blocks of 8 MiB')
   // And our compressing stream, whole: blocks of 256 KiB, the last one short; an empty stream.
   for (const data of [Buffer.concat(cases.map(([, d]) => d)), Buffer.alloc(0)]) {
     const packed = await through(createCompressor('lzo'), data)

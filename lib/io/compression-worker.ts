@@ -89,7 +89,11 @@ function lzopDecoder (): Engine {
   const decoder = new LzopDecoder()
   const drain = async (emit: Emit): Promise<void> => {
     try {
-      for (let block = decoder.next(); block !== null; block = decoder.next()) await emit(block, true)
+      for (let block = decoder.next(); block !== null; block = decoder.next()) {
+        // lzop's own blocks (256 KiB) go as they are; a larger one (up to 64 MiB) in copies of 1 MiB, so the credits bound memory.
+        if (block.length <= OUT) await emit(block, true)
+        else for (let at = 0; at < block.length; at += OUT) await emit(block.subarray(at, at + OUT))
+      }
     } catch (err) {
       if (err instanceof LzoError) throw new CodecError(`lzop: ${err.message}`, err.at)
       throw err
