@@ -111,7 +111,7 @@ async function through (stream: Duplex, data: Buffer): Promise<Buffer> {
   return Buffer.concat(chunks)
 }
 
-t.test('LZO1X edge cases: what we write, lzop -d and our reader both give back', async t => {
+t.test('LZO1X edge cases and lzop levels and flags: what we write, lzop -d and our reader both give back', async t => {
   const dir = tempDir(t)
   const rng = new Rng(36)
   const random = (n: number): Buffer => rng.fill(Buffer.alloc(n))
@@ -147,6 +147,16 @@ t.test('LZO1X edge cases: what we write, lzop -d and our reader both give back',
   exits(t, theirs, 0, 'lzop -d takes every case')
   t.ok(theirs.stdout.equals(all), 'lzop -d gives every case back')
   t.ok((await through(createDecompressor(), readFileSync(file))).equals(all), 'our reader gives every case back')
+  // What lzop writes at the levels and with the checksum flags people use (vzdump: plain `lzop`), from a file and from stdin.
+  const raw = join(dir, 'cases.raw')
+  writeFileSync(raw, all)
+  for (const flags of ['', '-1', '-9', '--crc32', '-F', '-1 --crc32']) {
+    for (const how of ['file', 'stdin']) {
+      const r = await sh(`lzop ${flags} -c ${how === 'file' ? q(raw) : `< ${q(raw)}`} > ${q(file)}`)
+      exits(t, r, 0)
+      t.ok((await through(createDecompressor(), readFileSync(file))).equals(all), `lzop ${flags} from ${how}: our reader gives it back`)
+    }
+  }
   // Blocks larger than lzop's own (others may write them; up to 64 MiB is allowed) come out whole.
   const big = Buffer.alloc(8 << 20, 7)
   big.write('in the middle', 4 << 20)
