@@ -1,12 +1,21 @@
 /**
  * Compression as Proxmox applies it around VMA: zstd, gzip or lzop over the
- * whole archive. Recognised by magic bytes only; zstd and lzop run as child
- * processes (the Debian tools), gzip in-process with zlib.
+ * whole archive. Recognised by magic bytes only. Nothing outside npm is
+ * needed: zstd runs in node:zlib where this Node has it (22.15+), else
+ * zstd-napi (libzstd built from its bundled sources), in a worker thread;
+ * lzop is our own LZO1X code (lzo.ts), in a worker thread; gzip is
+ * node:zlib, which works on libuv's thread pool. Either way the codec runs
+ * beside the parser. VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and
+ * `lzop` programs instead, as before.
  */
 import { spawn } from 'node:child_process'
-import { Duplex, type Readable, Writable } from 'node:stream'
-import { createGunzip, createGzip } from 'node:zlib'
+import { createRequire } from 'node:module'
+import { availableParallelism } from 'node:os'
+import { Duplex, Readable, Writable } from 'node:stream'
+import { Worker } from 'node:worker_threads'
+import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
+import { type WorkerOptions, ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
 
 export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
 export type Compression = typeof COMPRESSIONS[number]
@@ -43,43 +52,163 @@ interface Filter {
   stop: () => void
 }
 
+/** Whether to run the `zstd` and `lzop` programs rather than our own engines (an option: `lzop` compresses faster than our LZO1X). */
+function externalPrograms (): boolean {
+  return process.env.VMAPIPE_EXTERNAL_COMPRESSION === '1'
+}
+
 /** Runs `command` as a filter; with `outputFd` its output goes straight there instead of to us. */
 function childFilter (command: string, args: string[], failure: ErrorCode, outputFd?: number): Filter {
-  const child = spawn(command, args, { stdio: ['pipe', outputFd ?? 'pipe', 'pipe'] })
+  // A process group of its own: the terminal's ^C reaches only us, and we stop the child as part of cleaning up,
+  // instead of it dying first and its death reading as corrupt data.
+  const child = spawn(command, args, { stdio: ['pipe', outputFd ?? 'pipe', 'pipe'], detached: true })
   // stdin and stderr are always pipes; stdout is one unless the child writes to outputFd.
   const input = child.stdin as Writable
   let stderr = ''
+  let stopped = false
   ;(child.stderr as Readable).setEncoding('utf8').on('data', (s: string) => { if (stderr.length < 4096) stderr += s })
   // A child that dies early makes our writes fail with EPIPE; its exit status tells the real story.
   input.on('error', () => {})
   const done = new Promise<void>((resolve, reject) => {
     child.on('error', (err: NodeJS.ErrnoException) => {
       reject(err.code === 'ENOENT'
-        ? new VmapipeError('E_TOOL_MISSING', `${command} is not installed; install the Debian package ${command === 'lzop' ? 'lzop' : 'zstd'}`)
+        ? new VmapipeError('E_TOOL_MISSING', `${command} is not installed (VMAPIPE_EXTERNAL_COMPRESSION=1 asks for it); install the Debian package ${command}`)
         : ioError(err, `cannot run ${command}`))
     })
     child.on('close', (code, signal) => {
       if (code === 0) resolve()
+      else if (stopped || signal === 'SIGINT' || signal === 'SIGTERM') reject(new VmapipeError('E_INTERRUPTED', `${command} was stopped`))
       else reject(new VmapipeError(failure, `${command} ${args.join(' ')} failed (${signal ?? `exit ${code}`}): ${stderr.trim() || 'no message'}`))
     })
   })
-  return { input, output: child.stdout as Readable, done, stop: () => child.kill('SIGKILL') }
+  return { input, output: child.stdout as Readable, done, stop: () => { stopped = true; child.kill('SIGKILL') } }
 }
 
-function zlibFilter (stream: ReturnType<typeof createGzip>, failure: ErrorCode): Filter {
+/** Larger inputs are fed to zlib in pieces of this size, so one piece of a compression bomb cannot inflate past ~1 GiB. */
+const ZLIB_PIECE = 1 << 16
+
+function zlibFilter (stream: Duplex, what: string, failure: ErrorCode): Filter {
   const done = new Promise<void>((resolve, reject) => {
     stream.on('end', resolve)
-    stream.on('error', err => reject(new VmapipeError(failure, `gzip: ${err.message}`)))
+    stream.on('error', err => reject(new VmapipeError(failure, `${what}: ${err.message}`)))
   })
-  return { input: stream, output: stream, done, stop: () => stream.destroy() }
+  // zlib inflates a whole written chunk before it looks at backpressure; small pieces keep that bounded.
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      const feed = (at: number): void => {
+        while (at < chunk.length) {
+          const piece = chunk.subarray(at, at + ZLIB_PIECE)
+          at += piece.length
+          if (!stream.write(piece)) { stream.once('drain', () => feed(at)); return }
+        }
+        callback()
+      }
+      feed(0)
+    },
+    final (callback) { stream.end(); callback() },
+  })
+  return { input, output: stream, done, stop: () => stream.destroy() }
+}
+
+/** node:zlib's zstd (Node 22.15 and later), which @types/node 20 does not describe. */
+interface ZlibZstd {
+  createZstdDecompress?: (options: object) => Duplex
+  createZstdCompress?: (options: object) => Duplex
+  constants: Record<string, number>
+}
+const zlibZstd = zlib as unknown as ZlibZstd
+
+let zstdNapi: boolean | undefined
+/**
+ * zstd-napi is an optional dependency: where it could not be built at install
+ * (no C compiler) and Node has no zstd of its own, say what to do rather than fail later.
+ */
+function needZstdNapi (): void {
+  if (zstdNapi === undefined) {
+    try {
+      createRequire(import.meta.url)('zstd-napi/binding.js')
+      zstdNapi = true
+    } catch {
+      zstdNapi = false
+    }
+  }
+  if (!zstdNapi) {
+    throw new VmapipeError('E_TOOL_MISSING', 'zstd needs Node 22.15 or later, or the zstd-napi package built at install (npm ci with a C compiler), ' +
+      'or the zstd program with VMAPIPE_EXTERNAL_COMPRESSION=1')
+  }
+}
+
+/** A job run in a worker thread, with credits both ways (see compression-worker.ts). */
+function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
+  // The worker is a file: flags only meant for a main script given as text (node --input-type -e) would stop it loading.
+  const execArgv = process.execArgv.filter(a => !a.startsWith('--input-type'))
+  const worker = new Worker(new URL('./compression-worker.js', import.meta.url), { workerData: options, execArgv })
+  /** Input chunks sent and not yet consumed; at most this many are in flight. */
+  const IN_FLIGHT = 4
+  let inFlight = 0
+  let waiting: (() => void) | undefined
+  let owed = 0
+  const output = new Readable({
+    highWaterMark: CHUNK,
+    read () {
+      for (; owed > 0; owed--) worker.postMessage({ t: 'credit' })
+    },
+  })
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      const copy = new Uint8Array(chunk)
+      worker.postMessage({ t: 'data', b: copy.buffer }, [copy.buffer])
+      if (++inFlight < IN_FLIGHT) callback()
+      else waiting = callback
+    },
+    final (callback) {
+      worker.postMessage({ t: 'end' })
+      callback()
+    },
+  })
+  const done = new Promise<void>((resolve, reject) => {
+    worker.on('message', (m: { t: 'ack' } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number } | { t: 'error', message: string, at?: number }) => {
+      if (m.t === 'ack') {
+        inFlight--
+        const resume = waiting
+        waiting = undefined
+        resume?.()
+      } else if (m.t === 'data') {
+        if (output.push(Buffer.from(m.b, 0, m.n))) worker.postMessage({ t: 'credit' })
+        else owed++
+      } else if (m.t === 'end') {
+        output.push(null)
+        resolve()
+        void worker.terminate()
+      } else {
+        reject(new VmapipeError(failure, m.at === undefined ? m.message : `${m.message} (compressed byte ${m.at})`))
+        void worker.terminate()
+      }
+    })
+    worker.on('error', err => reject(new VmapipeError(failure, `${options.job}: ${err.message}`, { cause: err })))
+    worker.on('exit', code => reject(new VmapipeError(failure, `the ${options.job} worker stopped (exit ${code})`)))
+  })
+  return { input, output, done, stop: () => { void worker.terminate() } }
+}
+
+function zstdDecompressor (): Filter {
+  if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
+  if (zlibZstd.createZstdDecompress !== undefined) {
+    const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
+    return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
+  }
+  needZstdNapi()
+  return workerFilter({ job: 'zstd-d' }, 'E_COMPRESSED_DATA')
 }
 
 function decompressor (kind: Compression): Filter | null {
   switch (kind) {
     case 'none': return null
-    case 'zstd': return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
-    case 'lzo': return childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA')
-    case 'gzip': return zlibFilter(createGunzip({ chunkSize: CHUNK }), 'E_COMPRESSED_DATA')
+    case 'zstd': return zstdDecompressor()
+    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : workerFilter({ job: 'lzo-d' }, 'E_COMPRESSED_DATA')
+    case 'gzip': return zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
   }
 }
 
@@ -87,15 +216,31 @@ const COMPRESS_COMMANDS = {
   zstd: ['zstd', '-c', '-q', '-T0'],
   lzo: ['lzop', '-c'],
 } as const
+/** zstd's level when none is given, as for the `zstd` program. */
+const ZSTD_LEVEL = 3
+
+function zstdCompressor (level = ZSTD_LEVEL): Filter {
+  // All cores, as `zstd -T0`.
+  const threads = availableParallelism()
+  if (zlibZstd.createZstdCompress !== undefined) {
+    const c = zlibZstd.constants
+    const params = { [c.ZSTD_c_compressionLevel]: level, ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}) }
+    return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
+  }
+  needZstdNapi()
+  return workerFilter({ job: 'zstd-c', level, threads }, 'E_IO')
+}
 
 function compressor (kind: Compression, level?: number, outputFd?: number): Filter | null {
+  if (kind !== 'none' && kind !== 'gzip' && (externalPrograms() || outputFd !== undefined)) {
+    const [command, ...args] = COMPRESS_COMMANDS[kind]
+    return childFilter(command, [...args, ...(level === undefined ? [] : [`-${level}`])], 'E_IO', outputFd)
+  }
   switch (kind) {
     case 'none': return null
-    case 'gzip': return zlibFilter(createGzip({ chunkSize: CHUNK, ...(level === undefined ? {} : { level }) }), 'E_IO')
-    default: {
-      const [command, ...args] = COMPRESS_COMMANDS[kind]
-      return childFilter(command, [...args, ...(level === undefined ? [] : [`-${level}`])], 'E_IO', outputFd)
-    }
+    case 'gzip': return zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...(level === undefined ? {} : { level }) }), 'gzip', 'E_IO')
+    case 'zstd': return zstdCompressor(level)
+    case 'lzo': return workerFilter({ job: 'lzo-c' }, 'E_IO')
   }
 }
 
@@ -123,13 +268,24 @@ class FilterStream extends Duplex {
       this.head.push(chunk)
       this.headLength += chunk.length
       if (this.headLength < this.headBytes) { callback(); return }
-      chunk = this.start()
+      try {
+        chunk = this.start()
+      } catch (err) {
+        callback(err as Error)
+        return
+      }
     }
     this.forward(chunk, callback)
   }
 
   override _final (callback: (err?: Error | null) => void): void {
-    const rest = this.inner === undefined ? this.start() : null
+    let rest: Buffer | null
+    try {
+      rest = this.inner === undefined ? this.start() : null
+    } catch (err) {
+      callback(err as Error)
+      return
+    }
     const finish = (): void => {
       const filter = this.inner
       if (filter === null || filter === undefined) { this.push(null); callback(); return }
@@ -197,9 +353,9 @@ export function createCompressor (kind: Compression, level?: number): Duplex {
   return stream
 }
 
-/** Whether a compression runs as a program that can write to a file descriptor itself. */
+/** Whether a compression runs as a program that can write to a file descriptor itself (only with VMAPIPE_EXTERNAL_COMPRESSION=1). */
 export function compressesToFd (kind: Compression): boolean {
-  return kind in COMPRESS_COMMANDS
+  return externalPrograms() && kind in COMPRESS_COMMANDS
 }
 
 /**
