@@ -211,8 +211,8 @@ export class ParallelsBundle implements RandomAccessDisk {
     }
   }
 
-  async describe (): Promise<DiskDescription> {
-    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data)
+  async describe (signal?: AbortSignal): Promise<DiskDescription> {
+    const allocated = await mappedBytes(async (o, l) => await this.map(o, l), this.size, e => e.data, signal)
     const details: Record<string, string | number> = {}
     for (const [i, layer] of this.layers.entries()) details[`layer ${i + 1}`] = `${layer.file} (${layer.type}, ${layer.guid})`
     return { format: 'parallels-bundle', size: this.size, allocated, layers: this.layers.length, bitmaps: await describeBitmaps(this.bitmaps), details }
