@@ -6,6 +6,7 @@
  */
 import { createHash } from 'node:crypto'
 import { type Field, type Seed, table } from './mutate.js'
+import type { Rng } from './rng.js'
 
 function md5WithHole (buf: Buffer, from: number, to: number, hole: number): Buffer {
   return createHash('md5').update(buf.subarray(from, hole)).update(Buffer.alloc(16)).update(buf.subarray(hole + 16, to)).digest()
@@ -72,6 +73,79 @@ export function fixVma (buf: Buffer): void {
   vmaExtents(buf, headerSize, at => { md5WithHole(buf, at, at + VMA_EXTENT, at + 24).copy(buf, at + 24) })
 }
 
+/**
+ * Appends `count` extents of mask-0 entries naming clusters spread over a
+ * device made huge: an archive of a few hundred KiB that names clusters all
+ * over a device of up to 2^48 bytes (what the cluster tracker must bear).
+ */
+export function sprayVma (buf: Buffer, rng: Rng): { bytes: Buffer, what: string } {
+  if (buf.length < 4096 + 32) return { bytes: buf, what: 'too short to spray' }
+  const size = 2 ** (40 + rng.below(9))
+  const dev = 1
+  buf.writeBigUInt64BE(BigInt(size), 4096 + 32 * dev + 8)
+  const count = 64 + rng.below(2048)
+  const extents = Buffer.alloc(count * VMA_EXTENT)
+  const clusters = size / 65536
+  for (let e = 0; e < count; e++) {
+    const at = e * VMA_EXTENT
+    extents.write('VMAE', at, 'latin1')
+    buf.copy(extents, at + 8, 8, 24)
+    for (let i = 0; i < VMA_ENTRIES; i++) {
+      extents.writeUInt32BE(dev, at + 40 + 8 * i)
+      extents.writeUInt32BE(Math.floor(rng.below(clusters)) >>> 0, at + 44 + 8 * i)
+    }
+  }
+  return { bytes: Buffer.concat([buf, extents]), what: `device ${dev} made ${size} bytes, ${count} extents of mask-0 clusters spread over it` }
+}
+
+// ------------------------------------------------------------------------ NBD (big-endian)
+
+const NBD_OPTION_REPLY = 0x0003e889045565a9n
+const NBD_SIMPLE_REPLY = 0x67446698
+const NBD_STRUCTURED_REPLY = 0x668e33ef
+const NBD_REQUEST = 0x25609513
+const NBD_IHAVEOPT = 0x49484156454f5054n
+
+/** The numbers of an NBD conversation, found by their magics: what a server says (option replies, replies, chunks) or a client asks. */
+export function nbdFields (b: Buffer): Field[] {
+  const f: Field[] = []
+  const u = (at: number, width: Field['width'], name: string): void => { if (at + width <= b.length) f.push({ at, width, le: false, name }) }
+  for (let at = 0; at + 4 <= b.length; at++) {
+    const word = b.readUInt32BE(at)
+    if (at + 8 <= b.length && b.readBigUInt64BE(at) === NBD_OPTION_REPLY) {
+      u(at + 8, 4, 'option'); u(at + 12, 4, 'reply type'); u(at + 16, 4, 'reply length')
+      const type = at + 16 <= b.length ? b.readUInt32BE(at + 12) : 0
+      if (type === 3 && at + 22 <= b.length) {
+        // NBD_REP_INFO: NBD_INFO_EXPORT (size, flags) or NBD_INFO_BLOCK_SIZE (minimum, preferred, maximum).
+        u(at + 20, 2, 'info type')
+        const info = b.readUInt16BE(at + 20)
+        if (info === 0) { u(at + 22, 8, 'export size'); u(at + 30, 2, 'transmission flags') }
+        if (info === 3) { u(at + 22, 4, 'minimum block'); u(at + 26, 4, 'preferred block'); u(at + 30, 4, 'maximum block') }
+      }
+      if (type === 4) u(at + 20, 4, 'meta context id')
+    } else if (at + 8 <= b.length && b.readBigUInt64BE(at) === NBD_IHAVEOPT) {
+      u(at + 8, 4, 'option'); u(at + 12, 4, 'option length')
+      if (at === 8) u(at + 8, 2, 'handshake flags')
+    } else if (word === NBD_SIMPLE_REPLY) {
+      u(at + 4, 4, 'error'); u(at + 8, 8, 'cookie')
+    } else if (word === NBD_STRUCTURED_REPLY) {
+      u(at + 4, 2, 'chunk flags'); u(at + 6, 2, 'chunk type'); u(at + 8, 8, 'cookie'); u(at + 16, 4, 'chunk length')
+      const type = at + 8 <= b.length ? b.readUInt16BE(at + 6) : 0
+      if (type === 1 || type === 2) u(at + 20, 8, 'chunk offset')
+      if (type === 2) u(at + 28, 4, 'hole length')
+      if (type === 5) {
+        u(at + 20, 4, 'context id')
+        const length = at + 20 <= b.length ? b.readUInt32BE(at + 16) : 0
+        for (let d = 4; d + 8 <= length && d < 4 + 8 * 32; d += 8) { u(at + 20 + d, 4, 'extent length'); u(at + 24 + d, 4, 'extent flags') }
+      }
+      if ((type & 0x8000) !== 0) { u(at + 20, 4, 'error'); u(at + 24, 2, 'message length') }
+    } else if (word === NBD_REQUEST) {
+      u(at + 4, 2, 'command flags'); u(at + 6, 2, 'command'); u(at + 8, 8, 'cookie'); u(at + 16, 8, 'offset'); u(at + 24, 4, 'length')
+    }
+  }
+  return f
+}
+
 // --------------------------------------------------------------- qcow2 (big-endian)
 
 const OFFSET_MASK = 0x00fffffffffffe00n
@@ -117,6 +191,24 @@ export function qcow2Seed (name: string, bytes: Buffer): Seed {
   return { name, bytes, fields, regions: regions.filter(([a, b]) => b > a && a < bytes.length), cuts }
 }
 
+/**
+ * Makes the virtual size huge (1 GiB to 4 PiB) with an L1 table just large
+ * enough for it: a small image that claims a huge disk, consistently (what
+ * `vma info` must not walk cluster by cluster).
+ */
+export function growQcow2 (buf: Buffer, rng: Rng): { bytes: Buffer, what: string } {
+  if (buf.length < 72) return { bytes: buf, what: 'too short to grow' }
+  const clusterBits = buf.readUInt32BE(20)
+  if (clusterBits < 9 || clusterBits > 21) return { bytes: buf, what: 'no cluster size to grow with' }
+  const extended = buf.readUInt32BE(4) >= 3 && (buf.readBigUInt64BE(72) & 16n) !== 0n
+  const perL2 = 2 ** clusterBits / (extended ? 16 : 8)
+  const size = 2 ** (30 + rng.below(23))
+  const l1Size = Math.ceil(size / 2 ** clusterBits / perL2)
+  buf.writeBigUInt64BE(BigInt(size), 24)
+  buf.writeUInt32BE(l1Size, 36)
+  return { bytes: buf, what: `size ${size} with an L1 table of ${l1Size} entries` }
+}
+
 // ---------------------------------------------------------- Parallels (little-endian)
 
 export function parallelsSeed (name: string, bytes: Buffer): Seed {
@@ -152,4 +244,57 @@ export function fixParallels (buf: Buffer): void {
   const ext = extensionAt(buf)
   if (ext === undefined) return
   createHash('md5').update(buf.subarray(ext.at + 24, ext.at + ext.size)).digest().copy(buf, ext.at + 8)
+}
+
+/**
+ * The READs a client asked for (from its bytes) that the server's bytes do
+ * not answer with chunks covering each byte exactly once: what a client must
+ * not accept. Undefined when the conversation cannot be followed here.
+ */
+export function badReadReplies (fromClient: Buffer, fromServer: Buffer): string[] | undefined {
+  const reads = new Map<bigint, { offset: number, length: number }>()
+  let at = 4
+  while (at + 16 <= fromClient.length && fromClient.readBigUInt64BE(at) === NBD_IHAVEOPT) at += 16 + fromClient.readUInt32BE(at + 12)
+  for (; at + 28 <= fromClient.length && fromClient.readUInt32BE(at) === NBD_REQUEST; at += 28) {
+    if (fromClient.readUInt16BE(at + 6) === 0) reads.set(fromClient.readBigUInt64BE(at + 8), { offset: Number(fromClient.readBigUInt64BE(at + 16)), length: fromClient.readUInt32BE(at + 24) })
+  }
+  at = 18
+  while (at + 20 <= fromServer.length && fromServer.readBigUInt64BE(at) === NBD_OPTION_REPLY) at += 20 + fromServer.readUInt32BE(at + 16)
+  const covered = new Map<bigint, Array<[number, number]>>()
+  const failed = new Set<bigint>()
+  while (at + 16 <= fromServer.length) {
+    const magic = fromServer.readUInt32BE(at)
+    const cookie = fromServer.readBigUInt64BE(at + 8)
+    const read = reads.get(cookie)
+    if (magic === NBD_SIMPLE_REPLY) {
+      if (fromServer.readUInt32BE(at + 4) !== 0) failed.add(cookie)
+      else if (read !== undefined) covered.set(cookie, [...covered.get(cookie) ?? [], [read.offset, read.length]])
+      at += 16 + (read !== undefined && !failed.has(cookie) ? read.length : 0)
+    } else if (magic === NBD_STRUCTURED_REPLY && at + 20 <= fromServer.length) {
+      const type = fromServer.readUInt16BE(at + 6)
+      const length = fromServer.readUInt32BE(at + 16)
+      if (at + 20 + length > fromServer.length) break
+      if ((type & 0x8000) !== 0) failed.add(cookie)
+      else if ((type === 1 && length >= 8) || (type === 2 && length >= 12)) {
+        const offset = Number(fromServer.readBigUInt64BE(at + 20))
+        covered.set(cookie, [...covered.get(cookie) ?? [], [offset, type === 1 ? length - 8 : fromServer.readUInt32BE(at + 28)]])
+      }
+      at += 20 + length
+    } else {
+      return undefined
+    }
+  }
+  const bad: string[] = []
+  for (const [cookie, read] of reads) {
+    if (failed.has(cookie)) continue
+    const pieces = (covered.get(cookie) ?? []).sort((a, b) => a[0] - b[0])
+    let end = read.offset
+    let ok = true
+    for (const [offset, length] of pieces) {
+      if (offset !== end) ok = false
+      end = offset + length
+    }
+    if (!ok || end !== read.offset + read.length) bad.push(`READ of ${read.length} at ${read.offset} answered by ${JSON.stringify(pieces.slice(0, 8))}${pieces.length > 8 ? '...' : ''}`)
+  }
+  return bad
 }

@@ -14,7 +14,7 @@ import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { makeSeeds } from './seeds.js'
-import { PARSERS } from './targets.js'
+import { PARSERS, TARGETS } from './targets.js'
 import { type CaseClass, type CaseRecord, type WorkerJob, type WorkerMessage, FAILURES, saveCase, signature } from './worker.js'
 
 const WORKER = join(dirname(fileURLToPath(import.meta.url)), 'worker.js')
@@ -151,7 +151,7 @@ async function fuzzParser (o: Options, parser: string, seconds: number): Promise
   while (next !== undefined && Date.now() < until) {
     const workDir = mkdtempSync(join(tmpdir(), 'vmapipe-fuzz-'))
     try {
-      next = await runWorker(o, counts, { parser, seed: o.seed, start: next, until, caseTimeout: o.caseTimeout, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out })
+      next = await runWorker(o, counts, { parser, seed: o.seed, start: next, until, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out })
     } finally {
       rmSync(workDir, { recursive: true, force: true })
     }
@@ -164,13 +164,13 @@ async function replay (o: Options, file: string, parserOption?: string): Promise
   const recordPath = file.replace(/\.bin$/, '') + '.json'
   const rec = existsSync(recordPath) ? JSON.parse(readFileSync(recordPath, 'utf8')) as CaseRecord : undefined
   const parser = parserOption ?? rec?.parser
-  if (parser === undefined || !PARSERS.includes(parser)) throw new Error(`name the parser with --parser (no ${recordPath} says which)`)
+  if (parser === undefined || TARGETS[parser] === undefined) throw new Error(`name the parser with --parser (no ${recordPath} says which)`)
   const counts = emptyCounts(parser)
   const workDir = mkdtempSync(join(tmpdir(), 'vmapipe-fuzz-'))
   let verdict: { class: CaseClass, detail?: string } | undefined
   try {
     await runWorker(o, counts, {
-      parser, seed: o.seed, start: rec?.index ?? 0, until: Date.now(), caseTimeout: o.caseTimeout, crossCheck: 1, seedDir: o.seedDir, workDir, outDir: o.out,
+      parser, seed: o.seed, start: rec?.index ?? 0, until: Date.now(), caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: 1, seedDir: o.seedDir, workDir, outDir: o.out,
       replay: { input: resolve(file), ...(rec?.seedName !== undefined ? { seedName: rec.seedName } : {}) },
     }, m => { if (m.type === 'done') verdict = m })
   } finally {
@@ -210,7 +210,7 @@ async function main (): Promise<number> {
     return n
   }
   const parsers = values.parser?.split(',') ?? PARSERS
-  for (const p of parsers) if (!PARSERS.includes(p)) throw new UsageError(`unknown parser ${p} (known: ${PARSERS.join(', ')})`)
+  for (const p of parsers) if (TARGETS[p] === undefined) throw new UsageError(`unknown parser ${p} (known: ${PARSERS.join(', ')})`)
   const out = resolve(values.out)
   const o: Options = {
     seed: num('seed', values.seed, 0),

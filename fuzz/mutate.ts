@@ -50,6 +50,8 @@ function readField (buf: Buffer, f: Field): bigint {
   return BigInt(f.le ? buf.readUInt32LE(f.at) : buf.readUInt32BE(f.at))
 }
 
+const kindOf = (f: Field): string => f.name.replace(/\[\d+\]/g, '').replace(/@\d+/g, '')
+
 /** An offset to edit: inside a metadata region most of the time. */
 function target (rng: Rng, seed: Seed, length: number): number {
   if (length === 0) return 0
@@ -80,9 +82,14 @@ const ops: Array<[number, Op]> = [
     if (seed.fields.length === 0) return { buf, what: 'no fields' }
     const f = rng.pick(seed.fields)
     const old = readField(buf, f)
-    const r = rng.below(10)
+    const r = rng.below(12)
     let value: bigint
-    if (r < 6) value = rng.pick(INTERESTING[f.width])
+    if (r >= 10) {
+      // Another field of the same kind's value: two table entries naming one cluster, two chunks one offset.
+      const kind = kindOf(f)
+      const like = seed.fields.filter(o => o.width === f.width && o !== f && kindOf(o) === kind)
+      value = like.length > 0 ? readField(buf, rng.pick(like)) : old
+    } else if (r < 6) value = rng.pick(INTERESTING[f.width])
     else if (r < 8) value = old + BigInt(rng.below(17)) - 8n
     else if (r < 9) value = old ^ (1n << BigInt(rng.below(f.width * 8)))
     else value = BigInt(rng.u32()) * (f.width === 8 ? BigInt(rng.u32()) : 1n)

@@ -74,7 +74,7 @@ const QUIET = 15
  * Plays `segments` into `socket` as the recording did, then half-closes it.
  * Resolves when the socket is closed.
  */
-export async function play (socket: Socket, segments: Segment[]): Promise<void> {
+export async function play (socket: Socket, segments: Segment[], heardBytes?: Buffer[]): Promise<void> {
   let heard = 0
   let next = 0
   let timer: NodeJS.Timeout | undefined
@@ -89,7 +89,7 @@ export async function play (socket: Socket, segments: Segment[]): Promise<void> 
     if (next < segments.length) timer = setTimeout(() => sendDue(true), QUIET)
     else timer = setTimeout(() => { if (!socket.destroyed) socket.end() }, QUIET)
   }
-  socket.on('data', (b: Buffer) => { heard += b.length; sendDue(false) })
+  socket.on('data', (b: Buffer) => { heard += b.length; heardBytes?.push(b); sendDue(false) })
   socket.on('error', () => {})
   if (socket.connecting) socket.once('connect', () => sendDue(false))
   else sendDue(false)
@@ -98,18 +98,16 @@ export async function play (socket: Socket, segments: Segment[]): Promise<void> 
 }
 
 /** A one-connection fake server at `path` that plays `segments` to whoever connects. */
-export async function fakeServer (path: string, segments: Segment[]): Promise<{ done: Promise<void>, close: () => Promise<void> }> {
-  let done!: Promise<void>
+export async function fakeServer (path: string, segments: Segment[]): Promise<{ heard: Buffer[], close: () => Promise<void> }> {
   let conn: Socket | undefined
-  let resolveDone!: () => void
-  done = new Promise<void>(resolve => { resolveDone = resolve })
+  const heard: Buffer[] = []
   const server = createServer(socket => {
     conn = socket
-    void play(socket, segments).then(resolveDone)
+    void play(socket, segments, heard)
   })
   await new Promise<void>(resolve => server.listen(path, resolve))
   return {
-    done,
+    heard,
     close: async () => {
       conn?.destroy()
       await new Promise<void>(resolve => server.close(() => resolve()))

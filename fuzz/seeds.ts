@@ -17,7 +17,7 @@ import {
 } from '../lib/index.js'
 import { Rng } from './rng.js'
 import type { Seed } from './mutate.js'
-import { parallelsSeed, qcow2Seed, vmaSeed } from './formats.js'
+import { nbdFields, parallelsSeed, qcow2Seed, vmaSeed } from './formats.js'
 import { type Recording, flatten, record } from './nbd.js'
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..')
@@ -226,9 +226,10 @@ export function loadSeeds (dir: string, parser: string): Seed[] {
         const flat = flatten((parser === 'nbd-client' ? rec.toClient : rec.toServer).map(s => ({ after: s.after, data: Buffer.from(s.data, 'base64') })))
         // Message boundaries are where structures begin: good places to cut and to aim at.
         const regions = flat.starts.map((s, i): [number, number] => [s, Math.min(s + 64, flat.starts[i + 1] ?? flat.bytes.length)])
-        return { name: f, bytes: flat.bytes, fields: [], regions, cuts: flat.starts, meta: { starts: flat.starts, afters: flat.afters } }
+        return { name: f, bytes: flat.bytes, fields: nbdFields(flat.bytes), regions, cuts: flat.starts, meta: { starts: flat.starts, afters: flat.afters } }
       })
     }
+    case 'selftest': return [{ name: 'none', bytes: Buffer.alloc(16), fields: [], regions: [], cuts: [] }]
   }
   throw new Error(`unknown parser ${parser}`)
 }

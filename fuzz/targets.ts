@@ -9,12 +9,12 @@ import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import {
   type ClusterRecord, type RandomAccessDisk, type StreamedImage,
-  NbdServer, ParallelsBundle, ParallelsImage, Qcow2Image, RawImage, VmaReader, diskRecords, parseDescriptor, streamParallels,
+  NbdServer, ParallelsBundle, ParallelsImage, Qcow2Image, RawImage, VmaReader, VmapipeError, diskRecords, parseDescriptor, streamParallels,
 } from '../lib/index.js'
 import { streamQcow2 } from '../lib/qcow2/stream.js'
 import type { Rng } from './rng.js'
 import { type Seed, mutate } from './mutate.js'
-import { fixParallels, fixVma } from './formats.js'
+import { badReadReplies, fixParallels, fixVma, growQcow2, sprayVma } from './formats.js'
 import { cut, dial, fakeServer, play } from './nbd.js'
 import { clientSession } from './seeds.js'
 
@@ -38,6 +38,7 @@ export interface CaseContext {
   crossCheck: number
   caseTimeout: number
   seed: Seed
+  index: number
 }
 
 export interface Target {
@@ -96,7 +97,7 @@ async function compare (ctx: CaseContext, format: 'qcow2' | 'parallels', ours: B
   const refused = await new Promise<string | undefined>(resolve => {
     execFile('qemu-img', ['convert', '-f', format, '-O', 'raw', ctx.path, out], { timeout: 10_000 }, (err, _stdout, stderr) => resolve(err === null ? undefined : `${err.message} ${stderr}`.trim()))
   })
-  if (refused !== undefined) return { class: 'diverge', detail: `accepted here, qemu-img convert refuses: ${refused.slice(0, 500)}` }
+  if (refused !== undefined) return { class: 'diverge', detail: `accepted here, qemu-img convert refuses: ${refused.replaceAll(ctx.path, 'IMAGE').replaceAll(out, 'OUT').slice(0, 500)}` }
   const theirs = readFileSync(out)
   rmSync(out, { force: true })
   if (theirs.length !== ours.length) return { class: 'mismatch', detail: `qemu-img reads ${theirs.length} bytes, vmapipe ${ours.length}` }
@@ -124,9 +125,24 @@ async function readStreamed (image: StreamedImage | undefined): Promise<Buffer |
   return await assemble(await image.records(0), image.size)
 }
 
-function withFix (fix: (b: Buffer) => void): Target['mutate'] {
+type Extra = (b: Buffer, rng: Rng) => { bytes: Buffer, what: string }
+
+/** The generic mutations, and now and then a format's own larger edit. */
+function withExtra (extra: Extra): NonNullable<Target['mutate']> {
   return (rng, seed, seeds) => {
     const m = mutate(rng, seed, seeds)
+    if (rng.chance(0.05)) {
+      const e = extra(m.bytes, rng)
+      m.bytes = e.bytes
+      m.steps.push(e.what)
+    }
+    return m
+  }
+}
+
+function withFix (fix: (b: Buffer) => void, extra?: Extra): Target['mutate'] {
+  return (rng, seed, seeds) => {
+    const m = extra !== undefined ? withExtra(extra)(rng, seed, seeds) : mutate(rng, seed, seeds)
     // Mostly set the checksums again, so that the parser looks past them.
     if (rng.chance(0.85)) { fix(m.bytes); m.steps.push('checksums set again') }
     return m
@@ -190,16 +206,18 @@ let server: { socket: string, logs: Array<{ level: string, message: string }>, s
 
 export const TARGETS: Record<string, Target> = {
   vma: {
-    mutate: withFix(fixVma),
+    mutate: withFix(fixVma, sprayVma),
     run: async (bytes, ctx) => {
       await drain(chunked(bytes, ctx.rng).pipe(new VmaReader()))
       return { class: 'accepted' }
     },
   },
   'qcow2-image': {
+    mutate: withExtra(growQcow2),
     run: async (_bytes, ctx) => await compare(ctx, 'qcow2', await readImage(await Qcow2Image.open(ctx.path))),
   },
   'qcow2-stream': {
+    mutate: withExtra(growQcow2),
     run: async (bytes, ctx) => await compare(ctx, 'qcow2', await readStreamed(await streamQcow2(chunked(bytes, ctx.rng), { tmpDir: ctx.dir }))),
   },
   'parallels-image': {
@@ -236,6 +254,9 @@ export const TARGETS: Record<string, Target> = {
       } finally {
         await fake.close()
       }
+      // Accepted: then every READ must have been answered whole, each byte once.
+      const bad = badReadReplies(Buffer.concat(fake.heard), bytes)
+      if (bad !== undefined && bad.length > 0) return { class: 'mismatch', detail: `the client accepted ${bad.join('; ')}` }
       return { class: 'accepted' }
     },
   },
@@ -267,7 +288,33 @@ export const TARGETS: Record<string, Target> = {
   },
 }
 
+/**
+ * Not a parser: fails on purpose in each way in turn (case index mod 7), so
+ * that a test sees the harness tell every class apart.
+ */
+TARGETS.selftest = {
+  run: async (_bytes, ctx) => {
+    switch (ctx.index % 7) {
+      case 0: return { class: 'accepted' }
+      case 1: throw new VmapipeError('E_RECORD', 'a clean refusal')
+      case 2: throw new TypeError('a bug')
+      case 3: process.exit(9)
+      // falls through (exit does not return)
+      case 4: return await new Promise<Verdict>(() => {})
+      case 5: {
+        const kept: Buffer[] = []
+        for (;;) {
+          kept.push(Buffer.alloc(64 << 20, 1))
+          await new Promise(resolve => setImmediate(resolve))
+        }
+      }
+      default: for (;;) { /* a loop that never yields */ }
+    }
+  },
+}
+
 /** Messages of JavaScript's own errors (a bug in the server, not a client's fault). */
 const ENGINE_ERROR = /Cannot read prop|is not a function|is not defined|is not iterable|out of range|Invalid array length|Maximum call stack|ERR_BUFFER_OUT_OF_BOUNDS|ERR_OUT_OF_RANGE|ERR_INVALID_ARG/
 
-export const PARSERS = Object.keys(TARGETS)
+/** The parsers fuzzed by default (all but the self-test). */
+export const PARSERS = Object.keys(TARGETS).filter(p => p !== 'selftest')

@@ -25,6 +25,8 @@ export interface WorkerJob {
   /** Run until this time (ms since the epoch). */
   until: number
   caseTimeout: number
+  /** RSS bound in MiB (main.ts watches it too, for loops that never yield). */
+  memory: number
   crossCheck: number
   seedDir: string
   workDir: string
@@ -118,6 +120,10 @@ async function main (j: WorkerJob): Promise<void> {
   job = j
   process.on('uncaughtException', err => giveUp('crash', `uncaught exception: ${err.stack ?? String(err)}`))
   process.on('unhandledRejection', err => giveUp('crash', `unhandled rejection: ${(err as Error)?.stack ?? String(err)}`))
+  setInterval(() => {
+    const rss = process.memoryUsage.rss() / 2 ** 20
+    if (current !== undefined && rss > j.memory) giveUp('memory', `worker RSS ${Math.round(rss)} MiB, over ${j.memory} MiB`)
+  }, 20).unref()
   const target = TARGETS[j.parser]
   if (target === undefined) throw new Error(`unknown parser ${j.parser}`)
   const seeds = loadSeeds(j.seedDir, j.parser)
@@ -138,7 +144,7 @@ async function main (j: WorkerJob): Promise<void> {
     writeFileSync(path, m.bytes)
     current = { index, seedName: seed.name, steps: m.steps, input: m.bytes }
     send({ type: 'start', index, seedName: seed.name, steps: m.steps })
-    const r = await runCase(m.bytes, { path, dir: j.workDir, rng, crossCheck: j.crossCheck, caseTimeout: j.caseTimeout, seed })
+    const r = await runCase(m.bytes, { path, dir: j.workDir, rng, crossCheck: j.crossCheck, caseTimeout: j.caseTimeout, seed, index })
     // Divergences are kept as samples only: they are not failures.
     const keep = FAILURES.includes(r.class) || (r.class === 'diverge' && diverged++ < MAX_DIVERGE_SAMPLES)
     if (keep && j.replay === undefined) saveCase(j.outDir, { parser: j.parser, class: r.class, seed: j.seed, index, seedName: seed.name, steps: m.steps, detail: r.detail ?? '' }, m.bytes)
