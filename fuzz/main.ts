@@ -20,7 +20,7 @@ import { type CaseClass, type CaseRecord, type WorkerJob, type WorkerMessage, FA
 const WORKER = join(dirname(fileURLToPath(import.meta.url)), 'worker.js')
 const CLASSES: readonly CaseClass[] = ['accepted', 'error', 'crash', 'hang', 'memory', 'mismatch', 'diverge']
 /** Time a worker gets beyond the case bound before it is killed from outside (its own timer failed to fire). */
-const GRACE_MS = 3000
+const GRACE_MS = 1500
 
 const HELP = `Usage: npm run fuzz -- [--parser NAME[,NAME...]] [--duration SECONDS] [--seed N]
                         [--case-timeout MS] [--memory MB] [--cross-check FRACTION]
@@ -83,16 +83,21 @@ function startWorker (o: Options, job: WorkerJob): { child: ChildProcess, stderr
   return { child, stderr: () => stderr }
 }
 
-/** Runs one worker until it ends; returns the next case index, or undefined when its time is up. */
-async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCase?: (m: WorkerMessage) => void): Promise<number | undefined> {
+/**
+ * Runs one worker until it ends; returns the next case index (undefined when
+ * its time is up) and how long it fuzzed (from ready to exit).
+ */
+async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCase?: (m: WorkerMessage) => void): Promise<{ next: number | undefined, spent: number }> {
   const { child, stderr } = startWorker(o, job)
+  let ready: number | undefined
   let inFlight: { index: number, started: number, seedName: string, steps: string[] } | undefined
   let lastDone = job.start - 1
   let restartAfter: number | undefined
   let killed: { cls: CaseClass, detail: string } | undefined
   child.on('message', (m: WorkerMessage) => {
     onCase?.(m)
-    if (m.type === 'start') inFlight = { index: m.index, started: Date.now(), seedName: m.seedName, steps: m.steps }
+    if (m.type === 'ready') ready = Date.now()
+    else if (m.type === 'start') inFlight = { index: m.index, started: Date.now(), seedName: m.seedName, steps: m.steps }
     else if (m.type === 'done') {
       count(counts, m.class, m.detail)
       if (m.checked) counts.checked++
@@ -110,10 +115,11 @@ async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCa
   }, 50)
   const exit = await new Promise<{ code: number | null, signal: NodeJS.Signals | null }>(resolve => child.on('exit', (code, signal) => resolve({ code, signal })))
   clearInterval(watch)
-  if (restartAfter !== undefined) { counts.restarts++; return restartAfter + 1 }
+  const spent = ready === undefined ? 0 : Date.now() - ready
+  if (restartAfter !== undefined) { counts.restarts++; return { next: restartAfter + 1, spent } }
   if (inFlight === undefined) {
     if (exit.code !== 0) throw new Error(`the ${job.parser} worker failed outside any case (${exit.code ?? exit.signal}): ${stderr()}`)
-    return Date.now() < job.until ? lastDone + 1 : undefined
+    return { next: spent < job.budget ? lastDone + 1 : undefined, spent }
   }
   // The worker died or was killed in the middle of a case: that case is the culprit.
   const death = killed ?? (/heap out of memory|Allocation failed|ENOMEM/.test(stderr())
@@ -127,7 +133,7 @@ async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCa
     saveCase(o.out, rec, readFileSync(input))
   }
   onCase?.({ type: 'done', index: inFlight.index, class: death.cls, checked: false, detail: death.detail })
-  return inFlight.index + 1
+  return { next: inFlight.index + 1, spent }
 }
 
 function count (counts: ParserCounts, cls: CaseClass, detail?: string): void {
@@ -145,18 +151,19 @@ function emptyCounts (parser: string): ParserCounts {
 
 async function fuzzParser (o: Options, parser: string, seconds: number): Promise<ParserCounts> {
   const counts = emptyCounts(parser)
-  const began = Date.now()
-  const until = began + seconds * 1000
+  let budget = seconds * 1000
   let next: number | undefined = 0
-  while (next !== undefined && Date.now() < until) {
+  while (next !== undefined && budget > 0) {
     const workDir = mkdtempSync(join(tmpdir(), 'vmapipe-fuzz-'))
     try {
-      next = await runWorker(o, counts, { parser, seed: o.seed, start: next, until, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out })
+      const r = await runWorker(o, counts, { parser, seed: o.seed, start: next, budget, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out })
+      next = r.next
+      budget -= r.spent
+      counts.seconds += r.spent / 1000
     } finally {
       rmSync(workDir, { recursive: true, force: true })
     }
   }
-  counts.seconds = (Date.now() - began) / 1000
   return counts
 }
 
@@ -170,7 +177,7 @@ async function replay (o: Options, file: string, parserOption?: string): Promise
   let verdict: { class: CaseClass, detail?: string } | undefined
   try {
     await runWorker(o, counts, {
-      parser, seed: o.seed, start: rec?.index ?? 0, until: Date.now(), caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: 1, seedDir: o.seedDir, workDir, outDir: o.out,
+      parser, seed: o.seed, start: rec?.index ?? 0, budget: 0, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: 1, seedDir: o.seedDir, workDir, outDir: o.out,
       replay: { input: resolve(file), ...(rec?.seedName !== undefined ? { seedName: rec.seedName } : {}) },
     }, m => { if (m.type === 'done') verdict = m })
   } finally {

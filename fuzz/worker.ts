@@ -22,8 +22,8 @@ export interface WorkerJob {
   seed: number
   /** First case index. */
   start: number
-  /** Run until this time (ms since the epoch). */
-  until: number
+  /** Milliseconds to fuzz, counted from when the worker is ready (starting one is slow on a busy machine). */
+  budget: number
   caseTimeout: number
   /** RSS bound in MiB (main.ts watches it too, for loops that never yield). */
   memory: number
@@ -36,6 +36,7 @@ export interface WorkerJob {
 }
 
 export type WorkerMessage =
+  | { type: 'ready' }
   | { type: 'start', index: number, seedName: string, steps: string[] }
   | { type: 'done', index: number, class: CaseClass, checked: boolean, detail?: string }
   /** The worker saved the case and will exit: start a new one after `index`. */
@@ -130,7 +131,9 @@ async function main (j: WorkerJob): Promise<void> {
   mkdirSync(j.workDir, { recursive: true })
   await target.init?.(j.workDir, j.seedDir)
   const path = join(j.workDir, 'case.bin')
-  for (let index = j.start; j.replay !== undefined ? index === j.start : Date.now() < j.until; index++) {
+  send({ type: 'ready' })
+  const until = Date.now() + j.budget
+  for (let index = j.start; j.replay !== undefined ? index === j.start : Date.now() < until; index++) {
     const rng = new Rng(caseSeed(j.seed, j.parser, index))
     let seed: Seed
     let m: { bytes: Buffer, steps: string[] }

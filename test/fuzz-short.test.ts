@@ -1,0 +1,77 @@
+/**
+ * The fuzzer's short run, part of npm test: each parser for a few seconds
+ * with a fixed seed; any crash, hang, memory or qemu-img mismatch fails the
+ * parser's test, naming the failures (their cases are kept in the output
+ * directory for `npm run fuzz -- --replay FILE`). First the harness itself:
+ * a target that fails on purpose in every way must be classified so.
+ */
+import t from 'tap'
+import { mkdirSync, readdirSync, rmSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { PVE_VMA, VMA, run, tempDir } from './helpers/run.js'
+
+const FUZZ = join(dirname(VMA), '../fuzz/main.js')
+/** Kept after the run (fuzz-out/ is ignored by git), so that a failure can be replayed; the seeds are made once. */
+const OUT = join(dirname(VMA), '../../fuzz-out/npm-test')
+
+interface Counts {
+  parser: string
+  cases: number
+  classes: Record<string, number>
+  checked: number
+  findings: Record<string, { count: number, first: string }>
+}
+
+const FAILURES = ['crash', 'hang', 'memory', 'mismatch']
+const PARSERS = ['vma', 'qcow2-image', 'qcow2-stream', 'parallels-image', 'parallels-stream', 'descriptor', 'nbd-client', 'nbd-server']
+/** Seconds per parser: with the seeds made first, the whole file stays well under a minute of CPU. */
+const SECONDS = 4
+
+async function fuzz (out: string, args: string[]): Promise<{ code: number | null, results: Counts[], stdout: string, stderr: string }> {
+  const env = PVE_VMA === undefined ? {} : { PVE_VMA }
+  const r = await run(process.execPath, [FUZZ, '--out', out, '--json', ...args], { env })
+  const stdout = r.stdout.toString()
+  const json = stdout.trim().split('\n').pop() ?? ''
+  const results = json.startsWith('{') ? (JSON.parse(json) as { results: Counts[] }).results : []
+  return { code: r.code, results, stdout, stderr: r.stderr }
+}
+
+t.test('the harness tells each class apart', async t => {
+  const out = tempDir(t, 'vmapipe-fuzz-self-')
+  const r = await fuzz(out, ['--parser', 'selftest', '--duration', '15', '--case-timeout', '2000'])
+  const c = r.results[0]
+  t.ok(c !== undefined, 'a summary', { stdout: r.stdout, stderr: r.stderr })
+  for (const cls of ['accepted', 'error', 'crash', 'hang', 'memory']) t.ok(c?.classes[cls] > 0, `${cls} seen`, { classes: c?.classes })
+  // Two crashes (a TypeError, a worker that died), two hangs (a promise never settled, a loop that never yields).
+  t.equal(c?.classes.crash, 2, 'both kinds of crash')
+  t.equal(c?.classes.hang, 2, 'both kinds of hang')
+  t.equal(r.code, 1, 'exits 1 on failures')
+  const saved = readdirSync(out).filter(f => f.endsWith('.bin'))
+  t.ok(saved.length >= 5, 'each failing case is saved', { saved })
+  const crash = saved.find(f => f.includes('-crash-'))
+  if (crash === undefined) return
+  const replay = await run(process.execPath, [FUZZ, '--out', out, '--replay', join(out, crash)])
+  t.equal(replay.code, 1, 'a saved crash replays as a failure')
+  t.match(replay.stdout.toString(), /^selftest: crash/, 'and says so')
+})
+
+t.test('each parser, a few seconds, seed 1', async t => {
+  const out = OUT
+  mkdirSync(out, { recursive: true })
+  for (const f of readdirSync(out)) if (f !== 'seeds') rmSync(join(out, f), { recursive: true, force: true })
+  const r = await fuzz(out, ['--duration', String(SECONDS), '--seed', '1'])
+  t.equal(r.results.length, PARSERS.length, 'every parser ran', { stdout: r.stdout, stderr: r.stderr })
+  for (const parser of PARSERS) {
+    const c = r.results.find(x => x.parser === parser)
+    t.test(parser, async t => {
+      t.ok(c !== undefined && c.cases >= 10, 'ran cases', { cases: c?.cases })
+      // A fuzzer whose cases all fail at the first check fuzzes nothing behind it.
+      t.ok((c?.classes.accepted ?? 0) > 0, 'some cases are accepted', { classes: c?.classes })
+      t.ok((c?.classes.error ?? 0) > 0, 'some cases are refused with a typed error', { classes: c?.classes })
+      for (const cls of FAILURES) {
+        const found = Object.entries(c?.findings ?? {}).filter(([sig]) => sig.startsWith(`${cls}:`))
+        t.equal(c?.classes[cls] ?? 0, 0, `no ${cls}`, { findings: found.map(([sig, f]) => `${f.count} x ${sig}\n${f.first}`), out })
+      }
+    })
+  }
+})
