@@ -302,11 +302,9 @@ TARGETS.selftest = {
       // falls through (exit does not return)
       case 4: return await new Promise<Verdict>(() => {})
       case 5: {
-        const kept: Buffer[] = []
-        for (;;) {
-          kept.push(Buffer.alloc(64 << 20, 1))
-          await new Promise(resolve => setImmediate(resolve))
-        }
+        // Touched at once, then held: the worker's own watch sees it at its next tick.
+        const kept = Buffer.alloc(320 << 20, 1)
+        return await new Promise<Verdict>(resolve => setTimeout(() => resolve({ class: kept.length > 0 ? 'accepted' : 'error', detail: '' } as Verdict), 60_000))
       }
       default: for (;;) { /* a loop that never yields */ }
     }

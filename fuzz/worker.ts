@@ -113,7 +113,12 @@ async function runCase (bytes: Buffer, ctx: CaseContext): Promise<{ class: CaseC
   )
   const r = await Promise.race([work, timeout])
   clearTimeout(timer)
-  if (r === 'hang') giveUp('hang', `no verdict within ${job.caseTimeout} ms`)
+  if (r === 'hang') {
+    // A case that allocated for so long that its time ran out is a memory case.
+    const rss = process.memoryUsage.rss() / 2 ** 20
+    if (rss > job.memory) giveUp('memory', `worker RSS ${Math.round(rss)} MiB, over ${job.memory} MiB`)
+    giveUp('hang', `no verdict within ${job.caseTimeout} ms`)
+  }
   return r
 }
 
