@@ -39,9 +39,13 @@ export function vmaSeed (name: string, bytes: Buffer): Seed {
     { at: 56, width: 4, le: false, name: 'header_size' },
   ]
   for (let i = 0; i < 256; i++) {
-    if (bytes.readUInt32BE(2044 + 4 * i) !== 0 || i < 2) fields.push({ at: 2044 + 4 * i, width: 4, le: false, name: `config_names[${i}]` }, { at: 3068 + 4 * i, width: 4, le: false, name: `config_data[${i}]` })
+    if (bytes.readUInt32BE(2044 + 4 * i) !== 0 || i < 2) {
+      fields.push({ at: 2044 + 4 * i, width: 4, le: false, name: `config_names[${i}]` }, { at: 3068 + 4 * i, width: 4, le: false, name: `config_data[${i}]` })
+    }
     const dev = 4096 + 32 * i
-    if (bytes.readUInt32BE(dev) !== 0 || i < 3) fields.push({ at: dev, width: 4, le: false, name: `dev[${i}].name` }, { at: dev + 8, width: 8, le: false, name: `dev[${i}].size` })
+    if (bytes.readUInt32BE(dev) !== 0 || i < 3) {
+      fields.push({ at: dev, width: 4, le: false, name: `dev[${i}].name` }, { at: dev + 8, width: 8, le: false, name: `dev[${i}].size` })
+    }
   }
   const regions: Array<[number, number]> = [[0, 8192], [Math.min(headerSize, bytes.length), Math.min(headerSize, bytes.length)]]
   const cuts = [60, 4096, headerSize]
@@ -256,7 +260,8 @@ export function badReadReplies (fromClient: Buffer, fromServer: Buffer): string[
   let at = 4
   while (at + 16 <= fromClient.length && fromClient.readBigUInt64BE(at) === NBD_IHAVEOPT) at += 16 + fromClient.readUInt32BE(at + 12)
   for (; at + 28 <= fromClient.length && fromClient.readUInt32BE(at) === NBD_REQUEST; at += 28) {
-    if (fromClient.readUInt16BE(at + 6) === 0) reads.set(fromClient.readBigUInt64BE(at + 8), { offset: Number(fromClient.readBigUInt64BE(at + 16)), length: fromClient.readUInt32BE(at + 24) })
+    if (fromClient.readUInt16BE(at + 6) !== 0) continue
+    reads.set(fromClient.readBigUInt64BE(at + 8), { offset: Number(fromClient.readBigUInt64BE(at + 16)), length: fromClient.readUInt32BE(at + 24) })
   }
   at = 18
   while (at + 20 <= fromServer.length && fromServer.readBigUInt64BE(at) === NBD_OPTION_REPLY) at += 20 + fromServer.readUInt32BE(at + 16)
@@ -294,7 +299,8 @@ export function badReadReplies (fromClient: Buffer, fromServer: Buffer): string[
       if (offset !== end) ok = false
       end = offset + length
     }
-    if (!ok || end !== read.offset + read.length) bad.push(`READ of ${read.length} at ${read.offset} answered by ${JSON.stringify(pieces.slice(0, 8))}${pieces.length > 8 ? '...' : ''}`)
+    if (ok && end === read.offset + read.length) continue
+    bad.push(`READ of ${read.length} at ${read.offset} answered by ${JSON.stringify(pieces.slice(0, 8))}${pieces.length > 8 ? '...' : ''}`)
   }
   return bad
 }

@@ -87,7 +87,9 @@ function startWorker (o: Options, job: WorkerJob): { child: ChildProcess, stderr
  * Runs one worker until it ends; returns the next case index (undefined when
  * its time is up) and how long it fuzzed (from ready to exit).
  */
-async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCase?: (m: WorkerMessage) => void): Promise<{ next: number | undefined, spent: number }> {
+async function runWorker (
+  o: Options, counts: ParserCounts, job: WorkerJob, onCase?: (m: WorkerMessage) => void,
+): Promise<{ next: number | undefined, spent: number }> {
   const { child, stderr } = startWorker(o, job)
   let ready: number | undefined
   let inFlight: { index: number, started: number, seedName: string, steps: string[] } | undefined
@@ -110,10 +112,14 @@ async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCa
     const rss = vmRssKiB(child.pid) / 1024
     counts.peakRssMiB = Math.max(counts.peakRssMiB, Math.round(rss))
     if (inFlight !== undefined && rss > o.memory) killed = { cls: 'memory', detail: `worker RSS ${Math.round(rss)} MiB, over ${o.memory} MiB` }
-    else if (inFlight !== undefined && Date.now() - inFlight.started > job.caseTimeout + GRACE_MS) killed = { cls: 'hang', detail: `no verdict within ${job.caseTimeout + GRACE_MS} ms (the worker's own timer did not fire: a loop that never yields)` }
+    else if (inFlight !== undefined && Date.now() - inFlight.started > job.caseTimeout + GRACE_MS) {
+      killed = { cls: 'hang', detail: `no verdict within ${job.caseTimeout + GRACE_MS} ms (the worker's own timer did not fire: a loop that never yields)` }
+    }
     if (killed !== undefined) child.kill('SIGKILL')
   }, 50)
-  const exit = await new Promise<{ code: number | null, signal: NodeJS.Signals | null }>(resolve => child.on('exit', (code, signal) => resolve({ code, signal })))
+  const exit = await new Promise<{ code: number | null, signal: NodeJS.Signals | null }>(resolve => {
+    child.on('exit', (code, signal) => resolve({ code, signal }))
+  })
   clearInterval(watch)
   const spent = ready === undefined ? 0 : Date.now() - ready
   if (restartAfter !== undefined) { counts.restarts++; return { next: restartAfter + 1, spent } }
@@ -129,8 +135,8 @@ async function runWorker (o: Options, counts: ParserCounts, job: WorkerJob, onCa
   counts.restarts++
   const input = join(job.workDir, 'case.bin')
   if (job.replay === undefined && existsSync(input)) {
-    const rec: CaseRecord = { parser: job.parser, class: death.cls, seed: job.seed, index: inFlight.index, seedName: inFlight.seedName, steps: inFlight.steps, detail: death.detail }
-    saveCase(o.out, rec, readFileSync(input))
+    const { index, seedName, steps } = inFlight
+    saveCase(o.out, { parser: job.parser, class: death.cls, seed: job.seed, index, seedName, steps, detail: death.detail }, readFileSync(input))
   }
   onCase?.({ type: 'done', index: inFlight.index, class: death.cls, checked: false, detail: death.detail })
   return { next: inFlight.index + 1, spent }
@@ -146,7 +152,12 @@ function count (counts: ParserCounts, cls: CaseClass, detail?: string): void {
 }
 
 function emptyCounts (parser: string): ParserCounts {
-  return { parser, cases: 0, seconds: 0, classes: Object.fromEntries(CLASSES.map(c => [c, 0])) as Record<CaseClass, number>, checked: 0, restarts: 0, peakRssMiB: 0, findings: {} }
+  const classes = Object.fromEntries(CLASSES.map(c => [c, 0])) as Record<CaseClass, number>
+  return { parser, cases: 0, seconds: 0, classes, checked: 0, restarts: 0, peakRssMiB: 0, findings: {} }
+}
+
+function jobOf (o: Options, parser: string, workDir: string): Omit<WorkerJob, 'start' | 'budget'> {
+  return { parser, seed: o.seed, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out }
 }
 
 async function fuzzParser (o: Options, parser: string, seconds: number): Promise<ParserCounts> {
@@ -156,7 +167,7 @@ async function fuzzParser (o: Options, parser: string, seconds: number): Promise
   while (next !== undefined && budget > 0) {
     const workDir = mkdtempSync(join(tmpdir(), 'vmapipe-fuzz-'))
     try {
-      const r = await runWorker(o, counts, { parser, seed: o.seed, start: next, budget, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out })
+      const r = await runWorker(o, counts, { ...jobOf(o, parser, workDir), start: next, budget })
       next = r.next
       budget -= r.spent
       counts.seconds += r.spent / 1000
@@ -177,7 +188,7 @@ async function replay (o: Options, file: string, parserOption?: string): Promise
   let verdict: { class: CaseClass, detail?: string } | undefined
   try {
     await runWorker(o, counts, {
-      parser, seed: o.seed, start: rec?.index ?? 0, budget: 0, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: 1, seedDir: o.seedDir, workDir, outDir: o.out,
+      ...jobOf(o, parser, workDir), start: rec?.index ?? 0, budget: 0, crossCheck: 1,
       replay: { input: resolve(file), ...(rec?.seedName !== undefined ? { seedName: rec.seedName } : {}) },
     }, m => { if (m.type === 'done') verdict = m })
   } finally {
@@ -189,7 +200,9 @@ async function replay (o: Options, file: string, parserOption?: string): Promise
 
 function table (all: ParserCounts[]): string {
   const head = ['parser', 'cases', 'cases/s', ...CLASSES, 'checked', 'restarts', 'peakRSS']
-  const rows = all.map(c => [c.parser, c.cases, (c.cases / Math.max(c.seconds, 0.001)).toFixed(0), ...CLASSES.map(k => c.classes[k]), c.checked, c.restarts, `${c.peakRssMiB}M`].map(String))
+  const rows = all.map(c => [
+    c.parser, c.cases, (c.cases / Math.max(c.seconds, 0.001)).toFixed(0), ...CLASSES.map(k => c.classes[k]), c.checked, c.restarts, `${c.peakRssMiB}M`,
+  ].map(String))
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map(r => r[i].length)))
   return [head, ...rows].map(r => r.map((v, i) => i === 0 ? v.padEnd(widths[i]) : v.padStart(widths[i])).join('  ')).join('\n')
 }

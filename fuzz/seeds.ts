@@ -128,7 +128,9 @@ async function recordNbd (dir: string, disk: string, q64: string): Promise<void>
       ['nbdcopy', 'nbdcopy', [uri, 'null:']],
       ['qemu-img', 'qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, join(nbd, 'copy.raw')]],
     ]
-    for (const [name, cmd, args] of clients) saveRecording(nbd, `server-${name}`, await record(proxy, () => connect(up), async () => { await runPeer(cmd, args) }))
+    for (const [name, cmd, args] of clients) {
+      saveRecording(nbd, `server-${name}`, await record(proxy, () => connect(up), async () => { await runPeer(cmd, args) }))
+    }
   } finally {
     await server.close()
     await image.close()
@@ -139,7 +141,8 @@ async function recordNbd (dir: string, disk: string, q64: string): Promise<void>
 async function writeParallelsWithBitmap (path: string, data: Buffer): Promise<void> {
   const bits = Buffer.alloc(2)
   bits[0] = 0b10100101
-  const w = await ParallelsWriter.create(path, data.length, { clusterSize: 65536, bitmaps: [{ id: '5fbaabe3-6958-40ff-92a7-860e329aab41', granularity: 65536, bits }] })
+  const bitmaps = [{ id: '5fbaabe3-6958-40ff-92a7-860e329aab41', granularity: 65536, bits }]
+  const w = await ParallelsWriter.create(path, data.length, { clusterSize: 65536, bitmaps })
   for (let c = 0; c * 65536 < data.length; c++) await w.write(clusterFromBytes(0, c, data.subarray(c * 65536, (c + 1) * 65536)))
   await w.finish()
 }

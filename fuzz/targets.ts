@@ -95,11 +95,19 @@ async function compare (ctx: CaseContext, format: 'qcow2' | 'parallels', ours: B
   const out = join(ctx.dir, 'qemu.raw')
   rmSync(out, { force: true })
   const refused = await new Promise<string | undefined>(resolve => {
-    execFile('qemu-img', ['convert', '-f', format, '-O', 'raw', ctx.path, out], { timeout: 10_000 }, (err, _stdout, stderr) => resolve(err === null ? undefined : `${err.message} ${stderr}`.trim()))
+    execFile('qemu-img', ['convert', '-f', format, '-O', 'raw', ctx.path, out], { timeout: 10_000 }, (err, _stdout, stderr) => {
+      resolve(err === null ? undefined : `${err.message} ${stderr}`.replaceAll(ctx.path, 'IMAGE').replaceAll(out, 'OUT').trim())
+    })
   })
-  if (refused !== undefined) return { class: 'diverge', detail: `accepted here, qemu-img convert refuses: ${refused.replaceAll(ctx.path, 'IMAGE').replaceAll(out, 'OUT').slice(0, 500)}` }
+  if (refused !== undefined) return { class: 'diverge', detail: `accepted here, qemu-img convert refuses: ${refused.slice(0, 500)}` }
   const theirs = readFileSync(out)
   rmSync(out, { force: true })
+  // parallels.rst: an image whose header has the Empty bit (flags bit 0) "should be considered clear";
+  // QEMU ignores the bit and reads the BAT. vmapipe follows the spec: a known divergence, not a failure.
+  const bytes = readFileSync(ctx.path)
+  if (format === 'parallels' && bytes.length >= 56 && (bytes.readUInt32LE(52) & 1) !== 0 && ours.every(b => b === 0)) {
+    return { class: 'diverge', detail: 'the Empty bit is set: read as zeros here (as parallels.rst says), as the BAT says by qemu-img' }
+  }
   if (theirs.length !== ours.length) return { class: 'mismatch', detail: `qemu-img reads ${theirs.length} bytes, vmapipe ${ours.length}` }
   if (!theirs.equals(ours)) {
     let at = 0
@@ -154,6 +162,8 @@ function withFix (fix: (b: Buffer) => void, extra?: Extra): Target['mutate'] {
 const ZERO_GUID = '{00000000-0000-0000-0000-000000000000}'
 const TOP = '{5fbaabe3-6958-40ff-92a7-860e329aab41}'
 const NUMBERS = ['0', '-1', '1', '4294967296', '9007199254740993', '1e400', 'NaN', '0x10', '', ' 7 ', '18446744073709551615', '1.5']
+const GUIDS = [ZERO_GUID, TOP, TOP.toUpperCase(), 'not-a-guid', '']
+const TYPES = ['Plain', 'Compressed', 'X']
 const FILES = ['/proc/self/mem', '.', '..', '../x.hds', 'subdir', '/etc/hostname', 'escape.hds', 'snap.hds', 'missing.hds', 'a'.repeat(300), '&#0;']
 
 function xmlMutate (rng: Rng, seed: Seed, seeds: Seed[]): { bytes: Buffer, steps: string[] } {
@@ -168,7 +178,7 @@ function xmlMutate (rng: Rng, seed: Seed, seeds: Seed[]): { bytes: Buffer, steps
     if (r < 3 && elements.length > 0) {
       const e = rng.pick(elements)
       const tag = e[1]
-      const value = /GUID/.test(tag) ? rng.pick([ZERO_GUID, TOP, '{5FBAABE3-6958-40FF-92A7-860E329AAB41}', 'not-a-guid', '']) : tag === 'File' ? rng.pick(FILES) : tag === 'Type' ? rng.pick(['Plain', 'Compressed', 'X']) : rng.pick(NUMBERS)
+      const value = rng.pick(/GUID/.test(tag) ? GUIDS : tag === 'File' ? FILES : tag === 'Type' ? TYPES : NUMBERS)
       text = text.slice(0, e.index) + `<${tag}>${value}</${tag}>` + text.slice((e.index ?? 0) + e[0].length)
       steps.push(`<${tag}> = ${JSON.stringify(value).slice(0, 40)}`)
     } else if (r < 5 && blocks.length > 0) {
@@ -183,7 +193,8 @@ function xmlMutate (rng: Rng, seed: Seed, seeds: Seed[]): { bytes: Buffer, steps
       if (at >= 0) text = text.slice(0, at) + '<a>'.repeat(depth) + '</a>'.repeat(depth) + text.slice(at)
       steps.push(`nest ${depth} levels`)
     } else if (r < 7) {
-      const dtd = '<!DOCTYPE p [<!ENTITY a "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;"><!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">]>'
+      // Each entity ten of the one before: &d; is 44,000 characters.
+      const dtd = `<!DOCTYPE p [<!ENTITY a "${'a'.repeat(44)}">${['b', 'c', 'd'].map((e, k) => `<!ENTITY ${e} "${`&${'abc'[k]};`.repeat(10)}">`).join('')}]>`
       const at = text.indexOf('<Parallels_disk_image')
       text = text.slice(0, Math.max(0, at)) + dtd + text.slice(Math.max(0, at)).replace(/<Padding>[^<]*</, '<Padding>&d;<')
       steps.push('entity expansion')
@@ -304,7 +315,7 @@ TARGETS.selftest = {
       case 5: {
         // Touched at once, then held: the worker's own watch sees it at its next tick.
         const kept = Buffer.alloc(320 << 20, 1)
-        return await new Promise<Verdict>(resolve => setTimeout(() => resolve({ class: kept.length > 0 ? 'accepted' : 'error', detail: '' } as Verdict), 60_000))
+        return await new Promise<Verdict>(resolve => setTimeout(() => resolve({ class: kept.length > 0 ? 'accepted' : 'crash', detail: '' }), 60_000))
       }
       default: for (;;) { /* a loop that never yields */ }
     }
@@ -312,7 +323,10 @@ TARGETS.selftest = {
 }
 
 /** Messages of JavaScript's own errors (a bug in the server, not a client's fault). */
-const ENGINE_ERROR = /Cannot read prop|is not a function|is not defined|is not iterable|out of range|Invalid array length|Maximum call stack|ERR_BUFFER_OUT_OF_BOUNDS|ERR_OUT_OF_RANGE|ERR_INVALID_ARG/
+const ENGINE_ERROR = new RegExp([
+  'Cannot read prop', 'is not a function', 'is not defined', 'is not iterable', 'out of range', 'Invalid array length', 'Maximum call stack',
+  'ERR_BUFFER_OUT_OF_BOUNDS', 'ERR_OUT_OF_RANGE', 'ERR_INVALID_ARG',
+].join('|'))
 
 /** The parsers fuzzed by default (all but the self-test). */
 export const PARSERS = Object.keys(TARGETS).filter(p => p !== 'selftest')

@@ -96,7 +96,8 @@ let job: WorkerJob
 /** Saves the case under way with `cls` and leaves (a new worker goes on). */
 function giveUp (cls: CaseClass, detail: string): never {
   if (current !== undefined) {
-    saveCase(job.outDir, { parser: job.parser, class: cls, seed: job.seed, index: current.index, seedName: current.seedName, steps: current.steps, detail }, current.input)
+    const { index, seedName, steps, input } = current
+    saveCase(job.outDir, { parser: job.parser, class: cls, seed: job.seed, index, seedName, steps, detail }, input)
     send({ type: 'done', index: current.index, class: cls, checked: false, detail })
     send({ type: 'restart', index: current.index })
   }
@@ -155,7 +156,9 @@ async function main (j: WorkerJob): Promise<void> {
     const r = await runCase(m.bytes, { path, dir: j.workDir, rng, crossCheck: j.crossCheck, caseTimeout: j.caseTimeout, seed, index })
     // Divergences are kept as samples only: they are not failures.
     const keep = FAILURES.includes(r.class) || (r.class === 'diverge' && diverged++ < MAX_DIVERGE_SAMPLES)
-    if (keep && j.replay === undefined) saveCase(j.outDir, { parser: j.parser, class: r.class, seed: j.seed, index, seedName: seed.name, steps: m.steps, detail: r.detail ?? '' }, m.bytes)
+    if (keep && j.replay === undefined) {
+      saveCase(j.outDir, { parser: j.parser, class: r.class, seed: j.seed, index, seedName: seed.name, steps: m.steps, detail: r.detail ?? '' }, m.bytes)
+    }
     send({ type: 'done', index, class: r.class, checked: r.checked, ...(r.detail !== undefined ? { detail: r.detail } : {}) })
     current = undefined
   }
