@@ -15,20 +15,22 @@ import { fileURLToPath } from 'node:url'
 import { parseArgs } from 'node:util'
 import { makeSeeds } from './seeds.js'
 import { PARSERS, TARGETS } from './targets.js'
-import { type CaseClass, type CaseRecord, type WorkerJob, type WorkerMessage, FAILURES, saveCase, signature } from './worker.js'
+import { type CaseClass, type CaseRecord, type WorkerJob, type WorkerMessage, FAILURES, loadFactor, saveCase, signature } from './worker.js'
 
 const WORKER = join(dirname(fileURLToPath(import.meta.url)), 'worker.js')
 const CLASSES: readonly CaseClass[] = ['accepted', 'error', 'crash', 'hang', 'memory', 'mismatch', 'diverge']
 /** Time a worker gets beyond the case bound before it is killed from outside (its own timer failed to fire). */
 const GRACE_MS = 1500
 
-const HELP = `Usage: npm run fuzz -- [--parser NAME[,NAME...]] [--duration SECONDS] [--seed N]
+const HELP = `Usage: npm run fuzz -- [--parser NAME[,NAME...]] [--duration SECONDS] [--cases N] [--seed N]
                         [--case-timeout MS] [--memory MB] [--cross-check FRACTION]
                         [--out DIR] [--jobs N] [--json]
        npm run fuzz -- --replay FILE.bin
 
 Parsers: ${PARSERS.join(', ')} (default all).
 --duration      seconds per parser (default 60)
+--cases         at most this many cases per parser: cases 0 to N-1 of the seed, the same
+                set on any machine however fast
 --seed          the run's seed (default 1): the same seed makes the same cases
 --case-timeout  a case without a verdict after this many ms is a hang (default 2000)
 --memory        a worker above this RSS in MiB is killed, the case is "memory" (default 256)
@@ -60,12 +62,25 @@ interface Options {
   crossCheck: number
   out: string
   seedDir: string
+  /** Cases per parser at most. */
+  cases: number
 }
 
 function vmRssKiB (pid: number): number {
   try {
     const m = /VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))
     return m === null ? 0 : Number(m[1])
+  } catch {
+    return 0
+  }
+}
+
+/** CPU time (user and system) a process has used, in ms. */
+function cpuMs (pid: number): number {
+  try {
+    // Fields 14 and 15 of /proc/PID/stat, after the command name in parentheses; in clock ticks of 10 ms.
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ')
+    return (Number(fields[11]) + Number(fields[12])) * 10
   } catch {
     return 0
   }
@@ -92,14 +107,14 @@ async function runWorker (
 ): Promise<{ next: number | undefined, spent: number }> {
   const { child, stderr } = startWorker(o, job)
   let ready: number | undefined
-  let inFlight: { index: number, started: number, seedName: string, steps: string[] } | undefined
+  let inFlight: { index: number, started: number, cpu: number, seedName: string, steps: string[] } | undefined
   let lastDone = job.start - 1
   let restartAfter: number | undefined
   let killed: { cls: CaseClass, detail: string } | undefined
   child.on('message', (m: WorkerMessage) => {
     onCase?.(m)
     if (m.type === 'ready') ready = Date.now()
-    else if (m.type === 'start') inFlight = { index: m.index, started: Date.now(), seedName: m.seedName, steps: m.steps }
+    else if (m.type === 'start') inFlight = { index: m.index, started: Date.now(), cpu: cpuMs(child.pid ?? 0), seedName: m.seedName, steps: m.steps }
     else if (m.type === 'done') {
       count(counts, m.class, m.detail)
       if (m.checked) counts.checked++
@@ -112,8 +127,13 @@ async function runWorker (
     const rss = vmRssKiB(child.pid) / 1024
     counts.peakRssMiB = Math.max(counts.peakRssMiB, Math.round(rss))
     if (inFlight !== undefined && rss > o.memory) killed = { cls: 'memory', detail: `worker RSS ${Math.round(rss)} MiB, over ${o.memory} MiB` }
-    else if (inFlight !== undefined && Date.now() - inFlight.started > job.caseTimeout + GRACE_MS) {
-      killed = { cls: 'hang', detail: `no verdict within ${job.caseTimeout + GRACE_MS} ms (the worker's own timer did not fire: a loop that never yields)` }
+    else if (inFlight !== undefined) {
+      // A loop that never yields burns CPU: its CPU time says so whatever the load; the wall clock, scaled by the load, is the backstop.
+      const cpu = cpuMs(child.pid) - inFlight.cpu
+      const wall = Date.now() - inFlight.started
+      if (cpu > job.caseTimeout + GRACE_MS || wall > (job.caseTimeout + GRACE_MS) * loadFactor() * 2) {
+        killed = { cls: 'hang', detail: `no verdict after ${cpu} ms of CPU, ${wall} ms (the worker's own timer did not fire: a loop that never yields)` }
+      }
     }
     if (killed !== undefined) child.kill('SIGKILL')
   }, 50)
@@ -125,7 +145,7 @@ async function runWorker (
   if (restartAfter !== undefined) { counts.restarts++; return { next: restartAfter + 1, spent } }
   if (inFlight === undefined) {
     if (exit.code !== 0) throw new Error(`the ${job.parser} worker failed outside any case (${exit.code ?? exit.signal}): ${stderr()}`)
-    return { next: spent < job.budget ? lastDone + 1 : undefined, spent }
+    return { next: spent < job.budget && lastDone + 1 < job.end ? lastDone + 1 : undefined, spent }
   }
   // The worker died or was killed in the middle of a case: that case is the culprit.
   const death = killed ?? (/heap out of memory|Allocation failed|ENOMEM/.test(stderr())
@@ -156,7 +176,7 @@ function emptyCounts (parser: string): ParserCounts {
   return { parser, cases: 0, seconds: 0, classes, checked: 0, restarts: 0, peakRssMiB: 0, findings: {} }
 }
 
-function jobOf (o: Options, parser: string, workDir: string): Omit<WorkerJob, 'start' | 'budget'> {
+function jobOf (o: Options, parser: string, workDir: string): Omit<WorkerJob, 'start' | 'budget' | 'end'> {
   return { parser, seed: o.seed, caseTimeout: o.caseTimeout, memory: o.memory, crossCheck: o.crossCheck, seedDir: o.seedDir, workDir, outDir: o.out }
 }
 
@@ -164,10 +184,10 @@ async function fuzzParser (o: Options, parser: string, seconds: number): Promise
   const counts = emptyCounts(parser)
   let budget = seconds * 1000
   let next: number | undefined = 0
-  while (next !== undefined && budget > 0) {
+  while (next !== undefined && next < o.cases && budget > 0) {
     const workDir = mkdtempSync(join(tmpdir(), 'vmapipe-fuzz-'))
     try {
-      const r = await runWorker(o, counts, { ...jobOf(o, parser, workDir), start: next, budget })
+      const r = await runWorker(o, counts, { ...jobOf(o, parser, workDir), start: next, budget, end: o.cases })
       next = r.next
       budget -= r.spent
       counts.seconds += r.spent / 1000
@@ -188,7 +208,7 @@ async function replay (o: Options, file: string, parserOption?: string): Promise
   let verdict: { class: CaseClass, detail?: string } | undefined
   try {
     await runWorker(o, counts, {
-      ...jobOf(o, parser, workDir), start: rec?.index ?? 0, budget: 0, crossCheck: 1,
+      ...jobOf(o, parser, workDir), start: rec?.index ?? 0, budget: 0, end: Infinity, crossCheck: 1,
       replay: { input: resolve(file), ...(rec?.seedName !== undefined ? { seedName: rec.seedName } : {}) },
     }, m => { if (m.type === 'done') verdict = m })
   } finally {
@@ -212,6 +232,7 @@ async function main (): Promise<number> {
     options: {
       parser: { type: 'string' },
       duration: { type: 'string', default: '60' },
+      cases: { type: 'string' },
       seed: { type: 'string', default: '1' },
       'case-timeout': { type: 'string', default: '2000' },
       memory: { type: 'string', default: '256' },
@@ -239,6 +260,7 @@ async function main (): Promise<number> {
     crossCheck: num('cross-check', values['cross-check'], 0),
     out,
     seedDir: await makeSeeds(join(out, 'seeds')),
+    cases: values.cases === undefined ? Infinity : Math.floor(num('cases', values.cases, 1)),
   }
   if (values.replay !== undefined) return await replay(o, values.replay, values.parser)
   const duration = num('duration', values.duration, 0.1)

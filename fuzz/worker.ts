@@ -7,6 +7,7 @@
  */
 import { createHash } from 'node:crypto'
 import { mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
+import { availableParallelism, loadavg } from 'node:os'
 import { join } from 'node:path'
 import { VmapipeError } from '../lib/index.js'
 import { Rng, caseSeed } from './rng.js'
@@ -24,6 +25,8 @@ export interface WorkerJob {
   start: number
   /** Milliseconds to fuzz, counted from when the worker is ready (starting one is slow on a busy machine). */
   budget: number
+  /** Stop before this case index. */
+  end: number
   caseTimeout: number
   /** RSS bound in MiB (main.ts watches it too, for loops that never yield). */
   memory: number
@@ -85,6 +88,11 @@ function classify (err: unknown): { class: CaseClass, detail: string } {
   return { class: 'crash', detail: e?.stack ?? String(err) }
 }
 
+/** How much slower than an idle machine this one runs now: load average per core, at least 1. */
+export function loadFactor (): number {
+  return Math.max(1, loadavg()[0] / availableParallelism())
+}
+
 const send = (m: WorkerMessage): void => { process.send?.(m) }
 
 /** Divergent cases saved per worker. */
@@ -107,7 +115,16 @@ function giveUp (cls: CaseClass, detail: string): never {
 async function runCase (bytes: Buffer, ctx: CaseContext): Promise<{ class: CaseClass, detail?: string, checked: boolean }> {
   const target = TARGETS[job.parser]
   let timer: NodeJS.Timeout | undefined
-  const timeout = new Promise<'hang'>(resolve => { timer = setTimeout(() => resolve('hang'), job.caseTimeout) })
+  const started = Date.now()
+  const timeout = new Promise<'hang'>(resolve => {
+    // On a machine busier than its cores, a case gets its share of a core: its time bound grows by as much.
+    const check = (): void => {
+      const left = job.caseTimeout * loadFactor() - (Date.now() - started)
+      if (left <= 0) resolve('hang')
+      else timer = setTimeout(check, left)
+    }
+    timer = setTimeout(check, job.caseTimeout)
+  })
   const work = target.run(bytes, ctx).then(
     (v: Verdict) => ({ class: v.class as CaseClass, detail: 'detail' in v ? v.detail : undefined, checked: 'checked' in v && v.checked === true }),
     (err: unknown) => ({ ...classify(err), checked: false }),
@@ -118,7 +135,7 @@ async function runCase (bytes: Buffer, ctx: CaseContext): Promise<{ class: CaseC
     // A case that allocated for so long that its time ran out is a memory case.
     const rss = process.memoryUsage.rss() / 2 ** 20
     if (rss > job.memory) giveUp('memory', `worker RSS ${Math.round(rss)} MiB, over ${job.memory} MiB`)
-    giveUp('hang', `no verdict within ${job.caseTimeout} ms`)
+    giveUp('hang', `no verdict within ${Date.now() - started} ms`)
   }
   return r
 }
@@ -139,7 +156,7 @@ async function main (j: WorkerJob): Promise<void> {
   const path = join(j.workDir, 'case.bin')
   send({ type: 'ready' })
   const until = Date.now() + j.budget
-  for (let index = j.start; j.replay !== undefined ? index === j.start : Date.now() < until; index++) {
+  for (let index = j.start; j.replay !== undefined ? index === j.start : Date.now() < until && index < j.end; index++) {
     const rng = new Rng(caseSeed(j.seed, j.parser, index))
     let seed: Seed
     let m: { bytes: Buffer, steps: string[] }
