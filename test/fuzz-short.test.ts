@@ -42,7 +42,7 @@ async function fuzz (out: string, args: string[]): Promise<{ code: number | null
 
 t.test('the harness tells each class apart', async t => {
   const out = tempDir(t, 'vmapipe-fuzz-self-')
-  const r = await fuzz(out, ['--parser', 'selftest', '--cases', '7', '--duration', '120', '--case-timeout', '2000'])
+  const r = await fuzz(out, ['--parser', 'selftest', '--cases', '7', '--duration', '120', '--case-timeout', '1000'])
   const c = r.results[0]
   t.ok(c !== undefined, 'a summary', { stdout: r.stdout, stderr: r.stderr })
   for (const cls of ['accepted', 'error', 'crash', 'hang', 'memory']) t.ok(c?.classes[cls] > 0, `${cls} seen`, { classes: c?.classes })
