@@ -208,7 +208,7 @@ async function replay (o: Options, file: string, parserOption?: string): Promise
   let verdict: { class: CaseClass, detail?: string } | undefined
   try {
     await runWorker(o, counts, {
-      ...jobOf(o, parser, workDir), start: rec?.index ?? 0, budget: 0, end: Infinity, crossCheck: 1,
+      ...jobOf(o, parser, workDir), start: rec?.index ?? 0, budget: 0, end: Number.MAX_SAFE_INTEGER, crossCheck: 1,
       replay: { input: resolve(file), ...(rec?.seedName !== undefined ? { seedName: rec.seedName } : {}) },
     }, m => { if (m.type === 'done') verdict = m })
   } finally {
@@ -260,7 +260,7 @@ async function main (): Promise<number> {
     crossCheck: num('cross-check', values['cross-check'], 0),
     out,
     seedDir: await makeSeeds(join(out, 'seeds')),
-    cases: values.cases === undefined ? Infinity : Math.floor(num('cases', values.cases, 1)),
+    cases: values.cases === undefined ? Number.MAX_SAFE_INTEGER : Math.floor(num('cases', values.cases, 1)),
   }
   if (values.replay !== undefined) return await replay(o, values.replay, values.parser)
   const duration = num('duration', values.duration, 0.1)
