@@ -89,17 +89,32 @@ export async function peek (stream: Readable, n: number): Promise<Buffer> {
     signalled = true
     wake?.()
   }
+  // In object mode (Readable.from) readableLength counts chunks and read() gives one; otherwise both are in bytes.
+  const objects = stream.readableObjectMode
+  /** Takes up to `count` of what is buffered (bytes, or chunks in object mode), no more than the head needs. */
+  const take = (count: number): void => {
+    if (objects) {
+      for (; count > 0 && length < n; count--) {
+        const chunk = stream.read() as Buffer
+        chunks.push(chunk)
+        length += chunk.length
+      }
+    } else if (Math.min(count, n - length) > 0) {
+      const chunk = stream.read(Math.min(count, n - length)) as Buffer
+      chunks.push(chunk)
+      length += chunk.length
+    }
+  }
   const events = ['readable', 'end', 'close', 'error']
   for (const event of events) stream.on(event, signal)
   try {
     for (;;) {
       if (failure !== undefined) throw failure
-      const buffered = stream.readableLength
-      if (length + buffered >= n || ended(stream) || stream.destroyed) break
-      if (buffered > 1) {
-        chunks.push(stream.read(buffered - 1) as Buffer)
-        length += buffered - 1
-      }
+      // A byte stream keeps one byte in, as a socket that saw its end reads itself and so emits 'end' once empty;
+      // in object mode read(0) re-emits 'readable' while a chunk waits, so every chunk is taken (nothing there reads by itself).
+      take(objects ? stream.readableLength : stream.readableLength - 1)
+      // Checked before read(0), which on an ended, empty stream would schedule 'end' before the bytes go back.
+      if (length >= n || (!objects && length + stream.readableLength >= n) || ended(stream) || stream.destroyed) break
       // Asks for more, and for 'readable' when it comes (also at the end).
       stream.read(0)
       if (!signalled) await new Promise<void>(resolve => { wake = resolve })
@@ -108,11 +123,7 @@ export async function peek (stream: Readable, n: number): Promise<Buffer> {
   } finally {
     for (const event of events) stream.off(event, signal)
   }
-  const rest = Math.min(n - length, stream.readableLength)
-  if (rest > 0) {
-    chunks.push(stream.read(rest) as Buffer)
-    length += rest
-  }
+  take(stream.readableLength)
   const head = Buffer.concat(chunks, length)
   // Put back in the same tick: an 'end' already scheduled is skipped while bytes are buffered.
   if (length > 0) stream.unshift(head)
