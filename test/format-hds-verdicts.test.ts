@@ -11,23 +11,12 @@ import { join } from 'node:path'
 import { Readable } from 'node:stream'
 import { ParallelsImage, streamParallels } from '../lib/parallels/reader.js'
 import { diskRecords } from '../lib/disk.js'
-import { VmapipeError } from '../lib/errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, expandCluster } from '../lib/record.js'
+import { verdict } from './helpers/read.js'
 import { Rng } from './helpers/random.js'
 import { exits, run, tempDir } from './helpers/run.js'
 
 const SIZE = 1536 * 1024 // a disk of 1.5 clusters of 1 MiB: the last cluster is half past the disk
-
-type Verdict = { bytes: Buffer } | { code: string }
-
-async function verdict (read: () => Promise<Buffer>): Promise<Verdict> {
-  try {
-    return { bytes: await read() }
-  } catch (err) {
-    if (!(err instanceof VmapipeError)) throw err
-    return { code: err.code }
-  }
-}
 
 async function collect (records: Readable, size: number): Promise<Buffer> {
   const disk = Buffer.alloc(size)

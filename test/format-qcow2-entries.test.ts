@@ -13,8 +13,8 @@ import { Readable } from 'node:stream'
 import { deflateRawSync } from 'node:zlib'
 import { Qcow2Image } from '../lib/qcow2/reader.js'
 import { streamQcow2 } from '../lib/qcow2/stream.js'
-import { VmapipeError } from '../lib/errors.js'
 import { type ClusterRecord, CLUSTER_SIZE, expandCluster } from '../lib/record.js'
+import { verdict } from './helpers/read.js'
 import { run, tempDir } from './helpers/run.js'
 
 const C = 0x8000000000000000n // COPIED
@@ -108,17 +108,6 @@ async function qemuReads (dir: string, image: string): Promise<Buffer | undefine
   const out = join(dir, 'qemu.raw')
   const r = await run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', image, out])
   return r.code === 0 && existsSync(out) ? readFileSync(out) : undefined
-}
-
-type Verdict = { bytes: Buffer } | { code: string }
-
-async function verdict (read: () => Promise<Buffer>): Promise<Verdict> {
-  try {
-    return { bytes: await read() }
-  } catch (err) {
-    if (!(err instanceof VmapipeError)) throw err
-    return { code: err.code }
-  }
 }
 
 async function fromFile (path: string): Promise<Buffer> {

@@ -49,3 +49,15 @@ export function assemble (info: ArchiveInfo, records: ClusterRecord[]): Map<stri
   }
   return new Map(info.devices.map(d => [d.name, disks.get(d.id) as Buffer]))
 }
+
+/** What a reader made of an input: the disk's bytes, or the code of the typed error it refused it with. */
+export type Verdict = { bytes: Buffer } | { code: string }
+
+export async function verdict (read: () => Promise<Buffer>): Promise<Verdict> {
+  try {
+    return { bytes: await read() }
+  } catch (err) {
+    if (!(err instanceof VmapipeError)) throw err
+    return { code: err.code }
+  }
+}
