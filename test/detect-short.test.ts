@@ -7,6 +7,9 @@ import t, { type Test } from 'tap'
 import { randomBytes } from 'node:crypto'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
+import { PassThrough, Readable } from 'node:stream'
+import { peek } from '../lib/io/input.js'
+import { Rng } from './helpers/random.js'
 import { PACK_VMA, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { sameDisk } from './helpers/disk.js'
 
@@ -65,4 +68,35 @@ t.test('a 16-byte .hds on stdin is reported with its real length', async t => {
   exits(t, r, 1)
   t.match(r.stderr, /"code":"E_PARALLELS_HEADER"/)
   t.match(r.stderr, /16 bytes/)
+})
+
+t.test('peek hands every byte on, whatever the chunks and the stream kind', async t => {
+  const rng = new Rng(5)
+  const bytes = rng.fill(Buffer.alloc(40000))
+  const kinds: Array<[string, (parts: Buffer[]) => Readable]> = [
+    // Readable.from has a high-water mark of 1: a buffer of one byte (or chunk) asks for nothing more.
+    ['Readable.from, bytes', parts => Readable.from(parts, { objectMode: false })],
+    ['Readable.from, chunks', parts => Readable.from(parts)],
+    ['PassThrough', parts => { const p = new PassThrough(); for (const b of parts) p.write(b); p.end(); return p }],
+  ]
+  let failures = 0
+  for (let trial = 0; trial < 300; trial++) {
+    const parts: Buffer[] = []
+    for (let at = 0; at < bytes.length;) {
+      const n = 1 + rng.int(rng.int(2) === 0 ? 16 : 20000)
+      parts.push(bytes.subarray(at, at + n))
+      at += n
+    }
+    const [, make] = kinds[trial % kinds.length]
+    const stream = make(parts)
+    const wants = [1 + rng.int(600), 1 + rng.int(50000)]
+    const timer = new Promise<'hang'>(resolve => setTimeout(() => resolve('hang'), 2000).unref())
+    const heads = await Promise.race([(async () => [await peek(stream, wants[0]), await peek(stream, wants[1])])(), timer])
+    if (heads === 'hang') { failures++; continue }
+    const rest: Buffer[] = []
+    for await (const chunk of stream) rest.push(chunk as Buffer)
+    const ok = heads.every((h, i) => h.equals(bytes.subarray(0, wants[i]))) && Buffer.concat(rest).equals(bytes)
+    if (!ok) failures++
+  }
+  t.equal(failures, 0, 'every peek returns its head, then the stream gives every byte, in 300 splits')
 })

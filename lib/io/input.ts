@@ -110,13 +110,18 @@ export async function peek (stream: Readable, n: number): Promise<Buffer> {
   try {
     for (;;) {
       if (failure !== undefined) throw failure
-      // A byte stream keeps one byte in, as a socket that saw its end reads itself and so emits 'end' once empty;
-      // in object mode read(0) re-emits 'readable' while a chunk waits, so every chunk is taken (nothing there reads by itself).
-      take(objects ? stream.readableLength : stream.readableLength - 1)
+      // One byte (or chunk) stays in, as a socket that saw its end reads itself and so emits 'end' once empty; but not
+      // where the high-water mark is 1 (Readable.from): there a full buffer of one asks for nothing more, and read(0)
+      // only emits 'readable' again.
+      const keep = stream.readableHighWaterMark > 1 ? 1 : 0
+      take(stream.readableLength - keep)
       // Checked before read(0), which on an ended, empty stream would schedule 'end' before the bytes go back.
       if (length >= n || (!objects && length + stream.readableLength >= n) || ended(stream) || stream.destroyed) break
+      // A read may have pulled more in at once, without a 'readable' to come for it: take that first.
+      if (stream.readableLength > keep) continue
       // Asks for more, and for 'readable' when it comes (also at the end).
       stream.read(0)
+      if (stream.readableLength > keep) continue
       if (!signalled) await new Promise<void>(resolve => { wake = resolve })
       signalled = false
     }
