@@ -1,7 +1,7 @@
 import t from 'tap'
 import { exits, q, sh, vma, vmaCmd, SAMPLE } from './helpers/run.js'
 
-// ../shared/fixtures/proxmox-sample.vma.gz: the first 538112 bytes of a real Proxmox archive.
+// test/fixtures/proxmox-sample.vma.gz: the first 538112 bytes of a real Proxmox archive.
 const UUID = '04fc12eb-0fed-4322-9aaa-f4e412f68096'
 
 const sources: Array<[string, (args: string[]) => ReturnType<typeof vma>]> = [
