@@ -3,8 +3,8 @@ import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchDisk } from './archives.js'
 import { GIB, Table, best, peakMiB, q, timed, packVma, vma } from './lib.js'
-import { packArchive } from '../lib/pack.js'
-import { openDisk } from '../lib/sources.js'
+import { packArchive } from '../lib/jobs/pack.js'
+import { openDisk } from '../lib/jobs/sources.js'
 import { openOutput } from '../lib/io/output.js'
 
 export async function benchPack (dir: string, gib: number): Promise<void> {

@@ -3,6 +3,7 @@
  * Readers turn bytes into these; writers turn these into bytes or files.
  */
 import { VmapipeError } from './errors.js'
+import type { ClusterRecord } from './contracts.js'
 
 export const CLUSTER_SIZE = 65536
 export const BLOCK_SIZE = 4096
@@ -16,43 +17,6 @@ export const VMSTATE_NAME = 'vmstate'
 /** Shared, never written: hand it out wherever zeros are needed. */
 export const ZERO_BLOCK: Buffer = Buffer.alloc(BLOCK_SIZE)
 export const ZERO_CLUSTER: Buffer = Buffer.alloc(CLUSTER_SIZE)
-
-export interface DeviceInfo {
-  /** dev_id in the archive, 1..255. */
-  id: number
-  name: string
-  /** Bytes; need not be a multiple of the cluster size. */
-  size: number
-}
-
-export interface ConfigBlob {
-  name: string
-  data: Buffer
-}
-
-/** Always the first item of a record stream. */
-export interface ArchiveInfo {
-  kind: 'archive'
-  uuid: string
-  /** Seconds since the epoch. */
-  ctime: number
-  configs: ConfigBlob[]
-  devices: DeviceInfo[]
-}
-
-export interface ClusterRecord {
-  kind: 'cluster'
-  /** dev_id of the device this cluster belongs to. */
-  device: number
-  /** Index of the 64 KiB cluster inside the device. */
-  cluster: number
-  /** Bit i set = 4 KiB block i holds data; clear = all zeros. */
-  mask: number
-  /** Exactly the blocks whose bit is set, in order: popcount(mask) * 4096 bytes. */
-  data: Buffer
-}
-
-export type StreamItem = ArchiveInfo | ClusterRecord
 
 export function clusterRecord (device: number, cluster: number, mask: number, data: Buffer): ClusterRecord {
   return { kind: 'cluster', device, cluster, mask, data }

@@ -8,8 +8,8 @@ import { spawn } from 'node:child_process'
 import { closeSync, openSync, readFileSync, readdirSync, readlinkSync, writeSync } from 'node:fs'
 import { join } from 'node:path'
 import { VMA, exits, run, tempDir, vma } from './helpers/run.js'
-import { describeImage } from '../lib/info.js'
-import type { DiskDescription } from '../lib/disk.js'
+import { describeImage } from '../lib/jobs/info.js'
+import type { DiskDescription } from '../lib/contracts.js'
 
 const TiB = 2 ** 40
 

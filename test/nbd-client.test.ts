@@ -13,11 +13,12 @@ import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helper
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { startNbdkit, startQemuNbd, startServe } from './helpers/nbd.js'
 import { Rng } from './helpers/random.js'
-import { openDisk } from '../lib/sources.js'
-import { diskRecords } from '../lib/disk.js'
+import { openDisk } from '../lib/jobs/sources.js'
+import { diskRecords } from '../lib/io/disk-records.js'
 import { NbdClient, openNbdDisk } from '../lib/nbd/client.js'
-import { packArchive } from '../lib/pack.js'
-import { type ClusterRecord, expandCluster } from '../lib/record.js'
+import { packArchive } from '../lib/jobs/pack.js'
+import type { ClusterRecord } from '../lib/contracts.js'
+import { expandCluster } from '../lib/record.js'
 import { VmapipeError } from '../lib/errors.js'
 
 const MiB = 1048576
@@ -119,7 +120,7 @@ t.test('--dirty-bitmap: only dirty clusters are read; over the previous image th
 
   // Count what went over the wire with a second reader of the same export.
   const disk = await openNbdDisk(uri, { dirtyBitmaps: ['bm0'] })
-  const { dirtyRecords } = await import('../lib/disk.js')
+  const { dirtyRecords } = await import('../lib/io/disk-records.js')
   await collect(dirtyRecords(disk, 'bm0', 1))
   t.equal(disk.client.stats.readBytes, dirty.size * 65536, `read ${dirty.size * 64} KiB: the dirty clusters and nothing else`)
 

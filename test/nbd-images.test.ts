@@ -12,7 +12,7 @@ import { startQemuNbd, startServe } from './helpers/nbd.js'
 import { Rng } from './helpers/random.js'
 import { ParallelsWriter } from '../lib/parallels/writer.js'
 import { ParallelsBundle } from '../lib/parallels/bundle.js'
-import { addSnapshotImage } from '../lib/parallels/descriptor.js'
+import { addSnapshotImage } from '../lib/parallels/disk-descriptor.js'
 import { clusterFromBytes } from '../lib/record.js'
 
 const KiB = 1024

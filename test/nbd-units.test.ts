@@ -19,12 +19,13 @@ import {
   encodeGreeting, encodeInfoBlockSize, encodeInfoExport, encodeMetaRequest, encodeOption, encodeRequest, nameOf,
 } from '../lib/nbd/protocol.js'
 import { describeAddress, parseNbdUri } from '../lib/nbd/client.js'
-import { openVmaIndex } from '../lib/vma/index.js'
+import { openVmaIndex } from '../lib/vma/archive-index.js'
 import { RawImage } from '../lib/raw/image.js'
-import { type RandomAccessDisk, diskRecords } from '../lib/disk.js'
+import type { RandomAccessDisk } from '../lib/contracts.js'
+import { diskRecords } from '../lib/io/disk-records.js'
 import { listenAddress } from '../lib/cli/serve.js'
 import { parseDiskSpec } from '../lib/cli/create.js'
-import type { ClusterRecord } from '../lib/record.js'
+import type { ClusterRecord } from '../lib/contracts.js'
 import type { VmapipeError } from '../lib/errors.js'
 
 async function rejects (t: Test, promise: Promise<unknown>, code: string, message: string): Promise<VmapipeError | undefined> {

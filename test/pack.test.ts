@@ -7,11 +7,11 @@ import { execFileSync, spawn } from 'node:child_process'
 import { PACK_VMA, VMA, cmp, exits, q, run, sh, smallFileSystem, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { walk } from './helpers/walk.js'
-import { RawReader } from '../lib/raw/reader.js'
-import { RecordMerger } from '../lib/merge.js'
+import { RawReader } from '../lib/raw/stream.js'
+import { RecordMerger } from '../lib/jobs/merge.js'
 import { VmaWriter } from '../lib/vma/writer.js'
-import { VmaReader } from '../lib/vma/reader.js'
-import type { ArchiveInfo, StreamItem } from '../lib/record.js'
+import { VmaReader } from '../lib/vma/stream.js'
+import type { ArchiveInfo, StreamItem } from '../lib/contracts.js'
 
 const packCmd = `${q(process.execPath)} ${q(PACK_VMA)}`
 const fileOf = (name: string): string => name === 'vmstate' ? 'vmstate.bin' : `disk-${name}.raw`

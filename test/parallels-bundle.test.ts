@@ -4,7 +4,7 @@ import { join } from 'node:path'
 import { XMLParser } from 'fast-xml-parser'
 import { cmp, exits, run, tempDir, vma } from './helpers/run.js'
 import { qemuImg, randomDisk, toParallels } from './helpers/parallels.js'
-import { ROOT_PARENT, TOP_GUID, addSnapshotImage, buildDescriptor, parseDescriptor } from '../lib/parallels/descriptor.js'
+import { ROOT_PARENT, TOP_GUID, addSnapshotImage, buildDescriptor, parseDescriptor } from '../lib/parallels/disk-descriptor.js'
 import { ParallelsBundle } from '../lib/parallels/bundle.js'
 
 const SIZE = 6 * 1048576 + 65536

@@ -5,7 +5,7 @@ import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helper
 import { Rng } from './helpers/random.js'
 import { qemuCheck, qemuCompare, qemuImg, qemuSamples, randomDisk, toParallels } from './helpers/parallels.js'
 import { ParallelsWriter } from '../lib/parallels/writer.js'
-import { ParallelsImage } from '../lib/parallels/reader.js'
+import { ParallelsImage } from '../lib/parallels/image.js'
 import { clusterFromBytes } from '../lib/record.js'
 
 const packCmd = `${q(process.execPath)} ${q(PACK_VMA)}`

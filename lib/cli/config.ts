@@ -1,4 +1,4 @@
-import { readArchiveInfo } from '../archive.js'
+import { readArchiveInfo } from '../jobs/archive.js'
 import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals } from './command.js'

@@ -6,7 +6,8 @@
  */
 import { pino, type Logger, type LevelWithSilent } from 'pino'
 import { EXIT, VmapipeError, describePlace } from '../errors.js'
-import { ProgressBar, type ProgressSink } from '../io/progress.js'
+import { ProgressBar } from '../io/progress.js'
+import type { ProgressSink } from '../contracts.js'
 
 export interface CommonOptions {
   'log-level'?: string

@@ -1,5 +1,5 @@
-import { writeOverlay } from '../incremental.js'
-import { openDisk } from '../sources.js'
+import { writeOverlay } from '../jobs/incremental.js'
+import { openDisk } from '../jobs/sources.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { CLUSTER_SIZE } from '../record.js'
 import { type Command, expectPositionals, parseSeconds } from './command.js'

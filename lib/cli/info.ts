@@ -1,5 +1,5 @@
-import { describeImage } from '../info.js'
-import { DISK_FORMATS } from '../sources.js'
+import { describeImage } from '../jobs/info.js'
+import { DISK_FORMATS } from '../jobs/sources.js'
 import { formatBytes } from '../io/progress.js'
 import { EXIT } from '../errors.js'
 import { type Command, expectPositionals } from './command.js'

@@ -1,4 +1,4 @@
-import { readArchiveInfo } from '../archive.js'
+import { readArchiveInfo } from '../jobs/archive.js'
 import { openInput } from '../io/input.js'
 import { formatBytes } from '../io/progress.js'
 import { EXIT } from '../errors.js'

@@ -1,6 +1,6 @@
 import { once } from 'node:events'
 import { EXIT, VmapipeError } from '../errors.js'
-import { openExports } from '../nbd/exports.js'
+import { openExports } from '../jobs/exports.js'
 import { type ListenAddress, NbdServer } from '../nbd/server.js'
 import { type Command, listOption, parseSeconds } from './command.js'
 

@@ -1,4 +1,4 @@
-import { type VerifyReport, verifyArchive } from '../archive.js'
+import { type VerifyReport, verifyArchive } from '../jobs/archive.js'
 import { openInput } from '../io/input.js'
 import { formatBytes } from '../io/progress.js'
 import { BLOCKS_PER_CLUSTER, BLOCK_SIZE } from '../record.js'

@@ -3,10 +3,7 @@
  * pass-through that feeds it.
  */
 import type { Transform } from 'node:stream'
-
-export interface ProgressSink {
-  add: (bytes: number) => void
-}
+import type { ProgressSink } from '../contracts.js'
 
 const UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB']
 

@@ -13,7 +13,8 @@
  */
 import { connect, type Socket } from 'node:net'
 import { VmapipeError } from '../errors.js'
-import { type DirtyBitmap, type Extent, type RandomAccessDisk, mappedBytes } from '../disk.js'
+import type { DirtyBitmap, Extent, RandomAccessDisk } from '../contracts.js'
+import { mappedBytes } from '../io/disk-records.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
   type ChunkHeader, type Descriptor, CHUNK, CHUNK_HEADER_SIZE, CLIENT_FLAG, COMMAND, CONTEXT_ALLOCATION,

@@ -14,7 +14,7 @@
 import { createServer, type Server, type Socket } from 'node:net'
 import { existsSync } from 'node:fs'
 import { VmapipeError, ioError } from '../errors.js'
-import type { Extent, RandomAccessDisk } from '../disk.js'
+import type { Extent, RandomAccessDisk } from '../contracts.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
   type Descriptor, type Request, CLIENT_FLAG, COMMAND, COMMAND_FLAG, CONTEXT_ALLOCATION,

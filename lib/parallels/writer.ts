@@ -10,9 +10,10 @@
 import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import { type ClusterRecord, CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
-import type { DiskWriter } from '../router.js'
-import type { RandomAccessDisk } from '../disk.js'
+import type { ClusterRecord } from '../contracts.js'
+import { CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
+import type { DiskWriter } from '../contracts.js'
+import type { RandomAccessDisk } from '../contracts.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
@@ -21,7 +22,7 @@ import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
 } from './format.js'
-import { ROOT_PARENT, buildDescriptor, newGuid } from './descriptor.js'
+import { ROOT_PARENT, buildDescriptor, newGuid } from './disk-descriptor.js'
 
 /** Largest cluster written: 1 GiB. */
 export const MAX_WRITE_CLUSTER = 1 << 30

@@ -12,12 +12,13 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import { type ClusterRecord, CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
-import type { DiskWriter } from '../router.js'
+import type { ClusterRecord } from '../contracts.js'
+import { CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
+import type { DiskWriter } from '../contracts.js'
 import { RawFileWriter } from '../raw/writer.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import type { Writable } from 'node:stream'
-import type { RandomAccessDisk } from '../disk.js'
+import type { RandomAccessDisk } from '../contracts.js'
 import { drained } from '../io/drained.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 

@@ -4,7 +4,7 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { DiskDescription, Extent, RandomAccessDisk } from '../disk.js'
+import type { DiskDescription, Extent, RandomAccessDisk } from '../contracts.js'
 import { sizeOf } from '../io/input.js'
 import { readFully } from '../io/pread.js'
 

@@ -6,9 +6,8 @@
 import { createHash } from 'node:crypto'
 import { VmapipeError } from '../errors.js'
 import { formatUuid, isUuid, uuidBytes } from '../util/uuid.js'
-import {
-  type ArchiveInfo, type ConfigBlob, type DeviceInfo, CLUSTER_SIZE, MAX_CLUSTERS, popcount16,
-} from '../record.js'
+import type { ArchiveInfo, ConfigBlob, DeviceInfo } from '../contracts.js'
+import { CLUSTER_SIZE, MAX_CLUSTERS, popcount16 } from '../record.js'
 
 export const VMA_MAGIC = Buffer.from('VMA\0', 'latin1')
 export const EXTENT_MAGIC = Buffer.from('VMAE', 'latin1')

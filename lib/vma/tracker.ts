@@ -5,7 +5,8 @@
  * every cluster once, and at the end every cluster present.
  */
 import { VmapipeError } from '../errors.js'
-import { type DeviceInfo, VMSTATE_NAME, blocksInside, clusterCount, popcount16 } from '../record.js'
+import type { DeviceInfo } from '../contracts.js'
+import { VMSTATE_NAME, blocksInside, clusterCount, popcount16 } from '../record.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { type ExtentHeader, blockInfoOffset } from './format.js'
 

@@ -8,7 +8,8 @@
  */
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
-import { type ArchiveInfo, type ClusterRecord, BLOCK_SIZE, popcount16 } from '../record.js'
+import type { ArchiveInfo, ClusterRecord } from '../contracts.js'
+import { BLOCK_SIZE, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
 import { WRITER_EXTENT_CLUSTERS, encodeExtentHeader, encodeHeader, parseUuid } from './format.js'
 

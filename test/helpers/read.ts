@@ -1,8 +1,8 @@
 /** Runs bytes through the library's VmaReader in-process. */
 import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { VmaReader, type VmaReaderOptions } from '../../lib/vma/reader.js'
-import type { ArchiveInfo, ClusterRecord, StreamItem } from '../../lib/record.js'
+import { VmaReader, type VmaReaderOptions } from '../../lib/vma/stream.js'
+import type { ArchiveInfo, ClusterRecord, StreamItem } from '../../lib/contracts.js'
 import { VmapipeError } from '../../lib/errors.js'
 
 export interface ReadResult {

@@ -6,13 +6,13 @@
 import { stat } from 'node:fs/promises'
 import { basename } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import { disksOf } from '../archive.js'
+import { disksOf } from './archive.js'
 import { detectCompression } from '../io/compression.js'
 import { readHead } from '../io/input.js'
-import { openImageFile } from '../sources.js'
-import { openVmaIndex } from '../vma/index.js'
+import { openImageFile } from './sources.js'
+import { openVmaIndex } from '../vma/archive-index.js'
 import { VMA_MAGIC } from '../vma/format.js'
-import type { NbdExport } from './server.js'
+import type { NbdExport } from '../nbd/server.js'
 
 export interface OpenedExports {
   exports: NbdExport[]

@@ -4,8 +4,8 @@
  * would be packed as if they were the guest's disk, so format detection
  * refuses them and says what to do instead.
  */
-import { VmapipeError } from './errors.js'
-import { VMA_MAGIC } from './vma/format.js'
+import { VmapipeError } from '../errors.js'
+import { VMA_MAGIC } from '../vma/format.js'
 
 export interface ForeignFormat {
   /** With its article, for messages: "a VHDX image". */

@@ -4,13 +4,14 @@
  * job stays the same for all.
  */
 import { join } from 'node:path'
-import { VmapipeError } from './errors.js'
-import { type DeviceInfo, VMSTATE_NAME } from './record.js'
-import type { DiskWriter } from './router.js'
-import { RawFileWriter } from './raw/writer.js'
-import { Qcow2FileWriter } from './qcow2/writer.js'
-import type { WriteQueue } from './io/write-queue.js'
-import { ParallelsBundleWriter, ParallelsWriter } from './parallels/writer.js'
+import { VmapipeError } from '../errors.js'
+import type { DeviceInfo } from '../contracts.js'
+import { VMSTATE_NAME } from '../record.js'
+import type { DiskWriter } from '../contracts.js'
+import { RawFileWriter } from '../raw/writer.js'
+import { Qcow2FileWriter } from '../qcow2/writer.js'
+import type { WriteQueue } from '../io/write-queue.js'
+import { ParallelsBundleWriter, ParallelsWriter } from '../parallels/writer.js'
 
 export const OUTPUT_FORMATS = ['raw', 'qcow2', 'parallels', 'parallels-bundle'] as const
 export type OutputFormat = typeof OUTPUT_FORMATS[number]

@@ -4,72 +4,10 @@
  * RandomAccessDisk; diskRecords() reads only what the map says holds data.
  */
 import { Readable } from 'node:stream'
-import { VmapipeError } from './errors.js'
-import type { ProgressSink } from './io/progress.js'
-import { type ClusterRecord, CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from './record.js'
-import type { ClusterSet } from './util/cluster-set.js'
-
-/** A range of the guest disk, and whether anything is stored there. */
-export interface Extent {
-  offset: number
-  length: number
-  /** false: nothing stored, reads as zeros (a hole, a zero cluster). */
-  data: boolean
-  /**
-   * Images made of layers: the layer that holds the range, 1 = the top one,
-   * 2 its backing file..., 0 none (qemu:allocation-depth). Without it: 1
-   * where there is data, 0 elsewhere.
-   */
-  depth?: number
-}
-
-/** A dirty bitmap an image carries (Parallels, an NBD export's qemu:dirty-bitmap): which ranges of the disk changed. */
-export interface DirtyBitmap {
-  /** Its name: a Parallels bitmap's UUID, what follows qemu:dirty-bitmap: for NBD. */
-  id: string
-  /** Bytes one bit stands for. */
-  granularity: number
-  /** Ranges covering [offset, offset + length), in order, dirty or clean. */
-  map: (offset: number, length: number) => Promise<Array<{ offset: number, length: number, dirty: boolean }>>
-  /** Bytes of the disk marked dirty. */
-  dirtyBytes: () => Promise<number>
-}
-
-/** What `vma info` shows of an image. */
-export interface DiskDescription {
-  format: string
-  size: number
-  /** Guest bytes the image stores data for; undefined when the format cannot tell (raw). */
-  allocated?: number
-  clusterSize?: number
-  allocatedClusters?: number
-  /** Images made of layers: how many. */
-  layers?: number
-  bitmaps?: Array<{ id: string, granularity: number, dirtyBytes: number }>
-  /** Anything else of note, by name (header magic, ignored features...). */
-  details?: Record<string, string | number>
-}
-
-export interface RandomAccessDisk {
-  /** Guest size in bytes. */
-  readonly size: number
-  /** Extents covering [offset, offset + length), in order, adjacent ones of a kind merged or not. */
-  map: (offset: number, length: number) => Promise<Extent[]>
-  /** Fills `buf` with the guest bytes at `offset` (zeros where nothing is stored). */
-  read: (buf: Buffer, offset: number) => Promise<void>
-  close: () => Promise<void>
-  /** Dirty bitmaps stored in the image. */
-  readonly bitmaps?: DirtyBitmap[]
-  /** What the image is; without it `vma info` sums up map(). */
-  describe?: (signal?: AbortSignal) => Promise<DiskDescription>
-}
-
-/** An image read once as it streams in (stdin), without a temporary copy. */
-export interface StreamedImage {
-  size: number
-  /** The disk as records for device id `device`; call once. */
-  records: (device: number, progress?: ProgressSink) => Promise<Readable>
-}
+import { VmapipeError } from '../errors.js'
+import type { ClusterRecord, DirtyBitmap, DiskDescription, Extent, ProgressSink, RandomAccessDisk } from '../contracts.js'
+import { CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
+import type { ClusterSet } from '../util/cluster-set.js'
 
 /** Guest bytes mapped in the first step when summing up a map, so that a fragmented one never becomes one huge array. */
 const SUM_STEP = 1 << 30

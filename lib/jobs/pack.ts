@@ -5,16 +5,16 @@
  */
 import { randomUUID } from 'node:crypto'
 import type { Writable } from 'node:stream'
-import { type Stage, runStages } from './io/chain.js'
+import { type Stage, runStages } from '../io/chain.js'
 import { readFile } from 'node:fs/promises'
 import { basename } from 'node:path'
-import { VmapipeError, ioError } from './errors.js'
-import type { ArchiveInfo, ConfigBlob } from './record.js'
-import { type Compression, compressesToFd, createCompressingSink, createCompressor } from './io/compression.js'
-import type { ProgressSink } from './io/progress.js'
+import { VmapipeError, ioError } from '../errors.js'
+import type { ArchiveInfo, ConfigBlob } from '../contracts.js'
+import { type Compression, compressesToFd, createCompressingSink, createCompressor } from '../io/compression.js'
+import type { ProgressSink } from '../contracts.js'
 import { RecordMerger } from './merge.js'
 import type { DiskSource } from './sources.js'
-import { VmaWriter, type WriterStats, vmaDeviceSize } from './vma/writer.js'
+import { VmaWriter, type WriterStats, vmaDeviceSize } from '../vma/writer.js'
 
 export interface PackOptions {
   configs?: ConfigBlob[]

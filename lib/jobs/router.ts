@@ -6,23 +6,7 @@
  * that would all have to be drained.
  */
 import { Writable } from 'node:stream'
-import type { ArchiveInfo, ClusterRecord, StreamItem } from './record.js'
-
-/** What every format's writer offers to a router. */
-export interface DiskWriter {
-  /** Takes one record; returns a promise when the caller should wait before the next. */
-  write: (rec: ClusterRecord) => Promise<void> | undefined
-  /** All records given: complete the output (tables, size, fsync) and close it. */
-  finish: () => Promise<void>
-  /** Give up: close what is open. Removing files is the caller's business. */
-  abort: () => Promise<void>
-}
-
-/**
- * Creates the writers once the archive's header is known, handing each to
- * `add` as soon as it exists, so that an abort midway still closes it.
- */
-export type WriterFactory = (info: ArchiveInfo, add: (device: number, writer: DiskWriter) => void) => Promise<void>
+import type { DiskWriter, StreamItem, WriterFactory } from '../contracts.js'
 
 export class DeviceRouter extends Writable {
   private readonly writers = new Map<number, DiskWriter>()

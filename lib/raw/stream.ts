@@ -6,7 +6,8 @@
  */
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
-import { type DeviceInfo, CLUSTER_SIZE, clusterCount, clusterFromBytes } from '../record.js'
+import type { DeviceInfo } from '../contracts.js'
+import { CLUSTER_SIZE, clusterCount, clusterFromBytes } from '../record.js'
 import { ByteQueue } from '../util/byte-queue.js'
 
 export class RawReader extends Transform {

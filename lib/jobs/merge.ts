@@ -7,7 +7,7 @@
  * Memory is bounded by the sources' own buffers and this stream's.
  */
 import { Readable } from 'node:stream'
-import type { ArchiveInfo, ClusterRecord } from './record.js'
+import type { ArchiveInfo, ClusterRecord } from '../contracts.js'
 
 export class RecordMerger extends Readable {
   private started = false

@@ -3,7 +3,8 @@
  * An image reader tells it through describe(); for one without, its map is
  * summed up.
  */
-import { type DiskDescription, describeBitmaps, mappedBytes } from './disk.js'
+import type { DiskDescription } from '../contracts.js'
+import { describeBitmaps, mappedBytes } from '../io/disk-records.js'
 import { type DiskFormat, openImageFile } from './sources.js'
 
 export interface DescribeOptions {

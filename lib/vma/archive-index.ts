@@ -10,9 +10,10 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { Extent, RandomAccessDisk } from '../disk.js'
+import type { Extent, RandomAccessDisk } from '../contracts.js'
 import { detectCompression } from '../io/compression.js'
-import { type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
+import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
+import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { readUpTo } from '../io/pread.js'
 import {

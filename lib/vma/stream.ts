@@ -6,7 +6,8 @@
  */
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
-import { type ArchiveInfo, type DeviceInfo, BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
+import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
+import { BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import {
