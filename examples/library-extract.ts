@@ -1,6 +1,7 @@
 import { createReadStream } from 'node:fs'
 import { pipeline } from 'node:stream/promises'
-import { DeviceRouter, RawFileWriter, VmaReader, VmapipeError, createDecompressor } from 'vmapipe'
+import { DeviceRouter, VmaReader, VmapipeError, createDecompressor } from 'vmapipe'
+import { RawFileWriter } from 'vmapipe/raw'
 
 // Restores drive-scsi0 of backup.vma.zst to the sparse raw file scsi0.raw.
 const reader = new VmaReader({ select: devices => devices.filter(d => d.name === 'drive-scsi0') })

@@ -1,7 +1,8 @@
 import { randomUUID } from 'node:crypto'
 import { createReadStream, createWriteStream, statSync } from 'node:fs'
 import { pipeline } from 'node:stream/promises'
-import { type ArchiveInfo, RawReader, RecordMerger, VmaWriter, createCompressor } from 'vmapipe'
+import { type ArchiveInfo, RecordMerger, VmaWriter, createCompressor } from 'vmapipe'
+import { RawReader } from 'vmapipe/raw'
 
 // Packs disk.raw as drive-scsi0 into disk.vma.zst.
 const disk = { id: 1, name: 'drive-scsi0', size: statSync('disk.raw').size }

@@ -12,9 +12,10 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, renameS
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { connect } from 'node:net'
-import {
-  NbdClient, NbdServer, ParallelsWriter, RawImage, TOP_GUID, addSnapshotImage, clusterFromBytes, parseDescriptor, topOf,
-} from '../lib/index.js'
+import { NbdClient, NbdServer } from '../lib/nbd/index.js'
+import { ParallelsWriter, TOP_GUID, addSnapshotImage, parseDescriptor, topOf } from '../lib/parallels/index.js'
+import { RawImage } from '../lib/raw/index.js'
+import { clusterFromBytes } from '../lib/record.js'
 import { Rng } from './rng.js'
 import type { Seed } from './mutate.js'
 import { nbdFields, parallelsSeed, qcow2Seed, vmaSeed } from './formats.js'

@@ -7,11 +7,11 @@ import { execFile } from 'node:child_process'
 import { cpSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { Readable } from 'node:stream'
-import {
-  type ClusterRecord, type RandomAccessDisk, type StreamedImage,
-  NbdServer, ParallelsBundle, ParallelsImage, Qcow2Image, RawImage, VmaReader, VmapipeError, diskRecords, parseDescriptor, streamParallels,
-} from '../lib/index.js'
-import { streamQcow2 } from '../lib/qcow2/stream.js'
+import { type ClusterRecord, type RandomAccessDisk, type StreamedImage, NbdServer, VmaReader, VmapipeError } from '../lib/index.js'
+import { ParallelsBundle, ParallelsImage, parseDescriptor, streamParallels } from '../lib/parallels/index.js'
+import { Qcow2Image, streamQcow2 } from '../lib/qcow2/index.js'
+import { RawImage } from '../lib/raw/index.js'
+import { diskRecords } from '../lib/io/disk-records.js'
 import type { Rng } from './rng.js'
 import { type Seed, mutate } from './mutate.js'
 import { badReadReplies, fixParallels, fixVma, growQcow2, sprayVma } from './formats.js'

@@ -150,6 +150,8 @@ export interface StreamOptions {
   tmpDir?: string
   /** What the stream is, for messages ("stdin"). */
   where?: string
+  /** Bytes of the disk, for formats whose stream does not say (raw). */
+  size?: number
 }
 
 /** What a disk is written as, beyond its format. */
@@ -172,9 +174,9 @@ export interface DiskOutput {
  * What a format folder exports from its index.ts: its name, how to know it,
  * and the faces it has. The registry (jobs/registry.ts) is the list of these.
  */
-export interface FormatDescriptor {
-  /** The name users give (-d format=NAME, --format NAME) and `vma info` shows. */
-  name: string
+export interface FormatDescriptor<Name extends string = string> {
+  /** The name users give to choose the format, and `vma info` shows. */
+  name: Name
   /** An archive holds several disks (VMA); an image is one disk. */
   kind: 'image' | 'archive'
   /** Whether a file's first 512 bytes are this format's. */
@@ -187,4 +189,6 @@ export interface FormatDescriptor {
   stream?: (input: Readable, options: StreamOptions) => Promise<StreamedImage | undefined>
   /** What a device becomes in this format. */
   writer?: (device: DeviceInfo, options: OutputOptions) => DiskOutput
+  /** The output options the writer takes; giving another is an error. */
+  outputOptions?: ReadonlyArray<keyof OutputOptions>
 }

@@ -24,7 +24,7 @@ export const EXIT = {
 
 /** Codes that say the system failed rather than the input being wrong. */
 const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR'])
-const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB'])
+const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB', 'E_FORMAT_UNKNOWN', 'E_OPTION'])
 
 export type ErrorCode =
   // VMA format
@@ -38,6 +38,10 @@ export type ErrorCode =
   | 'E_RECORD' | 'E_INPUT_SIZE'
   // an input in a format read by other tools (another image format, a compressed file, an archive) where a disk was wanted
   | 'E_INPUT_FORMAT'
+  // a format name no registered format has
+  | 'E_FORMAT_UNKNOWN'
+  // options a job was given that do not go together or do not apply
+  | 'E_OPTION'
   // what a format cannot hold
   | 'E_LIMIT'
   // qcow2 images

@@ -1,66 +1,39 @@
 /**
- * vmapipe: stream Proxmox VMA backups. The public face of the library.
+ * vmapipe: stream Proxmox VMA backups. The root holds the jobs and the pieces
+ * a record pipeline is built from:
  *
- *   bytes -> createDecompressor() -> VmaReader -> DeviceRouter(RawFileWriter | RawStreamWriter | ...)
+ *   bytes -> createDecompressor() -> VmaReader -> DeviceRouter(a format's writer per device)
+ *
+ * Each format's own pieces (images, stream readers, writers, encoders) are
+ * under its subpath: vmapipe/vma, vmapipe/qcow2, vmapipe/parallels,
+ * vmapipe/raw; the NBD transport under vmapipe/nbd; backup jobs' parts under
+ * vmapipe/backup.
  */
-export * from './record.js'
 export type * from './contracts.js'
-export { VmapipeError, EXIT, type ErrorCode, type ErrorPlace } from './errors.js'
-export { VmaReader, type VmaReaderOptions, type DeviceStats } from './vma/stream.js'
+export { CLUSTER_SIZE, BLOCK_SIZE, VMSTATE_NAME } from './record.js'
+export { VmapipeError, type ErrorCode, type ErrorPlace } from './errors.js'
+// Jobs
+export { readArchiveInfo, verifyArchive, type ReadOptions, type VerifyReport } from './jobs/archive.js'
 export {
-  VMA_MAGIC, EXTENT_MAGIC, HEADER_FIXED_SIZE, MAX_HEADER_SIZE, EXTENT_HEADER_SIZE, MAX_EXTENT_CLUSTERS, MAX_CONFIGS, MAX_BLOB_SIZE,
-  parseHeader, parseExtentHeader, type VmaHeader, type ExtentHeader, type ExtentEntry,
-} from './vma/format.js'
-export { VmaWriter, type WriterStats } from './vma/writer.js'
-export { encodeHeader, encodeExtentHeader, type HeaderSpec } from './vma/format.js'
-export { DeviceRouter } from './jobs/router.js'
-export type { DiskWriter, WriterFactory } from './contracts.js'
-export { RecordMerger } from './jobs/merge.js'
-export { RawFileWriter, RawStreamWriter } from './raw/writer.js'
-export { RawReader } from './raw/stream.js'
-export { openDisk, detectDiskFormat, type DiskSpec, type DiskSource, type DiskFormat } from './jobs/sources.js'
+  extractToDirectory, extractToStream, extractToNbd,
+  type ExtractOptions, type ExtractToDirOptions, type ExtractToStreamOptions, type ExtractResult,
+} from './jobs/extract.js'
+export { openDisk, openImageFile, type DiskSpec, type DiskSource } from './jobs/sources.js'
 export { packArchive, type PackOptions, type PackResult } from './jobs/pack.js'
-export { openOutput, type Output } from './io/output.js'
-export { WriteQueue, type WriteQueueOptions } from './io/write-queue.js'
-export { type ReorderOptions } from './io/reorder.js'
-export { createDecompressor, createCompressor, createCompressingSink, detectCompression, compressionForName, type Compression } from './io/compression.js'
-export { openInput, type Input } from './io/input.js'
-
-export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './jobs/archive.js'
-export { extractToDirectory, extractToStream, extractToNbd, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './jobs/extract.js'
-export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './jobs/targets.js'
-export { diskRecords, dirtyRecords, describeBitmaps, type DiskRecordsOptions } from './io/disk-records.js'
-export type { RandomAccessDisk, Extent, DirtyBitmap, DiskDescription, StreamedImage } from './contracts.js'
-export { openImageFile } from './jobs/sources.js'
-export { describeImage } from './jobs/info.js'
-export { RawImage } from './raw/image.js'
-export {
-  parseHeader as parseParallelsHeader, encodeHeader as encodeParallelsHeader, parseBat, encodeBat, parseFormatExtension, encodeFormatExtension, isParallels,
-  type ParallelsHeader, type BitmapFeature, type FormatExtension,
-} from './parallels/format.js'
-export { ParallelsImage, ParallelsBitmap } from './parallels/image.js'
-export { streamParallels } from './parallels/stream.js'
-export { ParallelsWriter, ParallelsBundleWriter, type ParallelsWriterOptions, type BitmapInput } from './parallels/writer.js'
-export { ParallelsBundle, snapshotChain, type BundleLayer } from './parallels/bundle.js'
-export {
-  parseDescriptor, buildDescriptor, addSnapshotImage, topOf, TOP_GUID, ROOT_PARENT,
-  type DiskDescriptor, type DescriptorImage, type DescriptorStorage,
-} from './parallels/disk-descriptor.js'
-export { Qcow2Image, type Qcow2OpenOptions } from './qcow2/image.js'
-export { Qcow2FileWriter, type Qcow2WriterOptions } from './qcow2/writer.js'
-export { readJob, checkJob, type BackupJob, type JobDisk, type JobConfig } from './backup/job.js'
-export { runBackupJob, type BackupOptions, type BackupResult } from './backup/run.js'
-export { planPrune, type Retention, type PruneItem, type PruneMark } from './backup/retention.js'
-export { archiveName, imageName, parseArchiveName, sidecars } from './backup/naming.js'
-export { acquireLock, type Lock } from './backup/lock.js'
-export { openVmaIndex, type VmaIndex } from './vma/archive-index.js'
-export { NbdServer, type NbdExport, type NbdServerOptions, type ServerLog, type ListenAddress } from './nbd/server.js'
-export {
-  NbdClient, NbdReplyError, openNbdDisk, parseNbdUri, isNbdUri, describeAddress,
-  type NbdAddress, type NbdClientOptions, type NbdClientStats, type NbdDisk, type OpenNbdDiskOptions,
-} from './nbd/client.js'
-export { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
+export { describeImage, type DescribeOptions } from './jobs/info.js'
 export { openExports, type OpenedExports } from './jobs/exports.js'
-/** The NBD wire format: constants, encoders and decoders. */
-export * as nbd from './nbd/protocol.js'
-export { writeOverlay, writeImage, type OverlayOptions, type OverlayResult } from './jobs/incremental.js'
+export { writeOverlay, type OverlayOptions, type OverlayResult } from './jobs/incremental.js'
+export { runBackupJob, type BackupOptions, type BackupResult } from './backup/run.js'
+export { NbdServer, type NbdServerOptions, type NbdExport, type ListenAddress, type ServerLog } from './nbd/server.js'
+// Formats, and what a device becomes in each
+export { FORMATS, formatNamed, type FormatName } from './jobs/registry.js'
+export { diskOutput, type OutputOptions } from './jobs/targets.js'
+// Stream pieces
+export { openInput, type Input } from './io/input.js'
+export { openOutput, type Output } from './io/output.js'
+export { createDecompressor, createCompressor, type Compression } from './io/compression.js'
+export { runStages, type Stage } from './io/chain.js'
+export { VmaReader, type VmaReaderOptions } from './vma/stream.js'
+export { VmaWriter } from './vma/writer.js'
+export { DeviceRouter } from './jobs/router.js'
+export { RecordMerger } from './jobs/merge.js'

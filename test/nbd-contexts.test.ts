@@ -12,9 +12,8 @@ import { exits, run, tempDir } from './helpers/run.js'
 import { NBD, RawPeer, chunkError, handshake, metaData, open, option, readOptionReply, readReply, request } from './helpers/nbd.js'
 import { NbdServer } from '../lib/nbd/server.js'
 import { openNbdDisk } from '../lib/nbd/client.js'
-import type { DirtyBitmap, Extent, RandomAccessDisk } from '../lib/contracts.js'
+import type { ClusterRecord, DirtyBitmap, Extent, RandomAccessDisk } from '../lib/contracts.js'
 import { dirtyRecords } from '../lib/io/disk-records.js'
-import type { ClusterRecord } from '../lib/contracts.js'
 
 const KiB = 1024
 const MiB = 1024 * KiB

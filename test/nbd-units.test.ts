@@ -19,13 +19,12 @@ import {
   encodeGreeting, encodeInfoBlockSize, encodeInfoExport, encodeMetaRequest, encodeOption, encodeRequest, nameOf,
 } from '../lib/nbd/protocol.js'
 import { describeAddress, parseNbdUri } from '../lib/nbd/client.js'
-import { openVmaIndex } from '../lib/vma/archive-index.js'
+import { openArchiveIndex } from '../lib/vma/archive-index.js'
 import { RawImage } from '../lib/raw/image.js'
-import type { RandomAccessDisk } from '../lib/contracts.js'
+import type { ClusterRecord, RandomAccessDisk } from '../lib/contracts.js'
 import { diskRecords } from '../lib/io/disk-records.js'
 import { listenAddress } from '../lib/cli/serve.js'
 import { parseDiskSpec } from '../lib/cli/create.js'
-import type { ClusterRecord } from '../lib/contracts.js'
 import type { VmapipeError } from '../lib/errors.js'
 
 async function rejects (t: Test, promise: Promise<unknown>, code: string, message: string): Promise<VmapipeError | undefined> {
@@ -106,7 +105,7 @@ async function readAll (disk: RandomAccessDisk, offset: number, length: number):
 t.test('the VMA index gives each disk as its source: map from the masks, reads at any offset', async t => {
   const dir = tempDir(t)
   const fx = writeFixture(dir, multiDeviceSpec(91))
-  const index = await openVmaIndex(fx.archive)
+  const index = await openArchiveIndex(fx.archive)
   t.equal(index.extents, fx.spec.extents.length, 'every extent header read')
   const rng = new Rng(92)
   for (const device of index.info.devices) {
@@ -141,22 +140,22 @@ t.test('the VMA index refuses what the streaming reader refuses, and what it can
   const fx = writeFixture(dir, multiDeviceSpec(93))
   const bytes = readFileSync(fx.archive)
   const write = (name: string, data: Buffer): string => { writeFileSync(join(dir, name), data); return join(dir, name) }
-  await rejects(t, openVmaIndex(write('a.vma.gz', gzipSync(bytes))), 'E_USAGE', 'compressed')
+  await rejects(t, openArchiveIndex(write('a.vma.gz', gzipSync(bytes))), 'E_USAGE', 'compressed')
   const headerSize = bytes.readUInt32BE(56)
-  await rejects(t, openVmaIndex(write('empty.vma', Buffer.alloc(0))), 'E_VMA_TRUNCATED', 'empty')
-  await rejects(t, openVmaIndex(write('h.vma', bytes.subarray(0, headerSize - 1))), 'E_VMA_TRUNCATED', 'cut in the header')
-  await rejects(t, openVmaIndex(write('e.vma', bytes.subarray(0, headerSize + 300))), 'E_VMA_TRUNCATED', 'cut in an extent header')
-  await rejects(t, openVmaIndex(write('d.vma', bytes.subarray(0, bytes.length - 1))), 'E_VMA_TRUNCATED', 'cut in the data')
-  await rejects(t, openVmaIndex(write('x.vma', Buffer.concat([bytes, Buffer.alloc(512, 1)]))), 'E_VMA_EXTENT_MAGIC', 'garbage after the last extent')
+  await rejects(t, openArchiveIndex(write('empty.vma', Buffer.alloc(0))), 'E_VMA_TRUNCATED', 'empty')
+  await rejects(t, openArchiveIndex(write('h.vma', bytes.subarray(0, headerSize - 1))), 'E_VMA_TRUNCATED', 'cut in the header')
+  await rejects(t, openArchiveIndex(write('e.vma', bytes.subarray(0, headerSize + 300))), 'E_VMA_TRUNCATED', 'cut in an extent header')
+  await rejects(t, openArchiveIndex(write('d.vma', bytes.subarray(0, bytes.length - 1))), 'E_VMA_TRUNCATED', 'cut in the data')
+  await rejects(t, openArchiveIndex(write('x.vma', Buffer.concat([bytes, Buffer.alloc(512, 1)]))), 'E_VMA_EXTENT_MAGIC', 'garbage after the last extent')
   const spec = fx.spec
-  await rejects(t, openVmaIndex(write('m.vma', buildArchive({ ...spec, extents: spec.extents.map(e => e.filter(s => s.dev !== 1 || s.cluster !== 0)) }))), 'E_VMA_MISSING', 'a missing cluster')
-  await rejects(t, openVmaIndex(write('dup.vma', buildArchive({ ...spec, extents: [...spec.extents, spec.extents[0]] }))), 'E_VMA_DUPLICATE', 'a repeated extent')
+  await rejects(t, openArchiveIndex(write('m.vma', buildArchive({ ...spec, extents: spec.extents.map(e => e.filter(s => s.dev !== 1 || s.cluster !== 0)) }))), 'E_VMA_MISSING', 'a missing cluster')
+  await rejects(t, openArchiveIndex(write('dup.vma', buildArchive({ ...spec, extents: [...spec.extents, spec.extents[0]] }))), 'E_VMA_DUPLICATE', 'a repeated extent')
   const huge = { configs: [], devices: [{ id: 1, name: 'drive-scsi0', size: 2 ** 47, data: Buffer.alloc(0) }] }
-  const bomb = await rejects(t, openVmaIndex(write('bomb.vma', Buffer.concat([buildHeader(huge), buildExtent(huge, [{ dev: 1, cluster: 0, data: Buffer.alloc(65536, 1) }])]))), 'E_VMA_TRUNCATED', 'a 128 TiB device in a small file')
+  const bomb = await rejects(t, openArchiveIndex(write('bomb.vma', Buffer.concat([buildHeader(huge), buildExtent(huge, [{ dev: 1, cluster: 0, data: Buffer.alloc(65536, 1) }])]))), 'E_VMA_TRUNCATED', 'a 128 TiB device in a small file')
   t.match(bomb?.message, /cannot hold the 2147483648 clusters/, 'refused before anything is allocated for it')
   mkdirSync(join(dir, 'dir.vma'))
-  await rejects(t, openVmaIndex(join(dir, 'dir.vma')), 'E_USAGE', 'a directory')
-  await rejects(t, openVmaIndex(join(dir, 'none.vma')), 'E_IO', 'missing')
+  await rejects(t, openArchiveIndex(join(dir, 'dir.vma')), 'E_USAGE', 'a directory')
+  await rejects(t, openArchiveIndex(join(dir, 'none.vma')), 'E_IO', 'missing')
 })
 
 t.test('raw disks: size, reads, refusals', async t => {

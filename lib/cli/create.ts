@@ -2,7 +2,8 @@ import { basename } from 'node:path'
 import { COMPRESSIONS, type Compression, compressionForName } from '../io/compression.js'
 import { openOutput } from '../io/output.js'
 import { packArchive, readConfigFiles } from '../jobs/pack.js'
-import { DISK_FORMATS, type DiskFormat, type DiskSpec, closeDisks, openDisks } from '../jobs/sources.js'
+import { type DiskSpec, closeDisks, openDisks } from '../jobs/sources.js'
+import { INPUT_FORMATS } from '../jobs/registry.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, parseSeconds, parseSize } from './command.js'
 import { type CliContext, refuseTerminal } from './context.js'
@@ -59,7 +60,7 @@ directory, or its DiskDescriptor.xml: its snapshots are merged); the format
 is told by magic bytes, raw being the fallback.
 
 -d takes NAME=PATH, optionally prefixed by options and a colon:
-  format=FMT          skip format detection: ${DISK_FORMATS.join(', ')}
+  format=FMT          skip format detection: ${INPUT_FORMATS.join(', ')}
                       (told by magic bytes otherwise; raw is the fallback)
   size=BYTES          the disk's size, required for raw input from stdin or
                       a pipe (suffixes K, M, G, T)
@@ -112,7 +113,7 @@ nbd+unix:///EXPORT?socket=PATH): only allocated extents are read.
 Options:
   --name NAME         device name (default drive-scsi0)
   --size BYTES        size of a raw input that cannot be seen (suffixes K, M, G)
-  --format FORMAT     skip format detection: ${DISK_FORMATS.join(', ')} (raw packs
+  --format FORMAT     skip format detection: ${INPUT_FORMATS.join(', ')} (raw packs
                       the bytes of a file in another tool's format as they are)
   -o, --output OUT    write OUT instead of stdout
   --dirty-bitmap NAME refused: an incremental backup is an overlay on the
@@ -159,8 +160,8 @@ export function parseDiskSpec (text: string): DiskSpec {
     if (key === 'size') spec.size = parseSize(value, `-d ${text}`)
     else if (key === 'backing') spec.backing = value
     else if (key === 'dirty-bitmap') spec.dirtyBitmap = value
-    else if ((DISK_FORMATS as readonly string[]).includes(value)) spec.format = value as DiskFormat
-    else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${DISK_FORMATS.join(', ')})`)
+    else if ((INPUT_FORMATS as readonly string[]).includes(value)) spec.format = value
+    else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${INPUT_FORMATS.join(', ')})`)
   }
   return spec
 }

@@ -4,7 +4,7 @@ import { formatBytes } from '../io/progress.js'
 import { openInput } from '../io/input.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, listOption, parseSeconds, parseSize } from './command.js'
-import { OUTPUT_FORMATS, type OutputFormat } from '../jobs/targets.js'
+import { OUTPUT_FORMATS, formatNamed } from '../jobs/registry.js'
 import { checkClusterSize } from '../parallels/writer.js'
 import { isNbdUri } from '../nbd/client.js'
 import { refuseTerminal } from './context.js'
@@ -94,7 +94,7 @@ Examples:
     if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
     const clusterSize = parseSize(values['cluster-size'], '--cluster-size')
     if (clusterSize !== undefined) {
-      if (!format.startsWith('parallels')) throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
+      if (formatNamed(format, OUTPUT_FORMATS).outputOptions?.includes('clusterSize') !== true) throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
       checkClusterSize(clusterSize)
     }
     if (to !== undefined) {
@@ -120,7 +120,7 @@ Examples:
       const memoryLimit = parseSize(values.memory, '--memory')
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
-        format: format as OutputFormat,
+        format: format,
         ...(archive !== '-' ? { archivePath: archive } : {}),
         ...(clusterSize !== undefined ? { clusterSize } : {}),
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
@@ -134,7 +134,7 @@ Examples:
     const result = await extractToDirectory(input.stream, target, {
       ...common,
       force: values.force === true,
-      format: format as OutputFormat,
+      format: format,
       dataFile: values['data-file'] === true,
       ...(clusterSize !== undefined ? { clusterSize } : {}),
     })

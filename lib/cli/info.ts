@@ -1,5 +1,5 @@
 import { describeImage } from '../jobs/info.js'
-import { DISK_FORMATS } from '../jobs/sources.js'
+import { INPUT_FORMATS } from '../jobs/registry.js'
 import { formatBytes } from '../io/progress.js'
 import { EXIT } from '../errors.js'
 import { type Command, expectPositionals } from './command.js'
@@ -19,7 +19,7 @@ keeps no map, so its allocation is unknown. Everything an image's format
 checks is checked: a damaged image exits 1.
 
 Options:
-  --format FORMAT   skip detection: ${DISK_FORMATS.join(', ')}
+  --format FORMAT   skip detection: ${INPUT_FORMATS.join(', ')}
   --json            print one JSON object instead of text
 
 Examples:

@@ -7,6 +7,7 @@
 import { writev } from 'node:fs'
 import type { FileHandle } from 'node:fs/promises'
 import { ioError } from '../errors.js'
+import type { FileWrites } from '../contracts.js'
 
 export interface WriteQueueOptions {
   /** Writes submitted at once (default 8). */
@@ -15,7 +16,7 @@ export interface WriteQueueOptions {
   maxRun?: number
 }
 
-export class WriteQueue {
+export class WriteQueue implements FileWrites {
   private readonly maxInFlight: number
   private readonly maxRun: number
   private run: Buffer[] = []
@@ -103,7 +104,7 @@ function writeAll (fd: number, buffers: Buffer[], position: number, done: (err: 
 }
 
 /** A file written through `queue` is complete: drain, set its size, fsync, close. */
-export async function completeFile (queue: WriteQueue, file: FileHandle, size: number, path: string): Promise<void> {
+export async function completeFile (queue: FileWrites, file: FileHandle, size: number, path: string): Promise<void> {
   await queue.drain()
   try {
     await file.truncate(size)
@@ -115,7 +116,7 @@ export async function completeFile (queue: WriteQueue, file: FileHandle, size: n
 }
 
 /** Gives a file written through `queue` up: lets writes in flight end and closes it; removing it is the caller's business. */
-export async function abandonFile (queue: WriteQueue, file: FileHandle): Promise<void> {
+export async function abandonFile (queue: FileWrites, file: FileHandle): Promise<void> {
   await queue.drain().catch(() => {})
   await file.close().catch(() => {})
 }

@@ -7,11 +7,10 @@ import { type Duplex, type Readable, Writable } from 'node:stream'
 import pump from 'pump'
 import { runStages } from '../io/chain.js'
 import { EXIT, VmapipeError } from '../errors.js'
-import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, ProgressSink } from '../contracts.js'
 import { VMSTATE_NAME } from '../record.js'
 import { type Compression, createDecompressor } from '../io/compression.js'
 import { counter } from '../io/progress.js'
-import type { ProgressSink } from '../contracts.js'
 import { type DeviceStats, VmaReader } from '../vma/stream.js'
 
 export interface ReadOptions {

@@ -10,7 +10,7 @@ import { disksOf } from './archive.js'
 import { detectCompression } from '../io/compression.js'
 import { readHead } from '../io/input.js'
 import { openImageFile } from './sources.js'
-import { openVmaIndex } from '../vma/archive-index.js'
+import { openArchiveIndex } from '../vma/archive-index.js'
 import { VMA_MAGIC } from '../vma/format.js'
 import type { NbdExport } from '../nbd/server.js'
 
@@ -45,7 +45,7 @@ async function openSource (path: string, names: string[]): Promise<NbdExport[]> 
   const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, VMA_MAGIC.length)
   // Compressed files go to the index too, which says how to unpack them.
   if (head.equals(VMA_MAGIC) || detectCompression(head) !== 'none') {
-    const index = await openVmaIndex(path)
+    const index = await openArchiveIndex(path)
     const exports = disksOf(index.info.devices).map(d => ({ name: d.name, description: `${d.name} of ${basename(path)} (${index.info.uuid})`, disk: index.disk(d) }))
     // The disks keep the archive open; the index itself is no longer needed.
     await index.close()

@@ -9,8 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
-import type { DiskWriter } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, DiskWriter } from '../contracts.js'
 import { DeviceRouter } from './router.js'
 import { RawStreamWriter } from '../raw/writer.js'
 import { NbdDiskWriter, type NbdWriteStats } from '../nbd/writer.js'
@@ -22,7 +21,7 @@ import { drained } from '../io/drained.js'
 import { createDecompressor } from '../io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
 import { VmaReader } from '../vma/stream.js'
-import { type VmaIndex, openVmaIndex } from '../vma/archive-index.js'
+import { type ArchiveIndex, openArchiveIndex } from '../vma/archive-index.js'
 import { writeQcow2Stream } from '../qcow2/writer.js'
 
 export interface ExtractOptions extends ReadOptions {
@@ -139,9 +138,9 @@ const IMAGE_TMP = 'vmapipe-image-partial-'
  * archive cannot be indexed (compressed, a pipe): then it is built aside.
  */
 async function qcow2FromIndex (path: string, output: Writable, options: ExtractOptions): Promise<(ExtractResult & { device: DeviceInfo, spilledBytes: number }) | undefined> {
-  let index: VmaIndex
+  let index: ArchiveIndex
   try {
-    index = await openVmaIndex(path)
+    index = await openArchiveIndex(path)
   } catch (err) {
     if (err instanceof VmapipeError && err.code === 'E_USAGE') return undefined
     throw err

@@ -5,7 +5,7 @@
  * refuses them and says what to do instead.
  */
 import { VmapipeError } from '../errors.js'
-import { VMA_MAGIC } from '../vma/format.js'
+import { FORMATS } from './registry.js'
 
 export interface ForeignFormat {
   /** With its article, for messages: "a VHDX image". */
@@ -38,7 +38,9 @@ const FOREIGN: Array<[ForeignFormat, (head: Buffer) => boolean]> = [
   // VirtualBox: the signature 0xbeda107f (little-endian) after a 64-byte text banner.
   [image('a VDI image'), h => at(h, 0x40, [0x7f, 0x10, 0xda, 0xbe])],
   [image('a QED image'), h => at(h, 0, 'QED\0')],
-  [{ name: 'a VMA archive', advice: () => 'extract its disks, or copy it as it is' }, h => at(h, 0, [...VMA_MAGIC])],
+  // Archives the registry knows (VMA): several disks, not one.
+  ...FORMATS.filter(f => f.kind === 'archive').map((f): [ForeignFormat, (head: Buffer) => boolean] =>
+    [{ name: `a ${f.name.toUpperCase()} archive`, advice: () => 'extract its disks, or copy it as it is' }, f.detect]),
   [compressed('a zstd-compressed file', 'zstd'), h => at(h, 0, [0x28, 0xb5, 0x2f, 0xfd])],
   // Deflate (method 8) is the only method gzip writes; the third byte keeps a raw disk's chance match small.
   [compressed('a gzip-compressed file', 'gzip'), h => at(h, 0, [0x1f, 0x8b, 0x08])],

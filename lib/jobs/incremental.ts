@@ -11,16 +11,14 @@
 import { rename, stat, unlink } from 'node:fs/promises'
 import { basename, dirname, extname, join, relative } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ProgressSink } from '../contracts.js'
+import type { ClusterRecord, DiskWriter, ProgressSink } from '../contracts.js'
 import { partialPath, writeFileAtomically } from '../io/output.js'
-import type { DiskWriter } from '../contracts.js'
 import { type DiskSource, openImageFile } from './sources.js'
 import { Qcow2FileWriter, type Qcow2WriterOptions } from '../qcow2/writer.js'
 import { ParallelsWriter } from '../parallels/writer.js'
 import { DESCRIPTOR_NAME, ParallelsBundle } from '../parallels/bundle.js'
 import { addSnapshotImage, newGuid } from '../parallels/disk-descriptor.js'
 import { SECTOR_SIZE } from '../parallels/format.js'
-import type { ClusterRecord } from '../contracts.js'
 
 export interface OverlayOptions {
   /** Where a qcow2 overlay goes (default: beside the previous image, named after it and the time). */

@@ -5,14 +5,14 @@
  */
 import type { DiskDescription } from '../contracts.js'
 import { describeBitmaps, mappedBytes } from '../io/disk-records.js'
-import { type DiskFormat, openImageFile } from './sources.js'
+import { openImageFile } from './sources.js'
 
 export interface DescribeOptions {
   /** Aborting stops with E_INTERRUPTED within about a second, however large the image. */
   signal?: AbortSignal
 }
 
-export async function describeImage (path: string, format?: DiskFormat, options: DescribeOptions = {}): Promise<DiskDescription> {
+export async function describeImage (path: string, format?: string, options: DescribeOptions = {}): Promise<DiskDescription> {
   const { format: chosen, disk } = await openImageFile(path, format)
   try {
     if (disk.describe !== undefined) return await disk.describe(options.signal)

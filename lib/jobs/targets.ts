@@ -1,63 +1,29 @@
 /**
- * The image formats disks can be extracted to, and what each makes of one
- * device in a target directory. Format modules plug in here; the extraction
- * job stays the same for all.
+ * What each device of an archive becomes in a target directory, in the
+ * format chosen: the format's own writer from the registry. The saved RAM
+ * state is always raw vmstate.bin.
  */
-import { join } from 'node:path'
+import type { DeviceInfo, DiskOutput, OutputOptions as FormatOptions } from '../contracts.js'
 import { VmapipeError } from '../errors.js'
-import type { DeviceInfo } from '../contracts.js'
 import { VMSTATE_NAME } from '../record.js'
-import type { DiskWriter } from '../contracts.js'
-import { RawFileWriter } from '../raw/writer.js'
-import { Qcow2FileWriter } from '../qcow2/writer.js'
-import type { WriteQueue } from '../io/write-queue.js'
-import { ParallelsBundleWriter, ParallelsWriter } from '../parallels/writer.js'
+import { rawOutput } from '../raw/index.js'
+import { OUTPUT_FORMATS, formatNamed } from './registry.js'
 
-export const OUTPUT_FORMATS = ['raw', 'qcow2', 'parallels', 'parallels-bundle'] as const
-export type OutputFormat = typeof OUTPUT_FORMATS[number]
-
-export interface OutputOptions {
-  format?: OutputFormat
-  /** qcow2: keep the data in a raw file beside the image (external data file). */
-  dataFile?: boolean
-  /** Cluster size in bytes, for formats that have clusters (Parallels: 1 MiB by default). */
-  clusterSize?: number
+export interface OutputOptions extends FormatOptions {
+  /** A name in the registry's OUTPUT_FORMATS; default raw. */
+  format?: string
 }
 
-export interface DiskOutput {
-  /** Entries (files or directories) the disk occupies in the target directory. */
-  names: string[]
-  /** Creates the writer in `dir`, where the entries are staged until all are complete. */
-  create: (dir: string, queue: WriteQueue) => Promise<DiskWriter>
-}
-
-/** What `device` becomes in `format`. The saved RAM state is always raw vmstate.bin. */
+/** What `device` becomes in `options.format`. */
 export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): DiskOutput {
-  const format = options.format ?? 'raw'
-  if (options.dataFile === true && format !== 'qcow2') throw new VmapipeError('E_USAGE', 'a data file is a qcow2 feature (--format qcow2)')
-  if (device.name === VMSTATE_NAME || format === 'raw') {
-    const name = device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
-    return { names: [name], create: async (dir, queue) => await RawFileWriter.create(join(dir, name), device.size, queue) }
+  const format = formatNamed(options.format ?? 'raw', OUTPUT_FORMATS)
+  const given: FormatOptions = {
+    ...(options.dataFile === true ? { dataFile: true } : {}),
+    ...(options.clusterSize !== undefined ? { clusterSize: options.clusterSize } : {}),
   }
-  if (format === 'qcow2') {
-    const image = `disk-${device.name}.qcow2`
-    const data = options.dataFile === true ? `disk-${device.name}.raw` : undefined
-    return {
-      names: data === undefined ? [image] : [image, data],
-      create: async (dir, queue) => await Qcow2FileWriter.create(join(dir, image), device.size, {
-        queue,
-        ...(data !== undefined ? { dataFile: { path: join(dir, data), name: data } } : {}),
-      }),
-    }
-  }
-  const clusterSize = options.clusterSize === undefined ? {} : { clusterSize: options.clusterSize }
-  if (format === 'parallels') {
-    const name = `disk-${device.name}.hds`
-    return { names: [name], create: async (dir, queue) => await ParallelsWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
-  }
-  if (format === 'parallels-bundle') {
-    const name = `disk-${device.name}.hdd`
-    return { names: [name], create: async (dir, queue) => await ParallelsBundleWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
-  }
-  throw new VmapipeError('E_USAGE', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`)
+  const refused = (Object.keys(given) as Array<keyof FormatOptions>).find(o => format.outputOptions?.includes(o) !== true)
+  if (refused !== undefined) throw new VmapipeError('E_OPTION', `the ${format.name} format takes no ${refused} option`)
+  if (device.name === VMSTATE_NAME) return rawOutput('vmstate.bin', device)
+  // OUTPUT_FORMATS holds only formats that have a writer.
+  return (format.writer as NonNullable<typeof format.writer>)(device, given)
 }

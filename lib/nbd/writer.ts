@@ -9,9 +9,8 @@
  * the spec leaves what a trimmed range reads as undefined.
  */
 import { VmapipeError } from '../errors.js'
-import type { ClusterRecord, DeviceInfo } from '../contracts.js'
+import type { ClusterRecord, DeviceInfo, DiskWriter } from '../contracts.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
-import type { DiskWriter } from '../contracts.js'
 import { type NbdAddress, type NbdClientOptions, NbdClient, NbdReplyError } from './client.js'
 import { COMMAND_FLAG, ERRNO, TRANSMISSION_FLAG } from './protocol.js'
 

@@ -10,10 +10,8 @@
 import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord } from '../contracts.js'
+import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '../contracts.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
-import type { DiskWriter } from '../contracts.js'
-import type { RandomAccessDisk } from '../contracts.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
@@ -39,7 +37,7 @@ export interface BitmapInput {
 export interface ParallelsWriterOptions {
   /** Image cluster size in bytes: a multiple of 64 KiB up to 1 GiB (default 1 MiB). */
   clusterSize?: number
-  queue?: WriteQueue
+  queue?: FileWrites
   bitmaps?: BitmapInput[]
   /**
    * Write a snapshot over these layers: every record is stored, zeros too (a
@@ -69,7 +67,7 @@ export class ParallelsWriter implements DiskWriter {
     private readonly path: string,
     private readonly size: number,
     readonly header: ParallelsHeader,
-    private readonly queue: WriteQueue,
+    private readonly queue: FileWrites,
     private readonly base?: RandomAccessDisk,
   ) {
     this.bat = new Uint32Array(header.batEntries)

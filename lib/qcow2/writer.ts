@@ -12,13 +12,11 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord } from '../contracts.js'
+import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '../contracts.js'
 import { CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
-import type { DiskWriter } from '../contracts.js'
 import { RawFileWriter } from '../raw/writer.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import type { Writable } from 'node:stream'
-import type { RandomAccessDisk } from '../contracts.js'
 import { drained } from '../io/drained.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
@@ -32,7 +30,7 @@ export interface Qcow2WriterOptions {
   dataFile?: { path: string, name: string }
   /** Make an overlay on this image: unwritten clusters read from it, zero clusters hide it. */
   backing?: { name: string, format: string }
-  queue?: WriteQueue
+  queue?: FileWrites
 }
 
 /**
@@ -62,7 +60,7 @@ export class Qcow2FileWriter implements DiskWriter {
     private readonly file: FileHandle,
     private readonly path: string,
     private readonly size: number,
-    private readonly queue: WriteQueue,
+    private readonly queue: FileWrites,
     private readonly options: Qcow2WriterOptions,
     private readonly data?: RawFileWriter,
   ) {}

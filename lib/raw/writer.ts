@@ -7,9 +7,8 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, DeviceInfo } from '../contracts.js'
+import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites } from '../contracts.js'
 import { clusterCount, expandCluster, forEachRun } from '../record.js'
-import type { DiskWriter } from '../contracts.js'
 import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
@@ -19,11 +18,11 @@ export class RawFileWriter implements DiskWriter {
     private readonly file: FileHandle,
     private readonly path: string,
     private readonly size: number,
-    private readonly queue: WriteQueue,
+    private readonly queue: FileWrites,
   ) {}
 
   /** Creates `path` (which must not exist) for a device of `size` bytes. */
-  static async create (path: string, size: number, queue = new WriteQueue()): Promise<RawFileWriter> {
+  static async create (path: string, size: number, queue: FileWrites = new WriteQueue()): Promise<RawFileWriter> {
     try {
       return new RawFileWriter(await open(path, 'wx', 0o644), path, size, queue)
     } catch (err) {

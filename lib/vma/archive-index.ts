@@ -10,9 +10,8 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { Extent, RandomAccessDisk } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, Extent, RandomAccessDisk } from '../contracts.js'
 import { detectCompression } from '../io/compression.js'
-import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
 import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { readUpTo } from '../io/pread.js'
@@ -20,7 +19,7 @@ import {
   EXTENT_HEADER_SIZE, archiveInfo, HEADER_PREFIX_SIZE, MAX_EXTENT_CLUSTERS, VMA_MAGIC, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
 } from './format.js'
 
-export interface VmaIndex {
+export interface ArchiveIndex {
   info: ArchiveInfo
   /** Extent headers read. */
   extents: number
@@ -38,7 +37,7 @@ interface IndexedDevice {
 
 const UNPACK: Record<string, string> = { zstd: 'zstd -d', gzip: 'gunzip -k', lzo: 'lzop -d' }
 
-export async function openVmaIndex (path: string): Promise<VmaIndex> {
+export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
   const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
   try {
     return await buildIndex(handle, path)
@@ -48,7 +47,7 @@ export async function openVmaIndex (path: string): Promise<VmaIndex> {
   }
 }
 
-async function buildIndex (handle: FileHandle, path: string): Promise<VmaIndex> {
+async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveIndex> {
   const stat = await handle.stat()
   if (!stat.isFile()) throw new VmapipeError('E_USAGE', `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`)
   const fileSize = stat.size
