@@ -8,14 +8,14 @@ import type { ClusterRecord } from './contracts.js'
 export const CLUSTER_SIZE = 65536
 export const BLOCK_SIZE = 4096
 export const BLOCKS_PER_CLUSTER = 16
-export const FULL_MASK = 0xffff
+const FULL_MASK = 0xffff
 /** VMA stores cluster numbers in 32 bits. */
 export const MAX_CLUSTERS = 2 ** 32
 /** Name of the device that carries saved RAM instead of a disk. */
 export const VMSTATE_NAME = 'vmstate'
 
 /** Shared, never written: hand it out wherever zeros are needed. */
-export const ZERO_BLOCK: Buffer = Buffer.alloc(BLOCK_SIZE)
+const ZERO_BLOCK: Buffer = Buffer.alloc(BLOCK_SIZE)
 export const ZERO_CLUSTER: Buffer = Buffer.alloc(CLUSTER_SIZE)
 
 export function clusterRecord (device: number, cluster: number, mask: number, data: Buffer): ClusterRecord {

@@ -59,7 +59,7 @@ export function parseArchiveName (name: string): ArchiveFile | undefined {
 }
 
 /** `vzdump-qemu-100-2024_01_31-02_00_01` for any of its archives. */
-export function baseName (archive: string): string {
+function baseName (archive: string): string {
   return archive.replace(/\.vma(?:\.zst|\.gz|\.lzo)?$/, '')
 }
 

@@ -24,7 +24,7 @@ export type PruneMark = 'keep' | 'remove' | 'protected'
 const pad = (n: number): string => String(n).padStart(2, '0')
 
 /** ISO 8601 week-numbering year and week of the local calendar date (UTC arithmetic: no DST steps). */
-export function isoWeek (time: Date): string {
+function isoWeek (time: Date): string {
   const d = new Date(Date.UTC(time.getFullYear(), time.getMonth(), time.getDate()))
   d.setUTCDate(d.getUTCDate() + 4 - (d.getUTCDay() || 7)) // the Thursday of the week decides the year
   const week = Math.ceil(((d.getTime() - Date.UTC(d.getUTCFullYear(), 0, 1)) / 86400000 + 1) / 7)

@@ -67,7 +67,7 @@ function fieldText (value: unknown): string {
  * ...`; info with its other fields as key=value. Anything not JSON passes
  * as is.
  */
-export function plainLine (line: string, program: string): string {
+function plainLine (line: string, program: string): string {
   let record: Record<string, unknown>
   try {
     record = JSON.parse(line) as Record<string, unknown>

@@ -181,7 +181,7 @@ function inPackVmaTerms (err: unknown): unknown {
  * a lone firewall file <vmid>.fw as qemu-server.fw: vzdump's names, which
  * qmrestore and vma config look for.
  */
-export function configSpecs (value: unknown, ctx: CliContext): Array<{ name: string, path: string }> {
+function configSpecs (value: unknown, ctx: CliContext): Array<{ name: string, path: string }> {
   const specs = ((value as string[] | undefined) ?? []).map(text => {
     const eq = text.indexOf('=')
     if (eq <= 0 || text.slice(0, eq).includes('/')) return { name: basename(text), path: text, named: false }

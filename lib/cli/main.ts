@@ -43,7 +43,7 @@ ${EXIT_HELP}
 `
 }
 
-export function version (): string {
+function version (): string {
   const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string }
   return pkg.version
 }

@@ -236,7 +236,7 @@ export function adler32 (data: Uint8Array, start = 1): number {
   return ((b << 16) | a) >>> 0
 }
 
-export const LZOP_MAGIC = Buffer.from([0x89, 0x4c, 0x5a, 0x4f, 0x00, 0x0d, 0x0a, 0x1a, 0x0a])
+const LZOP_MAGIC = Buffer.from([0x89, 0x4c, 0x5a, 0x4f, 0x00, 0x0d, 0x0a, 0x1a, 0x0a])
 const F_ADLER32_D = 0x1
 const F_ADLER32_C = 0x2
 const F_H_EXTRA_FIELD = 0x40
@@ -249,7 +249,7 @@ const F_STDIN = 0x4
 const F_STDOUT = 0x8
 const F_OS_UNIX = 0x03000000
 /** lzop refuses blocks larger than this; so do we, which bounds memory. */
-export const LZOP_MAX_BLOCK = 64 << 20
+const LZOP_MAX_BLOCK = 64 << 20
 /** lzop's own block size. */
 export const LZOP_BLOCK = 256 << 10
 

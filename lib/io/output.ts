@@ -37,7 +37,7 @@ const PARTIAL_MARK = '.partial-'
  * /proc/PID/stat) goes with it; the host is a hash, for targets that several
  * hosts share (NFS).
  */
-export interface Owner { pid: number, start: number, host: string }
+interface Owner { pid: number, start: number, host: string }
 
 /** A process's start time, or undefined when it is not running (or /proc cannot tell). */
 function startOf (pid: number | 'self'): number | undefined {
@@ -104,7 +104,7 @@ export function partialPath (path: string): string {
 }
 
 /** Whether a file name is one of those temporary names: a leftover, after a crash. */
-export function isPartialName (name: string): boolean {
+function isPartialName (name: string): boolean {
   return name.startsWith('.') && name.includes(PARTIAL_MARK)
 }
 
@@ -223,7 +223,7 @@ async function openInPlace (path: string): Promise<Output> {
  * reports 'finish' (it cannot be ended), so pump would wait forever. Each
  * chunk is done when stdout has taken it; errors (EPIPE, ENOSPC) come back.
  */
-export function stdoutWritable (): Writable {
+function stdoutWritable (): Writable {
   const failures: Error[] = []
   const onError = (err: Error): void => { failures.push(err) }
   process.stdout.on('error', onError)

@@ -9,7 +9,7 @@ import type { FileHandle } from 'node:fs/promises'
 import { ioError } from '../errors.js'
 import type { FileWrites } from '../contracts.js'
 
-export interface WriteQueueOptions {
+interface WriteQueueOptions {
   /** Writes submitted at once (default 8). */
   maxInFlight?: number
   /** Largest merged write in bytes (default 1 MiB). */

@@ -7,7 +7,7 @@
 import { VmapipeError } from '../errors.js'
 import { FORMATS } from './registry.js'
 
-export interface ForeignFormat {
+interface ForeignFormat {
   /** With its article, for messages: "a VHDX image". */
   name: string
   /** What to do with a file of this format (`path` undefined: it comes on stdin). */
@@ -55,10 +55,10 @@ const FOREIGN: Array<[ForeignFormat, (head: Buffer) => boolean]> = [
 export const TAIL_BYTES = 512
 
 /** The last bytes of a file and where they start. */
-export interface Tail { bytes: Buffer, offset: number }
+interface Tail { bytes: Buffer, offset: number }
 
 /** The foreign format a file's first bytes (and, where known, its last TAIL_BYTES) announce, with where it shows. */
-export function foreignFormat (head: Buffer, tail?: Tail): { format: ForeignFormat, offset: number } | undefined {
+function foreignFormat (head: Buffer, tail?: Tail): { format: ForeignFormat, offset: number } | undefined {
   const found = FOREIGN.find(([, test]) => test(head))
   if (found !== undefined) return { format: found[0], offset: 0 }
   const skip = tail === undefined ? undefined : [0, 1].find(s => at(tail.bytes, s, VHD_COOKIE))

@@ -87,7 +87,7 @@ const MAX_READ_PIECES = 1024
 const MAP_GRAIN = 4096
 /** The largest minimum block size the spec allows. */
 const MAX_MINIMUM_BLOCK = 65536
-export const DEFAULT_REQUEST_TIMEOUT = 60_000
+const DEFAULT_REQUEST_TIMEOUT = 60_000
 /** The longest delay setTimeout takes; longer timeouts are checked again when it runs out. */
 const MAX_TIMER = 2 ** 31 - 1
 

@@ -10,7 +10,7 @@ import { formatUuid, uuidBytes } from '../util/uuid.js'
 export const SECTOR_SIZE = 512
 export const HEADER_SIZE = 64
 /** Old images: BAT entries and data_off in sectors, data_off may be 0. */
-export const MAGIC_SECTORS = 'WithoutFreeSpace'
+const MAGIC_SECTORS = 'WithoutFreeSpace'
 /** Current images: BAT entries in clusters, data_off cluster-aligned. */
 export const MAGIC_CLUSTERS = 'WithouFreSpacExt'
 const VERSION = 2
@@ -37,7 +37,7 @@ const EXTENSION_HEADER_SIZE = 24
 const FEATURE_HEADER_SIZE = 24
 const BITMAP_HEADER_SIZE = 32
 
-export type Magic = typeof MAGIC_SECTORS | typeof MAGIC_CLUSTERS
+type Magic = typeof MAGIC_SECTORS | typeof MAGIC_CLUSTERS
 
 export interface ParallelsHeader {
   magic: Magic
@@ -226,7 +226,7 @@ export interface BitmapFeature {
 }
 
 /** A feature the reader does not know, kept (TRANSIT) or ignored. */
-export interface OtherFeature {
+interface OtherFeature {
   magic: bigint
   flags: bigint
   /** Why it was left out: unknown, or a known feature that failed to load without NECESSARY. */
@@ -247,7 +247,7 @@ function bitmapL1Size (sectors: number, granularity: number, clusterBytes: numbe
 const hex = (n: bigint): string => `0x${n.toString(16)}`
 
 /** Checks (and claims) a cluster a bitmap uses; throws when it may not. */
-export type ClusterCheck = (offset: number, what: string, at: number) => void
+type ClusterCheck = (offset: number, what: string, at: number) => void
 
 /**
  * Decodes the Format Extension cluster found at byte `at`: magic, MD5 over

@@ -23,7 +23,7 @@ import {
 import { ROOT_PARENT, buildDescriptor, newGuid } from './disk-descriptor.js'
 
 /** Largest cluster written: 1 GiB. */
-export const MAX_WRITE_CLUSTER = 1 << 30
+const MAX_WRITE_CLUSTER = 1 << 30
 
 /** A dirty bitmap to store: bit i (least significant first in each byte) marks bytes [i * granularity, (i + 1) * granularity) dirty. */
 export interface BitmapInput {

@@ -7,22 +7,22 @@
 import { VmapipeError } from '../errors.js'
 
 export const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]) // "QFI\xfb"
-export const V2_HEADER_LENGTH = 72
-export const V3_HEADER_LENGTH = 104
+const V2_HEADER_LENGTH = 72
+const V3_HEADER_LENGTH = 104
 /** What we write: v3 with the compression_type byte, padded to a multiple of 8. */
-export const WRITE_HEADER_LENGTH = 112
-export const MIN_CLUSTER_BITS = 9
+const WRITE_HEADER_LENGTH = 112
+const MIN_CLUSTER_BITS = 9
 /** QEMU's limit: 2 MiB clusters. */
-export const MAX_CLUSTER_BITS = 21
+const MAX_CLUSTER_BITS = 21
 /** QEMU's limit on the L1 table. */
-export const MAX_L1_BYTES = 32 << 20
-export const MAX_BACKING_NAME = 1023
+const MAX_L1_BYTES = 32 << 20
+const MAX_BACKING_NAME = 1023
 
 export const INCOMPAT = { DIRTY: 1, CORRUPT: 2, DATA_FILE: 4, COMPRESSION: 8, EXTENDED_L2: 16 } as const
 const KNOWN_INCOMPAT = 0x1f
-export const AUTOCLEAR = { BITMAPS: 1, DATA_FILE_RAW: 2 } as const
+const AUTOCLEAR = { BITMAPS: 1, DATA_FILE_RAW: 2 } as const
 
-export const EXT = {
+const EXT = {
   END: 0,
   BACKING_FORMAT: 0xe2792aca,
   FEATURE_TABLE: 0x6803f857,

@@ -13,6 +13,7 @@ import { RawFileWriter } from './writer.js'
 export { RawImage } from './image.js'
 export { RawReader } from './stream.js'
 export { RawFileWriter, RawStreamWriter } from './writer.js'
+export type { ReorderOptions } from '../io/reorder.js'
 
 /** A device as a raw file named `name`. */
 export function rawOutput (name: string, device: DeviceInfo): DiskOutput {

@@ -21,7 +21,7 @@ export const MAX_EXTENT_CLUSTERS = 59
 /** The reference writer flushes an extent at 58 clusters; we write what it writes. */
 export const WRITER_EXTENT_CLUSTERS = 58
 /** dev_ids 1..254; the reference keeps 255 free. */
-export const MAX_DEVICES = 254
+const MAX_DEVICES = 254
 export const MAX_CONFIGS = 256
 /** Bytes needed to learn header_size. */
 export const HEADER_PREFIX_SIZE = 60
@@ -62,7 +62,7 @@ export interface ExtentHeader {
 }
 
 /** MD5 of `buf` as if the 16 bytes at `at` were zero (how VMA checksums its headers). */
-export function md5WithHole (buf: Buffer, at: number): Buffer {
+function md5WithHole (buf: Buffer, at: number): Buffer {
   return createHash('md5').update(buf.subarray(0, at)).update(ZERO_MD5).update(buf.subarray(at + 16)).digest()
 }
 
@@ -108,7 +108,7 @@ function indexBlobs (head: Buffer): Map<number, Buffer> {
  * is refused: in an archive read (E_VMA_NAME, with its offset) and in one about
  * to be written (E_USAGE).
  */
-export function checkName (name: string, what: string, offset?: number): void {
+function checkName (name: string, what: string, offset?: number): void {
   if (name === '' || name === '.' || name.includes('..') || /[/\\\x00-\x1f\x7f]/.test(name)) {
     const message = `${what} name ${JSON.stringify(name)} is not a safe file name (empty, '..', '/', '\\', NUL or a control character)`
     throw offset === undefined ? new VmapipeError('E_USAGE', message) : new VmapipeError('E_VMA_NAME', message, { offset })
@@ -122,7 +122,7 @@ export function checkName (name: string, what: string, offset?: number): void {
  * a file name holds 255 bytes. VMA itself would hold 65534 (blobs have a
  * 2-byte size), but an archive whose restore fails is no backup.
  */
-export const MAX_NAME_BYTES = { device: 255 - 'tmp-disk-.raw'.length, config: 255 - '.XXXXXX'.length } as const
+const MAX_NAME_BYTES = { device: 255 - 'tmp-disk-.raw'.length, config: 255 - '.XXXXXX'.length } as const
 
 /** Refuses (E_LIMIT) a name longer than Proxmox can restore, saying the limit. */
 function checkNameLength (name: string, what: keyof typeof MAX_NAME_BYTES): void {

@@ -10,7 +10,7 @@ import { VMSTATE_NAME, blocksInside, clusterCount, popcount16 } from '../record.
 import { ClusterSet } from '../util/cluster-set.js'
 import { type ExtentHeader, blockInfoOffset } from './format.js'
 
-export type RuleBroken = 'CLUSTER_RANGE' | 'VMSTATE_ORDER' | 'DUPLICATE'
+type RuleBroken = 'CLUSTER_RANGE' | 'VMSTATE_ORDER' | 'DUPLICATE'
 
 export interface TrackedDevice {
   info: DeviceInfo
