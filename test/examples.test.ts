@@ -1,12 +1,14 @@
 /**
  * The README's quick start and its library snippets. Each snippet is a file in
  * examples/, compiled with strict tsc in a project of its own that has only the
- * installed package (npm pack, then npm install of the tarball), and run there.
+ * installed package (npm pack, then npm install of the tarball), and run there
+ * on the demo archive or a disk restored from it; what each writes or prints is
+ * checked with vma, cmp and qemu-img (and Proxmox's vma where it is found).
  */
 import t from 'tap'
 import { copyFileSync, cpSync, existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { cmp, exits, run, tempDir, vma } from './helpers/run.js'
+import { PVE_VMA, cmp, exits, run, tempDir, vma } from './helpers/run.js'
 import { fileURLToPath } from 'node:url'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
@@ -119,6 +121,10 @@ t.test('the examples compile against the installed package and run', async t => 
   t.match(backup.stdout.toString(), `pruned [${oldest}]`, 'and reports the one it pruned')
   t.same(readdirSync(dump).filter(f => f.endsWith('.vma.zst')).sort(), [older, archive].sort(), 'keep-last 2 keeps it and the newer old one')
   exits(t, await vma(['verify', join(dump, archive ?? '')]), 0, 'its archive verifies')
+  if (PVE_VMA !== undefined) {
+    exits(t, await run('zstd', ['-dq', join(dump, archive ?? ''), '-o', join(dir, 'backup.vma')]), 0)
+    exits(t, await run(PVE_VMA, ['verify', join(dir, 'backup.vma')]), 0, 'and Proxmox\'s vma verifies it')
+  }
   exits(t, await vma(['extract', join(dump, archive ?? ''), join(dir, 'backup')]), 0)
   t.ok(cmp(join(project, 'disk.raw'), join(dir, 'backup/disk-drive-scsi0.raw')), 'and holds the disk it backed up')
 })
