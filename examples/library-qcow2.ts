@@ -1,3 +1,4 @@
+import { rm } from 'node:fs/promises'
 import { openDisk } from 'vmapipe'
 import { Qcow2FileWriter } from 'vmapipe/qcow2'
 
@@ -9,6 +10,8 @@ try {
   for await (const record of await source.records(1)) await writer.write(record)
   await writer.finish()
 } catch (err) {
+  // abort() closes what is open; what it had written is the caller's to remove.
   await writer.abort()
+  await rm('disk.qcow2', { force: true })
   throw err
 }
