@@ -33,7 +33,8 @@ export interface DiskOutput {
 /** What `device` becomes in `format`. The saved RAM state is always raw vmstate.bin. */
 export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): DiskOutput {
   const format = options.format ?? 'raw'
-  if (options.dataFile === true && format !== 'qcow2') throw new VmapipeError('E_USAGE', 'a data file is a qcow2 feature (--format qcow2)')
+  if (options.dataFile === true && format !== 'qcow2') throw new VmapipeError('E_OPTION', 'a data file is a qcow2 feature (set format to qcow2)',
+    { option: 'dataFile' })
   if (device.name === VMSTATE_NAME || format === 'raw') {
     const name = device.name === VMSTATE_NAME ? 'vmstate.bin' : `disk-${device.name}.raw`
     return { names: [name], create: async (dir, queue) => await RawFileWriter.create(join(dir, name), device.size, queue) }
@@ -58,5 +59,5 @@ export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): Di
     const name = `disk-${device.name}.hdd`
     return { names: [name], create: async (dir, queue) => await ParallelsBundleWriter.create(join(dir, name), device.size, { ...clusterSize, queue }) }
   }
-  throw new VmapipeError('E_USAGE', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`)
+  throw new VmapipeError('E_OPTION', `unknown output format ${String(format)} (known: ${OUTPUT_FORMATS.join(', ')})`, { option: 'format' })
 }

@@ -4,7 +4,7 @@
  *   bytes -> createDecompressor() -> VmaReader -> DeviceRouter(RawFileWriter | RawStreamWriter | ...)
  */
 export * from './record.js'
-export { VmapipeError, EXIT, type ErrorCode, type ErrorPlace } from './errors.js'
+export { VmapipeError, type ErrorCode, type ErrorDetails, type ErrorFault, type ErrorPlace } from './errors.js'
 export { VmaReader, type VmaReaderOptions, type DeviceStats } from './vma/reader.js'
 export {
   VMA_MAGIC, EXTENT_MAGIC, HEADER_FIXED_SIZE, MAX_HEADER_SIZE, EXTENT_HEADER_SIZE, MAX_EXTENT_CLUSTERS, MAX_CONFIGS, MAX_BLOB_SIZE,

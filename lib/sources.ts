@@ -53,7 +53,7 @@ const IMAGE_FORMATS: Record<string, ImageFormat> = {
   'parallels-bundle': {
     magic: isDescriptor,
     open: async path => await ParallelsBundle.open(path),
-    stream: async () => { throw new VmapipeError('E_USAGE', 'a DiskDescriptor.xml names its images by path: give the bundle\'s path, not stdin') },
+    stream: async () => { throw new VmapipeError('E_NOT_SEEKABLE', 'a DiskDescriptor.xml names its images by path: give the bundle\'s path, not stdin') },
     directory: true,
   },
 }
@@ -124,7 +124,7 @@ async function detect (path: string, head: Buffer, size: number | undefined): Pr
 
 function checkFormat (format: DiskFormat | undefined): void {
   if (format !== undefined && !(DISK_FORMATS as readonly string[]).includes(format)) {
-    throw new VmapipeError('E_USAGE', `unknown disk format ${format} (known: ${DISK_FORMATS.join(', ')})`)
+    throw new VmapipeError('E_OPTION', `unknown disk format ${format} (known: ${DISK_FORMATS.join(', ')})`, { option: 'format' })
   }
 }
 
@@ -133,7 +133,7 @@ const isDirectory = (path: string): boolean => path !== '-' && statSync(path, { 
 /** A directory is an image only in a format that opens directories. */
 async function openDirectory (path: string, format: DiskFormat | undefined, spec: DiskSpec): Promise<{ format: DiskFormat, disk: RandomAccessDisk }> {
   const chosen = format ?? Object.keys(IMAGE_FORMATS).find(f => IMAGE_FORMATS[f].directory === true) as DiskFormat
-  if (IMAGE_FORMATS[chosen]?.directory !== true) throw new VmapipeError('E_USAGE', `${path} is a directory, not a ${chosen} image`)
+  if (IMAGE_FORMATS[chosen]?.directory !== true) throw new VmapipeError('E_OPTION', `${path} is a directory, not a ${chosen} image`, { option: 'format' })
   return { format: chosen, disk: await IMAGE_FORMATS[chosen].open(path, spec, false) }
 }
 
@@ -172,7 +172,9 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
     return imageSource(spec, format, disk)
   }
   if (isNbdUri(spec.path)) return await openNbdSource(spec)
-  if (spec.dirtyBitmap !== undefined) throw new VmapipeError('E_USAGE', `${spec.path}: a dirty bitmap is read from an NBD export (nbd://... or nbd+unix://...)`)
+  if (spec.dirtyBitmap !== undefined) throw new VmapipeError(
+    'E_OPTION', `${spec.path}: a dirty bitmap is read from an NBD export (nbd://... or nbd+unix://...)`,
+    { option: 'dirtyBitmap' })
   const input = openInput(spec.path)
   try {
     const head = await peek(input.stream, DETECT_BYTES)
@@ -244,8 +246,8 @@ function openRaw (spec: DiskSpec, input: Input): DiskSource {
     throw new VmapipeError('E_INPUT_SIZE', `${input.name} is ${input.size} bytes, not the ${spec.size} declared`, { device: spec.name })
   }
   const size = spec.size ?? input.size
-  if (size === undefined) throw new VmapipeError('E_USAGE', `the size of ${input.name} cannot be seen; give it (--size, or size=BYTES: in -d)`)
-  if (size === 0) throw new VmapipeError('E_USAGE', `${input.name} is empty; a VMA device needs at least one byte`)
+  if (size === undefined) throw new VmapipeError('E_INPUT_SIZE_UNKNOWN', `the size of ${input.name} cannot be seen; give the size`, { option: 'size' })
+  if (size === 0) throw new VmapipeError('E_LIMIT', `${input.name} is empty; a VMA device needs at least one byte`)
   return {
     name: spec.name,
     path: spec.path,
