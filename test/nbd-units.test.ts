@@ -69,7 +69,7 @@ t.test('protocol: decoders refuse what does not add up', async t => {
   oldstyle.writeBigUInt64BE(0x00420281861253n, 8)
   t.throws(() => decodeGreeting(oldstyle), /oldstyle/)
   t.throws(() => decodeRequest(Buffer.alloc(28)), /request magic/)
-  t.throws(() => encodeExportRequest({ name: 'a\0b', infos: [] }), { code: 'E_USAGE' }, 'our own strings are checked too')
+  t.throws(() => encodeExportRequest({ name: 'a\0b', infos: [] }), { code: 'E_LIMIT' }, 'our own strings are checked too')
 })
 
 t.test('NBD URIs', async t => {
@@ -82,7 +82,7 @@ t.test('NBD URIs', async t => {
   t.equal(describeAddress(parseNbdUri('nbd://[::1]:99/x')), 'nbd://[::1]:99/x')
   t.equal(describeAddress(parseNbdUri('nbd+unix:///a%2Fb?socket=/s')), 'nbd+unix:///a%2Fb?socket=/s')
   for (const bad of ['nbds://host/x', 'nbd+vsock:///1', 'nbd+unix:///x', 'nbd+unix://host/x?socket=/s', 'nbd:///x', 'nbd://h/%zz']) {
-    t.throws(() => parseNbdUri(bad), { code: 'E_USAGE' }, bad)
+    t.throws(() => parseNbdUri(bad), { code: 'E_OPTION' }, bad)
   }
 })
 
@@ -169,8 +169,8 @@ t.test('raw disks: size, reads, refusals', async t => {
   await disk.close()
   await disk.close()
   writeFileSync(join(dir, 'empty'), '')
-  await rejects(t, RawImage.open(join(dir, 'empty')), 'E_USAGE', 'empty')
-  await rejects(t, RawImage.open(dir), 'E_USAGE', 'neither a file nor a block device')
+  await rejects(t, RawImage.open(join(dir, 'empty')), 'E_LIMIT', 'empty')
+  await rejects(t, RawImage.open(dir), 'E_NOT_SEEKABLE', 'neither a file nor a block device')
 })
 
 /** A disk of `clusters` clusters whose cluster i holds byte i+1 when i % 3 == 0, else nothing; reads counted. */

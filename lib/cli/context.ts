@@ -59,7 +59,9 @@ const HINTS: Partial<Record<string, string>> = {
 const FLAGS: Partial<Record<string, Partial<Record<string, string>>>> = {
   followBacking: { create: '--follow-backing', 'pack-vma': '--follow-backing', backup: '"followBacking": true on the disk in the job file' },
   size: { create: '-d size=BYTES:NAME=PATH', 'pack-vma': '--size BYTES', backup: '"size" on the disk in the job file' },
-  format: { create: '-d format=FMT:NAME=PATH', 'pack-vma': '--format FORMAT', extract: '--format FORMAT', info: '--format FORMAT', backup: '"format" on the disk in the job file' },
+  format: {
+    create: '-d format=FMT:NAME=PATH', 'pack-vma': '--format FORMAT', extract: '--format FORMAT', info: '--format FORMAT', backup: '"format" on the disk in the job file',
+  },
   force: { create: '--force', 'pack-vma': '--force', extract: '--force' },
   devices: { extract: '-d DRIVE' },
   dataFile: { extract: '--data-file' },
