@@ -140,7 +140,7 @@ t.test('the VMA index refuses what the streaming reader refuses, and what it can
   const fx = writeFixture(dir, multiDeviceSpec(93))
   const bytes = readFileSync(fx.archive)
   const write = (name: string, data: Buffer): string => { writeFileSync(join(dir, name), data); return join(dir, name) }
-  await rejects(t, openVmaIndex(write('a.vma.gz', gzipSync(bytes))), 'E_USAGE', 'compressed')
+  await rejects(t, openVmaIndex(write('a.vma.gz', gzipSync(bytes))), 'E_NOT_SEEKABLE', 'compressed')
   const headerSize = bytes.readUInt32BE(56)
   await rejects(t, openVmaIndex(write('empty.vma', Buffer.alloc(0))), 'E_VMA_TRUNCATED', 'empty')
   await rejects(t, openVmaIndex(write('h.vma', bytes.subarray(0, headerSize - 1))), 'E_VMA_TRUNCATED', 'cut in the header')
@@ -154,7 +154,7 @@ t.test('the VMA index refuses what the streaming reader refuses, and what it can
   const bomb = await rejects(t, openVmaIndex(write('bomb.vma', Buffer.concat([buildHeader(huge), buildExtent(huge, [{ dev: 1, cluster: 0, data: Buffer.alloc(65536, 1) }])]))), 'E_VMA_TRUNCATED', 'a 128 TiB device in a small file')
   t.match(bomb?.message, /cannot hold the 2147483648 clusters/, 'refused before anything is allocated for it')
   mkdirSync(join(dir, 'dir.vma'))
-  await rejects(t, openVmaIndex(join(dir, 'dir.vma')), 'E_USAGE', 'a directory')
+  await rejects(t, openVmaIndex(join(dir, 'dir.vma')), 'E_NOT_SEEKABLE', 'a directory')
   await rejects(t, openVmaIndex(join(dir, 'none.vma')), 'E_IO', 'missing')
 })
 
