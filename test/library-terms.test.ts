@@ -12,7 +12,8 @@ import ts from 'typescript'
 import { PACK_VMA, exits, run, tempDir, vma } from './helpers/run.js'
 import { writeJob } from './helpers/fixtures.js'
 import { failure } from './helpers/logged.js'
-import { VmapipeError } from '../lib/errors.js'
+import { VmapipeError, type ErrorCode } from '../lib/errors.js'
+import { exitStatus } from '../lib/cli/exit.js'
 import { Qcow2Image } from '../lib/qcow2/reader.js'
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..')
@@ -76,6 +77,17 @@ t.test('outside lib/cli/: no E_USAGE, no EXIT, no flag in a string', async t => 
   t.same(findings.map(f => `${f.where}: ${f.what}`), [], 'nothing speaks in command-line terms')
   // The scan itself finds what it looks for: its exceptions are there to be found.
   for (const [file, literal] of FLAG_EXCEPTIONS) t.ok(readFileSync(join(root, file), 'utf8').includes(literal), `${file} still holds ${literal}`)
+})
+
+t.test('every code keeps its exit status; the codes that were E_USAGE outside lib/cli/ exit 2 as it did', async t => {
+  const expected: Array<[number, ErrorCode[]]> = [
+    [1, ['E_VMA_MAGIC', 'E_VMA_TRUNCATED', 'E_QCOW2_HEADER', 'E_PARALLELS_XML', 'E_INPUT_SIZE', 'E_INPUT_FORMAT', 'E_RECORD', 'E_NAME_CLASH', 'E_NBD_PROTOCOL']],
+    [2, ['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB', 'E_OPTION', 'E_INPUT_SIZE_UNKNOWN', 'E_NOT_SEEKABLE', 'E_BACKING', 'E_TERMINAL']],
+    [3, ['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR']],
+    [4, ['E_LOCKED']],
+    [130, ['E_INTERRUPTED']],
+  ]
+  for (const [status, codes] of expected) for (const code of codes) t.equal(exitStatus(new VmapipeError(code, 'x')), status, `${code}: exit ${status}`)
 })
 
 t.test('the library names the option an error is about, in its own words', async t => {
