@@ -81,7 +81,8 @@ t.test('outside lib/cli/: no E_USAGE, no EXIT, no flag in a string', async t => 
 
 t.test('every code keeps its exit status; the codes that were E_USAGE outside lib/cli/ exit 2 as it did', async t => {
   const expected: Array<[number, ErrorCode[]]> = [
-    [1, ['E_VMA_MAGIC', 'E_VMA_TRUNCATED', 'E_QCOW2_HEADER', 'E_PARALLELS_XML', 'E_INPUT_SIZE', 'E_INPUT_FORMAT', 'E_RECORD', 'E_NAME_CLASH', 'E_NBD_PROTOCOL']],
+    [1, ['E_VMA_MAGIC', 'E_VMA_TRUNCATED', 'E_QCOW2_HEADER', 'E_PARALLELS_XML', 'E_INPUT_SIZE',
+      'E_INPUT_FORMAT', 'E_RECORD', 'E_NAME_CLASH', 'E_NBD_PROTOCOL']],
     [2, ['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB', 'E_OPTION', 'E_INPUT_SIZE_UNKNOWN', 'E_NOT_SEEKABLE', 'E_BACKING', 'E_TERMINAL']],
     [3, ['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR']],
     [4, ['E_LOCKED']],
