@@ -3,28 +3,18 @@
  * a VmapipeError; its `code` is part of the API and never changes meaning.
  */
 
-/** Exit status of the command-line tools, documented in the README and --help. */
-export const EXIT = {
-  OK: 0,
-  /** The input is not a valid, complete archive or image. */
-  INVALID: 1,
-  /** Wrong arguments. */
-  USAGE: 2,
-  /** The system failed us: unreadable input, target exists, disk full, missing tool. */
-  IO: 3,
-  /** vma backup: nothing was done (another run of the job holds its lock). */
-  NOTHING_DONE: 4,
-  /** vma backup: the archive was written, but some old ones could not be pruned. */
-  PARTLY_PRUNED: 5,
-  /** Stopped by SIGINT (128 + 2, as shells report ^C); also E_INTERRUPTED, where the signal is not known. */
-  INTERRUPTED: 130,
-  /** Stopped by SIGTERM (128 + 15). */
-  TERMINATED: 143,
-} as const
+/**
+ * Who is at fault, in library terms: the input's bytes (invalid, damaged,
+ * incomplete), the call (an option, a limit, a name that is not there), the
+ * system (I/O, a missing tool, a target that exists, an NBD server), another
+ * run holding a lock, or a stop asked for (a signal, an abort).
+ */
+export type ErrorFault = 'input' | 'call' | 'system' | 'locked' | 'stopped'
 
-/** Codes that say the system failed rather than the input being wrong. */
-const SYSTEM_CODES: ReadonlySet<string> = new Set(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR'])
-const USAGE_CODES: ReadonlySet<string> = new Set(['E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB', 'E_FORMAT_UNKNOWN', 'E_OPTION'])
+const SYSTEM_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR'])
+const CALL_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
+  'E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB', 'E_OPTION', 'E_INPUT_SIZE_UNKNOWN', 'E_NOT_SEEKABLE', 'E_BACKING', 'E_TERMINAL',
+])
 
 export type ErrorCode =
   // VMA format
@@ -38,17 +28,23 @@ export type ErrorCode =
   | 'E_RECORD' | 'E_INPUT_SIZE'
   // an input in a format read by other tools (another image format, a compressed file, an archive) where a disk was wanted
   | 'E_INPUT_FORMAT'
-  // a format name no registered format has
-  | 'E_FORMAT_UNKNOWN'
-  // options a job was given that do not go together or do not apply
-  | 'E_OPTION'
   // what a format cannot hold
   | 'E_LIMIT'
   // qcow2 images
   | 'E_QCOW2_HEADER' | 'E_QCOW2_L1' | 'E_QCOW2_L2' | 'E_QCOW2_DATA' | 'E_QCOW2_BACKING'
   // compression
   | 'E_COMPRESSED_DATA' | 'E_TOOL_MISSING'
-  // the command line and the file system
+  // what a call asks for: an option's value or a combination of options that cannot be (the error's `option` names it)
+  | 'E_OPTION'
+  // a raw input from a stream whose size cannot be seen, with no `size` given
+  | 'E_INPUT_SIZE_UNKNOWN'
+  // a stream (a pipe, stdin, a compressed archive) where random access or the files beside an image are needed
+  | 'E_NOT_SEEKABLE'
+  // an image with a backing file, read without `followBacking`
+  | 'E_BACKING'
+  // binary data to be read from a terminal
+  | 'E_TERMINAL'
+  // the command line (raised in cli/ only) and the file system
   | 'E_USAGE' | 'E_NOT_FOUND' | 'E_TARGET_EXISTS' | 'E_NAME_CLASH' | 'E_IO' | 'E_INTERRUPTED'
   // backup jobs
   | 'E_JOB' | 'E_LOCKED'
@@ -64,27 +60,35 @@ export interface ErrorPlace {
   cluster?: number
 }
 
+export interface ErrorDetails extends ErrorPlace {
+  cause?: unknown
+  /** The option of the call that the problem is about, by its name in the library's options (`size`, `followBacking`, `force`, `format`). */
+  option?: string
+}
+
 export class VmapipeError extends Error implements ErrorPlace {
   readonly code: ErrorCode
   readonly offset?: number
   readonly device?: string
   readonly cluster?: number
+  readonly option?: string
 
-  constructor (code: ErrorCode, message: string, place: ErrorPlace & { cause?: unknown } = {}) {
-    super(message + describePlace(place), place.cause === undefined ? undefined : { cause: place.cause })
+  constructor (code: ErrorCode, message: string, details: ErrorDetails = {}) {
+    super(message + describePlace(details), details.cause === undefined ? undefined : { cause: details.cause })
     this.name = 'VmapipeError'
     this.code = code
-    if (place.offset !== undefined) this.offset = place.offset
-    if (place.device !== undefined) this.device = place.device
-    if (place.cluster !== undefined) this.cluster = place.cluster
+    if (details.offset !== undefined) this.offset = details.offset
+    if (details.device !== undefined) this.device = details.device
+    if (details.cluster !== undefined) this.cluster = details.cluster
+    if (details.option !== undefined) this.option = details.option
   }
 
-  get exitCode (): number {
-    if (USAGE_CODES.has(this.code)) return EXIT.USAGE
-    if (SYSTEM_CODES.has(this.code)) return EXIT.IO
-    if (this.code === 'E_INTERRUPTED') return EXIT.INTERRUPTED
-    if (this.code === 'E_LOCKED') return EXIT.NOTHING_DONE
-    return EXIT.INVALID
+  get fault (): ErrorFault {
+    if (CALL_CODES.has(this.code)) return 'call'
+    if (SYSTEM_CODES.has(this.code)) return 'system'
+    if (this.code === 'E_INTERRUPTED') return 'stopped'
+    if (this.code === 'E_LOCKED') return 'locked'
+    return 'input'
   }
 }
 

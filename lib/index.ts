@@ -11,7 +11,7 @@
  */
 export type * from './contracts.js'
 export { CLUSTER_SIZE, BLOCK_SIZE, VMSTATE_NAME } from './record.js'
-export { VmapipeError, type ErrorCode, type ErrorPlace } from './errors.js'
+export { VmapipeError, type ErrorCode, type ErrorDetails, type ErrorFault, type ErrorPlace } from './errors.js'
 // Jobs
 export { readArchiveInfo, verifyArchive, type ReadOptions, type VerifyReport } from './jobs/archive.js'
 export {

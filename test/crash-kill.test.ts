@@ -75,7 +75,8 @@ t.test('SIGKILL during vma extract: the rerun clears the dead run\'s staging, wi
     const plain = await vma(['extract', archivePath, target])
     exits(t, plain, 3)
     t.equal(failure(plain).code, 'E_TARGET_EXISTS')
-    t.match(failure(plain).msg, /use --force .*; removed \.vmapipe-partial-\S+, left by an extract that is gone/, 'the message says the staging was cleared and --force is wanted')
+    t.match(failure(plain).msg, /; removed \.vmapipe-partial-\S+, left by an extract that is gone/, 'the message says the staging was cleared')
+    t.match(failure(plain).hint, /--force/, 'and the hint that --force is wanted')
     t.same(readdirSync(target), [], 'the stale staging is gone')
     exits(t, await vma(['extract', archivePath, target, '--force']), 0)
     t.ok(cmp(join(target, 'disk-drive-scsi0.raw'), disk))
@@ -121,7 +122,7 @@ t.test('SIGKILL during vma extract: the rerun clears the dead run\'s staging, wi
     const cases: Array<[string, string, number, RegExp?]> = [
       ['reused', `.vmapipe-partial-${pid}-1-${host}-nAbCdEf`, 0],
       ['another host', `.vmapipe-partial-${pid}-1-00000000-nAbCdEf`, 3, /the staging of an extract on another host/],
-      ['an older version', '.vmapipe-partial-Xy12Zq', 3, /whose owner cannot be told .*use --force to remove it/],
+      ['an older version', '.vmapipe-partial-Xy12Zq', 3, /whose owner cannot be told .*force to remove it/],
     ]
     for (const [name, staging, code, mention] of cases) {
       const target = join(dir, `owner-${name.replace(/\W/g, '-')}`)

@@ -3,7 +3,8 @@ import { dirname } from 'node:path'
 import { pino, type LevelWithSilent } from 'pino'
 import { jobId, readJob } from '../backup/job.js'
 import { runBackupJob } from '../backup/run.js'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
+import { EXIT, exitStatus } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { createLogger } from './context.js'
 import { formatBytes } from '../io/progress.js'
@@ -74,10 +75,10 @@ Examples:
       const e = ctx.signalExit !== undefined
         ? new VmapipeError('E_INTERRUPTED', 'interrupted, no archive kept', { cause: err })
         : err instanceof VmapipeError ? err : new VmapipeError('E_IO', (err as Error).message, { cause: err })
-      const nothing = e.exitCode === EXIT.NOTHING_DONE
-      const fields = { job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device, hint: ctx.hint(e.code) }
+      const nothing = e.fault === 'locked'
+      const fields = { job: jobId(job), result: nothing ? 'nothing-done' : 'failed', code: e.code, offset: e.offset, device: e.device, hint: ctx.hint(e) }
       log[nothing ? 'warn' : 'error'](fields, e.message)
-      return ctx.signalExit ?? e.exitCode
+      return ctx.signalExit ?? exitStatus(e)
     } finally {
       await new Promise<void>(resolve => log.flush(() => resolve()))
       // The process exits right after: the file's last lines (the failure) must be on disk first.

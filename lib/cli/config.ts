@@ -1,6 +1,7 @@
 import { readArchiveInfo } from '../jobs/archive.js'
 import { openInput } from '../io/input.js'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
+import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
 

@@ -5,7 +5,8 @@
  * exit codes.
  */
 import { pino, type Logger, type LevelWithSilent } from 'pino'
-import { EXIT, VmapipeError, describePlace } from '../errors.js'
+import { VmapipeError, describePlace } from '../errors.js'
+import { EXIT, exitStatus } from './exit.js'
 import { ProgressBar } from '../io/progress.js'
 import type { ProgressSink } from '../contracts.js'
 
@@ -45,11 +46,35 @@ const HINTS: Partial<Record<string, string>> = {
   E_VMA_TRUNCATED: 'the archive ends early: was it copied or written completely?',
   E_VMA_HEADER_MD5: 'the archive is damaged; vma verify reports the first problem',
   E_VMA_EXTENT_MD5: 'the archive is damaged; vma verify reports the first problem',
-  E_TARGET_EXISTS: 'name a path that does not exist yet, or see --force in --help',
+  E_TARGET_EXISTS: 'name a path that does not exist yet',
   E_TOOL_MISSING: 'install the program named above (e.g. apt-get install zstd lzop)',
   E_JOB: 'examples/backup-job.json shows every key of a job file',
   E_LOCKED: 'another run of this job is still working; nothing was done',
 }
+
+/**
+ * The flag (or job file key) that sets a library option, per command: the
+ * library names the option an error is about, the command tells its user how
+ * to give it. pack-vma's flags differ from vma create's.
+ */
+const FLAGS: Partial<Record<string, Partial<Record<string, string>>>> = {
+  followBacking: { create: '--follow-backing', 'pack-vma': '--follow-backing', backup: '"followBacking": true on the disk in the job file' },
+  size: { create: '-d size=BYTES:NAME=PATH', 'pack-vma': '--size BYTES', backup: '"size" on the disk in the job file' },
+  format: {
+    create: '-d format=FMT:NAME=PATH', 'pack-vma': '--format FORMAT', extract: '--format FORMAT', info: '--format FORMAT', backup: '"format" on the disk in the job file',
+  },
+  force: { create: '--force', 'pack-vma': '--force', extract: '--force' },
+  devices: { extract: '-d DRIVE' },
+  dataFile: { extract: '--data-file' },
+  clusterSize: { extract: '--cluster-size' },
+  uuid: { create: '--uuid', 'pack-vma': '--uuid' },
+  names: { serve: '--name' },
+  maxConnections: { serve: '--max-connections' },
+  dirtyBitmap: { create: '-d dirty-bitmap=NAME:NAME=PATH', 'pack-vma': '--dirty-bitmap', incremental: '--dirty-bitmap' },
+}
+
+/** Codes of a call the library refused, where the command's usage is what to read when no flag is named. */
+const USAGE_HINTED = new Set(['E_USAGE', 'E_OPTION', 'E_INPUT_SIZE_UNKNOWN', 'E_NOT_SEEKABLE', 'E_BACKING', 'E_TERMINAL'])
 
 /** A command's logger: JSON lines with the command's name and ISO times. */
 export function createLogger (command: string, level: LevelWithSilent, destination: pino.DestinationStream): Logger {
@@ -165,9 +190,26 @@ export class CliContext {
     return this.interrupted === undefined ? undefined : SIGNAL_EXIT[this.interrupted] ?? EXIT.INTERRUPTED
   }
 
-  /** What a person can do about an error with this code, if we know. */
-  hint (code: string): string | undefined {
-    if (code === 'E_USAGE') return `${this.program === 'vma' ? `vma ${this.command}` : this.program} --help shows the usage`
+  private get invocation (): string {
+    return this.program === 'vma' ? `vma ${this.command}` : this.program
+  }
+
+  /** The hint that names this command's flag for the option an error is about; undefined when it names none or the command has no such flag. */
+  flagHint ({ code, option }: { code: string, option?: string }): string | undefined {
+    const flag = option === undefined ? undefined : FLAGS[option]?.[this.command]
+    if (flag === undefined) return undefined
+    if (code === 'E_BACKING') return `${flag} reads the whole chain (each file in its image's directory)`
+    if (code === 'E_INPUT_SIZE_UNKNOWN') return `give the size with ${flag}`
+    if (code === 'E_TARGET_EXISTS') return `name a path that does not exist yet, or see ${flag} in ${this.invocation} --help`
+    return `see ${flag} in ${this.invocation} --help`
+  }
+
+  /** What a person can do about an error, if we know: the flag for the option it is about, else a hint for its code. */
+  hint (err: { code: string, option?: string }): string | undefined {
+    const { code } = err
+    const flag = this.flagHint(err)
+    if (flag !== undefined) return flag
+    if (USAGE_HINTED.has(code)) return `${this.invocation} --help shows the usage`
     if (code === 'E_NOT_FOUND' && (this.command === 'extract' || this.command === 'config')) return 'vma list ARCHIVE shows the devices and config blobs it holds'
     if (code === 'E_INPUT_FORMAT') {
       return `to pack the bytes as they are: ${this.program === 'vma' ? (this.command === 'info' ? '--format raw' : '-d format=raw:NAME=PATH') : '--format raw'}`
@@ -185,8 +227,8 @@ export class CliContext {
     }
     if (err instanceof VmapipeError) {
       const { code, offset, device, cluster } = err
-      this.log.error({ code, offset, device, cluster, hint: this.hint(code) }, err.message)
-      return err.exitCode
+      this.log.error({ code, offset, device, cluster, hint: this.hint(err) }, err.message)
+      return exitStatus(err)
     }
     const e = err as NodeJS.ErrnoException
     this.log.error({ code: e?.code, err: e }, e?.message ?? String(err))

@@ -4,7 +4,8 @@ import { openOutput } from '../io/output.js'
 import { packArchive, readConfigFiles } from '../jobs/pack.js'
 import { type DiskSpec, closeDisks, openDisks } from '../jobs/sources.js'
 import { INPUT_FORMATS } from '../jobs/registry.js'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
+import { EXIT } from './exit.js'
 import { type Command, expectPositionals, parseSeconds, parseSize } from './command.js'
 import { type CliContext, refuseTerminal } from './context.js'
 import { formatBytes } from '../io/progress.js'
@@ -138,11 +139,7 @@ Examples:
       ...(format !== undefined ? { format } : {}),
       ...(bitmap !== undefined ? { dirtyBitmap: bitmap } : {}),
     }
-    try {
-      return await runPack(ctx, (values.output as string | undefined) ?? '-', [spec], values)
-    } catch (err) {
-      throw inPackVmaTerms(err)
-    }
+    return await runPack(ctx, (values.output as string | undefined) ?? '-', [spec], values)
   },
 }
 
@@ -164,15 +161,6 @@ export function parseDiskSpec (text: string): DiskSpec {
     else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${INPUT_FORMATS.join(', ')})`)
   }
   return spec
-}
-
-/**
- * The disk sources speak vma create's language (`size=BYTES:` in -d);
- * pack-vma's user has --size.
- */
-function inPackVmaTerms (err: unknown): unknown {
-  if (!(err instanceof VmapipeError) || !err.message.includes('size=BYTES: in -d')) return err
-  return new VmapipeError(err.code, err.message.replace(/\s*\([^()]*size=BYTES: in -d\)/, ' with --size BYTES'), { cause: err })
 }
 
 /**

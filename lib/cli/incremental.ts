@@ -1,6 +1,7 @@
 import { writeOverlay } from '../jobs/incremental.js'
 import { openDisk } from '../jobs/sources.js'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
+import { EXIT } from './exit.js'
 import { CLUSTER_SIZE } from '../record.js'
 import { type Command, expectPositionals, parseSeconds } from './command.js'
 

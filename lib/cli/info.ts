@@ -1,7 +1,7 @@
 import { describeImage } from '../jobs/info.js'
 import { INPUT_FORMATS } from '../jobs/registry.js'
 import { formatBytes } from '../io/progress.js'
-import { EXIT } from '../errors.js'
+import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
 

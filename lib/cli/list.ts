@@ -1,7 +1,7 @@
 import { readArchiveInfo } from '../jobs/archive.js'
 import { openInput } from '../io/input.js'
 import { formatBytes } from '../io/progress.js'
-import { EXIT } from '../errors.js'
+import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
 

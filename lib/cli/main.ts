@@ -1,6 +1,7 @@
 /** `vma COMMAND ...`: dispatch, help, and the exit code. */
 import { readFileSync } from 'node:fs'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
+import { EXIT } from './exit.js'
 import { type Command, parseCommandLine, usageOf } from './command.js'
 import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
 import { backup } from './backup.js'
@@ -96,8 +97,11 @@ export async function runCommand (command: Command, args: string[], program: str
     return await command.run(parsed.positionals, parsed.values, ctx)
   } catch (err) {
     const code = ctx.fail(err)
-    // Below the JSON line, the mistake in a sentence and where to read the usage; a terminal already has it as text.
-    if (err instanceof VmapipeError && code === EXIT.USAGE && !ctx.text) process.stderr.write(`${program}: ${err.message}\nTry '${invocation} --help'.\n`)
+    // Below the JSON line, the mistake in a sentence and what to do (the flag, or where to read the usage); a terminal already has it as text.
+    if (err instanceof VmapipeError && code === EXIT.USAGE && !ctx.text) {
+      const hint = ctx.flagHint(err)
+      process.stderr.write(`${program}: ${err.message}\n${hint !== undefined ? `${program}: hint: ${hint}\n` : ''}Try '${invocation} --help'.\n`)
+    }
     return code
   }
 }

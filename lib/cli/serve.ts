@@ -1,5 +1,6 @@
 import { once } from 'node:events'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
+import { EXIT } from './exit.js'
 import { openExports } from '../jobs/exports.js'
 import { type ListenAddress, NbdServer } from '../nbd/server.js'
 import { type Command, listOption, parseSeconds } from './command.js'

@@ -2,7 +2,7 @@ import { type VerifyReport, verifyArchive } from '../jobs/archive.js'
 import { openInput } from '../io/input.js'
 import { formatBytes } from '../io/progress.js'
 import { BLOCKS_PER_CLUSTER, BLOCK_SIZE } from '../record.js'
-import { EXIT } from '../errors.js'
+import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
 

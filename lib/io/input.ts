@@ -36,7 +36,7 @@ export function openInput (path: string): Input {
 
 function openStdin (): Input {
   const st = fstatSync(0)
-  if (process.stdin.isTTY) throw new VmapipeError('E_USAGE', 'refusing to read binary input from a terminal; pipe it in or give a path')
+  if (process.stdin.isTTY) throw new VmapipeError('E_TERMINAL', 'refusing to read binary input from a terminal; pipe it in or give a path')
   const size = sizeOf(st)
   // Pipes and sockets go through process.stdin, which copes with non-blocking descriptors.
   if (!st.isFile()) return { stream: process.stdin, name: 'stdin', ...(size !== undefined ? { size } : {}) }

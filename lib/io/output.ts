@@ -133,7 +133,7 @@ export async function openOutput (path: string, options: { force?: boolean } = {
   // A character device or FIFO (/dev/null, a pipe) is a stream: written in place, never replaced by a file.
   if (existing !== undefined && (existing.isCharacterDevice() || existing.isFIFO())) return await openInPlace(path)
   if (existing !== undefined && options.force !== true) {
-    throw new VmapipeError('E_TARGET_EXISTS', `${path} exists already (use --force to replace it)`)
+    throw new VmapipeError('E_TARGET_EXISTS', `${path} exists already (set force to replace it)`, { option: 'force' })
   }
   if (existing?.isBlockDevice() === true) return await openInPlace(path)
   const removedStale = await removeStalePartials(dirname(path), name => name === basename(path))
@@ -165,7 +165,8 @@ export async function openOutput (path: string, options: { force?: boolean } = {
  * replace it. Where hard links are not to be had, a check and a rename.
  */
 async function linkInPlace (temp: string, path: string): Promise<void> {
-  const taken = (): VmapipeError => new VmapipeError('E_TARGET_EXISTS', `${path} was created by someone else while this run wrote it (use --force to replace it)`)
+  const taken = (): VmapipeError => new VmapipeError('E_TARGET_EXISTS', `${path} was created by someone else while this run wrote it (set force to replace it)`,
+    { option: 'force' })
   try {
     await link(temp, path)
   } catch (err) {

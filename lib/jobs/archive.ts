@@ -6,7 +6,7 @@ import { once } from 'node:events'
 import { type Duplex, type Readable, Writable } from 'node:stream'
 import pump from 'pump'
 import { runStages } from '../io/chain.js'
-import { EXIT, VmapipeError } from '../errors.js'
+import { VmapipeError } from '../errors.js'
 import type { ArchiveInfo, DeviceInfo, ProgressSink } from '../contracts.js'
 import { VMSTATE_NAME } from '../record.js'
 import { type Compression, createDecompressor } from '../io/compression.js'
@@ -110,7 +110,7 @@ export async function verifyArchive (input: Readable, options: ReadOptions = {})
   try {
     await runRecordPipeline(input, decompress, reader, discard, options)
   } catch (err) {
-    if (!(err instanceof VmapipeError) || err.exitCode !== EXIT.INVALID) throw err
+    if (!(err instanceof VmapipeError) || err.fault !== 'input') throw err
     error = err
   }
   const compression = decompress.chosen

@@ -30,7 +30,7 @@ export async function openExports (paths: string[], names: string[] = []): Promi
   const left = [...names]
   try {
     for (const path of paths) exports.push(...await openSource(path, left))
-    if (left.length > 0) throw new VmapipeError('E_USAGE', `more export names than images: ${left.join(', ')}`)
+    if (left.length > 0) throw new VmapipeError('E_OPTION', `more export names than images: ${left.join(', ')}`, { option: 'names' })
   } catch (err) {
     await close()
     throw err
@@ -41,7 +41,7 @@ export async function openExports (paths: string[], names: string[] = []): Promi
 async function openSource (path: string, names: string[]): Promise<NbdExport[]> {
   const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
   // Directories go on: image bundles are directories.
-  if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) throw new VmapipeError('E_USAGE', `${path} is not a regular file; serving needs random access (copy a pipe to a file first)`)
+  if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) throw new VmapipeError('E_NOT_SEEKABLE', `${path} is not a regular file; serving needs random access (copy a pipe to a file first)`)
   const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, VMA_MAGIC.length)
   // Compressed files go to the index too, which says how to unpack them.
   if (head.equals(VMA_MAGIC) || detectCompression(head) !== 'none') {

@@ -142,7 +142,7 @@ async function qcow2FromIndex (path: string, output: Writable, options: ExtractO
   try {
     index = await openArchiveIndex(path)
   } catch (err) {
-    if (err instanceof VmapipeError && err.code === 'E_USAGE') return undefined
+    if (err instanceof VmapipeError && err.code === 'E_NOT_SEEKABLE') return undefined
     throw err
   }
   const device = pickOneDisk(index.info.devices, options.devices, 'stdout')
@@ -204,9 +204,9 @@ async function extractOneDisk (input: Readable, options: ExtractOptions, destina
 function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined, destination: string): DeviceInfo {
   const chosen = names === undefined ? disksOf(devices) : findDevices(devices, names)
   if (chosen.length !== 1) {
-    throw new VmapipeError('E_USAGE', names === undefined
-      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one with -d to write it to ${destination}`
-      : `only one device can be written to ${destination}`)
+    throw new VmapipeError('E_OPTION', names === undefined
+      ? `the archive holds ${chosen.length} disks (${chosen.map(d => d.name).join(', ')}); name one in the devices option to write it to ${destination}`
+      : `only one device can be written to ${destination}`, { option: 'devices' })
   }
   return chosen[0]
 }
@@ -282,7 +282,7 @@ async function prepareTarget (dir: string, force: boolean): Promise<{ created: b
     if (state === 'foreign') throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract on another host; remove it if that run is gone`)
     if (state === 'unknown' && !force) {
       throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract whose owner cannot be told (an older version); ` +
-        'use --force to remove it if no extract is running there')
+        'set force to remove it if no extract is running there', { option: 'force' })
     }
     await rm(join(dir, name), { recursive: true, force: true }).catch(err => { throw ioError(err, `cannot remove the stale staging ${join(dir, name)}`) })
     removedStale.push(name)
@@ -291,7 +291,8 @@ async function prepareTarget (dir: string, force: boolean): Promise<{ created: b
   const removed = removedStale.length === 0 ? '' : `; removed ${removedStale.join(', ')}, left by an extract that is gone`
   const rest = entries.filter(e => !e.startsWith(STAGING))
   if (rest.length === 0 && deadRunCreated) return { created: true, removedStale }
-  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (use --force to extract into an existing empty directory)${removed}`)
+  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (set force to extract into an existing empty directory)${removed}`,
+    { option: 'force' })
   if (rest.length > 0) throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory${removed}`)
   return { created: false, removedStale }
 }

@@ -25,11 +25,11 @@ export function detectFormat (head: Buffer): FormatDescriptor {
   return FORMATS.find(f => f.detect(head)) ?? raw
 }
 
-/** The format named `name`, one of `among` (E_FORMAT_UNKNOWN otherwise). */
+/** The format named `name`, one of `among` (E_OPTION otherwise). */
 export function formatNamed (name: string, among: readonly FormatName[] = INPUT_FORMATS): FormatDescriptor {
   const found = FORMATS.find(f => f.name === name)
   if (found === undefined || !among.includes(found.name)) {
-    throw new VmapipeError('E_FORMAT_UNKNOWN', `unknown format ${name} (known: ${among.join(', ')})`)
+    throw new VmapipeError('E_OPTION', `unknown format ${name} (known: ${among.join(', ')})`, { option: 'format' })
   }
   return found
 }

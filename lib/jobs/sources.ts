@@ -77,7 +77,7 @@ const isDirectory = (path: string): boolean => path !== '-' && statSync(path, { 
 
 /** Opens `path` by random access in `format`. */
 async function openAs (format: FormatDescriptor, path: string, spec: DiskSpec, standalone: boolean): Promise<RandomAccessDisk> {
-  if (format.open === undefined) throw new VmapipeError('E_USAGE', `${path}: ${format.name} is not read by random access`)
+  if (format.open === undefined) throw new VmapipeError('E_OPTION', `${path}: ${format.name} is not read by random access`, { option: 'format' })
   return await format.open(path, {
     ...(spec.followBacking === true ? { followBacking: true } : {}),
     ...(spec.backing !== undefined ? { backing: spec.backing } : {}),
@@ -88,7 +88,7 @@ async function openAs (format: FormatDescriptor, path: string, spec: DiskSpec, s
 /** A directory is an image only in a format that opens directories. */
 async function openDirectory (path: string, name: string | undefined, spec: DiskSpec): Promise<{ format: FormatDescriptor, disk: RandomAccessDisk }> {
   const format = name === undefined ? FORMATS.find(f => f.directory === true) : formatNamed(name)
-  if (format?.directory !== true) throw new VmapipeError('E_USAGE', `${path} is a directory, not a ${name ?? 'disk'} image`)
+  if (format?.directory !== true) throw new VmapipeError('E_OPTION', `${path} is a directory, not a ${name ?? 'disk'} image`, { option: 'format' })
   return { format, disk: await openAs(format, path, spec, false) }
 }
 
@@ -129,7 +129,9 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
     return imageSource(spec, format, disk)
   }
   if (isNbdUri(spec.path)) return await openNbdSource(spec)
-  if (spec.dirtyBitmap !== undefined) throw new VmapipeError('E_USAGE', `${spec.path}: a dirty bitmap is read from an NBD export (nbd://... or nbd+unix://...)`)
+  if (spec.dirtyBitmap !== undefined) {
+    throw new VmapipeError('E_OPTION', `${spec.path}: a dirty bitmap is read from an NBD export (nbd://... or nbd+unix://...)`, { option: 'dirtyBitmap' })
+  }
   const input = openInput(spec.path)
   try {
     const head = await peek(input.stream, DETECT_BYTES)
@@ -145,7 +147,7 @@ export async function openDisk (spec: DiskSpec): Promise<DiskSource> {
 async function openImage (spec: DiskSpec, input: Input, format: FormatDescriptor): Promise<DiskSource> {
   const name = format.name as FormatName
   if (spec.path === '-' && format.directory === true) {
-    throw new VmapipeError('E_USAGE', `a ${name} image is a directory whose files are named by path: give its path, not stdin`)
+    throw new VmapipeError('E_NOT_SEEKABLE', `a ${name} image is a directory whose files are named by path: give its path, not stdin`)
   }
   const streamed = spec.path === '-' ? await format.stream?.(input.stream, { where: 'stdin', ...(spec.tmpDir !== undefined ? { tmpDir: spec.tmpDir } : {}) }) : undefined
   if (streamed !== undefined) {
@@ -203,8 +205,8 @@ async function openRaw (spec: DiskSpec, input: Input): Promise<DiskSource> {
     throw new VmapipeError('E_INPUT_SIZE', `${input.name} is ${input.size} bytes, not the ${spec.size} declared`, { device: spec.name })
   }
   const size = spec.size ?? input.size
-  if (size === undefined) throw new VmapipeError('E_USAGE', `the size of ${input.name} cannot be seen; give it (--size, or size=BYTES: in -d)`)
-  if (size === 0) throw new VmapipeError('E_USAGE', `${input.name} is empty; a VMA device needs at least one byte`)
+  if (size === undefined) throw new VmapipeError('E_INPUT_SIZE_UNKNOWN', `the size of ${input.name} cannot be seen; give the size`, { option: 'size' })
+  if (size === 0) throw new VmapipeError('E_LIMIT', `${input.name} is empty; a VMA device needs at least one byte`)
   const streamed = await raw.stream?.(input.stream, { size, where: spec.name }) as { records: DiskSource['records'] }
   return { name: spec.name, path: spec.path, format: 'raw', size, records: streamed.records, close: () => { input.stream.destroy() } }
 }

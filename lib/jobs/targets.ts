@@ -22,7 +22,7 @@ export function diskOutput (device: DeviceInfo, options: OutputOptions = {}): Di
     ...(options.clusterSize !== undefined ? { clusterSize: options.clusterSize } : {}),
   }
   const refused = (Object.keys(given) as Array<keyof FormatOptions>).find(o => format.outputOptions?.includes(o) !== true)
-  if (refused !== undefined) throw new VmapipeError('E_OPTION', `the ${format.name} format takes no ${refused} option`)
+  if (refused !== undefined) throw new VmapipeError('E_OPTION', `the ${format.name} format takes no ${refused} option`, { option: refused })
   if (device.name === VMSTATE_NAME) return rawOutput('vmstate.bin', device)
   // OUTPUT_FORMATS holds only formats that have a writer.
   return (format.writer as NonNullable<typeof format.writer>)(device, given)

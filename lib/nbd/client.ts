@@ -97,7 +97,7 @@ export function isNbdUri (text: string): boolean {
 
 /** nbd://host[:port]/export, nbd+unix:///export?socket=PATH (the NBD URI format, without TLS). */
 export function parseNbdUri (text: string): NbdAddress {
-  const usage = (why: string): VmapipeError => new VmapipeError('E_USAGE', `${text}: ${why} (expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
+  const usage = (why: string): VmapipeError => new VmapipeError('E_OPTION', `${text}: ${why} (expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
   let url: URL
   try {
     url = new URL(text)
@@ -578,7 +578,7 @@ export class NbdClient {
   /** The descriptors of one selected context for a range (which the server may answer only in part). */
   async blockStatus (context: string, offset: number, length: number): Promise<Descriptor[]> {
     const id = this.contexts.get(context)
-    if (id === undefined) throw new VmapipeError('E_USAGE', `${this.where}: metadata context ${context} was not selected`)
+    if (id === undefined) throw new VmapipeError('E_OPTION', `${this.where}: metadata context ${context} was not selected`, { option: 'contexts' })
     this.stats.statusQueries++
     const status = await this.send(COMMAND.BLOCK_STATUS, 0, offset, Math.min(length, MAX_STATUS_LENGTH))
     const descriptors = status.get(id)
@@ -589,7 +589,7 @@ export class NbdClient {
   /** Writes `buffers` one after another at `offset`, in one WRITE (together at most maxPayload bytes). */
   async write (offset: number, buffers: Buffer[]): Promise<void> {
     const length = buffers.reduce((n, b) => n + b.length, 0)
-    if (length > this.maxPayload) throw new VmapipeError('E_USAGE', `a write of ${length} bytes is more than ${this.where} takes (${this.maxPayload})`)
+    if (length > this.maxPayload) throw new VmapipeError('E_LIMIT', `a write of ${length} bytes is more than ${this.where} takes (${this.maxPayload})`)
     this.stats.writes++
     this.stats.writeBytes += length
     await this.send(COMMAND.WRITE, 0, offset, length, { payload: buffers })

@@ -156,7 +156,7 @@ function decodeString (bytes: Buffer, what: string): string {
 /** A string for the wire; the caller's own strings must already fit. */
 function encodeString (text: string, what: string): Buffer {
   const bytes = Buffer.from(text, 'utf8')
-  if (bytes.length > MAX_STRING || text.includes('\0')) throw new VmapipeError('E_USAGE', `${what} must be at most ${MAX_STRING} bytes of UTF-8 without NUL`)
+  if (bytes.length > MAX_STRING || text.includes('\0')) throw new VmapipeError('E_LIMIT', `${what} must be at most ${MAX_STRING} bytes of UTF-8 without NUL`)
   return bytes
 }
 

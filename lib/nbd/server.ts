@@ -770,9 +770,10 @@ export class NbdServer {
   private refusalLogged = -Infinity
 
   constructor (exports: NbdExport[], options: NbdServerOptions = {}) {
-    if (exports.length === 0) throw new VmapipeError('E_USAGE', 'nothing to serve: no exports')
+    if (exports.length === 0) throw new VmapipeError('E_OPTION', 'nothing to serve: no exports')
     for (const e of exports) {
-      if (this.byName.has(e.name)) throw new VmapipeError('E_USAGE', `two exports are named ${JSON.stringify(e.name)}; give them different names`)
+      if (this.byName.has(e.name)) throw new VmapipeError('E_OPTION', `two exports are named ${JSON.stringify(e.name)}; give them different names`,
+        { option: 'names' })
       encodeInfoString(INFO.NAME, e.name)
       this.byName.set(e.name, e)
     }
@@ -782,7 +783,7 @@ export class NbdServer {
     this.idleTimeout = options.idleTimeout ?? 600_000
     this.maxConnections = options.maxConnections ?? 1024
     if (!Number.isSafeInteger(this.maxConnections) || this.maxConnections < 1) {
-      throw new VmapipeError('E_USAGE', `the connection limit must be at least 1, not ${this.maxConnections}`)
+      throw new VmapipeError('E_OPTION', `the connection limit must be at least 1, not ${this.maxConnections}`, { option: 'maxConnections' })
     }
     this.budget = new SharedBudget(options.bufferLimit ?? 256 * 1024 * 1024)
     this.net = createServer(socket => {

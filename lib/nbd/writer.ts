@@ -40,8 +40,8 @@ export class NbdDiskWriter implements DiskWriter {
   static async open (target: NbdAddress | string, device: DeviceInfo, options: NbdClientOptions = {}): Promise<NbdDiskWriter> {
     const client = await NbdClient.connect(target, options)
     try {
-      if ((client.flags & TRANSMISSION_FLAG.READ_ONLY) !== 0) throw new VmapipeError('E_USAGE', `${client.where} is read-only`)
-      if (client.size < device.size) throw new VmapipeError('E_USAGE', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
+      if ((client.flags & TRANSMISSION_FLAG.READ_ONLY) !== 0) throw new VmapipeError('E_OPTION', `${client.where} is read-only`)
+      if (client.size < device.size) throw new VmapipeError('E_LIMIT', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
       const writer = new NbdDiskWriter(client, device)
       await writer.zeroAll()
       return writer

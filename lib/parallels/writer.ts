@@ -50,7 +50,8 @@ export interface ParallelsWriterOptions {
 /** Checks a cluster size given for writing. */
 export function checkClusterSize (bytes: number): void {
   if (!Number.isSafeInteger(bytes) || bytes < CLUSTER_SIZE || bytes % CLUSTER_SIZE !== 0 || bytes > MAX_WRITE_CLUSTER) {
-    throw new VmapipeError('E_USAGE', `cluster size ${bytes}: a Parallels image written here needs a multiple of 64 KiB (65536) up to 1 GiB`)
+    throw new VmapipeError('E_OPTION', `cluster size ${bytes}: a Parallels image written here needs a multiple of 64 KiB (65536) up to 1 GiB`,
+      { option: 'clusterSize' })
   }
 }
 
@@ -202,13 +203,13 @@ export class ParallelsWriter implements DiskWriter {
 
   /** Lays out one bitmap: a cluster for each part that is neither all clear nor all set. */
   private bitmapFeature (b: BitmapInput, pieces: Array<{ bytes: Buffer, at: number }>): BitmapFeature {
-    if (!isUuid(b.id)) throw new VmapipeError('E_USAGE', `dirty bitmap id ${b.id} is not a UUID`)
+    if (!isUuid(b.id)) throw new VmapipeError('E_OPTION', `dirty bitmap id ${b.id} is not a UUID`)
     if (b.granularity < SECTOR_SIZE || (b.granularity & (b.granularity - 1)) !== 0 || b.granularity > 2 ** 31) {
-      throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: granularity ${b.granularity} is not a power of two from 512 bytes to 2 GiB`)
+      throw new VmapipeError('E_OPTION', `dirty bitmap ${b.id}: granularity ${b.granularity} is not a power of two from 512 bytes to 2 GiB`)
     }
     const granularity = b.granularity / SECTOR_SIZE
     const granules = Math.ceil(this.header.sectors / granularity)
-    if (b.bits.length * 8 < granules) throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
+    if (b.bits.length * 8 < granules) throw new VmapipeError('E_OPTION', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
     const perChunk = this.clusterBytes * 8
     const l1: number[] = []
     for (let first = 0; first < granules; first += perChunk) {

@@ -343,7 +343,7 @@ export function encodeHeader (spec: HeaderSpec): Buffer {
   at += 8 // the end-of-extensions marker: type 0, length 0
   if (spec.backing) {
     const name = Buffer.from(spec.backing.name)
-    if (name.length > MAX_BACKING_NAME) throw new VmapipeError('E_USAGE', `backing file name longer than ${MAX_BACKING_NAME} bytes`)
+    if (name.length > MAX_BACKING_NAME) throw new VmapipeError('E_LIMIT', `backing file name longer than ${MAX_BACKING_NAME} bytes`)
     writeEntry(head, 8, at)
     head.writeUInt32BE(name.length, 16)
     name.copy(head, at)

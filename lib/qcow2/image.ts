@@ -328,7 +328,7 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
 
     let data: Opened | undefined
     const refuseReference = (what: string): void => {
-      if (options.standalone === true) throw new VmapipeError('E_USAGE', `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`)
+      if (options.standalone === true) throw new VmapipeError('E_NOT_SEEKABLE', `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`)
     }
     if ((header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
       refuseReference('data file')
@@ -340,7 +340,8 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
     if (header.backing !== undefined || options.backing !== undefined) {
       if (options.backing === undefined) refuseReference('backing file')
       if (options.backing === undefined && options.followBacking !== true) {
-        throw new VmapipeError('E_USAGE', `${path} has the backing file ${header.backing?.name ?? ''}; pass --follow-backing to read the whole chain`)
+        throw new VmapipeError('E_BACKING', `${path} has the backing file ${header.backing?.name ?? ''}; set followBacking to read the whole chain`,
+          { option: 'followBacking' })
       }
       const backingPath = options.backing ?? await besideImage(path, (header.backing as { name: string }).name, 'backing file')
       backing = await openBacking(backingPath, header.backing?.format, seen, depth)

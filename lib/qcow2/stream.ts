@@ -145,7 +145,7 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
         if (head === null) continue
         header = parseHeader(head, NO_FILE_LIMIT)
         if (header.backing !== undefined || (header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
-          throw new VmapipeError('E_USAGE', 'a qcow2 image from stdin may not refer to a backing or data file; give its path instead')
+          throw new VmapipeError('E_NOT_SEEKABLE', 'a qcow2 image from stdin may not refer to a backing or data file; give its path instead')
         }
         if (header.size !== device.size) throw new VmapipeError('E_INPUT_SIZE', `the image is ${header.size} bytes, not ${device.size}`)
         l1 = Buffer.alloc(header.l1Size * 8)

@@ -67,7 +67,9 @@ export class Qcow2FileWriter implements DiskWriter {
 
   /** Creates `path` (which must not exist) for a disk of `size` bytes. */
   static async create (path: string, size: number, options: Qcow2WriterOptions = {}): Promise<Qcow2FileWriter> {
-    if (options.dataFile !== undefined && options.backing !== undefined) throw new VmapipeError('E_USAGE', 'a qcow2 with a raw data file cannot have a backing file')
+    if (options.dataFile !== undefined && options.backing !== undefined) throw new VmapipeError(
+      'E_OPTION', 'a qcow2 with a raw data file cannot have a backing file',
+      { option: 'dataFile' })
     const queue = options.queue ?? new WriteQueue()
     const file = await open(path, 'wx', 0o644).catch(err => { throw ioError(err, `cannot create ${path}`) })
     try {

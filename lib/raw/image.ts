@@ -16,7 +16,9 @@ export class RawImage implements RandomAccessDisk {
     const size = sizeOf(await file.stat())
     if (size === undefined || size === 0) {
       await file.close()
-      throw new VmapipeError('E_USAGE', `${path} is ${size === 0 ? 'empty' : 'neither a file nor a block device'}`)
+      throw size === 0
+        ? new VmapipeError('E_LIMIT', `${path} is empty; a disk needs at least one byte`)
+        : new VmapipeError('E_NOT_SEEKABLE', `${path} is neither a file nor a block device`)
     }
     return new RawImage(file, path, size)
   }

@@ -49,12 +49,12 @@ export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
 
 async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveIndex> {
   const stat = await handle.stat()
-  if (!stat.isFile()) throw new VmapipeError('E_USAGE', `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`)
+  if (!stat.isFile()) throw new VmapipeError('E_NOT_SEEKABLE', `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`)
   const fileSize = stat.size
   const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
   const got = await readUpTo(handle, prefix, 0, path)
   const compression = detectCompression(prefix.subarray(0, got))
-  if (compression !== 'none') throw new VmapipeError('E_USAGE', `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`)
+  if (compression !== 'none') throw new VmapipeError('E_NOT_SEEKABLE', `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`)
   if (got >= VMA_MAGIC.length) checkMagic(prefix)
   if (got < HEADER_PREFIX_SIZE) throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header', { offset: got })
   const headerSize = readHeaderSize(prefix)

@@ -106,12 +106,12 @@ function indexBlobs (head: Buffer): Map<number, Buffer> {
 /**
  * Names become file names on extraction, so anything that could climb or hide
  * is refused: in an archive read (E_VMA_NAME, with its offset) and in one about
- * to be written (E_USAGE).
+ * to be written (E_OPTION).
  */
 function checkName (name: string, what: string, offset?: number): void {
   if (name === '' || name === '.' || name.includes('..') || /[/\\\x00-\x1f\x7f]/.test(name)) {
     const message = `${what} name ${JSON.stringify(name)} is not a safe file name (empty, '..', '/', '\\', NUL or a control character)`
-    throw offset === undefined ? new VmapipeError('E_USAGE', message) : new VmapipeError('E_VMA_NAME', message, { offset })
+    throw offset === undefined ? new VmapipeError('E_OPTION', message) : new VmapipeError('E_VMA_NAME', message, { offset })
   }
 }
 
@@ -327,6 +327,6 @@ export function encodeExtentHeader (uuid: Buffer, slots: Array<Omit<ExtentEntry,
 
 /** "01234567-89ab-..." -> 16 bytes. */
 export function parseUuid (text: string): Buffer {
-  if (!isUuid(text)) throw new VmapipeError('E_USAGE', `${text} is not a uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`)
+  if (!isUuid(text)) throw new VmapipeError('E_OPTION', `${text} is not a uuid (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)`, { option: 'uuid' })
   return uuidBytes(text)
 }

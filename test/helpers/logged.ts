@@ -1,7 +1,7 @@
 /** What the command-line tools logged: their JSON lines on stderr (not a terminal). */
 import type { RunResult } from './run.js'
 
-export interface Logged { level: number, code?: string, msg?: string }
+export interface Logged { level: number, code?: string, msg?: string, hint?: string }
 
 /** Every JSON line the run logged. */
 export function logged (r: RunResult): Logged[] {
