@@ -69,99 +69,131 @@ export function qcow2StreamRecords (input: Readable, device: DeviceInfo, options
   return Readable.from(records(input, device, options.tmpDir ?? tmpdir()), { objectMode: true, highWaterMark: 16 })
 }
 
+/**
+ * What one pass over the stream has learnt: the header, the L1 table as it
+ * fills, where L2 tables lie, which host clusters hold which guest clusters,
+ * and what has been emitted; clusters that cannot become records yet go to
+ * the spill file at their own offset.
+ */
+class StreamPass {
+  readonly emitted = new ClusterSet()
+  /** Bytes of the image seen so far. */
+  pos = 0
+  private readonly queue = new WriteQueue()
+  private readonly l1: Buffer
+  private l1Filled = 0
+  /** L2 table offset -> L1 index. */
+  private readonly l2At = new Map<number, number>()
+  private readonly hosts = new HostMap()
+  private readonly clusterSize: number
+
+  constructor (readonly header: Qcow2Header, private readonly device: DeviceInfo, private readonly spill: FileHandle) {
+    this.l1 = Buffer.alloc(header.l1Size * 8)
+    this.clusterSize = 2 ** header.clusterBits
+  }
+
+  /** The next cluster of the image (the last may be short): its records, if its L2 entry has passed. */
+  * cluster (c: Buffer): Generator<ClusterRecord, Promise<void> | undefined> {
+    const at = this.pos
+    this.pos += c.length
+    const guest = this.hosts.get(at / this.clusterSize)
+    if (guest >= 0 && c.length === this.clusterSize) {
+      yield * this.emit(c, guest)
+      return undefined
+    }
+    // Input chunks are never reused, so a piece of one can wait in the write queue as it is.
+    const written = this.queue.write(this.spill.fd, c, at, 'writing a temporary file')
+    this.learnL1(c, at)
+    const l1Index = this.l2At.get(at)
+    if (l1Index !== undefined && c.length === this.clusterSize) this.learnL2(c, l1Index, at)
+    return written
+  }
+
+  /** All clusters given: the spill file holds every byte that was not emitted. */
+  async finish (): Promise<void> {
+    await this.queue.drain()
+    await this.spill.truncate(this.pos).catch(err => { throw ioError(err, 'writing a temporary file') })
+  }
+
+  /** Copies the part of the L1 table in `c`; once it is whole, notes the L2 tables still ahead. */
+  private learnL1 (c: Buffer, at: number): void {
+    const h = this.header
+    if (at + c.length <= h.l1Offset || at >= h.l1Offset + this.l1.length) return
+    const from = Math.max(0, h.l1Offset - at)
+    this.l1Filled += c.copy(this.l1, Math.max(0, at - h.l1Offset), from, Math.min(c.length, h.l1Offset + this.l1.length - at))
+    if (this.l1Filled !== this.l1.length) return
+    for (let i = 0; i < l1EntriesUsed(h); i++) {
+      const l2 = readL1Entry(this.l1, i, this.clusterSize, NO_FILE_LIMIT, h.l1Offset)
+      if (l2 > at) this.l2At.set(l2, i)
+    }
+  }
+
+  /** Records the L2 table's data clusters that still lie ahead. */
+  private learnL2 (table: Buffer, l1Index: number, at: number): void {
+    const h = this.header
+    const entries = l2Entries(h.clusterBits, (h.incompatible & INCOMPAT.EXTENDED_L2) !== 0)
+    // A record is 64 KiB of guest data: smaller clusters are left to the final pass.
+    if (this.clusterSize < CLUSTER_SIZE) return
+    // Only the disk's own entries, checked as the file reader checks them (the end of the file is not known yet).
+    for (let i = 0; i < entries && l1Index * entries + i < guestClusters(h); i++) {
+      const entry = readL2Entry(h, table, i, at, l1Index * entries + i, NO_FILE_LIMIT)
+      if ((entry.kind === 'data' || (entry.kind === 'subclusters' && entry.allocated === 0xffffffff)) && entry.host >= this.pos) {
+        this.hosts.set(entry.host / this.clusterSize, l1Index * entries + i)
+      }
+    }
+  }
+
+  private * emit (c: Buffer, guest: number): Generator<ClusterRecord> {
+    const first = guest * this.clusterSize
+    const size = this.device.size
+    for (let off = 0; off < this.clusterSize && first + off < size; off += CLUSTER_SIZE) {
+      const cluster = (first + off) / CLUSTER_SIZE
+      if (!this.emitted.add(cluster)) throw new VmapipeError('E_QCOW2_L2', `guest cluster ${guest} is mapped twice`, { offset: this.pos - this.clusterSize })
+      yield clusterFromBytes(this.device.id, cluster, c.subarray(off, Math.min(off + CLUSTER_SIZE, size - first)))
+    }
+  }
+}
+
+/** The header, once enough of the stream has arrived to hold it (its cluster, at most 2 MiB); null until then. */
+function headerOf (bytes: ByteQueue, device: DeviceInfo): Qcow2Header | null {
+  const fixed = bytes.peek(24)
+  if (fixed === null) return null
+  const clusterBits = fixed.readUInt32BE(20)
+  const head = bytes.peek(Math.min(2 ** Math.min(Math.max(clusterBits, 9), 21), 2 << 20))
+  if (head === null) return null
+  const header = parseHeader(head, NO_FILE_LIMIT)
+  if (header.backing !== undefined || (header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
+    throw new VmapipeError('E_NOT_SEEKABLE', 'a qcow2 image from stdin may not refer to a backing or data file; give its path instead')
+  }
+  if (header.size !== device.size) throw new VmapipeError('E_INPUT_SIZE', `the image is ${header.size} bytes, not ${device.size}`)
+  return header
+}
+
 async function * records (input: Readable, device: DeviceInfo, dir: string): AsyncGenerator<ClusterRecord> {
   const path = join(dir, `vmapipe-qcow2-${process.pid}-${randomBytes(6).toString('hex')}`)
   let spill: FileHandle | undefined
   try {
     spill = await open(path, 'wx+', 0o600).catch(err => { throw ioError(err, `cannot create a temporary file in ${dir}`) })
-    const queue = new WriteQueue()
-    const emitted = new ClusterSet()
     const bytes = new ByteQueue()
-    let header: Qcow2Header | undefined
-    let l1: Buffer | undefined
-    let l1Filled = 0
-    const l2At = new Map<number, number>() // L2 table offset -> L1 index
-    const hosts = new HostMap()
-    let pos = 0
-    // Input chunks are never reused, so a piece of one can wait in the write queue as it is.
-    const store = async (b: Buffer, at: number): Promise<void> => { await queue.write((spill as FileHandle).fd, b, at, 'writing a temporary file') }
-
-    const onCluster = async function * (c: Buffer): AsyncGenerator<ClusterRecord> {
-      const h = header as Qcow2Header
-      const clusterSize = 2 ** h.clusterBits
-      const at = pos
-      pos += c.length
-      const guest = hosts.get(at / clusterSize)
-      if (guest >= 0 && c.length === clusterSize) {
-        yield * emit(c, guest, clusterSize)
-        return
-      }
-      await store(c, at)
-      if (l1 !== undefined && at + c.length > h.l1Offset && at < h.l1Offset + l1.length) {
-        const from = Math.max(0, h.l1Offset - at)
-        l1Filled += c.copy(l1, Math.max(0, at - h.l1Offset), from, Math.min(c.length, h.l1Offset + l1.length - at))
-        if (l1Filled === l1.length) {
-          for (let i = 0; i < l1EntriesUsed(h); i++) {
-            const l2 = readL1Entry(l1, i, clusterSize, NO_FILE_LIMIT, h.l1Offset)
-            if (l2 > at) l2At.set(l2, i)
-          }
-        }
-      }
-      const l1Index = l2At.get(at)
-      if (l1Index !== undefined && c.length === clusterSize) learnL2(c, l1Index, at, h)
-    }
-
-    /** Records the L2 table's data clusters that still lie ahead. */
-    const learnL2 = (table: Buffer, l1Index: number, at: number, h: Qcow2Header): void => {
-      const entries = l2Entries(h.clusterBits, (h.incompatible & INCOMPAT.EXTENDED_L2) !== 0)
-      const clusterSize = 2 ** h.clusterBits
-      // A record is 64 KiB of guest data: smaller clusters are left to the final pass.
-      if (clusterSize < CLUSTER_SIZE) return
-      // Only the disk's own entries, checked as the file reader checks them (the end of the file is not known yet).
-      for (let i = 0; i < entries && l1Index * entries + i < guestClusters(h); i++) {
-        const entry = readL2Entry(h, table, i, at, l1Index * entries + i, NO_FILE_LIMIT)
-        if ((entry.kind === 'data' || (entry.kind === 'subclusters' && entry.allocated === 0xffffffff)) && entry.host >= pos) {
-          hosts.set(entry.host / clusterSize, l1Index * entries + i)
-        }
-      }
-    }
-
-    const emit = function * (c: Buffer, guest: number, clusterSize: number): Generator<ClusterRecord> {
-      const first = guest * clusterSize
-      for (let off = 0; off < clusterSize && first + off < device.size; off += CLUSTER_SIZE) {
-        const cluster = (first + off) / CLUSTER_SIZE
-        if (!emitted.add(cluster)) throw new VmapipeError('E_QCOW2_L2', `guest cluster ${guest} is mapped twice`, { offset: pos - clusterSize })
-        yield clusterFromBytes(device.id, cluster, c.subarray(off, Math.min(off + CLUSTER_SIZE, device.size - first)))
-      }
-    }
-
+    let pass: StreamPass | undefined
     for await (const chunk of input) {
       bytes.push(chunk as Buffer)
-      if (header === undefined) {
-        const peek = bytes.peek(24)
-        if (peek === null) continue
-        const clusterBits = peek.readUInt32BE(20)
-        const head = bytes.peek(Math.min(2 ** Math.min(Math.max(clusterBits, 9), 21), 2 << 20))
-        if (head === null) continue
-        header = parseHeader(head, NO_FILE_LIMIT)
-        if (header.backing !== undefined || (header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
-          throw new VmapipeError('E_NOT_SEEKABLE', 'a qcow2 image from stdin may not refer to a backing or data file; give its path instead')
-        }
-        if (header.size !== device.size) throw new VmapipeError('E_INPUT_SIZE', `the image is ${header.size} bytes, not ${device.size}`)
-        l1 = Buffer.alloc(header.l1Size * 8)
+      if (pass === undefined) {
+        const header = headerOf(bytes, device)
+        if (header === null) continue
+        pass = new StreamPass(header, device, spill)
       }
-      const clusterSize = 2 ** header.clusterBits
-      for (let c = bytes.take(clusterSize); c !== null; c = bytes.take(clusterSize)) yield * onCluster(c)
+      const clusterSize = 2 ** pass.header.clusterBits
+      for (let c = bytes.take(clusterSize); c !== null; c = bytes.take(clusterSize)) await (yield * pass.cluster(c))
     }
-    if (header === undefined) throw new VmapipeError('E_QCOW2_HEADER', 'the input ended before a qcow2 header', { offset: bytes.length })
+    if (pass === undefined) throw new VmapipeError('E_QCOW2_HEADER', 'the input ended before a qcow2 header', { offset: bytes.length })
     const rest = bytes.take(bytes.length)
-    if (rest !== null && rest.length > 0) yield * onCluster(rest)
-    await queue.drain()
-    await spill.truncate(pos).catch(err => { throw ioError(err, 'writing a temporary file') })
+    if (rest !== null && rest.length > 0) await (yield * pass.cluster(rest))
+    await pass.finish()
     const image = await Qcow2Image.open(path, { standalone: true })
     await unlink(path).catch(() => {})
     // The final pass checks the whole image and brings what did not stream.
-    for await (const rec of diskRecords(image, device.id, { skip: emitted })) yield rec as ClusterRecord
+    for await (const rec of diskRecords(image, device.id, { skip: pass.emitted })) yield rec as ClusterRecord
   } finally {
     await spill?.close().catch(() => {})
     await unlink(path).catch(() => {})
