@@ -1,6 +1,5 @@
 import { createReadStream } from 'node:fs'
-import { pipeline } from 'node:stream/promises'
-import { DeviceRouter, RawFileWriter, VmaReader, VmapipeError, createDecompressor } from 'vmapipe'
+import { DeviceRouter, RawFileWriter, VmaReader, VmapipeError, createDecompressor, runStages } from 'vmapipe'
 
 // Restores drive-scsi0 of backup.vma.zst to the sparse raw file scsi0.raw.
 const reader = new VmaReader({ select: devices => devices.filter(d => d.name === 'drive-scsi0') })
@@ -9,4 +8,4 @@ const router = new DeviceRouter(async (_info, add) => {
   if (disk === undefined) throw new VmapipeError('E_NOT_FOUND', 'the archive has no drive-scsi0')
   add(disk.id, await RawFileWriter.create('scsi0.raw', disk.size))
 })
-await pipeline(createReadStream('backup.vma.zst'), createDecompressor(), reader, router)
+await runStages([createReadStream('backup.vma.zst'), createDecompressor(), reader, router])

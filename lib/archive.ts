@@ -2,9 +2,7 @@
  * Reading whole archives: the pipeline bytes -> decompress -> VmaReader, and
  * the read-side jobs built on it (header only, full verification).
  */
-import { once } from 'node:events'
 import { type Duplex, type Readable, Writable } from 'node:stream'
-import pump from 'pump'
 import { runStages } from './io/chain.js'
 import { EXIT, VmapipeError } from './errors.js'
 import { type ArchiveInfo, type DeviceInfo, VMSTATE_NAME } from './record.js'
@@ -22,8 +20,8 @@ export interface ReadOptions {
 /**
  * Runs input -> [progress] -> decompressor -> reader -> sink and resolves when
  * the sink has finished, or rejects with the first error anywhere in the line,
- * once a torn-down sink has closed (it may still be closing files that the
- * caller then removes).
+ * once every stage has closed (a torn-down sink may still be closing files
+ * that the caller then removes).
  */
 export async function runRecordPipeline (input: Readable, decompress: Duplex, reader: VmaReader, sink: Writable, options: ReadOptions = {}): Promise<void> {
   try {
@@ -35,7 +33,6 @@ export async function runRecordPipeline (input: Readable, decompress: Duplex, re
       { stream: sink, what: 'writing' },
     ], options.signal)
   } catch (err) {
-    if (sink.destroyed && !sink.closed) await once(sink, 'close')
     throw annotate(err, reader)
   }
 }
@@ -68,20 +65,28 @@ export function disksOf (devices: DeviceInfo[]): DeviceInfo[] {
 }
 
 /** Reads just the header. Stops reading (and closes the input) right after. */
-export async function readArchiveInfo (input: Readable): Promise<{ info: ArchiveInfo, compression: Compression }> {
+export async function readArchiveInfo (input: Readable, options: Pick<ReadOptions, 'signal'> = {}): Promise<{ info: ArchiveInfo, compression: Compression }> {
   const decompress = createDecompressor()
   const reader = new VmaReader({ requireComplete: false })
-  return await new Promise((resolve, reject) => {
-    let info: ArchiveInfo | undefined
-    reader.once('data', (item: ArchiveInfo) => {
-      info = item
-      resolve({ info, compression: decompress.chosen ?? 'none' })
-      reader.destroy()
-    })
-    pump(input, decompress, reader, (err?: Error) => {
-      if (info === undefined) reject(annotate(err ?? new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header'), reader))
-    })
+  // The header is all we want: having it, stop the line as an abort would.
+  const got = new AbortController()
+  let info: ArchiveInfo | undefined
+  const header = new Writable({
+    objectMode: true,
+    write (item: ArchiveInfo, _enc, callback) {
+      info ??= item
+      got.abort()
+      callback()
+    },
   })
+  const signal = options.signal === undefined ? got.signal : AbortSignal.any([got.signal, options.signal])
+  try {
+    await runRecordPipeline(input, decompress, reader, header, { signal })
+  } catch (err) {
+    if (info === undefined) throw err
+  }
+  if (info === undefined) throw new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header')
+  return { info, compression: decompress.chosen ?? 'none' }
 }
 
 export interface VerifyReport {
