@@ -8,6 +8,7 @@
  * all have to be drained.
  */
 import { Writable } from 'node:stream'
+import { VmapipeError } from './errors.js'
 import type { ArchiveInfo, ClusterRecord, StreamItem } from './record.js'
 
 /** What every format's writer offers to a router. */
@@ -58,7 +59,7 @@ export class DeviceRouter extends Writable {
   }
 
   override _final (callback: (err?: Error | null) => void): void {
-    if (!this.opened) { callback(new Error('the record stream ended before its ArchiveInfo')); return }
+    if (!this.opened) { callback(new VmapipeError('E_RECORD', 'the record stream ended before its ArchiveInfo')); return }
     Promise.all([...this.writers.values()].map(async w => await w.finish())).then(() => callback(), callback)
   }
 
