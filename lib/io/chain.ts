@@ -31,8 +31,8 @@ export interface Stage {
 
 /**
  * Runs streams joined with pump and settles when the last has finished.
- * Rejects with the first error anywhere (pump alone would report a later
- * "premature close"), system errors named after their stage, and only once
+ * Rejects with the first error anywhere (not one a stage raises later while
+ * it is torn down), system errors named after their stage, and only once
  * every stage has closed, so no file or child is still open when the caller
  * cleans up. Aborting `signal` destroys every stage and rejects with
  * E_INTERRUPTED.
