@@ -1,0 +1,107 @@
+/**
+ * Backpressure end to end: a disk's bytes are packed and read back in one
+ * process (RawReader -> RecordMerger -> VmaWriter -> VmaReader -> DeviceRouter)
+ * into a writer that stalls. While it stalls the source is no longer read and
+ * memory stays flat; once it goes on, every byte arrives.
+ */
+import t from 'tap'
+import { createHash } from 'node:crypto'
+import { createReadStream } from 'node:fs'
+import { join } from 'node:path'
+import { Readable } from 'node:stream'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { tempDir } from './helpers/run.js'
+import { Rng } from './helpers/random.js'
+import { DeviceRouter, type DiskWriter } from '../lib/router.js'
+import { RawFileWriter } from '../lib/raw/writer.js'
+import { RawReader } from '../lib/raw/reader.js'
+import { RecordMerger } from '../lib/merge.js'
+import { VmaWriter } from '../lib/vma/writer.js'
+import { VmaReader } from '../lib/vma/reader.js'
+import { runStages } from '../lib/io/chain.js'
+import type { ArchiveInfo, ClusterRecord } from '../lib/record.js'
+
+const MiB = 1 << 20
+const SIZE = 192 * MiB
+/** Records taken before the writer stalls (about 6 MiB of data). */
+const STALL_AT = 100
+/** What may be read from the source while the sink stalls: the buffers of the line, not the disk. */
+const READ_BOUND = 32 * MiB
+/** Growth of memory held by buffers while stalled. */
+const MEMORY_BOUND = 64 * MiB
+
+/** SIZE bytes of data that never repeats a MiB, counted and hashed as they are read. */
+function source (): { stream: Readable, read: () => number, digest: () => string } {
+  const pattern = new Rng(7).fill(Buffer.alloc(MiB))
+  const hash = createHash('sha256')
+  let at = 0
+  const stream = new Readable({
+    highWaterMark: MiB,
+    read () {
+      if (at >= SIZE) { this.push(null); return }
+      const chunk = Buffer.from(pattern)
+      chunk.writeUInt32LE(at / MiB, 0)
+      hash.update(chunk)
+      at += chunk.length
+      this.push(chunk)
+    },
+  })
+  return { stream, read: () => at, digest: () => hash.digest('hex') }
+}
+
+/** A RawFileWriter that stops taking records after STALL_AT until released. */
+class Stalling implements DiskWriter {
+  records = 0
+  release!: () => void
+  private readonly gate = new Promise<void>(resolve => { this.release = resolve })
+  constructor (private readonly inner: DiskWriter) {}
+
+  write (rec: ClusterRecord): Promise<void> | undefined {
+    if (++this.records !== STALL_AT) return this.inner.write(rec)
+    return this.gate.then(async () => { await this.inner.write(rec) })
+  }
+
+  async finish (): Promise<void> { await this.inner.finish() }
+  async abort (): Promise<void> { await this.inner.abort() }
+}
+
+async function sha256File (path: string): Promise<string> {
+  const hash = createHash('sha256')
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer)
+  return hash.digest('hex')
+}
+
+t.test('a stalled writer stops the reading of the source, memory stays flat, and everything arrives once it goes on', async t => {
+  const dir = tempDir(t)
+  const device = { id: 1, name: 'drive-scsi0', size: SIZE }
+  const info: ArchiveInfo = { kind: 'archive', uuid: '00000000-0000-4000-8000-000000000001', ctime: 0, configs: [], devices: [device] }
+  const input = source()
+  const records = new RawReader(device)
+  let writer: Stalling | undefined
+  const router = new DeviceRouter(async (_info, add) => {
+    writer = new Stalling(await RawFileWriter.create(join(dir, 'disk.raw'), SIZE))
+    add(device.id, writer)
+  })
+  const before = process.memoryUsage()
+  const done = Promise.all([
+    runStages([input.stream, records]),
+    runStages([new RecordMerger(info, [records]), new VmaWriter(), new VmaReader(), router]),
+  ])
+
+  while ((writer?.records ?? 0) < STALL_AT) await sleep(10)
+  // Long enough for the line to fill every buffer it has.
+  await sleep(1000)
+  const stalledAt = input.read()
+  const during = process.memoryUsage()
+  await sleep(1000)
+  t.equal(input.read(), stalledAt, `the source is not read while the writer stalls (${(stalledAt / MiB).toFixed(1)} MiB read)`)
+  t.ok(stalledAt < READ_BOUND, `what was read is what the buffers hold (${(stalledAt / MiB).toFixed(1)} MiB < ${READ_BOUND / MiB} MiB of a ${SIZE / MiB} MiB disk)`)
+  const grew = during.arrayBuffers - before.arrayBuffers
+  t.ok(grew < MEMORY_BOUND, `buffers grew by ${(grew / MiB).toFixed(1)} MiB while stalled`)
+  t.ok(during.rss - before.rss < 2 * MEMORY_BOUND, `RSS grew by ${((during.rss - before.rss) / MiB).toFixed(1)} MiB`)
+
+  ;(writer as Stalling).release()
+  await done
+  t.equal(input.read(), SIZE, 'the rest was read once the writer went on')
+  t.equal(await sha256File(join(dir, 'disk.raw')), input.digest(), 'and the disk arrived intact')
+})
