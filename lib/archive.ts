@@ -79,11 +79,14 @@ export async function readArchiveInfo (input: Readable, options: Pick<ReadOption
       callback()
     },
   })
-  const signal = options.signal === undefined ? got.signal : AbortSignal.any([got.signal, options.signal])
+  const abort = (): void => { got.abort() }
+  if (options.signal?.aborted === true) abort(); else options.signal?.addEventListener('abort', abort, { once: true })
   try {
-    await runRecordPipeline(input, decompress, reader, header, { signal })
+    await runRecordPipeline(input, decompress, reader, header, { signal: got.signal })
   } catch (err) {
     if (info === undefined) throw err
+  } finally {
+    options.signal?.removeEventListener('abort', abort)
   }
   if (info === undefined) throw new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header')
   return { info, compression: decompress.chosen ?? 'none' }

@@ -16,6 +16,7 @@ import { multiDeviceSpec } from './helpers/fixtures.js'
 import { chain, runStages } from '../lib/io/chain.js'
 import { VmapipeError } from '../lib/errors.js'
 import { extractToDirectory } from '../lib/extract.js'
+import { readArchiveInfo } from '../lib/archive.js'
 
 /** Endless bytes, one 64 KiB chunk per read. */
 function endless (): Readable {
@@ -153,4 +154,22 @@ t.test('an extract to a directory aborted midway removes its partial files', asy
     if (existing) t.same(readdirSync(target), [], 'the existing target is left as it was: empty')
     else t.notOk(existsSync(target), 'the target the extract made is gone')
   }
+})
+
+t.test('readArchiveInfo stops the line once it has the header, and closes an input that has not ended', async t => {
+  const spec = multiDeviceSpec(4)
+  const archive = buildArchive(spec)
+  const input = new PassThrough()
+  input.write(archive.subarray(0, archive.length >> 1))
+  const { info, compression } = await readArchiveInfo(input)
+  t.same(info.devices.map(d => d.name), spec.devices.map(d => d.name), 'the header read')
+  t.equal(compression, 'none')
+  t.ok(input.destroyed && input.closed, 'the input is closed, not left waiting for the rest')
+  const cut = new PassThrough()
+  cut.end(archive.subarray(0, 100))
+  await t.rejects(readArchiveInfo(cut), { code: 'E_VMA_TRUNCATED' }, 'an input that ends inside the header')
+  const controller = new AbortController()
+  const waiting = readArchiveInfo(new PassThrough(), { signal: controller.signal })
+  controller.abort()
+  await t.rejects(waiting, { code: 'E_INTERRUPTED' }, 'an abort before the header')
 })
