@@ -105,7 +105,8 @@ t.test('a stalled writer stops the reading of the source, memory stays flat, and
   const during = process.memoryUsage()
   await sleep(1000)
   t.equal(input.read(), stalledAt, `the source is not read while the writer stalls (${(stalledAt / MiB).toFixed(1)} MiB read)`)
-  t.ok(stalledAt < READ_BOUND, `what was read is what the buffers hold (${(stalledAt / MiB).toFixed(1)} MiB < ${READ_BOUND / MiB} MiB of a ${SIZE / MiB} MiB disk)`)
+  const held = `${(stalledAt / MiB).toFixed(1)} MiB < ${READ_BOUND / MiB} MiB of a ${SIZE / MiB} MiB disk`
+  t.ok(stalledAt < READ_BOUND, `what was read is what the buffers hold (${held})`)
   const grew = during.arrayBuffers - before.arrayBuffers
   t.ok(grew < MEMORY_BOUND, `buffers grew by ${(grew / MiB).toFixed(1)} MiB while stalled`)
   t.ok(during.rss - before.rss < 2 * MEMORY_BOUND, `RSS grew by ${((during.rss - before.rss) / MiB).toFixed(1)} MiB`)
@@ -119,7 +120,10 @@ t.test('a stalled writer stops the reading of the source, memory stays flat, and
 t.test('vma extract to a stdout nobody reads: it stops reading its input, its memory stays flat, and the disk arrives intact', async t => {
   const input = source()
   const archive = archiveOf(input.stream)
-  const child = spawn(process.execPath, [VMA, 'extract', '-', '-', '-d', 'drive-scsi0'], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, NODE_OPTIONS: '' } })
+  const child = spawn(process.execPath, [VMA, 'extract', '-', '-', '-d', 'drive-scsi0'], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+    env: { ...process.env, NODE_OPTIONS: '' },
+  })
   let stderr = ''
   child.stderr.setEncoding('utf8').on('data', (s: string) => { stderr += s })
   const exited = new Promise<number | null>(resolve => child.on('close', resolve))

@@ -214,7 +214,11 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
     ['encrypted', mutate(b => b.writeUInt32BE(1, 32)), 'E_QCOW2_HEADER'],
     ['compressed cluster of garbage', (() => { const b = Buffer.from(cgood); b.fill(0xff, chost, chost + 32); return b })(), 'E_QCOW2_DATA'],
     // One that inflates past its cluster is cut there, as QEMU does: test/format-qcow2-entries.test.ts.
-    ['compressed cluster that inflates short', (() => { const b = Buffer.from(cgood); deflateRawSync(Buffer.alloc(1000, 7)).copy(b, chost); return b })(), 'E_QCOW2_DATA'],
+    ['compressed cluster that inflates short', (() => {
+      const b = Buffer.from(cgood)
+      deflateRawSync(Buffer.alloc(1000, 7)).copy(b, chost)
+      return b
+    })(), 'E_QCOW2_DATA'],
   ]
   for (const [what, bytes, code] of cases) {
     const image = join(dir, 'bad.qcow2')
