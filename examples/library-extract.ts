@@ -1,6 +1,5 @@
 import { createReadStream } from 'node:fs'
-import { pipeline } from 'node:stream/promises'
-import { DeviceRouter, VmaReader, VmapipeError, createDecompressor } from 'vmapipe'
+import { DeviceRouter, VmaReader, VmapipeError, createDecompressor, runStages } from 'vmapipe'
 import { RawFileWriter } from 'vmapipe/raw'
 
 // Restores drive-scsi0 of backup.vma.zst to the sparse raw file scsi0.raw.
@@ -10,4 +9,4 @@ const router = new DeviceRouter(async (_info, add) => {
   if (disk === undefined) throw new VmapipeError('E_NOT_FOUND', 'the archive has no drive-scsi0')
   add(disk.id, await RawFileWriter.create('scsi0.raw', disk.size))
 })
-await pipeline(createReadStream('backup.vma.zst'), createDecompressor(), reader, router)
+await runStages([createReadStream('backup.vma.zst'), createDecompressor(), reader, router])

@@ -1,7 +1,6 @@
 import { randomUUID } from 'node:crypto'
 import { createReadStream, createWriteStream, statSync } from 'node:fs'
-import { pipeline } from 'node:stream/promises'
-import { type ArchiveInfo, RecordMerger, VmaWriter, createCompressor } from 'vmapipe'
+import { type ArchiveInfo, RecordMerger, VmaWriter, createCompressor, runStages } from 'vmapipe'
 import { RawReader } from 'vmapipe/raw'
 
 // Packs disk.raw as drive-scsi0 into disk.vma.zst.
@@ -9,6 +8,6 @@ const disk = { id: 1, name: 'drive-scsi0', size: statSync('disk.raw').size }
 const info: ArchiveInfo = { kind: 'archive', uuid: randomUUID(), ctime: Math.floor(Date.now() / 1000), configs: [], devices: [disk] }
 const records = new RawReader(disk)
 await Promise.all([
-  pipeline(createReadStream('disk.raw'), records),
-  pipeline(new RecordMerger(info, [records]), new VmaWriter(), createCompressor('zstd'), createWriteStream('disk.vma.zst')),
+  runStages([createReadStream('disk.raw'), records]),
+  runStages([new RecordMerger(info, [records]), new VmaWriter(), createCompressor('zstd'), createWriteStream('disk.vma.zst')]),
 ])

@@ -12,6 +12,7 @@ import { ParallelsBundle, ParallelsImage, parseDescriptor, streamParallels } fro
 import { Qcow2Image, streamQcow2 } from '../lib/qcow2/index.js'
 import { RawImage } from '../lib/raw/index.js'
 import { diskRecords } from '../lib/io/disk-records.js'
+import { chain } from '../lib/io/chain.js'
 import type { Rng } from './rng.js'
 import { type Seed, mutate } from './mutate.js'
 import { badReadReplies, fixParallels, fixVma, growQcow2, sprayVma } from './formats.js'
@@ -219,7 +220,7 @@ export const TARGETS: Record<string, Target> = {
   vma: {
     mutate: withFix(fixVma, sprayVma),
     run: async (bytes, ctx) => {
-      await drain(chunked(bytes, ctx.rng).pipe(new VmaReader()))
+      await drain(chain(chunked(bytes, ctx.rng), new VmaReader()))
       return { class: 'accepted' }
     },
   },

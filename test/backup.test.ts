@@ -3,6 +3,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { VMA, cmp, exits, run, smallFileSystem, tempDir, vma } from './helpers/run.js'
+import { failure, logged } from './helpers/logged.js'
 import { multiDeviceSpec, writeFixture, writeJob } from './helpers/fixtures.js'
 import { planPrune, type Retention } from '../lib/backup/retention.js'
 import { archiveName, parseArchiveName } from '../lib/backup/naming.js'
@@ -63,7 +64,7 @@ t.test('overlapping runs: the second refuses (exit 4); a SIGKILLed run leaves no
   for (let i = 0; i < 100 && !existsSync(join(target, '.vzdump-qemu-100.lock')); i++) await new Promise(resolve => setTimeout(resolve, 50))
   const second = await vma(['backup', slow])
   exits(t, second, 4, 'the second run does nothing')
-  t.match(second.stderr, /"result":"nothing-done".*already running: pid \d+/)
+  t.match(logged(second).find(l => l.result === 'nothing-done'), { code: 'E_LOCKED' }, 'logged as nothing-done, E_LOCKED')
   // Now feed the first run its disk.
   const writer = spawn('sh', ['-c', `head -c ${size} /dev/urandom > '${fifo}'`])
   await new Promise(resolve => writer.on('close', resolve))
@@ -88,8 +89,8 @@ t.test('overlapping runs: the second refuses (exit 4); a SIGKILLed run leaves no
   await new Promise(resolve => setTimeout(resolve, 1100))
   const next = await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: disk }], target, compression: 'none' })])
   exits(t, next, 0, 'the next run succeeds')
-  t.match(next.stderr, /took over the lock of a run that is gone/)
-  t.match(next.stderr, /removed \.vzdump-qemu-100-.*\.partial-.*, left by a run that did not finish/)
+  t.ok(logged(next).some(l => l.level === 40 && typeof l.stalePid === 'number'), 'it logged taking over the dead run\'s lock')
+  t.ok(logged(next).some(l => l.level === 40 && /^\.vzdump-qemu-100-.*\.partial-/.test(String(l.file))), 'and removing its partial archive')
   t.same(readdirSync(target).filter(f => f.startsWith('.')), [], 'leftovers and lock gone')
   t.equal(readdirSync(target).filter(f => /\.vma$/.test(f)).length, 2)
 })
@@ -149,16 +150,17 @@ t.test('planPrune follows the rules on its own', async t => {
 
 t.test('bad job files: exit 2 naming the key', async t => {
   const dir = tempDir(t)
-  for (const [job, message] of [
-    [{ vmid: 100, disks: [], target: dir }, /job\.disks: must be a list of at least 1/],
-    [{ vmid: 100, disks: [{ name: 'a', path: '/x' }], target: dir, retention: { 'keep-lats': 1 } }, /job\.retention\.keep-lats: unknown key/],
-    [{ vmid: 'x', disks: [{ name: 'a', path: '/x' }], target: dir }, /job\.vmid: must be a positive whole number/],
-    [{ vmid: 1, disks: [{ name: 'a' }], target: dir }, /job\.disks\[0\]\.path: is required/],
-    [{ vmid: 1, disks: [{ name: 'a', path: '/x' }], target: dir, compression: 'xz' }, /job\.compression: must be one of/],
-  ] as Array<[unknown, RegExp]>) {
+  for (const [job, key] of [
+    [{ vmid: 100, disks: [], target: dir }, 'job.disks'],
+    [{ vmid: 100, disks: [{ name: 'a', path: '/x' }], target: dir, retention: { 'keep-lats': 1 } }, 'job.retention.keep-lats'],
+    [{ vmid: 'x', disks: [{ name: 'a', path: '/x' }], target: dir }, 'job.vmid'],
+    [{ vmid: 1, disks: [{ name: 'a' }], target: dir }, 'job.disks[0].path'],
+    [{ vmid: 1, disks: [{ name: 'a', path: '/x' }], target: dir, compression: 'xz' }, 'job.compression'],
+  ] as Array<[unknown, string]>) {
     const r = await vma(['backup', writeJob(dir, job as Record<string, unknown>)])
     exits(t, r, 2)
-    t.match(r.stderr, message)
+    t.equal(failure(r).code, 'E_JOB', `${key}: E_JOB`)
+    t.ok(failure(r).msg?.startsWith(`${key}:`), `the error names ${key}`)
   }
   const missing = await vma(['backup', join(dir, 'nope.json')])
   exits(t, missing, 3)
@@ -175,7 +177,7 @@ t.test('a full disk during a run: exit 3, no partial archive, older archives int
   writeFileSync(disk, new Rng(63).fill(Buffer.alloc(8 << 20)))
   const r = await run(process.execPath, [VMA, 'backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: disk }], target: mnt, compression: 'none', retention: { 'keep-last': 1 } })])
   exits(t, r, 3)
-  t.match(r.stderr, /"result":"failed".*no space left on device/)
+  t.match(logged(r).find(l => l.result === 'failed'), { code: 'E_IO' }, 'the run failed with E_IO')
   t.same(readdirSync(mnt), [older], 'only the older archive, untouched')
   t.equal(readFileSync(join(mnt, older), 'utf8'), 'an older archive')
 })

@@ -88,7 +88,6 @@ t.test('taking over a stale lock', async t => {
     writeFileSync(`${lock}.takeover`, JSON.stringify({ pid: process.ppid, host: hostname(), started: new Date().toISOString() }))
     const err = await acquireLock(lock, 'x').then(() => undefined, (e: unknown) => e)
     t.ok(err instanceof VmapipeError && err.code === 'E_LOCKED', 'E_LOCKED')
-    t.match((err as Error).message, /another run is taking over the stale lock/)
     t.same(readdirSync(dir).sort(), ['x.lock', 'x.lock.takeover'], 'neither is touched')
   })
 

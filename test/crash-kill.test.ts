@@ -174,7 +174,7 @@ t.test('SIGKILL during vma create: the next run removes the dead run\'s temporar
   live.child.stdin?.end(data.subarray(SIZE >> 1))
   const ended = await live.done
   t.equal(ended.code, 3, 'the live run, given the rest, finds OUT taken meanwhile and does not replace it (no --force)')
-  t.match(ended.stderr, /E_TARGET_EXISTS/)
+  t.equal(failure(ended).code, 'E_TARGET_EXISTS')
   t.same(partials(), [], 'and removes its own temporary file')
   exits(t, await vma(['extract', out, join(dir, 'y')]), 0)
   t.ok(cmp(join(dir, 'y', 'disk-drive-scsi0.raw'), disk), 'OUT is still the other run\'s archive')

@@ -2,6 +2,7 @@ import t from 'tap'
 import { existsSync, readFileSync, readdirSync } from 'node:fs'
 import { join } from 'node:path'
 import { allocated, cmp, exits, q, sh, sha256, tempDir, vma, vmaCmd } from './helpers/run.js'
+import { failure } from './helpers/logged.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 
 t.test('extract to a directory: every file equals its source, holes are real', async t => {
@@ -39,7 +40,8 @@ t.test('extract -d writes only the named drives (short names too) plus the confi
   t.ok(cmp(join(out, 'disk-drive-scsi1.raw'), fx.sources.get('drive-scsi1') as string))
   const bad = await vma(['extract', fx.archive, join(dir, 'out2'), '-d', 'sata9'])
   t.equal(bad.code, 2, 'an unknown drive is a usage error')
-  t.match(bad.stderr, /no device sata9.*drive-scsi0/)
+  t.equal(failure(bad).code, 'E_NOT_FOUND')
+  t.match(failure(bad).msg, /sata9.*drive-scsi0/, 'naming the drive and those the archive has')
   t.notOk(existsSync(join(dir, 'out2')), 'nothing is left behind')
 })
 
@@ -74,7 +76,7 @@ t.test('the target directory must not exist; --force takes an empty one', async 
   const fx = writeFixture(dir, multiDeviceSpec(5))
   const r = await vma(['extract', fx.archive, dir])
   t.equal(r.code, 3)
-  t.match(r.stderr, /exists already/)
+  t.equal(failure(r).code, 'E_TARGET_EXISTS')
   const empty = join(dir, 'empty')
   await sh(`mkdir ${q(empty)}`)
   const forced = await vma(['extract', fx.archive, empty, '--force', '-d', 'efidisk0'])

@@ -10,6 +10,7 @@ import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
+import { failure } from './helpers/logged.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { startNbdkit, startQemuNbd, startServe } from './helpers/nbd.js'
 import { Rng } from './helpers/random.js'
@@ -316,21 +317,21 @@ t.test('servers that fail or break the protocol: clear errors and exit codes', a
 
   const none = await pack(`nbd+unix:///?socket=${join(dir, 'nobody')}`)
   exits(t, none, 3, 'nothing listening: system error')
-  t.match(none.stderr, /"code":"E_NBD_CONNECT".*cannot connect to nbd\+unix/)
+  t.equal(failure(none).code, 'E_NBD_CONNECT')
 
   await fakeServer(t, join(dir, 'http'), 'garbage')
   const http = await pack(`nbd+unix:///?socket=${join(dir, 'http')}`)
   exits(t, http, 1, 'not an NBD server: invalid input')
-  t.match(http.stderr, /"code":"E_NBD_PROTOCOL".*not an NBD server/)
+  t.equal(failure(http).code, 'E_NBD_PROTOCOL')
 
   await fakeServer(t, join(dir, 'hangup'), 'hangup')
   const hangup = await pack(`nbd+unix:///?socket=${join(dir, 'hangup')}`)
   exits(t, hangup, 3, 'a server that hangs up in the handshake: system error')
-  t.match(hangup.stderr, /"code":"E_NBD_CONNECT".*(connection lost|closed the connection)/)
+  t.equal(failure(hangup).code, 'E_NBD_CONNECT')
 
   await fakeServer(t, join(dir, 'silent'), 'silent')
   const silent = await NbdClient.connect(`nbd+unix:///?socket=${join(dir, 'silent')}`, { handshakeTimeout: 200 }).catch((err: VmapipeError) => err)
-  t.match(silent, { code: 'E_NBD_CONNECT', message: /no connection and handshake within 0.2 s/ }, 'a server that never greets: the client gives up')
+  t.match(silent, { code: 'E_NBD_CONNECT' }, 'a server that never greets: the client gives up')
 
   // Block status says data everywhere; the READ reply lands outside the request.
   await fakeServer(t, join(dir, 'stray'), 'good', (s, req) => {
@@ -349,7 +350,7 @@ t.test('servers that fail or break the protocol: clear errors and exit codes', a
   })
   const stray = await pack(`nbd+unix:///?socket=${join(dir, 'stray')}`)
   exits(t, stray, 1, 'a data chunk outside its request: invalid input')
-  t.match(stray.stderr, /"code":"E_NBD_PROTOCOL".*answers a READ of/)
+  t.equal(failure(stray).code, 'E_NBD_PROTOCOL')
 
   // Data first (reads of an unwritten memory disk would never be made: it is all hole), then every read fails.
   const eioUri = `nbd+unix:///?socket=${join(dir, 'eio.sock')}`
@@ -358,12 +359,13 @@ t.test('servers that fail or break the protocol: clear errors and exit codes', a
   exits(t, await run('nbdcopy', [join(dir, 'ones'), eioUri]), 0)
   const eio = await pack(eioUri)
   exits(t, eio, 3, 'a server that answers EIO: system error')
-  t.match(eio.stderr, /"code":"E_NBD_SERVER_ERROR".*NBD_CMD_READ of \d+ bytes at 0 failed with NBD_EIO/)
+  t.equal(failure(eio).code, 'E_NBD_SERVER_ERROR')
 
   const fx = writeFixture(dir, multiDeviceSpec(75))
   const served = await startServe(t, [fx.archive, '--socket', join(dir, 'serve.sock')])
   const unknown = await pack(served.uri('drive-nope'))
   exits(t, unknown, 2, 'an export that does not exist: E_NOT_FOUND')
-  t.match(unknown.stderr, /"code":"E_NOT_FOUND".*NBD_REP_ERR_UNKNOWN: there is no export .{1,2}drive-nope/)
+  t.equal(failure(unknown).code, 'E_NOT_FOUND')
+  t.match(failure(unknown).msg, 'drive-nope', 'naming the export')
   exits(t, await pack('nbds://host/x'), 2, 'TLS URIs are refused')
 })

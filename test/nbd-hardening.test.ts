@@ -10,6 +10,7 @@ import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Socket } from 'node:net'
 import { PACK_VMA, exits, run, tempDir, vma } from './helpers/run.js'
+import { failure as logFailure } from './helpers/logged.js'
 import { NBD, type SeenRequest, dataChunk, fakeServer, replyChunk, statusChunk } from './helpers/nbd.js'
 import { NbdClient, openNbdDisk } from '../lib/nbd/client.js'
 import { NbdDiskWriter } from '../lib/nbd/writer.js'
@@ -65,7 +66,7 @@ t.test('block sizes outside the spec are refused at the handshake, before anythi
   // The defect as a user met it: pack-vma from a server saying 0, exit 1 at once.
   const r = await run(process.execPath, [PACK_VMA, `nbd+unix:///?socket=${join(dir, 'bs0')}`, '-o', join(dir, 'out.vma')])
   exits(t, r, 1, 'pack-vma from a server with maximum payload 0: invalid input')
-  t.match(r.stderr, /"code":"E_NBD_PROTOCOL".*NBD_INFO_BLOCK_SIZE/)
+  t.equal(logFailure(r).code, 'E_NBD_PROTOCOL')
 
   // In range but odd: a maximum of 3000 with minimum 512 reads in requests of 2560 (whole minimum blocks).
   const odd = join(dir, 'odd')
@@ -173,7 +174,7 @@ t.test('a server that stalls: each request times out, the connection is dropped'
   const start = performance.now()
   const r = await run(process.execPath, [PACK_VMA, stalled, '-o', join(dir, 'out.vma'), '--nbd-timeout', '0.5'])
   exits(t, r, 3, 'pack-vma --nbd-timeout 0.5 from a stalled server: system error')
-  t.match(r.stderr, /"code":"E_NBD_CONNECT".*within 0.5 s/)
+  t.equal(logFailure(r).code, 'E_NBD_CONNECT')
   t.ok(performance.now() - start < 10_000, 'and soon')
   const archive = join(dir, 'small.vma')
   const raw = join(dir, 'small.raw')
@@ -182,7 +183,7 @@ t.test('a server that stalls: each request times out, the connection is dropped'
   exits(t, await run(process.execPath, [PACK_VMA, raw, '-o', archive]), 0)
   const x = await vma(['extract', archive, '--to', `nbd+unix:///?socket=${join(dir, 's4')}`, '--nbd-timeout', '0.5'])
   exits(t, x, 3, 'vma extract --to a server that never acknowledges a WRITE: system error')
-  t.match(x.stderr, /"code":"E_NBD_CONNECT".*within 0.5 s/)
+  t.equal(logFailure(x).code, 'E_NBD_CONNECT')
 })
 
 t.test('extents of a byte: work bounded by the bytes, not by the extent count', async t => {

@@ -6,6 +6,7 @@ import t from 'tap'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { cmp, exits, run, sh, q, tempDir, vma, vmaCmd } from './helpers/run.js'
+import { failure } from './helpers/logged.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { startServe } from './helpers/nbd.js'
 import { Rng, makeDisk } from './helpers/random.js'
@@ -139,7 +140,7 @@ t.test('what cannot be served is refused with a clear message', async t => {
   writeFileSync(sock, '')
   const taken = await vma(['serve', fx.archive, '--socket', sock])
   exits(t, taken, 3, 'an existing socket path')
-  t.match(taken.stderr, /exists already/)
+  t.equal(failure(taken).code, 'E_TARGET_EXISTS')
   exits(t, await vma(['serve', fx.archive]), 2, 'neither --socket nor --listen')
   exits(t, await vma(['serve', fx.archive, '--socket', sock, '--listen', '127.0.0.1:1']), 2, 'both')
   exits(t, await vma(['serve', fx.archive, '--listen', 'localhost']), 2, 'no port')
@@ -149,5 +150,5 @@ t.test('what cannot be served is refused with a clear message', async t => {
   writeFileSync(broken, readFileSync(fx.archive).subarray(0, 100000))
   const cut = await vma(['serve', broken, '--socket', join(dir, 'other')])
   exits(t, cut, 1, 'a damaged archive: invalid input')
-  t.match(cut.stderr, /E_VMA_TRUNCATED/)
+  t.equal(failure(cut).code, 'E_VMA_TRUNCATED')
 })

@@ -5,6 +5,7 @@ import { Readable, Writable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { execFileSync, spawn } from 'node:child_process'
 import { PACK_VMA, VMA, cmp, exits, q, run, sh, smallFileSystem, tempDir, vma, vmaCmd } from './helpers/run.js'
+import { failure } from './helpers/logged.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { walk } from './helpers/walk.js'
 import { RawReader } from '../lib/raw/stream.js'
@@ -125,24 +126,26 @@ t.test('bad inputs: clear error, non-zero exit, no archive under the final name'
   const size = readFileSync(src).length
   const out = join(dir, 'out.vma')
   const nothingLeft = (what: string): void => { t.same(readdirSync(dir).filter(f => f.includes('out.vma')), [], `${what}: nothing left behind`) }
-  const cases: Array<[string, string, number, RegExp]> = [
+  const cases: Array<[string, string, number, string | RegExp]> = [
     ['a disk shorter than declared', `cat ${q(src)} | ${vmaCmd} create ${q(out)} -d size=${size + 4096}:drive-scsi0=-`, 1, /E_INPUT_SIZE.*ended after 540672 bytes; 544768 were declared/],
-    ['a disk longer than declared', `cat ${q(src)} | ${vmaCmd} create ${q(out)} -d size=${size - 512}:drive-scsi0=-`, 1, /E_INPUT_SIZE.*longer than the 540160 bytes declared/],
-    ['a size that contradicts the file', `${vmaCmd} create ${q(out)} -d size=1M:drive-scsi0=${q(src)}`, 1, /E_INPUT_SIZE/],
+    ['a disk longer than declared', `cat ${q(src)} | ${vmaCmd} create ${q(out)} -d size=${size - 512}:drive-scsi0=-`, 1, 'E_INPUT_SIZE'],
+    ['a size that contradicts the file', `${vmaCmd} create ${q(out)} -d size=1M:drive-scsi0=${q(src)}`, 1, 'E_INPUT_SIZE'],
     ['raw stdin without a size', `cat ${q(src)} | ${vmaCmd} create ${q(out)} -d drive-scsi0=-`, 2, /size of stdin cannot be seen/],
-    ['a missing input', `${vmaCmd} create ${q(out)} -d drive-scsi0=${q(join(dir, 'nope.raw'))}`, 3, /cannot open .*nope\.raw/],
-    ['a directory as input', `${vmaCmd} create ${q(out)} -d drive-scsi0=${q(dir)}`, 3, /is a directory/],
-    ['an unreadable config', `${vmaCmd} create ${q(out)} -c ${q(join(dir, 'nope.conf'))} -d drive-scsi0=${q(src)}`, 3, /cannot read config/],
-    ['a config blob over 65535 bytes', `${vmaCmd} create ${q(out)} -c ${q(src)} -d drive-scsi0=${q(src)}`, 2, /E_LIMIT.*540672 bytes; a VMA blob holds at most 65535/],
+    ['a missing input', `${vmaCmd} create ${q(out)} -d drive-scsi0=${q(join(dir, 'nope.raw'))}`, 3, 'E_IO'],
+    ['a directory as input', `${vmaCmd} create ${q(out)} -d drive-scsi0=${q(dir)}`, 3, 'E_IO'],
+    ['an unreadable config', `${vmaCmd} create ${q(out)} -c ${q(join(dir, 'nope.conf'))} -d drive-scsi0=${q(src)}`, 3, 'E_IO'],
+    ['a config blob over 65535 bytes', `${vmaCmd} create ${q(out)} -c ${q(src)} -d drive-scsi0=${q(src)}`, 2, 'E_LIMIT'],
     ['an unsafe device name', `${vmaCmd} create ${q(out)} -d ../evil=${q(src)}`, 2, /not a safe file name/],
-    ['two disks from stdin', `${vmaCmd} create ${q(out)} -d size=1M:a=- -d size=1M:b=-`, 2, /only one disk can come from stdin/],
+    ['two disks from stdin', `${vmaCmd} create ${q(out)} -d size=1M:a=- -d size=1M:b=-`, 2, 'E_USAGE'],
     ['an unknown compression', `${vmaCmd} create ${q(out)} --compress xz -d a=${q(src)}`, 2, /--compress xz/],
-    ['more devices than VMA holds', `${vmaCmd} create ${q(out)} ${Array.from({ length: 255 }, (_, i) => `-d d${i}=${q(src)}`).join(' ')}`, 2, /255 devices; VMA holds at most 254/],
+    ['more devices than VMA holds', `${vmaCmd} create ${q(out)} ${Array.from({ length: 255 }, (_, i) => `-d d${i}=${q(src)}`).join(' ')}`, 2, 'E_LIMIT'],
   ]
-  for (const [what, script, code, message] of cases) {
+  for (const [what, script, code, expected] of cases) {
     const r = await sh(script)
     exits(t, r, code, `${what}: exit ${code}`)
-    t.match(r.stderr, message, `${what}: says so`)
+    // A code where the error has its own; the wording where a usage error's words are all there is to tell them apart.
+    if (typeof expected === 'string') t.equal(failure(r).code, expected, `${what}: ${expected}`)
+    else t.match(r.stderr, expected, `${what}: says so`)
     nothingLeft(what)
   }
   writeFileSync(out, 'precious')
@@ -163,7 +166,7 @@ t.test('a full disk while writing: exit 3, no archive under the final name', asy
   if (mnt === undefined) return
   const r = await vma(['create', join(mnt, 'backup.vma'), ...args])
   exits(t, r, 3, 'a 1 MiB file system fills up')
-  t.match(r.stderr, /"code":"E_IO".*no space left on device/)
+  t.equal(failure(r).code, 'E_IO')
   t.same(readdirSync(mnt), [], 'neither the archive nor its temporary file is left')
 })
 

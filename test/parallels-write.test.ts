@@ -120,7 +120,7 @@ t.test('ParallelsWriter: a cluster past the device end is refused before it take
   for (const [name, options] of [['snapshot', { base }], ['plain', {}]] as const) {
     const image = join(dir, `${name}.hds`)
     const writer = await ParallelsWriter.create(image, size, options)
-    t.throws(() => writer.write(clusterRecord(1, 24, 0, Buffer.alloc(0))), { code: 'E_RECORD', message: 'cluster past the device end' }, `${name}: an empty record past the end`)
+    t.throws(() => writer.write(clusterRecord(1, 24, 0, Buffer.alloc(0))), { code: 'E_RECORD' }, `${name}: an empty record past the end`)
     await writer.finish()
     t.equal(statSync(image).size, readImage(image).dataOff * 512, `${name}: no data cluster was allocated`)
     await qemuCheck(t, image)

@@ -9,6 +9,7 @@ import type { ClusterRecord } from '../lib/contracts.js'
 import { expandCluster } from '../lib/record.js'
 import { PACK_VMA, cmp, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
+import { failure } from './helpers/logged.js'
 import { type BuildDevice, type Slot, buildExtent, buildHeader } from './helpers/vma-builder.js'
 import { Rng } from './helpers/random.js'
 
@@ -177,7 +178,7 @@ t.test('vma create -d format=qcow2 and an explicit backing file outside the dire
   await sh(`mkdir ${q(sub)} && cd ${q(dir)} && qemu-img convert -f raw -O qcow2 ${q(src)} base.qcow2 && qemu-img create -q -f qcow2 -b ../base.qcow2 -F qcow2 sub/top.qcow2 && qemu-io -f qcow2 -c 'write -P 9 0 64k' sub/top.qcow2 && qemu-img convert -O raw sub/top.qcow2 top.raw`)
   const climbing = await vma(['create', join(dir, 'c.vma'), '--follow-backing', '-d', `drive-scsi0=${join(sub, 'top.qcow2')}`])
   exits(t, climbing, 1, 'a backing file outside the image directory is refused')
-  t.match(climbing.stderr, /outside the image's directory/)
+  t.equal(failure(climbing).code, 'E_QCOW2_BACKING')
   const archive = join(dir, 'ok.vma')
   exits(t, await vma(['create', archive, '-d', `format=qcow2,backing=${join(dir, 'base.qcow2')}:drive-scsi0=${join(sub, 'top.qcow2')}`]), 0, 'named explicitly, it is used')
   exits(t, await sh(`${vmaCmd} extract ${q(archive)} - > ${q(join(dir, 'ok.raw'))}`), 0)
@@ -200,33 +201,38 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
   const cgood = readFileSync(compressed)
   const cl2 = Number(cgood.readBigUInt64BE(Number(cgood.readBigUInt64BE(40))) & 0x00fffffffffffe00n)
   const chost = Number(cgood.readBigUInt64BE(cl2) & ((1n << 54n) - 1n))
-  const cases: Array<[string, Buffer, RegExp]> = [
-    ['L1 table past the end of the file', mutate(b => b.writeBigUInt64BE(BigInt(good.length + 65536 * 4), 40)), /L1 table at \d+ .* lies outside/],
-    ['unaligned L1 table', mutate(b => b.writeBigUInt64BE(BigInt(l1Offset + 8), 40)), /L1 table offset \d+ is not cluster aligned/],
-    ['L2 table past the end of the file', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 4) | (1n << 63n), l1Offset)), /L1 entry 0 points to an L2 table at \d+, past the end/],
-    ['unaligned L2 table', mutate(b => b.writeBigUInt64BE(BigInt(l2Offset + 512) | (1n << 63n), l1Offset)), /L1 entry 0 points to \d+, which is not cluster aligned/],
-    ['refcount table past the end', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 2), 48)), /refcount table at \d+ .* lies outside/],
-    ['unaligned refcount table', mutate(b => b.writeBigUInt64BE(BigInt(65536 + 16), 48)), /refcount table offset \d+ is not cluster aligned/],
-    ['huge l1_size', mutate(b => b.writeUInt32BE(0x7fffffff, 36)), /l1_size 2147483647 needs more than/],
-    ['huge cluster_bits', mutate(b => b.writeUInt32BE(31, 20)), /cluster_bits 31 is outside 9\.\.21/],
+  const cases: Array<[string, Buffer, string]> = [
+    ['L1 table past the end of the file', mutate(b => b.writeBigUInt64BE(BigInt(good.length + 65536 * 4), 40)), 'E_QCOW2_HEADER'],
+    ['unaligned L1 table', mutate(b => b.writeBigUInt64BE(BigInt(l1Offset + 8), 40)), 'E_QCOW2_HEADER'],
+    ['L2 table past the end of the file', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 4) | (1n << 63n), l1Offset)), 'E_QCOW2_L1'],
+    ['unaligned L2 table', mutate(b => b.writeBigUInt64BE(BigInt(l2Offset + 512) | (1n << 63n), l1Offset)), 'E_QCOW2_L1'],
+    ['refcount table past the end', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 2), 48)), 'E_QCOW2_HEADER'],
+    ['unaligned refcount table', mutate(b => b.writeBigUInt64BE(BigInt(65536 + 16), 48)), 'E_QCOW2_HEADER'],
+    ['huge l1_size', mutate(b => b.writeUInt32BE(0x7fffffff, 36)), 'E_QCOW2_HEADER'],
+    ['huge cluster_bits', mutate(b => b.writeUInt32BE(31, 20)), 'E_QCOW2_HEADER'],
     // Reserved bits in L1/L2 entries are ignored, as QEMU ignores them: test/format-qcow2-entries.test.ts.
-    ['data cluster past the end', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 8) | (1n << 63n), l2Offset)), /points to data at \d+, past the end of the \d+-byte file/],
-    ['unknown incompatible feature', mutate(b => b.writeUInt32BE(1 << 7, 76)), /unknown incompatible features 0x80/],
-    ['encrypted', mutate(b => b.writeUInt32BE(1, 32)), /encrypted images are not supported/],
-    ['compressed cluster of garbage', (() => { const b = Buffer.from(cgood); b.fill(0xff, chost, chost + 32); return b })(), /compressed cluster at \d+ does not inflate/],
+    ['data cluster past the end', mutate(b => b.writeBigUInt64BE(BigInt(good.length * 8) | (1n << 63n), l2Offset)), 'E_QCOW2_L2'],
+    ['unknown incompatible feature', mutate(b => b.writeUInt32BE(1 << 7, 76)), 'E_QCOW2_HEADER'],
+    ['encrypted', mutate(b => b.writeUInt32BE(1, 32)), 'E_QCOW2_HEADER'],
+    ['compressed cluster of garbage', (() => { const b = Buffer.from(cgood); b.fill(0xff, chost, chost + 32); return b })(), 'E_QCOW2_DATA'],
     // One that inflates past its cluster is cut there, as QEMU does: test/format-qcow2-entries.test.ts.
-    ['compressed cluster that inflates short', (() => { const b = Buffer.from(cgood); deflateRawSync(Buffer.alloc(1000, 7)).copy(b, chost); return b })(), /compressed cluster at \d+ inflates to 1000 bytes, not 65536/],
+    ['compressed cluster that inflates short', (() => {
+      const b = Buffer.from(cgood)
+      deflateRawSync(Buffer.alloc(1000, 7)).copy(b, chost)
+      return b
+    })(), 'E_QCOW2_DATA'],
   ]
-  for (const [what, bytes, message] of cases) {
+  for (const [what, bytes, code] of cases) {
     const image = join(dir, 'bad.qcow2')
     writeFileSync(image, bytes)
     const r = await run(process.execPath, [PACK_VMA, image, '-o', join(dir, 'bad.vma')])
-    t.not(r.code, 0, `${what}: non-zero exit`)
-    t.match(r.stderr, message, `${what}: says what`)
+    exits(t, r, 1, `${what}: exit 1`)
+    t.equal(failure(r).code, code, `${what}: ${code}`)
     t.notMatch(r.stderr, /TypeError|RangeError|at .*\.js:\d+/, `${what}: no crash`)
     t.notOk(existsSync(join(dir, 'bad.vma')), `${what}: no archive`)
     const piped = await sh(`cat ${q(image)} | ${q(process.execPath)} ${q(PACK_VMA)} --tmpdir ${q(dir)} -o ${q(join(dir, 'bad.vma'))}`)
-    t.not(piped.code, 0, `${what}, through stdin: non-zero exit`)
+    exits(t, piped, 1, `${what}, through stdin: exit 1`)
+    t.equal(failure(piped).code, code, `${what}, through stdin: ${code}`)
     t.notMatch(piped.stderr, /TypeError|RangeError|at .*\.js:\d+/, `${what}, through stdin: no crash`)
     t.notOk(existsSync(join(dir, 'bad.vma')), `${what}, through stdin: no archive`)
   }
@@ -235,12 +241,12 @@ t.test('hostile qcow2: a clear error, exit non-zero, no archive', async t => {
   await sh(`cd ${q(dir)} && qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 -b a.qcow2 -F qcow2 b.qcow2 && qemu-img rebase -u -b b.qcow2 -F qcow2 a.qcow2`)
   const loop = await run(process.execPath, [PACK_VMA, join(dir, 'b.qcow2'), '--follow-backing', '-o', join(dir, 'loop.vma')])
   exits(t, loop, 1, 'a backing loop')
-  t.match(loop.stderr, /backing chain loops back/)
+  t.equal(failure(loop).code, 'E_QCOW2_BACKING')
   await sh(`mkdir -p ${q(join(dir, 'inner'))} && cd ${q(join(dir, 'inner'))} && qemu-img create -q -f qcow2 -o data_file=../outside.data d.qcow2 1M`)
   symlinkSync(join(dir, 'outside.data'), join(dir, 'inner', 'link.data'))
   const climb = await run(process.execPath, [PACK_VMA, join(dir, 'inner', 'd.qcow2'), '-o', join(dir, 'climb.vma')])
   exits(t, climb, 1, 'a data file outside the directory')
-  t.match(climb.stderr, /data file \.\.\/outside\.data .* outside the image's directory/)
+  t.equal(failure(climb).code, 'E_QCOW2_BACKING')
 })
 
 t.test('qcow2 from a stream: records come while the image is still arriving, and our own images spill', async t => {

@@ -1,5 +1,6 @@
 import t from 'tap'
 import { exits, q, sh, vma, vmaCmd, SAMPLE } from './helpers/run.js'
+import { failure } from './helpers/logged.js'
 
 // test/fixtures/proxmox-sample.vma.gz: the first 538112 bytes of a real Proxmox archive.
 const UUID = '04fc12eb-0fed-4322-9aaa-f4e412f68096'
@@ -38,7 +39,8 @@ for (const [from, run] of sources) {
     t.match(r.stdout.toString(), /#qmdump#map:scsi0:drive-scsi0:local-lvm:raw:\n$/)
     const missing = await run(['config', '-c', 'qemu-server.fw'])
     exits(t, missing, 2)
-    t.match(missing.stderr, /no config blob qemu-server\.fw \(it has qemu-server\.conf\)/)
+    t.equal(failure(missing).code, 'E_NOT_FOUND')
+  t.match(failure(missing).msg, /qemu-server\.fw.*qemu-server\.conf/, 'naming the blob and those the archive has')
   })
 
   t.test(`verify from ${from} fails on the missing clusters`, async t => {
@@ -60,5 +62,5 @@ for (const [from, run] of sources) {
 t.test('extract of the sample fails and leaves no file under a final name', async t => {
   const r = await sh(`cd "$(mktemp -d)" && ${vmaCmd} extract ${q(SAMPLE)} out; echo "exit=$?"; ls -A`)
   t.match(r.stdout.toString(), /^exit=1\n$/, 'exit 1 and the directory holds nothing')
-  t.match(r.stderr, /E_VMA_MISSING/)
+  t.equal(failure(r).code, 'E_VMA_MISSING')
 })

@@ -7,8 +7,8 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
 import type { Readable } from 'node:stream'
-import { pipeline } from 'node:stream/promises'
 import { VmapipeError, ioError } from '../errors.js'
+import { runStages } from './chain.js'
 
 export interface Input {
   stream: Readable
@@ -153,10 +153,13 @@ export async function spillToFile (stream: Readable, dir = tmpdir()): Promise<{ 
   const path = join(dir, `vmapipe-input-${process.pid}-${randomBytes(6).toString('hex')}`)
   const remove = async (): Promise<void> => { await unlink(path).catch(() => {}) }
   try {
-    await pipeline(stream, createWriteStream(path, { flags: 'wx', mode: 0o600, highWaterMark: 1 << 20 }))
+    await runStages([
+      { stream, what: 'reading the input' },
+      { stream: createWriteStream(path, { flags: 'wx', mode: 0o600, highWaterMark: 1 << 20 }), what: `copying the input to ${dir}` },
+    ])
   } catch (err) {
     await remove()
-    throw ioError(err, `copying the input to ${dir}`)
+    throw err
   }
   return { path, remove }
 }

@@ -2,9 +2,7 @@
  * Reading whole archives: the pipeline bytes -> decompress -> VmaReader, and
  * the read-side jobs built on it (header only, full verification).
  */
-import { once } from 'node:events'
 import { type Duplex, type Readable, Writable } from 'node:stream'
-import pump from 'pump'
 import { runStages } from '../io/chain.js'
 import { VmapipeError } from '../errors.js'
 import type { ArchiveInfo, DeviceInfo, ProgressSink } from '../contracts.js'
@@ -23,8 +21,8 @@ export interface ReadOptions {
 /**
  * Runs input -> [progress] -> decompressor -> reader -> sink and resolves when
  * the sink has finished, or rejects with the first error anywhere in the line,
- * once a torn-down sink has closed (it may still be closing files that the
- * caller then removes).
+ * once every stage has closed (a torn-down sink may still be closing files
+ * that the caller then removes).
  */
 export async function runRecordPipeline (input: Readable, decompress: Duplex, reader: VmaReader, sink: Writable, options: ReadOptions = {}): Promise<void> {
   try {
@@ -36,7 +34,6 @@ export async function runRecordPipeline (input: Readable, decompress: Duplex, re
       { stream: sink, what: 'writing' },
     ], options.signal)
   } catch (err) {
-    if (sink.destroyed && !sink.closed) await once(sink, 'close')
     throw annotate(err, reader)
   }
 }
@@ -69,20 +66,31 @@ export function disksOf (devices: DeviceInfo[]): DeviceInfo[] {
 }
 
 /** Reads just the header. Stops reading (and closes the input) right after. */
-export async function readArchiveInfo (input: Readable): Promise<{ info: ArchiveInfo, compression: Compression }> {
+export async function readArchiveInfo (input: Readable, options: Pick<ReadOptions, 'signal'> = {}): Promise<{ info: ArchiveInfo, compression: Compression }> {
   const decompress = createDecompressor()
   const reader = new VmaReader({ requireComplete: false })
-  return await new Promise((resolve, reject) => {
-    let info: ArchiveInfo | undefined
-    reader.once('data', (item: ArchiveInfo) => {
-      info = item
-      resolve({ info, compression: decompress.chosen ?? 'none' })
-      reader.destroy()
-    })
-    pump(input, decompress, reader, (err?: Error) => {
-      if (info === undefined) reject(annotate(err ?? new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header'), reader))
-    })
+  // The header is all we want: having it, stop the line as an abort would.
+  const got = new AbortController()
+  let info: ArchiveInfo | undefined
+  const header = new Writable({
+    objectMode: true,
+    write (item: ArchiveInfo, _enc, callback) {
+      info ??= item
+      got.abort()
+      callback()
+    },
   })
+  const abort = (): void => { got.abort() }
+  if (options.signal?.aborted === true) abort(); else options.signal?.addEventListener('abort', abort, { once: true })
+  try {
+    await runRecordPipeline(input, decompress, reader, header, { signal: got.signal })
+  } catch (err) {
+    if (info === undefined) throw err
+  } finally {
+    options.signal?.removeEventListener('abort', abort)
+  }
+  if (info === undefined) throw new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header')
+  return { info, compression: decompress.chosen ?? 'none' }
 }
 
 export interface VerifyReport {

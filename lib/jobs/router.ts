@@ -1,11 +1,14 @@
 /**
  * DeviceRouter: the sink end of a record pipeline. It hands each record to the
- * DiskWriter of its device. Writers make progress on their own (positional
- * files, a pipe that drains), so one slow device waits only for itself and
- * nothing is buffered without bound; there are no per-device child streams
- * that would all have to be drained.
+ * DiskWriter of its device and takes the next record, of any device, only
+ * when that writer says so. Devices therefore share one queue: a slow device
+ * slows them all, but every wait is for a write that finishes on its own
+ * (positional files, a pipe that drains), so nothing deadlocks and nothing is
+ * buffered without bound; there are no per-device child streams that would
+ * all have to be drained.
  */
 import { Writable } from 'node:stream'
+import { VmapipeError } from '../errors.js'
 import type { DiskWriter, StreamItem, WriterFactory } from '../contracts.js'
 
 export class DeviceRouter extends Writable {
@@ -40,7 +43,7 @@ export class DeviceRouter extends Writable {
   }
 
   override _final (callback: (err?: Error | null) => void): void {
-    if (!this.opened) { callback(new Error('the record stream ended before its ArchiveInfo')); return }
+    if (!this.opened) { callback(new VmapipeError('E_RECORD', 'the record stream ended before its ArchiveInfo')); return }
     Promise.all([...this.writers.values()].map(async w => await w.finish())).then(() => callback(), callback)
   }
 
