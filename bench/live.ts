@@ -1,6 +1,6 @@
 /**
  * Live restore: `vma serve backup.vma.zst` against `zstd -d | vma extract`
- * of the same archive, in the same run. For each: when the first byte of the
+ * and `vma extract backup.vma.zst` of the same archive, in the same run. For each: when the first byte of the
  * disk can be read (for extract, once it has finished; for serve, an NBD read
  * of cluster 0 from the moment the command starts) and when the whole disk is
  * there (serve: the pass complete; with --keep, the disk restored into a directory).
@@ -36,6 +36,11 @@ export async function benchLive (dir: string, gib: number): Promise<void> {
     return { first: t.seconds, whole: t.seconds, rssMiB: Number(peakMiB(t, 'extract')) }
   })
   rows.push(['zstd -dc a.vma.zst piped to vma extract - DIR', extract])
+  rows.push(['vma extract a.vma.zst DIR (built-in zstd)', await bestOf(async () => {
+    const t = await timed(`${vma} extract --log-format json ${q(zst)} ${q(out)}`)
+    clean()
+    return { first: t.seconds, whole: t.seconds, rssMiB: Number(peakMiB(t, 'extract')) }
+  })])
   rows.push(['vma serve a.vma.zst', await bestOf(async () => await served(dir, [zst]))])
   rows.push(['vma serve a.vma.zst --keep DIR', await bestOf(async () => {
     const t = await served(dir, [zst, '--keep', out])
