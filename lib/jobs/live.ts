@@ -77,10 +77,15 @@ const CACHE_PREFIX = 'vmapipe-cache-'
 export async function openLiveArchive (input: Input, options: LiveOptions = {}): Promise<LiveArchive> {
   const started = Date.now()
   const stop = new AbortController()
-  const onAbort = (): void => stop.abort()
+  const files: Array<{ disk: CacheDisk, name: string }> = []
+  // Reads waiting for the pass fail at once: a server shutting down does not wait for the input to be torn down.
+  const onAbort = (): void => {
+    const interrupted = new VmapipeError('E_INTERRUPTED', 'interrupted')
+    for (const f of files) f.disk.fail(interrupted)
+    stop.abort()
+  }
   options.signal?.addEventListener('abort', onAbort, { once: true })
   const store = await openStore(options)
-  const files: Array<{ disk: CacheDisk, name: string }> = []
   const closeFiles = async (): Promise<void> => { await Promise.allSettled(files.map(async f => await f.disk.file.close())) }
 
   let inputBytes = 0
@@ -144,7 +149,7 @@ export async function openLiveArchive (input: Input, options: LiveOptions = {}):
   let closing: Promise<void> | undefined
   const close = async (): Promise<void> => {
     closing ??= (async () => {
-      stop.abort()
+      onAbort()
       await outcome
       await closeFiles()
       await store.discard()
