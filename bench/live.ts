@@ -49,7 +49,8 @@ export async function benchLive (dir: string, gib: number): Promise<void> {
   })])
 
   const table = [['job', 'first byte readable (s)', 'whole disk (s)', 'MB/s of archive', 'whole disk, speed vs extract', 'peak RSS (MiB)'],
-    ...rows.map(([job, t]) => [job, t.first.toFixed(3), t.whole.toFixed(2), (bytes / MB / t.whole).toFixed(0), `${(extract.whole / t.whole).toFixed(2)}x`, t.rssMiB.toFixed(0)])]
+    ...rows.map(([job, t]) => [job, t.first.toFixed(3), t.whole.toFixed(2), (bytes / MB / t.whole).toFixed(0), `${(extract.whole / t.whole).toFixed(2)}x`,
+      t.rssMiB.toFixed(0)])]
   const widths = table[0].map((_, i) => Math.max(...table.map(r => r[i].length)))
   process.stdout.write(`\nLive restore of a ${(bytes / MB).toFixed(0)} MB archive (zstd, ${(bytes / statSync(zst).size).toFixed(2)}:1), best of ${ROUNDS}\n\n`)
   for (const [i, r] of table.entries()) {

@@ -47,7 +47,8 @@ t.test('progress lines, the map before and after the pass, the cache unlinked', 
   const { archive, lastExtent } = orderedArchive(device)
   const input = slowInput(archive, lastExtent)
   const lines: Array<Record<string, unknown>> = []
-  const log = { info: (fields: Record<string, unknown>, msg: string) => lines.push({ ...fields, msg }), error: (fields: Record<string, unknown>, msg: string) => lines.push({ ...fields, msg, error: true }) }
+  const note = (fields: Record<string, unknown>, msg: string): number => lines.push({ ...fields, msg })
+  const log = { info: note, error: note }
   const live = await openLiveArchive({ stream: input.stream, name: 'slow', size: archive.length }, { cacheDir: dir, log, progressInterval: 100 })
   t.same(readdirSync(dir), [], 'nothing in the cache directory: the files are unlinked')
   const [d] = live.disks
@@ -68,7 +69,8 @@ t.test('progress lines, the map before and after the pass, the cache unlinked', 
   const outcome = await live.outcome
   t.ok(outcome.ok, 'the pass completed')
   t.equal(outcome.inputBytes, archive.length)
-  t.same(await d.map(tail - 65536, 131072), [{ offset: tail - 65536, length: 65536, data: true }, { offset: tail, length: 65536, data: false }], 'then the hole is reported')
+  t.same(await d.map(tail - 65536, 131072), [{ offset: tail - 65536, length: 65536, data: true }, { offset: tail, length: 65536, data: false }],
+    'then the hole is reported')
   t.ok(lines.some(l => String(l.msg).includes('pass complete')), 'and the end of the pass logged')
   await d.close()
 })
@@ -116,6 +118,7 @@ t.test('a damaged extent: what passed is served, waiting and later reads of the 
   const outcome = await live.outcome
   t.notOk(outcome.ok)
   t.equal(lines[0]?.code, 'E_VMA_EXTENT_MD5', 'the log says what')
-  t.ok(Number(lines[0]?.offset) >= lastExtent && Number(lines[0]?.offset) < lastExtent + 512, `and where: in the last extent's header (byte ${String(lines[0]?.offset)})`)
+  const at = Number(lines[0]?.offset)
+  t.ok(at >= lastExtent && at < lastExtent + 512, `and where: in the last extent's header (byte ${at})`)
   await d.close()
 })

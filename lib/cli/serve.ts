@@ -75,7 +75,7 @@ Examples:
     }
     const keepDir = values.keep as string | undefined
     const cacheDir = values.cache as string | undefined
-    if (keepDir !== undefined && cacheDir !== undefined) throw new VmapipeError('E_USAGE', '--keep DIR holds the cache itself; give --cache or --keep, not both')
+    if (keepDir !== undefined && cacheDir !== undefined) throw new VmapipeError('E_USAGE', '--keep DIR holds the cache: give --cache or --keep')
     if (keepDir !== undefined && positionals.length > 1) throw new VmapipeError('E_USAGE', '--keep restores one archive: give one SOURCE')
     const opened = await openExports(positionals, listOption(values.name) ?? [], {
       log: ctx.log,

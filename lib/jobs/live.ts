@@ -112,8 +112,8 @@ export async function openLiveArchive (input: Input, options: LiveOptions = {}):
   const log = options.log
   const name = input.name
   log?.info({ archive: name, ...store.where, devices: info.devices.map(d => d.name) }, `${name}: serving while the pass reads the archive`)
-  const timer = setInterval(() => log?.info(progressFields(inputBytes, reader.offset, input.size, started), progressLine(name, inputBytes, input.size, started)),
-    options.progressInterval ?? 10_000)
+  const report = (): void => log?.info(progressFields(inputBytes, reader.offset, input.size, started), progressLine(name, inputBytes, input.size, started))
+  const timer = setInterval(report, options.progressInterval ?? 10_000)
   timer.unref()
 
   const outcome = pass.then(async (): Promise<LiveOutcome> => {

@@ -53,8 +53,9 @@ async function openSource (path: string, names: string[], live: LiveOptions, pas
   // Directories go on: image bundles are directories.
   if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) throw new VmapipeError('E_USAGE', `${path} is neither a file, a pipe nor a directory`)
   const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, DETECT_BYTES)
-  if (detectCompression(head) !== 'none' || (head.subarray(0, VMA_MAGIC.length).equals(VMA_MAGIC) && live.keepDir !== undefined)) return await openLive(path, live, passes)
-  if (head.subarray(0, VMA_MAGIC.length).equals(VMA_MAGIC)) {
+  const vma = head.subarray(0, VMA_MAGIC.length).equals(VMA_MAGIC)
+  if (detectCompression(head) !== 'none' || (vma && live.keepDir !== undefined)) return await openLive(path, live, passes)
+  if (vma) {
     const index = await openVmaIndex(path)
     const exports = disksOf(index.info.devices).map(d => ({ name: d.name, description: `${d.name} of ${basename(path)} (${index.info.uuid})`, disk: index.disk(d) }))
     // The disks keep the archive open; the index itself is no longer needed.
