@@ -57,6 +57,7 @@ export {
 } from './nbd/client.js'
 export { NbdDiskWriter, type NbdWriteStats } from './nbd/writer.js'
 export { openExports, type OpenedExports } from './nbd/exports.js'
+export { openLiveArchive, type LiveArchive, type LiveOptions, type LiveOutcome } from './jobs/live.js'
 /** The NBD wire format: constants, encoders and decoders. */
 export * as nbd from './nbd/protocol.js'
 export { writeOverlay, writeImage, type OverlayOptions, type OverlayResult } from './incremental.js'

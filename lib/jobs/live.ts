@@ -84,8 +84,8 @@ export async function openLiveArchive (input: Input, options: LiveOptions = {}):
     for (const f of files) f.disk.fail(interrupted)
     stop.abort()
   }
-  options.signal?.addEventListener('abort', onAbort, { once: true })
   const store = await openStore(options)
+  options.signal?.addEventListener('abort', onAbort, { once: true })
   const closeFiles = async (): Promise<void> => { await Promise.allSettled(files.map(async f => await f.disk.file.close())) }
 
   let inputBytes = 0
@@ -200,7 +200,7 @@ async function openStore (options: LiveOptions): Promise<Store> {
         await writeFile(join(staging, c.name), c.data, { flag: 'wx', mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${c.name}`) })
       }
       names = [...info.configs.map(c => c.name), ...outputs.map(d => d.output.names[0])]
-      return await Promise.all(outputs.map(async ({ device, output }) => await cacheFile(staging, output.names[0], device, 0o644)))
+      return await cacheFiles(outputs.map(({ device, output }) => ({ device, dir: staging, name: output.names[0], mode: 0o644 })))
     },
     keep: async files => {
       try {
@@ -231,7 +231,7 @@ async function cacheStore (dir: string): Promise<Store> {
     create: async info => {
       // vmstate is not served, and nothing is kept: it is read and checked, not stored.
       const devices = info.devices.filter(d => d.name !== VMSTATE_NAME)
-      const files = await Promise.all(devices.map(async device => await cacheFile(where, `dev-${device.id}`, device, 0o600)))
+      const files = await cacheFiles(devices.map(device => ({ device, dir: where, name: `dev-${device.id}`, mode: 0o600 })))
       for (const f of files) await unlink(join(where, f.name)).catch(err => { throw ioError(err, `removing the cache file ${f.name}`) })
       await discard()
       return files
@@ -239,6 +239,16 @@ async function cacheStore (dir: string): Promise<Store> {
     keep: async () => [],
     discard,
   }
+}
+
+/** Creates the files; if one cannot be, those that were are closed again (the caller removes the directory). */
+async function cacheFiles (wanted: Array<{ device: DeviceInfo, dir: string, name: string, mode: number }>): Promise<Array<{ disk: CacheDisk, name: string }>> {
+  const made = await Promise.allSettled(wanted.map(async w => await cacheFile(w.dir, w.name, w.device, w.mode)))
+  const failed = made.find((m): m is PromiseRejectedResult => m.status === 'rejected')
+  const files = made.flatMap(m => m.status === 'fulfilled' ? [m.value] : [])
+  if (failed === undefined) return files
+  await Promise.allSettled(files.map(async f => await f.disk.file.close()))
+  throw failed.reason
 }
 
 async function cacheFile (dir: string, name: string, device: DeviceInfo, mode: number): Promise<{ disk: CacheDisk, name: string }> {
