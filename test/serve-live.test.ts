@@ -100,7 +100,7 @@ t.test('compressed archives and stdin: qemu-img convert, nbdcopy and nbdinfo --m
 
 t.test('live: the first cluster is served long before the archive is in, the last right after it arrives', async t => {
   const dir = tempDir(t)
-  const device = { id: 1, name: 'drive-virtio0', size: 6 * 1048576, data: makeDisk(new Rng(162), 6 * 1048576) }
+  const device = { id: 1, name: 'drive-virtio0', size: 10 * 1048576, data: makeDisk(new Rng(162), 10 * 1048576) }
   const { archive, lastExtent } = orderedArchive(device)
   const socket = join(dir, 'sock')
   // A read that waits for the pass longer than the idle timeout does not make its client idle.
@@ -117,7 +117,7 @@ t.test('live: the first cluster is served long before the archive is in, the las
   await disk.close()
   t.same(first, device.data.subarray(0, 65536), 'the first cluster is correct')
   t.ok(writtenThen < archive.length / 10, `and it came before 10% of the archive was written (${writtenThen} of ${archive.length} bytes)`)
-  feeder.rate = 4 << 20
+  feeder.rate = 8 << 20
   await fed
   const lastAt = device.size - 65536
   const last = qemuIoRead(uri, lastAt, 65536)
