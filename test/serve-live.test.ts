@@ -255,3 +255,27 @@ t.test('the cache leaves nothing behind; --cache and --keep together are refused
   const both = await sh(`${vmaCmd} serve ${q(fx.archive)}.gz --socket ${q(join(dir, 's2'))} --cache ${q(cache)} --keep ${q(join(dir, 'k'))}`)
   exits(t, both, 2, '--cache with --keep is a usage error')
 })
+
+t.test('a .vma.zst cut short, read in one burst: the clusters that came before the cut are served, the rest fail', async t => {
+  const dir = tempDir(t)
+  const fx = writeFixture(dir, multiDeviceSpec(168))
+  const cut = join(dir, 'cut.vma.zst')
+  exits(t, await sh(`zstd -q -c ${q(fx.archive)} | head -c ${Math.floor(statSync(fx.archive).size * 0.7)} > ${q(cut)}`), 0)
+  const socket = join(dir, 'sock')
+  const server = spawnServe(t, [cut, '--socket', socket])
+  const error = await server.waitLog(l => l.level === 50)
+  t.equal(error.code, 'E_COMPRESSED_DATA', 'the log says the compressed stream is cut off')
+  const disk = await openNbdDisk(uriOf(socket, 'drive-scsi0'))
+  const source = readFileSync(fx.sources.get('drive-scsi0') as string)
+  const seen = { served: 0, failed: 0, wrong: 0 }
+  for (let at = 0; at < disk.size; at += 65536) {
+    const buf = Buffer.alloc(Math.min(65536, disk.size - at))
+    const ok = await disk.read(buf, at).then(() => true, () => false)
+    if (!ok) seen.failed++
+    else if (buf.equals(source.subarray(at, at + buf.length))) seen.served++
+    else seen.wrong++
+  }
+  await disk.close()
+  t.ok(seen.served > 0 && seen.failed > 0 && seen.wrong === 0, `some clusters served correctly, the others refused, none wrong (${JSON.stringify(seen)})`)
+  t.equal(await server.stop(), 1, 'the exit status says the archive was damaged')
+})

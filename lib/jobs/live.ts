@@ -92,15 +92,21 @@ export async function openLiveArchive (input: Input, options: LiveOptions = {}):
   const bar = options.progress?.start(input.size)
   const counted: ProgressSink = { add: n => { inputBytes += n; bar?.add(n) } }
   const reader = new VmaReader()
-  let opened: (() => void) | undefined
-  const header = new Promise<void>(resolve => { opened = resolve })
-  const sink = new LiveSink(async info => {
-    files.push(...await store.create(info))
-    opened?.()
-  }, files)
+  // The cache files are made once, by the sink when the header reaches it, or here when the pass failed before it did:
+  // a pass that fails right after the header (a small damaged archive) still serves what it passed.
+  let began: (() => void) | undefined
+  const beginning = new Promise<void>(resolve => { began = resolve })
+  let creating: Promise<void> | undefined
+  const start = async (info: ArchiveInfo): Promise<void> => {
+    began?.()
+    creating ??= store.create(info).then(made => { files.push(...made) })
+    await creating
+  }
+  const sink = new LiveSink(start, files)
   const pass = runRecordPipeline(input.stream, createDecompressor(), reader, sink, { progress: counted, signal: stop.signal })
   try {
-    await Promise.race([header, pass.then(() => { throw new VmapipeError('E_VMA_TRUNCATED', 'the input ended before the header') })])
+    await Promise.race([beginning, pass]).catch(err => { if (reader.info === undefined) throw err })
+    await start(reader.info as ArchiveInfo)
   } catch (err) {
     options.progress?.stop()
     options.signal?.removeEventListener('abort', onAbort)
@@ -121,6 +127,8 @@ export async function openLiveArchive (input: Input, options: LiveOptions = {}):
     return { ok: true, kept: paths, inputBytes, archiveBytes: reader.offset, seconds: (Date.now() - started) / 1000 }
   }).catch(async (err: unknown): Promise<LiveOutcome> => {
     const error = err instanceof VmapipeError ? err : ioError(err, `reading ${name}`)
+    // What reached the sink before the failure is written first, and served.
+    await sink.settled().catch(() => {})
     for (const f of files) f.disk.fail(error)
     // The files stay open (and readable) through their descriptors; nothing stays under a name.
     await store.discard()
@@ -269,21 +277,64 @@ const BATCH = 64
 /**
  * The end of the pass: the header opens the cache files; each batch of
  * records is written (adjacent runs of a file merged into one writev) and
- * only then marked as passed, so that a read never sees a block not yet written.
+ * only then marked as passed, so that a read never sees a block not yet
+ * written. Records wait in a queue of its own (at most two batches), which
+ * is written out even when the pipeline is torn down by a failure upstream:
+ * what reached the sink before a damaged spot is served.
  */
 class LiveSink extends Writable {
   private readonly byId = new Map<number, CacheDisk>()
+  private readonly queue: StreamItem[] = []
+  private draining?: Promise<void>
+  private failure?: Error
+  /** The callback of the write that waits for room in the queue. */
+  private waiting?: () => void
 
   constructor (private readonly start: (info: ArchiveInfo) => Promise<void>, private readonly files: Array<{ disk: CacheDisk }>) {
-    super({ objectMode: true, highWaterMark: BATCH })
-  }
-
-  override _writev (chunks: Array<{ chunk: StreamItem }>, callback: (err?: Error | null) => void): void {
-    this.take(chunks.map(c => c.chunk)).then(() => callback(), callback)
+    super({ objectMode: true, highWaterMark: 1 })
   }
 
   override _write (item: StreamItem, _enc: BufferEncoding, callback: (err?: Error | null) => void): void {
-    this.take([item]).then(() => callback(), callback)
+    if (this.failure !== undefined) { callback(this.failure); return }
+    this.queue.push(item)
+    this.drain()
+    if (this.queue.length < BATCH) callback()
+    else this.waiting = () => callback(this.failure ?? null)
+  }
+
+  override _final (callback: (err?: Error | null) => void): void {
+    this.settled().then(() => callback(), callback)
+  }
+
+  /** Resolves once everything queued is written, also after the pipeline was torn down; rejects if a write failed. */
+  async settled (): Promise<void> {
+    while (this.draining !== undefined) await this.draining
+    if (this.failure !== undefined) throw this.failure
+  }
+
+  private drain (): void {
+    this.draining ??= (async () => {
+      try {
+        while (this.queue.length > 0 && this.failure === undefined) {
+          const items = this.queue.splice(0, BATCH)
+          this.release()
+          await this.take(items)
+        }
+      } catch (err) {
+        this.failure = err as Error
+        this.queue.length = 0
+        this.release()
+        this.destroy(this.failure)
+      } finally {
+        this.draining = undefined
+      }
+    })()
+  }
+
+  private release (): void {
+    const waiting = this.waiting
+    this.waiting = undefined
+    waiting?.()
   }
 
   private async take (items: StreamItem[]): Promise<void> {
