@@ -1,5 +1,5 @@
 /**
- * npm run bench [-- extract|pack|qcow2|parallels|nbd|compression|baseline ...]: vmapipe against real peers, in the
+ * npm run bench [-- extract|pack|qcow2|parallels|nbd|compression|live|baseline ...]: vmapipe against real peers, in the
  * same run, as ratios. BENCH_GIB sets the disk size (default 1), BENCH_DIR the
  * scratch directory (default the system's temporary directory).
  */
@@ -12,10 +12,12 @@ import { benchQcow2 } from './qcow2.js'
 import { benchParallels } from './parallels.js'
 import { benchNbd } from './nbd.js'
 import { benchCompression } from './compression.js'
+import { benchLive } from './live.js'
 import { benchBaseline } from './baseline.js'
 
 const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = {
-  extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression, baseline: benchBaseline,
+  extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression, live: benchLive,
+  baseline: benchBaseline,
 }
 
 const chosen = process.argv.slice(2)

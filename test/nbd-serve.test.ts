@@ -5,7 +5,7 @@
 import t from 'tap'
 import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { cmp, exits, run, sh, q, tempDir, vma, vmaCmd } from './helpers/run.js'
+import { cmp, exits, run, sh, q, tempDir, vma } from './helpers/run.js'
 import { failure } from './helpers/logged.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { startServe } from './helpers/nbd.js'
@@ -129,13 +129,12 @@ t.test('what cannot be served is refused with a clear message', async t => {
   const dir = tempDir(t)
   const fx = writeFixture(dir, multiDeviceSpec(66))
   const sock = join(dir, 'sock')
-  exits(t, await sh(`zstd -q -c ${q(fx.archive)} > ${q(join(dir, 'a.vma.zst'))}`), 0)
+  // Compressed archives and pipes are served (serve-live.test.ts); one that ends inside its header is refused at start.
+  exits(t, await sh(`head -c 5000 ${q(fx.archive)} | zstd -q -c > ${q(join(dir, 'a.vma.zst'))}`), 0)
   const zst = await vma(['serve', join(dir, 'a.vma.zst'), '--socket', sock])
-  exits(t, zst, 2, 'a compressed archive: usage error')
-  t.match(zst.stderr, /compressed with zstd; random access needs an uncompressed archive \(zstd -d /)
-  const piped = await sh(`cat ${q(fx.archive)} | ${vmaCmd} serve /dev/stdin --socket ${q(sock)}`)
-  exits(t, piped, 2, 'a pipe: usage error')
-  t.match(piped.stderr, /not a regular file/)
+  exits(t, zst, 1, 'a compressed archive cut inside its header: invalid input')
+  t.match(zst.stderr, /E_VMA_TRUNCATED/)
+  exits(t, await vma(['serve', '/dev/null', '--socket', sock]), 2, 'a character device: usage error')
   exits(t, await vma(['serve', join(dir, 'missing.vma'), '--socket', sock]), 3, 'a missing source: system error')
   writeFileSync(sock, '')
   const taken = await vma(['serve', fx.archive, '--socket', sock])

@@ -1,6 +1,6 @@
 import { once } from 'node:events'
 import { VmapipeError } from '../errors.js'
-import { EXIT } from './exit.js'
+import { EXIT, exitStatus } from './exit.js'
 import { openExports } from '../jobs/exports.js'
 import { type ListenAddress, NbdServer } from '../nbd/server.js'
 import { type Command, listOption, parseSeconds } from './command.js'
@@ -9,14 +9,21 @@ export const serve: Command = {
   name: 'serve',
   summary: 'serve archives and images read-only over NBD (qemu, nbdcopy, the kernel)',
   help: `Usage: vma serve SOURCE... (--socket PATH | --listen HOST:PORT) [--name NAME]...
+                 [--cache DIR | --keep DIR]
 
 Serves disks read-only over NBD until SIGINT or SIGTERM, to any number of
-clients at once. A SOURCE that is an uncompressed VMA archive gives one
-export per disk, named by its device (drive-scsi0, ...); the archive is
-indexed once at start by reading only its extent headers. Any other SOURCE is
-an image (raw, or a format vmapipe reads), exported under its file name or
-the next --name. Compressed archives and pipes cannot be served: decompress
-to a file first.
+clients at once. A SOURCE that is a VMA archive gives one export per disk,
+named by its device (drive-scsi0, ...). An uncompressed archive file is
+indexed once at start by reading only its extent headers. Any other archive
+(.vma.zst, .vma.lzo, .vma.gz, a pipe, - for stdin) is served as soon as its
+header is read (live restore): one pass reads it front to back, checking it
+as vma verify does, into a sparse cache file per disk; a read of what the
+pass has passed is answered from the cache, a read of what it has not
+reached waits for it. Progress of the pass is logged. If the pass meets a
+damaged or truncated archive, what it passed is still served, reads of the
+rest fail (EIO) and the exit status at the end is that of the damage. Any
+other SOURCE is an image (raw, or a format vmapipe reads), exported under
+its file name or the next --name.
 
 Clients choose the export by name; an empty name is the first export. Holes
 (zero clusters) are reported by NBD_CMD_BLOCK_STATUS (base:allocation) and
@@ -33,10 +40,20 @@ Options:
   --idle-timeout SECS close a connection on which no request arrives and no
                       reply is taken for this long (default 600; 0: never,
                       e.g. for a kernel nbd device that may sit idle)
+  --cache DIR         where a live restore keeps its cache files (default the
+                      temporary directory); they are unlinked at once, so
+                      nothing stays behind; they take at most the disks' data
+  --keep DIR          restore while serving (one archive, even an
+                      uncompressed one): the cache is staged in DIR (new or
+                      empty) and, once the pass is complete, becomes the
+                      restored disks and config blobs, named as vma extract
+                      names them (sparse, synced); after a failed pass
+                      nothing is kept
 
 Examples:
   vma serve backup.vma --socket /run/vma.sock
   qemu-img convert -f raw 'nbd+unix:///drive-scsi0?socket=/run/vma.sock' scsi0.qcow2 -O qcow2
+  zstd -dc backup.vma.zst | vma serve - --socket /run/vma.sock --keep restored
   vma serve disk.raw --name root --listen 127.0.0.1:10809
   nbdinfo --list nbd://127.0.0.1:10809`,
   options: {
@@ -45,6 +62,8 @@ Examples:
     name: { type: 'string', multiple: true },
     'max-connections': { type: 'string' },
     'idle-timeout': { type: 'string' },
+    cache: { type: 'string' },
+    keep: { type: 'string' },
   },
   async run (positionals, values, ctx) {
     if (positionals.length === 0) throw new VmapipeError('E_USAGE', 'missing SOURCE')
@@ -55,7 +74,18 @@ Examples:
     if (maxConnections !== undefined && (!/^\d+$/.test(max as string) || maxConnections < 1)) {
       throw new VmapipeError('E_USAGE', `--max-connections ${max}: expected a whole number, at least 1`)
     }
-    const opened = await openExports(positionals, listOption(values.name) ?? [])
+    const keepDir = values.keep as string | undefined
+    const cacheDir = values.cache as string | undefined
+    if (keepDir !== undefined && cacheDir !== undefined) throw new VmapipeError('E_USAGE', '--keep DIR holds the cache: give --cache or --keep')
+    if (keepDir !== undefined && positionals.length > 1) throw new VmapipeError('E_USAGE', '--keep restores one archive: give one SOURCE')
+    const opened = await openExports(positionals, listOption(values.name) ?? [], {
+      log: ctx.log,
+      signal,
+      ...(keepDir !== undefined ? { keepDir } : {}),
+      ...(cacheDir !== undefined ? { cacheDir } : {}),
+      // One bar for one source; with several the log lines tell each pass's progress.
+      ...(positionals.length === 1 ? { progress: { start: (total?: number) => ctx.progress('pass', total), stop: () => ctx.stopProgress() } } : {}),
+    })
     const idleTimeout = parseSeconds(values['idle-timeout'], '--idle-timeout')
     const server = new NbdServer(opened.exports, {
       log: ctx.log,
@@ -70,6 +100,9 @@ Examples:
     } finally {
       await opened.close()
     }
+    // A pass that met a damaged archive says so in the exit status, once the serving is over; one stopped by the signal does not.
+    const failed = (await Promise.all(opened.live.map(async a => await a.outcome))).find(o => !o.ok && o.error?.code !== 'E_INTERRUPTED')?.error
+    if (failed !== undefined) return exitStatus(failed)
     ctx.done({ exports: opened.exports.length }, 'server stopped', 'server stopped')
     return EXIT.OK
   },

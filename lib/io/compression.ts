@@ -26,7 +26,7 @@ const MAGICS: Array<[Exclude<Compression, 'none'>, Buffer]> = [
   ['lzo', Buffer.from([0x89, 0x4c, 0x5a, 0x4f, 0x00, 0x0d, 0x0a, 0x1a, 0x0a])],
 ]
 /** Enough bytes to tell every magic apart. */
-const DETECT_BYTES = 9
+export const DETECT_BYTES = 9
 const CHUNK = 1 << 20
 
 export function detectCompression (head: Buffer): Compression {

@@ -1,14 +1,17 @@
 /**
  * What `vma serve` exports: every disk of an uncompressed VMA archive, named
- * by its device, through an index of the archive; and images (raw or any
- * registered format, backing chains followed), named by file name or as given.
+ * by its device, through an index of the archive; of any other archive
+ * (compressed, a pipe, stdin) through a live restore (jobs/live.ts); and
+ * images (raw or any registered format, backing chains followed), named by
+ * file name or as given.
  */
 import { stat } from 'node:fs/promises'
 import { basename } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
 import { disksOf } from './archive.js'
-import { detectCompression } from '../io/compression.js'
-import { readHead } from '../io/input.js'
+import { DETECT_BYTES, detectCompression } from '../io/compression.js'
+import { openInput, readHead } from '../io/input.js'
+import { type LiveArchive, type LiveOptions, openLiveArchive } from './live.js'
 import { openImageFile } from './sources.js'
 import { openArchiveIndex } from '../vma/archive-index.js'
 import { VMA_MAGIC } from '../vma/format.js'
@@ -18,33 +21,41 @@ export interface OpenedExports {
   exports: NbdExport[]
   /** Closes every disk (after the server has stopped). */
   close: () => Promise<void>
+  /** The archives served while a pass reads them. */
+  live: LiveArchive[]
 }
 
 /**
- * Opens `paths` for serving. `names` go to the images among them, in order;
- * images without one are named by file name.
+ * Opens `paths` (`-`: stdin) for serving. `names` go to the images among
+ * them, in order; images without one are named by file name. An archive that
+ * cannot be indexed is read by a live pass with `live`; with `live.keepDir`
+ * every archive is (the pass is what restores it).
  */
-export async function openExports (paths: string[], names: string[] = []): Promise<OpenedExports> {
+export async function openExports (paths: string[], names: string[] = [], live: LiveOptions = {}): Promise<OpenedExports> {
   const exports: NbdExport[] = []
+  const passes: LiveArchive[] = []
   const close = async (): Promise<void> => { await Promise.allSettled(exports.map(async e => await e.disk.close())) }
   const left = [...names]
   try {
-    for (const path of paths) exports.push(...await openSource(path, left))
+    for (const path of paths) exports.push(...await openSource(path, left, live, passes))
     if (left.length > 0) throw new VmapipeError('E_OPTION', `more export names than images: ${left.join(', ')}`, { option: 'names' })
   } catch (err) {
     await close()
     throw err
   }
-  return { exports, close }
+  return { exports, close, live: passes }
 }
 
-async function openSource (path: string, names: string[]): Promise<NbdExport[]> {
+async function openSource (path: string, names: string[], live: LiveOptions, passes: LiveArchive[]): Promise<NbdExport[]> {
+  if (path === '-') return await openLive(path, live, passes)
   const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
+  if (st.isFIFO()) return await openLive(path, live, passes)
   // Directories go on: image bundles are directories.
-  if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) throw new VmapipeError('E_NOT_SEEKABLE', `${path} is not a regular file; serving needs random access (copy a pipe to a file first)`)
-  const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, VMA_MAGIC.length)
-  // Compressed files go to the index too, which says how to unpack them.
-  if (head.equals(VMA_MAGIC) || detectCompression(head) !== 'none') {
+  if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) throw new VmapipeError('E_NOT_SEEKABLE', `${path} is neither a file, a pipe nor a directory`)
+  const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, DETECT_BYTES)
+  const vma = head.subarray(0, VMA_MAGIC.length).equals(VMA_MAGIC)
+  if (detectCompression(head) !== 'none' || (vma && live.keepDir !== undefined)) return await openLive(path, live, passes)
+  if (vma) {
     const index = await openArchiveIndex(path)
     const exports = disksOf(index.info.devices).map(d => ({ name: d.name, description: `${d.name} of ${basename(path)} (${index.info.uuid})`, disk: index.disk(d) }))
     // The disks keep the archive open; the index itself is no longer needed.
@@ -54,4 +65,12 @@ async function openSource (path: string, names: string[]): Promise<NbdExport[]> 
   const name = names.shift() ?? basename(path)
   const { format, disk } = await openImageFile(path)
   return [{ name, description: `${format} image ${basename(path)}`, disk }]
+}
+
+async function openLive (path: string, live: LiveOptions, passes: LiveArchive[]): Promise<NbdExport[]> {
+  if (live.keepDir !== undefined && passes.length > 0) throw new VmapipeError('E_OPTION', 'one archive at a time can be restored into a directory', { option: 'keepDir' })
+  const input = openInput(path)
+  const archive = await openLiveArchive(input, live)
+  passes.push(archive)
+  return archive.disks.map(disk => ({ name: disk.device.name, description: `${disk.device.name} of ${input.name} (${archive.info.uuid}), live`, disk }))
 }

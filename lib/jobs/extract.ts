@@ -212,7 +212,7 @@ function pickOneDisk (devices: DeviceInfo[], names: string[] | undefined, destin
 }
 
 /** Config blobs must not take a disk's name; all names were checked safe by the reader. */
-function checkClashes (info: ArchiveInfo, diskNames: string[]): void {
+export function checkClashes (info: ArchiveInfo, diskNames: string[]): void {
   const taken = new Set(diskNames)
   for (const c of info.configs) {
     if (taken.has(c.name)) throw new VmapipeError('E_NAME_CLASH', `config blob ${c.name} has the name of a disk file`)
@@ -227,7 +227,7 @@ const NAME_MAX = 255
  * a file name (written by a tool that does not limit them, as Proxmox's own
  * vma create does not); one disk can still go to stdout.
  */
-function checkFileNames (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: { names: string[] } }>): void {
+export function checkFileNames (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: { names: string[] } }>): void {
   const tooLong = (name: string): boolean => Buffer.byteLength(name) > NAME_MAX
   for (const { device, output } of disks) {
     const name = output.names.find(tooLong)
@@ -250,7 +250,7 @@ const STAGING = '.vmapipe-partial-'
  * run can tell a dead run's staging from a live one's, and whether that run
  * created the target ('n', new) or was let into an existing one ('e').
  */
-function stagingPrefix (created: boolean): string {
+export function stagingPrefix (created: boolean): string {
   return `${STAGING}${ownerTag}-${created ? 'n' : 'e'}`
 }
 
@@ -263,7 +263,7 @@ function stagingPrefix (created: boolean): string {
  * `force`. Returns whether the target is this run's to remove on failure,
  * and the stale staging removed.
  */
-async function prepareTarget (dir: string, force: boolean): Promise<{ created: boolean, removedStale: string[] }> {
+export async function prepareTarget (dir: string, force: boolean): Promise<{ created: boolean, removedStale: string[] }> {
   try {
     await mkdir(dir)
     return { created: true, removedStale: [] }

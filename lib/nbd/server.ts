@@ -272,6 +272,8 @@ class Connection {
   private readonly timer: NodeJS.Timeout
   /** When a request last arrived or the socket last took a reply (ms, monotonic). */
   private active = performance.now()
+  /** Reads waiting on the disk: a disk that is still arriving (a live restore) may keep one waiting for long; the client is not idle. */
+  private reading = 0
   private idleTimer?: NodeJS.Timeout
 
   constructor (
@@ -365,10 +367,10 @@ class Connection {
     if (this.idleTimeout <= 0 || this.closed) return
     this.idleTimer = setTimeout(() => {
       const idle = performance.now() - this.active
-      if (idle >= this.idleTimeout) {
+      if (idle >= this.idleTimeout && this.reading === 0) {
         this.fail(`idle for ${Math.round(idle / 1000)} s (no request, no reply taken; the idle timeout is ${this.idleTimeout / 1000} s)`)
       } else this.watchIdle()
-    }, Math.min(2 ** 31 - 1, this.active + this.idleTimeout - performance.now()))
+    }, Math.min(2 ** 31 - 1, this.reading > 0 ? 1000 : this.active + this.idleTimeout - performance.now()))
     this.idleTimer.unref()
   }
 
@@ -640,11 +642,15 @@ class Connection {
   private async readHeld (disk: RandomAccessDisk, offset: number, length: number): Promise<Buffer> {
     await this.hold(length)
     const buf = this.server.buffers.take(length)
+    this.reading++
     try {
       await disk.read(buf, offset)
     } catch (err) {
       this.done(buf)
       throw err
+    } finally {
+      this.reading--
+      this.active = performance.now()
     }
     this.bytesSent += length
     return buf
