@@ -34,7 +34,7 @@ async function interleaved (n: number, scripts: string[], after?: () => void): P
     for (const [k, script] of scripts.entries()) {
       const r = await timedCpu(script)
       after?.()
-      if (top[k] === undefined || r.seconds < (top[k] as Run).seconds) top[k] = r
+      if (top[k] === undefined || r.seconds < top[k].seconds) top[k] = r
     }
   }
   return top as Run[]

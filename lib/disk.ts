@@ -97,7 +97,7 @@ export function checkpoint (signal?: AbortSignal): () => Promise<void> {
  * gigabyte, and shrinks when a call is slow, so that signals are seen.
  */
 export async function mappedBytes<T extends { length: number }> (
-  map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean, signal?: AbortSignal,
+  map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean, signal?: AbortSignal
 ): Promise<number> {
   const pause = checkpoint(signal)
   let bytes = 0
@@ -172,7 +172,7 @@ export function diskRecords (disk: RandomAccessDisk, device: number, options: Di
     waiting = true
     head.then(records => {
       if (stream.destroyed) return
-      batches.shift()
+      void batches.shift()
       waiting = false
       let more = true
       for (const r of records) more = stream.push(r)

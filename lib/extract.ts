@@ -180,7 +180,7 @@ async function copyFileTo (path: string, output: Writable): Promise<number> {
  * export at least as large: data written, zero blocks zeroed.
  */
 export async function extractToNbd (
-  input: Readable, target: NbdAddress | string, options: ExtractOptions & { nbdTimeout?: number } = {},
+  input: Readable, target: NbdAddress | string, options: ExtractOptions & { nbdTimeout?: number } = {}
 ): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
   let writer: NbdDiskWriter | undefined
   const result = await extractOneDisk(input, options, 'an NBD export', async device => {

@@ -5,7 +5,6 @@ import { exits, run, tempDir, vma } from './helpers/run.js'
 import { startQemuNbd } from './helpers/nbd.js'
 import { writeJob } from './helpers/fixtures.js'
 
-
 t.test('an incremental job: the whole disk first, then overlays of what the dirty bitmap marks', async t => {
   const dir = tempDir(t)
   const target = join(dir, 'dump')

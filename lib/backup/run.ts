@@ -270,4 +270,3 @@ async function prune (job: BackupJob, task: TaskLog): Promise<{ pruned: string[]
   }
   return { pruned, failures }
 }
-

@@ -2,7 +2,7 @@ import { basename } from 'node:path'
 import { COMPRESSIONS, type Compression, compressionForName } from '../io/compression.js'
 import { openOutput } from '../io/output.js'
 import { packArchive, readConfigFiles } from '../pack.js'
-import { DISK_FORMATS, type DiskFormat, type DiskSpec, closeDisks, openDisks } from '../sources.js'
+import { DISK_FORMATS, type DiskSpec, closeDisks, openDisks } from '../sources.js'
 import { EXIT, VmapipeError } from '../errors.js'
 import { type Command, expectPositionals, parseSeconds, parseSize } from './command.js'
 import { type CliContext, refuseTerminal } from './context.js'
@@ -159,7 +159,7 @@ export function parseDiskSpec (text: string): DiskSpec {
     if (key === 'size') spec.size = parseSize(value, `-d ${text}`)
     else if (key === 'backing') spec.backing = value
     else if (key === 'dirty-bitmap') spec.dirtyBitmap = value
-    else if ((DISK_FORMATS as readonly string[]).includes(value)) spec.format = value as DiskFormat
+    else if ((DISK_FORMATS as readonly string[]).includes(value)) spec.format = value
     else throw new VmapipeError('E_USAGE', `-d ${text}: unknown format ${value} (known: ${DISK_FORMATS.join(', ')})`)
   }
   return spec

@@ -96,7 +96,7 @@ function textReport (name: string, report: VerifyReport, t: Totals, verbose: boo
     `extents   ${t.extents}`,
     `clusters  ${t.clusters} present (${t.zeroClusters} all zero), ${t.missingClusters} missing`,
     `blocks    ${t.dataBlocks} with data (${formatBytes(t.dataBytes)}), ${t.zeroBlocks} zero`,
-    `bytes     ${t.archiveBytes} archive bytes read`,
+    `bytes     ${t.archiveBytes} archive bytes read`
   )
   if (verbose) {
     for (const d of report.devices) {

@@ -204,7 +204,8 @@ export class NbdClient {
     try {
       await new Promise<void>((resolve, reject) => {
         socket.once('connect', resolve)
-        socket.once('close', () => reject(client.failure))
+        // The constructor's 'close' listener, registered first, has set the failure.
+        socket.once('close', () => reject(client.failure as Error))
         socket.once('error', (err: NodeJS.ErrnoException) => reject(new VmapipeError('E_NBD_CONNECT', `cannot connect to ${client.where}: ${err.code ?? err.message}`, { cause: err })))
       })
       await client.handshake(address.export, options.contexts ?? [])
@@ -320,8 +321,8 @@ export class NbdClient {
     const wrong = !power(minimum) || minimum > MAX_MINIMUM_BLOCK
       ? `a minimum block size of ${minimum} (a power of 2 up to ${MAX_MINIMUM_BLOCK})`
       : !power(preferred) || preferred < Math.max(minimum, 512)
-        ? `a preferred block size of ${preferred} (a power of 2, at least 512 and the minimum ${minimum})`
-        : maximum < preferred ? `a maximum payload of ${maximum} (at least the preferred block size ${preferred})` : undefined
+          ? `a preferred block size of ${preferred} (a power of 2, at least 512 and the minimum ${minimum})`
+          : maximum < preferred ? `a maximum payload of ${maximum} (at least the preferred block size ${preferred})` : undefined
     if (wrong !== undefined) throw this.violation(`NBD_INFO_BLOCK_SIZE gives ${wrong}`)
     this.minimumBlock = minimum
     // Whole minimum blocks: requests must be multiples of it.

@@ -276,7 +276,7 @@ class Connection {
 
   constructor (
     private readonly server: NbdServer, private readonly socket: Socket, private readonly log: ServerLog,
-    handshakeTimeout: number, private readonly idleTimeout: number,
+    handshakeTimeout: number, private readonly idleTimeout: number
   ) {
     socket.setNoDelay(true)
     socket.on('data', (chunk: Buffer) => {

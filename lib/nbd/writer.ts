@@ -84,7 +84,7 @@ export class NbdDiskWriter implements DiskWriter {
   }
 
   async finish (): Promise<void> {
-    this.submit()
+    void this.submit()
     await Promise.allSettled([...this.submitted])
     if (this.failure !== undefined) throw this.failure
     if (this.can(TRANSMISSION_FLAG.SEND_FLUSH)) await this.client.flush()

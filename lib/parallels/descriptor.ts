@@ -215,7 +215,7 @@ export function buildDescriptor (d: DiskDescriptor): string {
   ])
   root[':@'] = { '@_Version': '1.0' }
   const declaration = { '?xml': [{ '#text': '' }], ':@': { '@_version': '1.0', '@_encoding': 'UTF-8' } }
-  return (new XMLBuilder({ ...OPTIONS, format: true, indentBy: '  ' }).build([declaration, root]) as string).trimEnd() + '\n'
+  return new XMLBuilder({ ...OPTIONS, format: true, indentBy: '  ' }).build([declaration, root]).trimEnd() + '\n'
 }
 
 /**
@@ -238,7 +238,7 @@ export function addSnapshotImage (xml: string, image: DescriptorImage, where: st
   const topGuid = elements(snapshots, 'TopGUID')[0]
   if (topGuid !== undefined) topGuid.TopGUID = [{ '#text': image.guid }]
   else prepend(snapshots, el('TopGUID', image.guid))
-  const out = new XMLBuilder({ ...OPTIONS, format: false, suppressEmptyNode: false }).build(tree) as string
+  const out = new XMLBuilder({ ...OPTIONS, format: false, suppressEmptyNode: false }).build(tree)
   // The builder rewrites the prolog (declaration quotes, blanks); keep the original's.
   const prolog = (text: string): string => /^[\s\S]*?(?=<Parallels_disk_image[\s>])/.exec(text)?.[0] ?? ''
   return prolog(xml) + out.slice(prolog(out).length) + (/\s*$/.exec(xml)?.[0] ?? '')

@@ -34,7 +34,7 @@ export class ParallelsImage implements RandomAccessDisk {
     readonly path: string,
     readonly header: ParallelsHeader,
     bat: Uint32Array,
-    readonly extension: FormatExtension | undefined,
+    readonly extension: FormatExtension | undefined
   ) {
     this.size = header.sectors * SECTOR_SIZE
     this.clusterSize = clusterSize(header)
@@ -177,7 +177,7 @@ export class ParallelsBitmap implements DirtyBitmap {
     private readonly feature: BitmapFeature,
     private readonly diskSize: number,
     private readonly clusterBytes: number,
-    private readonly readAt: (buf: Buffer, position: number) => Promise<void>,
+    private readonly readAt: (buf: Buffer, position: number) => Promise<void>
   ) {
     this.id = feature.id
     this.granularity = feature.granularity * SECTOR_SIZE

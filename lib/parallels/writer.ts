@@ -69,7 +69,7 @@ export class ParallelsWriter implements DiskWriter {
     private readonly size: number,
     readonly header: ParallelsHeader,
     private readonly queue: WriteQueue,
-    private readonly base?: RandomAccessDisk,
+    private readonly base?: RandomAccessDisk
   ) {
     this.bat = new Uint32Array(header.batEntries)
     this.clusterBytes = header.tracks * SECTOR_SIZE
@@ -174,8 +174,9 @@ export class ParallelsWriter implements DiskWriter {
 
   async finish (): Promise<void> {
     if (this.base !== undefined) await this.fillFromBase(this.base)
-    this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
-    this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
+    // completeFile drains the queue, so the waits these two hand back need no await.
+    void this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
+    void this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
     await completeFile(this.queue, this.file, this.next * this.clusterBytes, this.path)
   }
 

@@ -67,7 +67,7 @@ export class Qcow2Image implements RandomAccessDisk {
     /** The L1 table, decoded and checked once: each L2 table's offset, 0 for none. */
     private readonly l2Offsets: Float64Array,
     private readonly data: Opened | undefined,
-    readonly backing: RandomAccessDisk | undefined,
+    readonly backing: RandomAccessDisk | undefined
   ) {
     this.size = header.size
     this.clusterSize = 2 ** header.clusterBits
@@ -361,4 +361,3 @@ async function openBacking (path: string, format: string | undefined, seen: Set<
   }
   return await RawImage.open(path)
 }
-

@@ -63,7 +63,7 @@ export class Qcow2FileWriter implements DiskWriter {
     private readonly size: number,
     private readonly queue: WriteQueue,
     private readonly options: Qcow2WriterOptions,
-    private readonly data?: RawFileWriter,
+    private readonly data?: RawFileWriter
   ) {}
 
   /** Creates `path` (which must not exist) for a disk of `size` bytes. */

@@ -18,7 +18,7 @@ export class RawFileWriter implements DiskWriter {
     private readonly file: FileHandle,
     private readonly path: string,
     private readonly size: number,
-    private readonly queue: WriteQueue,
+    private readonly queue: WriteQueue
   ) {}
 
   /** Creates `path` (which must not exist) for a device of `size` bytes. */
