@@ -202,11 +202,15 @@ export function dirtyRecords (disk: RandomAccessDisk, id: string, device: number
   if (bitmap === undefined) {
     throw new VmapipeError('E_NOT_FOUND', `the disk has no dirty bitmap ${id} (it has ${bitmaps.map(b => b.id).join(', ') || 'none'})`)
   }
-  const dirty = async (offset: number, length: number): Promise<Extent[]> => (await bitmap.map(offset, length)).map(r => ({ offset: r.offset, length: r.length, data: r.dirty }))
+  const dirty = async (offset: number, length: number): Promise<Extent[]> =>
+    (await bitmap.map(offset, length)).map(r => ({ offset: r.offset, length: r.length, data: r.dirty }))
   return diskRecords(disk, device, { ...options, extents: dirty, skipUnread: true })
 }
 
-async function recordsAt (disk: RandomAccessDisk, extents: NonNullable<DiskRecordsOptions['extents']>, device: number, first: number, offset: number, length: number, options: DiskRecordsOptions): Promise<ClusterRecord[]> {
+async function recordsAt (
+  disk: RandomAccessDisk, extents: NonNullable<DiskRecordsOptions['extents']>, device: number, first: number, offset: number, length: number,
+  options: DiskRecordsOptions
+): Promise<ClusterRecord[]> {
   const count = Math.ceil(length / CLUSTER_SIZE)
   const skipped = (i: number): boolean => options.skip?.has(first + i) === true
   if (options.skip !== undefined && Array.from({ length: count }, (_, i) => i).every(skipped)) return []

@@ -27,7 +27,10 @@ export { type ProgressSink } from './io/progress.js'
 export { readArchiveInfo, verifyArchive, runRecordPipeline, findDevices, disksOf, type ReadOptions, type VerifyReport } from './archive.js'
 export { extractToDirectory, extractToStream, extractToNbd, type ExtractOptions, type ExtractToDirOptions, type ExtractResult } from './extract.js'
 export { diskOutput, OUTPUT_FORMATS, type OutputFormat, type OutputOptions, type DiskOutput } from './formats.js'
-export { diskRecords, dirtyRecords, describeBitmaps, type RandomAccessDisk, type Extent, type DirtyBitmap, type DiskDescription, type StreamedImage, type DiskRecordsOptions } from './disk.js'
+export {
+  diskRecords, dirtyRecords, describeBitmaps,
+  type RandomAccessDisk, type Extent, type DirtyBitmap, type DiskDescription, type StreamedImage, type DiskRecordsOptions,
+} from './disk.js'
 export { openImageFile } from './sources.js'
 export { describeImage } from './info.js'
 export { RawImage } from './raw/image.js'

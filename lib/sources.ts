@@ -251,7 +251,8 @@ function openRaw (spec: DiskSpec, input: Input): DiskSource {
     path: spec.path,
     format: 'raw',
     size,
-    records: async (device, progress) => chain(input.stream, ...(progress ? [await counter(progress)] : []), new RawReader({ id: device, name: spec.name, size })),
+    records: async (device, progress) =>
+      chain(input.stream, ...(progress ? [await counter(progress)] : []), new RawReader({ id: device, name: spec.name, size })),
     close: () => { input.stream.destroy() },
   }
 }

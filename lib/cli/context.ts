@@ -167,9 +167,12 @@ export class CliContext {
   /** What a person can do about an error with this code, if we know. */
   hint (code: string): string | undefined {
     if (code === 'E_USAGE') return `${this.program === 'vma' ? `vma ${this.command}` : this.program} --help shows the usage`
-    if (code === 'E_NOT_FOUND' && (this.command === 'extract' || this.command === 'config')) return 'vma list ARCHIVE shows the devices and config blobs it holds'
+    if (code === 'E_NOT_FOUND' && (this.command === 'extract' || this.command === 'config')) {
+      return 'vma list ARCHIVE shows the devices and config blobs it holds'
+    }
     if (code === 'E_INPUT_FORMAT') {
-      return `to pack the bytes as they are: ${this.program === 'vma' ? (this.command === 'info' ? '--format raw' : '-d format=raw:NAME=PATH') : '--format raw'}`
+      const flag = this.program === 'vma' && this.command !== 'info' ? '-d format=raw:NAME=PATH' : '--format raw'
+      return `to pack the bytes as they are: ${flag}`
     }
     return HINTS[code]
   }

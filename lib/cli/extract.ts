@@ -91,7 +91,9 @@ Examples:
     const [archive, target = '-'] = positionals
     const devices = listOption(values.drive)
     const format = (values.format as string | undefined) ?? 'raw'
-    if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
+    if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) {
+      throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
+    }
     const clusterSize = parseSize(values['cluster-size'], '--cluster-size')
     if (clusterSize !== undefined) {
       if (!format.startsWith('parallels')) throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
@@ -109,7 +111,10 @@ Examples:
     if (to !== undefined) {
       const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
       const result = await extractToNbd(input.stream, to, { ...common, ...(nbdTimeout !== undefined ? { nbdTimeout } : {}) })
-      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, to, dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes }, 'disk written to the NBD export',
+      ctx.done({
+        archive: input.name, device: result.device.name, bytes: result.device.size, to,
+        dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes,
+      }, 'disk written to the NBD export',
         `${result.device.name} (${formatBytes(result.device.size)}) written to ${to}`)
       return EXIT.OK
     }
@@ -126,7 +131,9 @@ Examples:
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),
       })
-      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes }, 'disk written to stdout',
+      ctx.done({
+        archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes,
+      }, 'disk written to stdout',
         `${result.device.name} (${formatBytes(result.device.size)}) written to stdout`)
       return EXIT.OK
     }

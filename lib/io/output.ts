@@ -165,7 +165,8 @@ export async function openOutput (path: string, options: { force?: boolean } = {
  * replace it. Where hard links are not to be had, a check and a rename.
  */
 async function linkInPlace (temp: string, path: string): Promise<void> {
-  const taken = (): VmapipeError => new VmapipeError('E_TARGET_EXISTS', `${path} was created by someone else while this run wrote it (use --force to replace it)`)
+  const taken = (): VmapipeError =>
+    new VmapipeError('E_TARGET_EXISTS', `${path} was created by someone else while this run wrote it (use --force to replace it)`)
   try {
     await link(temp, path)
   } catch (err) {

@@ -41,12 +41,16 @@ export async function openExports (paths: string[], names: string[] = []): Promi
 async function openSource (path: string, names: string[]): Promise<NbdExport[]> {
   const st = await stat(path).catch(err => { throw ioError(err, `cannot open ${path}`) })
   // Directories go on: image bundles are directories.
-  if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) throw new VmapipeError('E_USAGE', `${path} is not a regular file; serving needs random access (copy a pipe to a file first)`)
+  if (!st.isFile() && !st.isBlockDevice() && !st.isDirectory()) {
+    throw new VmapipeError('E_USAGE', `${path} is not a regular file; serving needs random access (copy a pipe to a file first)`)
+  }
   const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, VMA_MAGIC.length)
   // Compressed files go to the index too, which says how to unpack them.
   if (head.equals(VMA_MAGIC) || detectCompression(head) !== 'none') {
     const index = await openVmaIndex(path)
-    const exports = disksOf(index.info.devices).map(d => ({ name: d.name, description: `${d.name} of ${basename(path)} (${index.info.uuid})`, disk: index.disk(d) }))
+    const exports = disksOf(index.info.devices).map(d => ({
+      name: d.name, description: `${d.name} of ${basename(path)} (${index.info.uuid})`, disk: index.disk(d),
+    }))
     // The disks keep the archive open; the index itself is no longer needed.
     await index.close()
     return exports

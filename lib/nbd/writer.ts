@@ -41,7 +41,9 @@ export class NbdDiskWriter implements DiskWriter {
     const client = await NbdClient.connect(target, options)
     try {
       if ((client.flags & TRANSMISSION_FLAG.READ_ONLY) !== 0) throw new VmapipeError('E_USAGE', `${client.where} is read-only`)
-      if (client.size < device.size) throw new VmapipeError('E_USAGE', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
+      if (client.size < device.size) {
+        throw new VmapipeError('E_USAGE', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
+      }
       const writer = new NbdDiskWriter(client, device)
       await writer.zeroAll()
       return writer

@@ -126,12 +126,15 @@ function numberOf (children: XmlNode[], name: string, where: string, path: strin
 
 function guidOf (children: XmlNode[], name: string, where: string, path: string): string {
   const text = textOf(only(children, name, where, path))
-  if (!/^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$/i.test(text)) throw fail(where, `<${name}> in ${path} is "${clip(text)}", not a GUID in braces`)
+  if (!/^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$/i.test(text)) {
+    throw fail(where, `<${name}> in ${path} is "${clip(text)}", not a GUID in braces`)
+  }
   return text.toLowerCase()
 }
 
 function rootOf (tree: XmlNode[], where: string): XmlNode {
-  const root = only(tree.filter(n => !tagOf(n).startsWith('?') && tagOf(n) !== '#comment' && tagOf(n) !== '#text'), 'Parallels_disk_image', where, 'the document')
+  const root = only(tree.filter(n => !tagOf(n).startsWith('?') && tagOf(n) !== '#comment' && tagOf(n) !== '#text'),
+    'Parallels_disk_image', where, 'the document')
   const version = (root[':@'] as Record<string, string> | undefined)?.['@_Version']
   if (version !== '1.0') throw fail(where, `Parallels_disk_image Version is ${version === undefined ? 'missing' : `"${clip(version)}"`}, only 1.0 is known`)
   return root
@@ -159,7 +162,9 @@ function describe (root: XmlNode, where: string): DiskDescriptor {
         if (type !== 'Plain' && type !== 'Compressed') throw fail(where, `<Type> in ${at} is "${clip(type)}", neither Plain nor Compressed`)
         const file = textOf(only(fields, 'File', where, at))
         if (file === '' || file.includes('\0')) throw fail(where, `<File> in ${at} is empty or holds NUL`)
-        if (Buffer.byteLength(file) > PATH_MAX) throw fail(where, `<File> in ${at} is ${Buffer.byteLength(file)} bytes, longer than a path can be (${PATH_MAX})`)
+        if (Buffer.byteLength(file) > PATH_MAX) {
+          throw fail(where, `<File> in ${at} is ${Buffer.byteLength(file)} bytes, longer than a path can be (${PATH_MAX})`)
+        }
         return { guid: guidOf(fields, 'GUID', where, at), type: type as DescriptorImage['type'], file }
       }),
     }

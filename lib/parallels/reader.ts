@@ -39,7 +39,8 @@ export class ParallelsImage implements RandomAccessDisk {
     this.size = header.sectors * SECTOR_SIZE
     this.clusterSize = clusterSize(header)
     this.bat = visibleBat(header, bat)
-    this.bitmaps = (extension?.bitmaps ?? []).map(b => new ParallelsBitmap(b, this.size, this.clusterSize, async (buf, at) => { await readFully(file, buf, at, path) }))
+    this.bitmaps = (extension?.bitmaps ?? []).map(b =>
+      new ParallelsBitmap(b, this.size, this.clusterSize, async (buf, at) => { await readFully(file, buf, at, path) }))
   }
 
   /** Opens and checks `path`: header, every BAT entry, the Format Extension and its bitmaps' tables. */
@@ -145,7 +146,9 @@ async function readExtension (file: FileHandle, h: ParallelsHeader, sortedBat: U
   const claim = (offset: number, what: string, at: number): void => {
     checkHostCluster(h, offset, fileSize, what, where, 'E_PARALLELS_EXTENSION', at)
     const entry = offset / entryUnit(h)
-    if (used.has(offset) || binarySearch(sortedBat, entry)) throw new VmapipeError('E_PARALLELS_EXTENSION', `${where}: ${what} points to byte ${offset}, a cluster used already`, { offset: at })
+    if (used.has(offset) || binarySearch(sortedBat, entry)) {
+      throw new VmapipeError('E_PARALLELS_EXTENSION', `${where}: ${what} points to byte ${offset}, a cluster used already`, { offset: at })
+    }
     used.add(offset)
   }
   const at = h.extOff * SECTOR_SIZE
@@ -245,7 +248,10 @@ export async function streamParallels (input: Readable, where: string): Promise<
   const header = parseHeader(await peek(input, HEADER_SIZE), where)
   if (clusterSize(header) % CLUSTER_SIZE !== 0) return undefined
   const head = await peek(input, batEnd(header))
-  if (head.length < batEnd(header)) throw new VmapipeError('E_PARALLELS_HEADER', `${where}: the input ended at byte ${head.length}, inside the BAT (which ends at byte ${batEnd(header)})`, { offset: head.length })
+  if (head.length < batEnd(header)) {
+    throw new VmapipeError('E_PARALLELS_HEADER', `${where}: the input ended at byte ${head.length}, inside the BAT (which ends at byte ${batEnd(header)})`,
+      { offset: head.length })
+  }
   const bat = visibleBat(header, parseBat(header, head.subarray(HEADER_SIZE), where).bat)
   const order = Uint32Array.from(bat.keys()).filter(i => bat[i] !== 0).sort((a, b) => bat[a] - bat[b])
   return {
@@ -257,7 +263,9 @@ export async function streamParallels (input: Readable, where: string): Promise<
   }
 }
 
-async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32Array, order: Uint32Array, device: number, where: string): AsyncGenerator<ClusterRecord> {
+async function * streamRecords (
+  input: Readable, h: ParallelsHeader, bat: Uint32Array, order: Uint32Array, device: number, where: string
+): AsyncGenerator<ClusterRecord> {
   const size = h.sectors * SECTOR_SIZE
   const perCluster = clusterSize(h) / CLUSTER_SIZE
   const queue = new ByteQueue()
@@ -290,7 +298,9 @@ async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32
   }
   const end = queue.consumed + queue.length
   if (next < order.length) {
-    throw new VmapipeError('E_PARALLELS_BAT', `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`, { offset: batEntryAt(order[next]) })
+    throw new VmapipeError('E_PARALLELS_BAT',
+      `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`,
+      { offset: batEntryAt(order[next]) })
   }
   // Every cluster whole in the input, the last one's part past the disk's end included: the file reader's rule (parseBat).
   const last = order[order.length - 1]

@@ -83,7 +83,10 @@ export class ParallelsWriter implements DiskWriter {
     const sectors = Math.ceil(size / SECTOR_SIZE)
     const tracks = clusterBytes / SECTOR_SIZE
     const batEntries = Math.ceil(sectors / tracks)
-    if (batEntries > MAX_BAT_ENTRIES) throw new VmapipeError('E_LIMIT', `a disk of ${size} bytes needs ${batEntries} clusters of ${clusterBytes} bytes, over the ${MAX_BAT_ENTRIES} a BAT may hold here; use a larger cluster size`)
+    if (batEntries > MAX_BAT_ENTRIES) {
+      throw new VmapipeError('E_LIMIT', `a disk of ${size} bytes needs ${batEntries} clusters of ${clusterBytes} bytes, ` +
+        `over the ${MAX_BAT_ENTRIES} a BAT may hold here; use a larger cluster size`)
+    }
     const { cylinders, heads } = geometry(sectors)
     const header: ParallelsHeader = {
       magic: MAGIC_CLUSTERS,
@@ -210,7 +213,9 @@ export class ParallelsWriter implements DiskWriter {
     }
     const granularity = b.granularity / SECTOR_SIZE
     const granules = Math.ceil(this.header.sectors / granularity)
-    if (b.bits.length * 8 < granules) throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
+    if (b.bits.length * 8 < granules) {
+      throw new VmapipeError('E_USAGE', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
+    }
     const perChunk = this.clusterBytes * 8
     const l1: number[] = []
     for (let first = 0; first < granules; first += perChunk) {

@@ -226,7 +226,8 @@ export class Qcow2Image implements RandomAccessDisk {
     try {
       out = await inflateCluster(compressed, this.clusterSize)
     } catch (err) {
-      throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
+      throw new VmapipeError('E_QCOW2_DATA',
+        `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
     }
     if (out.length !== this.clusterSize) {
       throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} inflates to ${out.length} bytes, not ${this.clusterSize}`, { offset: host })
@@ -327,7 +328,9 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
 
     let data: Opened | undefined
     const refuseReference = (what: string): void => {
-      if (options.standalone === true) throw new VmapipeError('E_USAGE', `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`)
+      if (options.standalone === true) {
+        throw new VmapipeError('E_USAGE', `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`)
+      }
     }
     if ((header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
       refuseReference('data file')

@@ -60,7 +60,8 @@ export async function streamQcow2 (input: Readable, options: { tmpDir?: string }
   const size = diskSize(Number(raw))
   return {
     size,
-    records: async (device, progress) => qcow2StreamRecords(progress ? chain(input, await counter(progress)) : input, { id: device, name: 'stdin', size }, options),
+    records: async (device, progress) =>
+      qcow2StreamRecords(progress ? chain(input, await counter(progress)) : input, { id: device, name: 'stdin', size }, options),
   }
 }
 
