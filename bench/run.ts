@@ -13,7 +13,9 @@ import { benchParallels } from './parallels.js'
 import { benchNbd } from './nbd.js'
 import { benchCompression } from './compression.js'
 
-const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = { extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression }
+const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = {
+  extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression,
+}
 
 const chosen = process.argv.slice(2)
 for (const name of chosen) if (!(name in SUITES)) throw new Error(`no bench ${name} (have: ${Object.keys(SUITES).join(', ')})`)

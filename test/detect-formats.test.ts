@@ -13,7 +13,8 @@ import { PACK_VMA, exits, have, q, run, sh, tempDir, vma } from './helpers/run.j
 import { sameDisk } from './helpers/disk.js'
 import { describeImage, openDisk } from '../lib/index.js'
 
-const pack = async (args: string[], options: Parameters<typeof run>[2] = {}): ReturnType<typeof run> => await run(process.execPath, [PACK_VMA, ...args], options)
+const pack = async (args: string[], options: Parameters<typeof run>[2] = {}): ReturnType<typeof run> =>
+  await run(process.execPath, [PACK_VMA, ...args], options)
 const REFUSED = /"code":"E_INPUT_FORMAT"/
 
 /** [file, shell command that makes it from base.raw, tool it needs] */
