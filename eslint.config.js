@@ -20,6 +20,8 @@ export default [
     },
   },
   {
+    // Typed rules read the whole program through tsconfig.json: they double the lint's CPU time (about 25 s here) and catch
+    // the promises nobody awaits, in the library and in the tests (a t.rejects() without await passes whatever happens).
     files: ['**/*.ts'],
     languageOptions: { parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname } },
     rules: {
