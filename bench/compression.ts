@@ -34,7 +34,7 @@ async function interleaved (n: number, scripts: string[], after?: () => void): P
     for (const [k, script] of scripts.entries()) {
       const r = await timedCpu(script)
       after?.()
-      if (top[k] === undefined || r.seconds < (top[k] as Run).seconds) top[k] = r
+      if (top[k] === undefined || r.seconds < top[k].seconds) top[k] = r
     }
   }
   return top as Run[]
@@ -66,7 +66,8 @@ async function writeCompressibleDisk (path: string, size: number): Promise<void>
 
 const rows: string[][] = []
 function row (job: string, r: Run, bytes: number, peer?: Run, peerName?: string): void {
-  rows.push([job, r.seconds.toFixed(2), r.cpu.toFixed(2), (bytes / MB / r.seconds).toFixed(0), peer ? `${(peer.seconds / r.seconds).toFixed(2)}x ${peerName}` : ''])
+  rows.push([job, r.seconds.toFixed(2), r.cpu.toFixed(2), (bytes / MB / r.seconds).toFixed(0),
+    peer ? `${(peer.seconds / r.seconds).toFixed(2)}x ${peerName}` : ''])
 }
 
 const KINDS = [
@@ -94,7 +95,11 @@ export async function benchCompression (dir: string, gib: number): Promise<void>
     const compressed = join(dir, `a.vma${ext}`)
     await timedCpu(`${pack} ${q(archive)} > ${q(compressed)}`)
     const ratio = (bytes / statSync(compressed).size).toFixed(2)
-    const verify = [`${vma} verify -q ${q(compressed)}`, ...(program ? [`${EXTERNAL} ${vma} verify -q ${q(compressed)}`] : []), `${unpack} ${q(compressed)} | cat > /dev/null`]
+    const verify = [
+      `${vma} verify -q ${q(compressed)}`,
+      ...(program ? [`${EXTERNAL} ${vma} verify -q ${q(compressed)}`] : []),
+      `${unpack} ${q(compressed)} | cat > /dev/null`,
+    ]
     const [ours, theirs, alone] = await interleaved(ROUNDS, verify)
     const peer = program ? alone : theirs
     const peerName = `${kind === 'gzip' ? 'gzip' : program as string} -d | cat`

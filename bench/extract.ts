@@ -33,12 +33,15 @@ export async function benchExtract (dir: string, gib: number): Promise<void> {
   // Built-in zstd, then the zstd program (the path of earlier versions) for comparison.
   for (const [how, env] of [['', ''], [', zstd program', 'VMAPIPE_EXTERNAL_COMPRESSION=1 ']]) {
     table.add(`vma verify archive.zst${how}`, await best(3, `${env}${vma} verify -q ${q(zst)}`), bytes, unzstd, 'zstd -d | cat')
-    table.add(`vma extract archive.zst to a directory${how}`, await best(3, `${env}${vma} extract -q ${q(zst)} ${q(out)}`, clean), bytes, unzstd, 'zstd -d | cat')
+    table.add(`vma extract archive.zst to a directory${how}`,
+      await best(3, `${env}${vma} extract -q ${q(zst)} ${q(out)}`, clean), bytes, unzstd, 'zstd -d | cat')
   }
   rmSync(zst)
 
   // Memory: node itself streaming the file is the floor; then clusters in order and reversed, to stdout.
-  const floor = await timed(`${q(process.execPath)} -e "const s=require('fs').createReadStream(process.argv[1],{highWaterMark:1<<20});s.on('data',()=>{});s.on('end',()=>console.error(JSON.stringify({maxRssKiB:process.resourceUsage().maxRSS})))" ${q(archive)}`)
+  const drain = "const s=require('fs').createReadStream(process.argv[1],{highWaterMark:1<<20});s.on('data',()=>{});" +
+    "s.on('end',()=>console.error(JSON.stringify({maxRssKiB:process.resourceUsage().maxRSS})))"
+  const floor = await timed(`${q(process.execPath)} -e "${drain}" ${q(archive)}`)
   const forward = await timed(`${vma} extract ${q(archive)} - > /dev/null`)
   rmSync(archive)
   process.stderr.write('generating a 2 GiB disk archive in reverse cluster order\n')

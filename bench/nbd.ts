@@ -63,7 +63,8 @@ async function run (dir: string, gib: number, servers: Teardown): Promise<void> 
   const removeOut = (): void => rmSync(join(dir, 'out.raw'))
   const qemuConvert = await best(3, convert(qemuSparse), removeOut)
   table.add('qemu-img convert from qemu-nbd -r (holes as above) to a file', qemuConvert, size)
-  table.add('qemu-img convert from vma serve (VMA archive) to a file', await best(3, convert(fromArchive), removeOut), size, qemuConvert, 'qemu-nbd, same holes')
+  table.add('qemu-img convert from vma serve (VMA archive) to a file',
+    await best(3, convert(fromArchive), removeOut), size, qemuConvert, 'qemu-nbd, same holes')
 
   const local = await best(3, `${packVma} -q ${q(disk)} > /dev/null`)
   table.add('pack-vma disk.raw > /dev/null', local, size)
@@ -82,7 +83,8 @@ async function run (dir: string, gib: number, servers: Teardown): Promise<void> 
   })
   const nbdcopy = await restore(uri => `nbdcopy ${q(disk)} ${q(uri)}`)
   table.add('restore: nbdcopy disk.raw into qemu-nbd (blank qcow2)', nbdcopy, size)
-  table.add('restore: vma extract archive --to qemu-nbd (blank qcow2)', await restore(uri => `${vma} extract -q ${q(archive)} --to ${q(uri)}`), size, nbdcopy, 'nbdcopy')
+  table.add('restore: vma extract archive --to qemu-nbd (blank qcow2)',
+    await restore(uri => `${vma} extract -q ${q(archive)} --to ${q(uri)}`), size, nbdcopy, 'nbdcopy')
   rmSync(target, { force: true })
 
   table.print(`NBD: ${gib} GiB disk, archive ${(statSync(archive).size / MB).toFixed(0)} MB (unix sockets, page cache warm)`)

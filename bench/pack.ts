@@ -49,5 +49,6 @@ export async function benchPack (dir: string, gib: number): Promise<void> {
   rmSync(big)
 
   table.print(`Packing: ${gib} GiB disk`)
-  process.stdout.write(`\npeak RSS of cat 4 GiB | pack-vma | vma extract, MiB: pack-vma ${peakMiB(pipe, 'pack-vma')}, vma extract ${peakMiB(pipe, 'extract')}\n`)
+  process.stdout.write('\npeak RSS of cat 4 GiB | pack-vma | vma extract, MiB: ' +
+    `pack-vma ${peakMiB(pipe, 'pack-vma')}, vma extract ${peakMiB(pipe, 'extract')}\n`)
 }

@@ -27,10 +27,12 @@ export async function benchParallels (dir: string, gib: number): Promise<void> {
   // qemu-img flushes the image when it closes it; sync after it makes both durable, as vma's fsync does.
   const qemu = await best(3, `qemu-img convert -f raw -O parallels ${q(disk)} ${q(image)} && sync ${q(image)}`, clean)
   table.add('qemu-img convert -O parallels disk.raw (1 MiB clusters)', qemu, size)
-  table.add('vma extract --format parallels (1 MiB clusters)', await best(3, `${vma} extract -q ${q(archive)} ${q(out)} --format parallels`, clean), size, qemu, 'qemu-img')
+  table.add('vma extract --format parallels (1 MiB clusters)',
+    await best(3, `${vma} extract -q ${q(archive)} ${q(out)} --format parallels`, clean), size, qemu, 'qemu-img')
   const reverse = await best(3, `${vma} extract ${q(reversed)} ${q(out)} --format parallels`, clean)
   table.add('... clusters in reverse order', reverse, size, qemu, 'qemu-img')
-  table.add('vma extract --format parallels-bundle', await best(3, `${vma} extract -q ${q(archive)} ${q(out)} --format parallels-bundle`, clean), size, qemu, 'qemu-img')
+  table.add('vma extract --format parallels-bundle',
+    await best(3, `${vma} extract -q ${q(archive)} ${q(out)} --format parallels-bundle`, clean), size, qemu, 'qemu-img')
   rmSync(reversed)
 
   await timed(`qemu-img convert -f raw -O parallels ${q(disk)} ${q(image)}`)
@@ -47,5 +49,6 @@ export async function benchParallels (dir: string, gib: number): Promise<void> {
   rmSync(archive)
 
   table.print(`Parallels: ${gib} GiB disk`)
-  process.stdout.write(`\npeak RSS, MiB: vma extract of the reversed archive to .hds ${peakMiB(reverse, 'extract')}, cat disk.hds | pack-vma ${peakMiB(piped, 'pack-vma')}\n`)
+  process.stdout.write(`\npeak RSS, MiB: vma extract of the reversed archive to .hds ${peakMiB(reverse, 'extract')}, ` +
+    `cat disk.hds | pack-vma ${peakMiB(piped, 'pack-vma')}\n`)
 }

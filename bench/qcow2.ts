@@ -25,7 +25,8 @@ export async function benchQcow2 (dir: string, gib: number): Promise<void> {
   const extract = await best(3, `${vma} extract -q --format qcow2 ${q(archive)} ${q(out)}`, clean)
   table.add('vma extract --format qcow2 archive', extract, size, convertSync, 'qemu-img+sync')
   table.add('  (the same against qemu-img without sync)', extract, size, convert, 'qemu-img')
-  table.add('vma extract --format qcow2 --data-file', await best(3, `${vma} extract -q --format qcow2 --data-file ${q(archive)} ${q(out)}`, clean), size, convertSync, 'qemu-img+sync')
+  table.add('vma extract --format qcow2 --data-file',
+    await best(3, `${vma} extract -q --format qcow2 --data-file ${q(archive)} ${q(out)}`, clean), size, convertSync, 'qemu-img+sync')
 
   const image = join(dir, 'disk.qcow2')
   await timed(`qemu-img convert -f raw -O qcow2 ${q(disk)} ${q(image)}`)

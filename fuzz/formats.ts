@@ -60,7 +60,7 @@ export function vmaSeed (name: string, bytes: Buffer): Seed {
         { at: e, width: 8, le: false, name: `extent@${at}[${i}]` },
         { at: e, width: 2, le: false, name: `extent@${at}[${i}].mask` },
         { at: e + 3, width: 1, le: false, name: `extent@${at}[${i}].dev` },
-        { at: e + 4, width: 4, le: false, name: `extent@${at}[${i}].cluster` },
+        { at: e + 4, width: 4, le: false, name: `extent@${at}[${i}].cluster` }
       )
     }
   })

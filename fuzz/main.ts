@@ -103,7 +103,7 @@ function startWorker (o: Options, job: WorkerJob): { child: ChildProcess, stderr
  * its time is up) and how long it fuzzed (from ready to exit).
  */
 async function runWorker (
-  o: Options, counts: ParserCounts, job: WorkerJob, onCase?: (m: WorkerMessage) => void,
+  o: Options, counts: ParserCounts, job: WorkerJob, onCase?: (m: WorkerMessage) => void
 ): Promise<{ next: number | undefined, spent: number }> {
   const { child, stderr } = startWorker(o, job)
   let ready: number | undefined

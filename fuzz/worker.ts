@@ -127,7 +127,7 @@ async function runCase (bytes: Buffer, ctx: CaseContext): Promise<{ class: CaseC
   })
   const work = target.run(bytes, ctx).then(
     (v: Verdict) => ({ class: v.class as CaseClass, detail: 'detail' in v ? v.detail : undefined, checked: 'checked' in v && v.checked === true }),
-    (err: unknown) => ({ ...classify(err), checked: false }),
+    (err: unknown) => ({ ...classify(err), checked: false })
   )
   const r = await Promise.race([work, timeout])
   clearTimeout(timer)

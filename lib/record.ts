@@ -48,7 +48,8 @@ export function blocksInside (size: number, cluster: number): number {
  */
 export function forEachRun (rec: ClusterRecord, deviceSize: number, fn: (position: number, bytes: Buffer) => void): void {
   if (rec.data.length !== popcount16(rec.mask) * BLOCK_SIZE) {
-    throw new VmapipeError('E_RECORD', `record data is ${rec.data.length} bytes but its mask 0x${rec.mask.toString(16)} needs ${popcount16(rec.mask) * BLOCK_SIZE}`, { cluster: rec.cluster })
+    throw new VmapipeError('E_RECORD',
+      `record data is ${rec.data.length} bytes but its mask 0x${rec.mask.toString(16)} needs ${popcount16(rec.mask) * BLOCK_SIZE}`, { cluster: rec.cluster })
   }
   if ((rec.mask & ~blocksInside(deviceSize, rec.cluster)) !== 0) {
     throw new VmapipeError('E_RECORD', `record has data past the device end (${deviceSize} bytes)`, { cluster: rec.cluster })

@@ -6,7 +6,6 @@ import { failure } from './helpers/logged.js'
 import { startQemuNbd } from './helpers/nbd.js'
 import { writeJob } from './helpers/fixtures.js'
 
-
 t.test('an incremental job: the whole disk first, then overlays of what the dirty bitmap marks', async t => {
   const dir = tempDir(t)
   const target = join(dir, 'dump')

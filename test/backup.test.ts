@@ -12,7 +12,6 @@ import { runBackupJob } from '../lib/backup/run.js'
 
 const NAME = /^vzdump-qemu-100-\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}\.vma\.zst$/
 
-
 t.test('a job with two disks and configs: a vzdump-named archive that verifies and extracts equal', async t => {
   const dir = tempDir(t)
   const fx = writeFixture(dir, multiDeviceSpec(61))

@@ -74,4 +74,3 @@ t.test('with no compression program on the PATH: create and pack-vma write what 
     }
   }
 })
-

@@ -14,7 +14,8 @@ import { failure } from './helpers/logged.js'
 import { sameDisk } from './helpers/disk.js'
 import { describeImage, openDisk } from '../lib/index.js'
 
-const pack = async (args: string[], options: Parameters<typeof run>[2] = {}): ReturnType<typeof run> => await run(process.execPath, [PACK_VMA, ...args], options)
+const pack = async (args: string[], options: Parameters<typeof run>[2] = {}): ReturnType<typeof run> =>
+  await run(process.execPath, [PACK_VMA, ...args], options)
 /** [file, shell command that makes it from base.raw, tool it needs] */
 const SAMPLES: Array<[string, string, string]> = [
   ['disk.vmdk', 'qemu-img convert -O vmdk base.raw disk.vmdk', 'qemu-img'],

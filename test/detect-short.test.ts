@@ -14,7 +14,8 @@ import { PACK_VMA, exits, q, run, sh, tempDir, vma, vmaCmd } from './helpers/run
 import { failure } from './helpers/logged.js'
 import { sameDisk } from './helpers/disk.js'
 
-const pack = async (args: string[], options: Parameters<typeof run>[2] = {}): ReturnType<typeof run> => await run(process.execPath, [PACK_VMA, ...args], options)
+const pack = async (args: string[], options: Parameters<typeof run>[2] = {}): ReturnType<typeof run> =>
+  await run(process.execPath, [PACK_VMA, ...args], options)
 const packCmd = `${q(process.execPath)} ${q(PACK_VMA)}`
 
 for (const size of [1, 5, 511]) {

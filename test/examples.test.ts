@@ -43,7 +43,7 @@ t.test('the examples import only node: modules, vmapipe and its subpath exports'
 
 t.test('the examples compile against the installed package and run', async t => {
   const dir = tempDir(t)
-  const npm = async (args: string[], cwd: string): ReturnType<typeof run> => await run('sh', ['-c', `cd "$1" && shift && npm "$@"`, 'sh', cwd, ...args])
+  const npm = async (args: string[], cwd: string): ReturnType<typeof run> => await run('sh', ['-c', 'cd "$1" && shift && npm "$@"', 'sh', cwd, ...args])
   // dist is built already (the tests run from it): pack it as it is.
   const packed = await npm(['pack', '--ignore-scripts', '--silent', '--pack-destination', dir], root)
   exits(t, packed, 0, 'npm pack')

@@ -104,7 +104,6 @@ t.test('the library names the option an error is about, in its own words', async
   const chain = await Qcow2Image.open(top, { followBacking: true })
   t.equal(chain.size, 1 << 20, 'followBacking reads the chain')
   await chain.close()
-
 })
 
 t.test('the command line: the same exit status, and a hint naming the flag of the command that runs', async t => {

@@ -58,7 +58,8 @@ function byteAt (i: number): number {
 
 /** A synthetic bitmap: dirty inside `ranges`. */
 function bitmapOf (id: string, ranges: Range[]): DirtyBitmap {
-  const map = async (offset: number, length: number): Promise<Array<Range & { dirty: boolean }>> => extentsOf(ranges, offset, length).map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
+  const map = async (offset: number, length: number): Promise<Array<Range & { dirty: boolean }>> =>
+    extentsOf(ranges, offset, length).map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
   return { id, granularity: 4 * KiB, map, dirtyBytes: async () => ranges.reduce((n, r) => n + r.length, 0) }
 }
 
@@ -73,10 +74,13 @@ function layeredDisk (): RandomAccessDisk {
   }
 }
 
-async function serveInProcess (t: Test, disks: Record<string, RandomAccessDisk>, options: ConstructorParameters<typeof NbdServer>[1] = {}): Promise<{ socket: string, uri: (name: string) => string, warnings: string[] }> {
+async function serveInProcess (
+  t: Test, disks: Record<string, RandomAccessDisk>, options: ConstructorParameters<typeof NbdServer>[1] = {}
+): Promise<{ socket: string, uri: (name: string) => string, warnings: string[] }> {
   const socket = join(tempDir(t), 'sock')
   const warnings: string[] = []
-  const server = new NbdServer(Object.entries(disks).map(([name, disk]) => ({ name, disk })), { log: { info: () => {}, warn: (_f, m) => { warnings.push(m) } }, ...options })
+  const server = new NbdServer(Object.entries(disks).map(([name, disk]) => ({ name, disk })),
+    { log: { info: () => {}, warn: (_f, m) => { warnings.push(m) } }, ...options })
   await server.listen({ socket })
   t.teardown(async () => { await server.close() })
   return { socket, uri: name => `nbd+unix:///${name}?socket=${socket}`, warnings }
@@ -85,7 +89,8 @@ async function serveInProcess (t: Test, disks: Record<string, RandomAccessDisk>,
 async function nbdinfoMap (t: Test, uri: string, context: string): Promise<Array<{ offset: number, length: number, type: number }>> {
   const r = await run('nbdinfo', [`--map=${context}`, '--json', uri])
   exits(t, r, 0, `nbdinfo --map=${context}`)
-  return (JSON.parse(r.stdout.toString()) as Array<{ offset: number, length: number, type: number }>).map(({ offset, length, type }) => ({ offset, length, type }))
+  return (JSON.parse(r.stdout.toString()) as Array<{ offset: number, length: number, type: number }>)
+    .map(({ offset, length, type }) => ({ offset, length, type }))
 }
 
 t.test('qemu:dirty-bitmap:<name> and qemu:allocation-depth come from the disk, as nbdinfo and qemu-img see them', async t => {
@@ -102,7 +107,8 @@ t.test('qemu:dirty-bitmap:<name> and qemu:allocation-depth come from the disk, a
   // qemu's x-dirty-bitmap reads a bitmap through block status with REQ_ONE, and reports dirty as "not data".
   const r = await run('qemu-img', ['map', '--output=json', '--image-opts', `driver=nbd,server.type=unix,server.path=${uri('').split('socket=')[1]},export=layers,x-dirty-bitmap=qemu:dirty-bitmap:bm0`])
   exits(t, r, 0, 'qemu-img map with x-dirty-bitmap')
-  const qemu = (JSON.parse(r.stdout.toString()) as Array<{ start: number, length: number, data: boolean }>).filter(e => !e.data).map(e => ({ offset: e.start, length: e.length }))
+  const qemu = (JSON.parse(r.stdout.toString()) as Array<{ start: number, length: number, data: boolean }>)
+    .filter(e => !e.data).map(e => ({ offset: e.start, length: e.length }))
   t.same(qemu, BM0, 'qemu-img sees the same dirty extents')
 })
 

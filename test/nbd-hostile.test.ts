@@ -123,7 +123,8 @@ t.test('requests: errors for what is out of bounds or not allowed, EPERM for wri
   for (const structured of [true, false]) {
     const p = await connect(socket)
     await open(p, 'big.raw', { structured })
-    const error = async (): Promise<number> => structured ? chunkError((await readReply(p)).at(-1) as NonNullable<Awaited<ReturnType<typeof readChunk>>>) : (await readSimple(p))?.error ?? -1
+    const error = async (): Promise<number> =>
+      structured ? chunkError((await readReply(p)).at(-1) as NonNullable<Awaited<ReturnType<typeof readChunk>>>) : (await readSimple(p))?.error ?? -1
     const mode = structured ? 'structured' : 'simple'
     const cases: Array<[string, Buffer, number]> = [
       ['read past the end', request(NBD.CMD.READ, BIG - 4096, 8192), NBD.EINVAL],

@@ -90,7 +90,8 @@ t.test('nbdinfo --map reports holes exactly where the archive stores zero blocks
     t.same(await nbdinfoMap(server.uri(d.name), 'qemu:allocation-depth'), expectedMap(source, 1, 0), `${d.name}: qemu:allocation-depth, 1 for data, 0 for holes`)
     const r = await run('qemu-img', ['map', '--output=json', '-f', 'raw', server.uri(d.name)])
     exits(t, r, 0)
-    const qemu = merged((JSON.parse(r.stdout.toString()) as Array<{ start: number, length: number, data: boolean }>).map(e => ({ offset: e.start, length: e.length, type: e.data ? 0 : 3 })))
+    const qemu = merged((JSON.parse(r.stdout.toString()) as Array<{ start: number, length: number, data: boolean }>)
+      .map(e => ({ offset: e.start, length: e.length, type: e.data ? 0 : 3 })))
     t.same(qemu, expectedMap(source, 0, 3), `${d.name}: qemu-img map`)
   }
 })

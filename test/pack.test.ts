@@ -98,7 +98,8 @@ t.test('pack-vma: a file or stdin to stdout, -o with compression by name', async
 t.test('pack then extract in one process round-trips (library)', async t => {
   const spec = multiDeviceSpec(44)
   const info: ArchiveInfo = { kind: 'archive', uuid: '01234567-89ab-cdef-0123-456789abcdef', ctime: 1, configs: spec.configs, devices: spec.devices.map(d => ({ id: d.id, name: d.name, size: d.size })) }
-  const sources = spec.devices.map(d => Readable.from([d.data.subarray(0, 100000), d.data.subarray(100000)]).pipe(new RawReader({ id: d.id, name: d.name, size: d.size })))
+  const sources = spec.devices.map(d => Readable.from([d.data.subarray(0, 100000), d.data.subarray(100000)])
+    .pipe(new RawReader({ id: d.id, name: d.name, size: d.size })))
   const disks = new Map(spec.devices.map(d => [d.id, Buffer.alloc(d.size)]))
   let got: ArchiveInfo | undefined
   await pipeline(new RecordMerger(info, sources), new VmaWriter(), new VmaReader(), new Writable({
@@ -109,7 +110,10 @@ t.test('pack then extract in one process round-trips (library)', async t => {
         const disk = disks.get(item.device) as Buffer
         let at = 0
         for (let b = 0; b < 16; b++) {
-          if ((item.mask >> b) & 1) { item.data.copy(disk, item.cluster * 65536 + b * 4096, at, at + Math.min(4096, disk.length - item.cluster * 65536 - b * 4096)); at += 4096 }
+          if ((item.mask >> b) & 1) {
+            item.data.copy(disk, item.cluster * 65536 + b * 4096, at, at + Math.min(4096, disk.length - item.cluster * 65536 - b * 4096))
+            at += 4096
+          }
         }
       }
       cb()

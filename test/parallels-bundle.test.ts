@@ -70,7 +70,6 @@ async function overlay (t: Test, path: string, below: string[], writes: string[]
   exits(t, await run('qemu-io', [...writes.flatMap(w => ['-c', w]), chainJson([path, ...below])]), 0, `qemu-io on ${path}`)
 }
 
-
 const loose = new XMLParser({ ignoreAttributes: false, parseTagValue: false, cdataPropName: '#cdata', commentPropName: '#comment' })
 
 t.test('a root and two overlays pack to the merged disk; the descriptor keeps what the spec does not cover', async t => {
@@ -108,7 +107,7 @@ t.test('a root and two overlays pack to the merged disk; the descriptor keeps wh
 
   for (const path of [bundle, xml]) {
     const out = join(dir, `out-${path === bundle ? 'dir' : 'xml'}`)
-    exits(t, await run('sh', ['-c', `"$0" "$1" create - -d drive-scsi0="$2" | "$0" "$1" extract - "$3"`, process.execPath, join(process.cwd(), 'dist/bin/vma.js'), path, out]), 0, `pack ${path}`)
+    exits(t, await run('sh', ['-c', '"$0" "$1" create - -d drive-scsi0="$2" | "$0" "$1" extract - "$3"', process.execPath, join(process.cwd(), 'dist/bin/vma.js'), path, out]), 0, `pack ${path}`)
     t.ok(cmp(join(out, 'disk-drive-scsi0.raw'), expected), `${path === bundle ? 'the directory' : 'its DiskDescriptor.xml'} packs to the merged disk`)
   }
   const info = JSON.parse((await vma(['info', bundle, '--json'])).stdout.toString())
@@ -150,6 +149,6 @@ t.test('a Plain root under an overlay named by absolute path; a descriptor built
   t.ok(cmp(join(dir, 'out/disk-drive-scsi0.raw'), expected), 'the merged disk')
   const info = JSON.parse((await vma(['info', bundle, '--json'])).stdout.toString())
   t.equal(info.allocated, SIZE, 'a Plain root holds everything')
-  exits(t, await run('sh', ['-c', `"$0" "$1" - < "$2" > /dev/null`, process.execPath, join(process.cwd(), 'dist/bin/pack-vma.js'), join(bundle, 'DiskDescriptor.xml')]), 2, 'a descriptor from stdin is refused: its files are named by path')
+  exits(t, await run('sh', ['-c', '"$0" "$1" - < "$2" > /dev/null', process.execPath, join(process.cwd(), 'dist/bin/pack-vma.js'), join(bundle, 'DiskDescriptor.xml')]), 2, 'a descriptor from stdin is refused: its files are named by path')
   t.match(readFileSync(join(bundle, 'DiskDescriptor.xml'), 'utf8'), /<TopGUID>/)
 })

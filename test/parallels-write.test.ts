@@ -31,7 +31,8 @@ t.test('extract --format parallels: every disk passes qemu-img check and equals 
       t.equal(h.inUse, 0x312e3276, `${name}: in_use says closed`)
       t.equal((h.dataOff * 512) % clusterBytes, 0, `${name}: data_off on a cluster boundary`)
       const zero = Buffer.alloc(clusterBytes)
-      const allocatedZero = h.bat.filter(e => e !== 0 && h.bytes.subarray(e * clusterBytes, (e + 1) * clusterBytes).equals(zero.subarray(0, Math.min(clusterBytes, h.bytes.length - e * clusterBytes))))
+      const allocatedZero = h.bat.filter(e => e !== 0 && h.bytes.subarray(e * clusterBytes, (e + 1) * clusterBytes)
+        .equals(zero.subarray(0, Math.min(clusterBytes, h.bytes.length - e * clusterBytes))))
       t.same(allocatedZero, [], `${name}: no all-zero cluster allocated`)
       t.equal(statSync(image).size, h.dataOff * 512 + h.bat.filter(e => e !== 0).length * clusterBytes, `${name}: the file ends after its last cluster`)
     }

@@ -50,14 +50,14 @@ class Watched implements DiskWriter {
 
   constructor (
     private readonly inner: DiskWriter,
-    private readonly options: { slow?: Slow, delay?: number, failAt?: number, failure?: Error } = {},
+    private readonly options: { slow?: Slow, delay?: number, failAt?: number, failure?: Error } = {}
   ) {}
 
   write (rec: ClusterRecord): Promise<void> | undefined {
     this.seen.push(rec.cluster)
     const slow = this.options.slow
     if (slow?.pending === true) slow.overlaps++
-    if (this.seen.length === this.options.failAt) return Promise.reject(this.options.failure)
+    if (this.seen.length === this.options.failAt) return Promise.reject(this.options.failure ?? new Error('failAt without a failure'))
     const wait = this.inner.write(rec)
     if (slow === undefined || this.options.delay === undefined) return wait
     slow.pending = true

@@ -40,7 +40,7 @@ for (const [from, run] of sources) {
     const missing = await run(['config', '-c', 'qemu-server.fw'])
     exits(t, missing, 2)
     t.equal(failure(missing).code, 'E_NOT_FOUND')
-  t.match(failure(missing).msg, /qemu-server\.fw.*qemu-server\.conf/, 'naming the blob and those the archive has')
+    t.match(failure(missing).msg, /qemu-server\.fw.*qemu-server\.conf/, 'naming the blob and those the archive has')
   })
 
   t.test(`verify from ${from} fails on the missing clusters`, async t => {

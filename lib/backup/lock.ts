@@ -67,9 +67,12 @@ function checkStale (path: string, what: string, h: { owner?: Owner, st: Stats }
     return
   }
   if (owner.host !== hostname()) {
-    throw new VmapipeError('E_LOCKED', `${what} is locked by pid ${owner.pid} on host ${owner.host} since ${owner.started} (lock ${path}); remove the lock if that run is gone`)
+    throw new VmapipeError('E_LOCKED',
+      `${what} is locked by pid ${owner.pid} on host ${owner.host} since ${owner.started} (lock ${path}); remove the lock if that run is gone`)
   }
-  if (processRuns(owner.pid, owner.start ?? 0)) throw new VmapipeError('E_LOCKED', `${what} is already running: pid ${owner.pid} since ${owner.started} (lock ${path})`)
+  if (processRuns(owner.pid, owner.start ?? 0)) {
+    throw new VmapipeError('E_LOCKED', `${what} is already running: pid ${owner.pid} since ${owner.started} (lock ${path})`)
+  }
 }
 
 /** Removes `path` if it is still the file `h` describes. */

@@ -72,7 +72,8 @@ class TaskLog {
   private add (level: string, message: string): void {
     const t = new Date()
     const p = (n: number): string => String(n).padStart(2, '0')
-    this.lines.push(`${t.getFullYear()}-${p(t.getMonth() + 1)}-${p(t.getDate())} ${p(t.getHours())}:${p(t.getMinutes())}:${p(t.getSeconds())} ${level}: ${message}`)
+    const stamp = `${t.getFullYear()}-${p(t.getMonth() + 1)}-${p(t.getDate())} ${p(t.getHours())}:${p(t.getMinutes())}:${p(t.getSeconds())}`
+    this.lines.push(`${stamp} ${level}: ${message}`)
   }
 }
 
@@ -86,17 +87,24 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
 
   const lock = await acquireLock(join(target, `.vzdump-qemu-${job.vmid}.lock`), `the backup of VM ${job.vmid} into ${target}`)
   try {
-    if (lock.tookOverFrom !== undefined) task.warn({ stalePid: lock.tookOverFrom.pid }, `took over the lock of a run that is gone (pid ${lock.tookOverFrom.pid}, started ${lock.tookOverFrom.started})`)
+    if (lock.tookOverFrom !== undefined) {
+      const { pid, started } = lock.tookOverFrom
+      task.warn({ stalePid: pid }, `took over the lock of a run that is gone (pid ${pid}, started ${started})`)
+    }
     if (options.startedAt !== undefined) await checkOverlap(target, job.vmid, options.startedAt)
     await removeLeftovers(target, job.vmid, task)
     const now = await freeTime(target, job.vmid, options.now)
     const written = job.incremental === true ? await writeChains(job, now, task, options) : await writeArchive(job, now, task, options)
     const seconds = (Date.now() - started) / 1000
-    task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) }, `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
+    task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) },
+      `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
     const { pruned, failures } = await prune(job, task)
     task.info({ result: failures.length > 0 ? 'partly-pruned' : 'ok' }, `finished backup of VM ${job.vmid}`)
     await writeFileAtomically(join(target, written.log), task.lines.join('\n') + '\n')
-    return { job: id, archive: join(target, written.files[0]), files: written.files.map(f => join(target, f)), bytes: written.bytes, diskBytes: written.diskBytes, seconds: (Date.now() - started) / 1000, pruned, pruneFailures: failures }
+    return {
+      job: id, archive: join(target, written.files[0]), files: written.files.map(f => join(target, f)), bytes: written.bytes, diskBytes: written.diskBytes,
+      seconds: (Date.now() - started) / 1000, pruned, pruneFailures: failures,
+    }
   } finally {
     await lock.release()
   }
@@ -205,7 +213,8 @@ async function checkOverlap (target: string, vmid: number, startedAt: number): P
     const finished = (await stat(join(target, log)).catch(() => undefined))?.mtimeMs
     if (finished !== undefined && finished >= startedAt - JOB_WINDOW_MS) {
       throw new VmapipeError('E_LOCKED', `another run of the backup of VM ${vmid} finished at ${new Date(finished).toISOString()} (${log}), after this one ` +
-        `was started at ${new Date(startedAt).toISOString()} or less than ${JOB_WINDOW_MS} ms before: the two were started together, its backup counts for both`)
+        `was started at ${new Date(startedAt).toISOString()} or less than ${JOB_WINDOW_MS} ms before: ` +
+        'the two were started together, its backup counts for both')
     }
   }
 }
@@ -270,4 +279,3 @@ async function prune (job: BackupJob, task: TaskLog): Promise<{ pruned: string[]
   }
   return { pruned, failures }
 }
-

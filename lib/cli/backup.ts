@@ -60,8 +60,10 @@ Examples:
       ctx.stopProgress()
       const partly = result.pruneFailures.length > 0
       const fields = {
-        job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive, files: result.files, bytes: result.bytes, diskBytes: result.diskBytes,
-        seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)), pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS,
+        job: result.job, result: partly ? 'partly-pruned' : 'ok', archive: result.archive,
+        files: result.files, bytes: result.bytes, diskBytes: result.diskBytes,
+        seconds: result.seconds, rate: Math.round(result.diskBytes / Math.max(result.seconds, 0.001)),
+        pruned: result.pruned, maxRssKiB: process.resourceUsage().maxRSS,
       }
       if (toStderr && ctx.text) {
         // A person at the terminal reads a sentence; the log file keeps the JSON line.

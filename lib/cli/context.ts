@@ -61,7 +61,11 @@ const FLAGS: Partial<Record<string, Partial<Record<string, string>>>> = {
   followBacking: { create: '--follow-backing', 'pack-vma': '--follow-backing', backup: '"followBacking": true on the disk in the job file' },
   size: { create: '-d size=BYTES:NAME=PATH', 'pack-vma': '--size BYTES', backup: '"size" on the disk in the job file' },
   format: {
-    create: '-d format=FMT:NAME=PATH', 'pack-vma': '--format FORMAT', extract: '--format FORMAT', info: '--format FORMAT', backup: '"format" on the disk in the job file',
+    create: '-d format=FMT:NAME=PATH',
+    'pack-vma': '--format FORMAT',
+    extract: '--format FORMAT',
+    info: '--format FORMAT',
+    backup: '"format" on the disk in the job file',
   },
   force: { create: '--force', 'pack-vma': '--force', extract: '--force' },
   devices: { extract: '-d DRIVE' },
@@ -210,9 +214,12 @@ export class CliContext {
     const flag = this.flagHint(err)
     if (flag !== undefined) return flag
     if (USAGE_HINTED.has(code)) return `${this.invocation} --help shows the usage`
-    if (code === 'E_NOT_FOUND' && (this.command === 'extract' || this.command === 'config')) return 'vma list ARCHIVE shows the devices and config blobs it holds'
+    if (code === 'E_NOT_FOUND' && (this.command === 'extract' || this.command === 'config')) {
+      return 'vma list ARCHIVE shows the devices and config blobs it holds'
+    }
     if (code === 'E_INPUT_FORMAT') {
-      return `to pack the bytes as they are: ${this.program === 'vma' ? (this.command === 'info' ? '--format raw' : '-d format=raw:NAME=PATH') : '--format raw'}`
+      const flag = this.program === 'vma' && this.command !== 'info' ? '-d format=raw:NAME=PATH' : '--format raw'
+      return `to pack the bytes as they are: ${flag}`
     }
     return HINTS[code]
   }

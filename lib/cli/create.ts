@@ -126,7 +126,14 @@ Examples:
   cat disk.raw | pack-vma --size 10G --compress zstd > backup.vma.zst
   pack-vma /dev/vg0/vm-100-disk-0 -o vzdump-qemu-100-2024_01_31-02_00_01.vma.zst
   pack-vma 'nbd+unix:///?socket=/run/qemu-nbd.sock' -o backup.vma.zst`,
-  options: { ...PACK_OPTIONS, name: { type: 'string' }, size: { type: 'string' }, format: { type: 'string' }, output: { type: 'string', short: 'o' }, 'dirty-bitmap': { type: 'string' } },
+  options: {
+    ...PACK_OPTIONS,
+    name: { type: 'string' },
+    size: { type: 'string' },
+    format: { type: 'string' },
+    output: { type: 'string', short: 'o' },
+    'dirty-bitmap': { type: 'string' },
+  },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 0, 1, 'INPUT')
     const size = parseSize(values.size, '--size')
@@ -150,7 +157,9 @@ export function parseDiskSpec (text: string): DiskSpec {
   const m = new RegExp(`^((?:${SPEC_KEYS})=[^:,]*(?:,(?:${SPEC_KEYS})=[^:,]*)*):(.*)$`).exec(text)
   const rest = m === null ? text : m[2]
   const eq = rest.indexOf('=')
-  if (eq <= 0 || eq === rest.length - 1) throw new VmapipeError('E_USAGE', `-d ${text}: expected [format=FMT,size=BYTES,backing=PATH,dirty-bitmap=NAME:]NAME=PATH`)
+  if (eq <= 0 || eq === rest.length - 1) {
+    throw new VmapipeError('E_USAGE', `-d ${text}: expected [format=FMT,size=BYTES,backing=PATH,dirty-bitmap=NAME:]NAME=PATH`)
+  }
   const spec: DiskSpec = { name: rest.slice(0, eq), path: rest.slice(eq + 1) }
   for (const option of m === null ? [] : m[1].split(',')) {
     const [key, value] = option.split('=')
@@ -205,10 +214,14 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
   if (specs.filter(s => s.path === '-').length > 1) throw new VmapipeError('E_USAGE', 'only one disk can come from stdin')
   const incremental = specs.find(s => s.dirtyBitmap !== undefined)
   if (incremental !== undefined) {
-    throw new VmapipeError('E_USAGE', `${incremental.name}: dirty bitmap ${incremental.dirtyBitmap} gives only the changed clusters, an overlay on the previous backup, while a VMA archive holds whole disks; write the overlay with vma incremental URI --dirty-bitmap ${incremental.dirtyBitmap} --overlay-of PREVIOUS`)
+    throw new VmapipeError('E_USAGE',
+      `${incremental.name}: dirty bitmap ${incremental.dirtyBitmap} gives only the changed clusters, an overlay on the previous backup, while a VMA archive ` +
+      `holds whole disks; write the overlay with vma incremental URI --dirty-bitmap ${incremental.dirtyBitmap} --overlay-of PREVIOUS`)
   }
   const compress = values.compress as string | undefined
-  if (compress !== undefined && !(COMPRESSIONS as readonly string[]).includes(compress)) throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
+  if (compress !== undefined && !(COMPRESSIONS as readonly string[]).includes(compress)) {
+    throw new VmapipeError('E_USAGE', `--compress ${compress}: choose one of ${COMPRESSIONS.join(', ')}`)
+  }
   const compression = (compress ?? compressionForName(out)) as Compression
   if (out === '-') refuseTerminal('archive', `redirect stdout (> backup.vma, | ssh ...) or ${ctx.program === 'pack-vma' ? 'give -o FILE' : 'name an OUT file'}`)
   const configs = await readConfigFiles(configSpecs(values.config, ctx))
@@ -241,7 +254,8 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
       archiveBytes: result.stats.bytes,
       dataBlocks: result.stats.dataBlocks,
       extents: result.stats.extents,
-    }, 'archive written', `${output.name} written: ${disks.length} disk${disks.length === 1 ? '' : 's'} (${formatBytes(diskBytes)}), ${formatBytes(result.stats.bytes)} archive`)
+    }, 'archive written',
+      `${output.name} written: ${disks.length} disk${disks.length === 1 ? '' : 's'} (${formatBytes(diskBytes)}), ${formatBytes(result.stats.bytes)} archive`)
     return EXIT.OK
   } catch (err) {
     await output.abort()

@@ -92,10 +92,14 @@ Examples:
     const [archive, target = '-'] = positionals
     const devices = listOption(values.drive)
     const format = (values.format as string | undefined) ?? 'raw'
-    if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
+    if (!(OUTPUT_FORMATS as readonly string[]).includes(format)) {
+      throw new VmapipeError('E_USAGE', `--format ${format}: choose one of ${OUTPUT_FORMATS.join(', ')}`)
+    }
     const clusterSize = parseSize(values['cluster-size'], '--cluster-size')
     if (clusterSize !== undefined) {
-      if (formatNamed(format, OUTPUT_FORMATS).outputOptions?.includes('clusterSize') !== true) throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
+      if (formatNamed(format, OUTPUT_FORMATS).outputOptions?.includes('clusterSize') !== true) {
+        throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
+      }
       checkClusterSize(clusterSize)
     }
     if (to !== undefined) {
@@ -110,7 +114,10 @@ Examples:
     if (to !== undefined) {
       const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
       const result = await extractToNbd(input.stream, to, { ...common, ...(nbdTimeout !== undefined ? { nbdTimeout } : {}) })
-      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, to, dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes }, 'disk written to the NBD export',
+      ctx.done({
+        archive: input.name, device: result.device.name, bytes: result.device.size, to,
+        dataBytes: result.written.dataBytes, prezeroed: result.written.prezeroed, archiveBytes: result.archiveBytes,
+      }, 'disk written to the NBD export',
         `${result.device.name} (${formatBytes(result.device.size)}) written to ${to}`)
       return EXIT.OK
     }
@@ -121,13 +128,15 @@ Examples:
       const memoryLimit = parseSize(values.memory, '--memory')
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
-        format: format,
+        format,
         ...(archive !== '-' ? { archivePath: archive } : {}),
         ...(clusterSize !== undefined ? { clusterSize } : {}),
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),
       })
-      ctx.done({ archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes }, 'disk written to stdout',
+      ctx.done({
+        archive: input.name, device: result.device.name, bytes: result.device.size, archiveBytes: result.archiveBytes, spilledBytes: result.spilledBytes,
+      }, 'disk written to stdout',
         `${result.device.name} (${formatBytes(result.device.size)}) written to stdout`)
       return EXIT.OK
     }
@@ -135,7 +144,7 @@ Examples:
     const result = await extractToDirectory(input.stream, target, {
       ...common,
       force: values.force === true,
-      format: format,
+      format,
       dataFile: values['data-file'] === true,
       ...(clusterSize !== undefined ? { clusterSize } : {}),
     })

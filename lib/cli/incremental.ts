@@ -54,8 +54,9 @@ Examples:
       ...(values.output !== undefined ? { output: values.output as string } : {}),
       ...(progress ? { progress } : {}),
     }).finally(() => source.close())
-    ctx.done({ source: positionals[0], bitmap, previous, overlay: result.path, format: result.format, clusters: result.clusters, bytes: result.clusters * CLUSTER_SIZE },
-      'overlay written', `overlay ${result.path} written: ${result.clusters} changed clusters`)
+    ctx.done({
+      source: positionals[0], bitmap, previous, overlay: result.path, format: result.format, clusters: result.clusters, bytes: result.clusters * CLUSTER_SIZE,
+    }, 'overlay written', `overlay ${result.path} written: ${result.clusters} changed clusters`)
     return EXIT.OK
   },
 }

@@ -44,10 +44,8 @@ Examples:
       `allocated  ${d.allocated === undefined ? 'unknown' : bytes(d.allocated) + clusters}`,
       ...(d.layers !== undefined ? [`layers     ${d.layers}`] : []),
       ...Object.entries(d.details ?? {}).map(([k, v]) => `  ${k}: ${v}`),
-      ...(d.bitmaps === undefined ? [] : [
-        `bitmaps    ${d.bitmaps.length === 0 ? 'none' : ''}`.trimEnd(),
-        ...d.bitmaps.map(b => `  ${b.id}  granularity ${b.granularity}  dirty ${bytes(b.dirtyBytes)}`),
-      ]),
+      ...(d.bitmaps === undefined ? [] : [`bitmaps    ${d.bitmaps.length === 0 ? 'none' : ''}`.trimEnd()]),
+      ...(d.bitmaps ?? []).map(b => `  ${b.id}  granularity ${b.granularity}  dirty ${bytes(b.dirtyBytes)}`),
     ]
     await writeOut(lines.join('\n') + '\n')
     return EXIT.OK

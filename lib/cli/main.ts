@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs'
 import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
 import { type Command, parseCommandLine, usageOf } from './command.js'
-import { COMMON_HELP, CliContext, type CommonOptions } from './context.js'
+import { COMMON_HELP, CliContext } from './context.js'
 import { backup } from './backup.js'
 import { config } from './config.js'
 import { create } from './create.js'
@@ -87,7 +87,7 @@ export async function runCommand (command: Command, args: string[], program: str
   }
   let ctx: CliContext
   try {
-    ctx = new CliContext(command.name, parsed.values as CommonOptions, program)
+    ctx = new CliContext(command.name, parsed.values, program)
   } catch (err) {
     process.stderr.write(`${program}: ${(err as Error).message}\n`)
     return EXIT.USAGE

@@ -32,8 +32,10 @@ Example:
     const report = await verifyArchive(input.stream, { ...(progress ? { progress } : {}), signal: ctx.signal })
     ctx.stopProgress()
     const totals = countTotals(report)
-    if (report.ok) ctx.done({ archive: input.name, ...totals }, 'archive verified', `${input.name} verified: ${report.devices.length} devices, ${totals.clusters} clusters`)
-    else {
+    if (report.ok) {
+      ctx.done({ archive: input.name, ...totals }, 'archive verified',
+        `${input.name} verified: ${report.devices.length} devices, ${totals.clusters} clusters`)
+    } else {
       const { code, offset, device, cluster } = report.error ?? {}
       ctx.log.error({ archive: input.name, code, offset, device, cluster }, `verify failed: ${report.error?.message}`)
     }
@@ -41,12 +43,19 @@ Example:
       await writeOut(JSON.stringify({
         archive: input.name,
         ok: report.ok,
-        ...(report.error ? { error: { code: report.error.code, message: report.error.message, offset: report.error.offset, device: report.error.device, cluster: report.error.cluster } } : {}),
+        ...(report.error && {
+          error: {
+            code: report.error.code, message: report.error.message, offset: report.error.offset, device: report.error.device, cluster: report.error.cluster,
+          },
+        }),
         uuid: report.info?.uuid,
         ctime: report.info?.ctime,
         compression: report.compression,
         ...totals,
-        devices: report.devices.map(d => ({ id: d.device.id, name: d.device.name, size: d.device.size, clusters: d.clusters, expected: d.expected, zeroClusters: d.zeroClusters, dataBlocks: d.dataBlocks, firstMissing: d.firstMissing })),
+        devices: report.devices.map(d => ({
+          id: d.device.id, name: d.device.name, size: d.device.size, clusters: d.clusters, expected: d.expected,
+          zeroClusters: d.zeroClusters, dataBlocks: d.dataBlocks, firstMissing: d.firstMissing,
+        })),
       }, null, 2) + '\n')
     } else {
       await writeOut(textReport(input.name, report, totals, values.verbose === true))
@@ -96,11 +105,12 @@ function textReport (name: string, report: VerifyReport, t: Totals, verbose: boo
     `extents   ${t.extents}`,
     `clusters  ${t.clusters} present (${t.zeroClusters} all zero), ${t.missingClusters} missing`,
     `blocks    ${t.dataBlocks} with data (${formatBytes(t.dataBytes)}), ${t.zeroBlocks} zero`,
-    `bytes     ${t.archiveBytes} archive bytes read`,
+    `bytes     ${t.archiveBytes} archive bytes read`
   )
   if (verbose) {
     for (const d of report.devices) {
-      lines.push(`device    ${d.device.id} ${d.device.name}: ${d.device.size} bytes, ${d.clusters}/${d.expected} clusters, ${d.zeroClusters} zero, ${d.dataBlocks} data blocks${d.firstMissing >= 0 ? `, first missing cluster ${d.firstMissing}` : ''}`)
+      lines.push(`device    ${d.device.id} ${d.device.name}: ${d.device.size} bytes, ${d.clusters}/${d.expected} clusters, ` +
+        `${d.zeroClusters} zero, ${d.dataBlocks} data blocks${d.firstMissing >= 0 ? `, first missing cluster ${d.firstMissing}` : ''}`)
     }
   }
   lines.push(report.ok ? 'result    OK' : `result    FAILED: ${report.error?.code}: ${report.error?.message}`)

@@ -35,7 +35,7 @@ export function checkpoint (signal?: AbortSignal): () => Promise<void> {
  * gigabyte, and shrinks when a call is slow, so that signals are seen.
  */
 export async function mappedBytes<T extends { length: number }> (
-  map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean, signal?: AbortSignal,
+  map: (offset: number, length: number) => Promise<T[]>, size: number, counts: (range: T) => boolean, signal?: AbortSignal
 ): Promise<number> {
   const pause = checkpoint(signal)
   let bytes = 0
@@ -110,7 +110,7 @@ export function diskRecords (disk: RandomAccessDisk, device: number, options: Di
     waiting = true
     head.then(records => {
       if (stream.destroyed) return
-      batches.shift()
+      void batches.shift()
       waiting = false
       let more = true
       for (const r of records) more = stream.push(r)
@@ -140,11 +140,15 @@ export function dirtyRecords (disk: RandomAccessDisk, id: string, device: number
   if (bitmap === undefined) {
     throw new VmapipeError('E_NOT_FOUND', `the disk has no dirty bitmap ${id} (it has ${bitmaps.map(b => b.id).join(', ') || 'none'})`)
   }
-  const dirty = async (offset: number, length: number): Promise<Extent[]> => (await bitmap.map(offset, length)).map(r => ({ offset: r.offset, length: r.length, data: r.dirty }))
+  const dirty = async (offset: number, length: number): Promise<Extent[]> =>
+    (await bitmap.map(offset, length)).map(r => ({ offset: r.offset, length: r.length, data: r.dirty }))
   return diskRecords(disk, device, { ...options, extents: dirty, skipUnread: true })
 }
 
-async function recordsAt (disk: RandomAccessDisk, extents: NonNullable<DiskRecordsOptions['extents']>, device: number, first: number, offset: number, length: number, options: DiskRecordsOptions): Promise<ClusterRecord[]> {
+async function recordsAt (
+  disk: RandomAccessDisk, extents: NonNullable<DiskRecordsOptions['extents']>, device: number, first: number, offset: number, length: number,
+  options: DiskRecordsOptions
+): Promise<ClusterRecord[]> {
   const count = Math.ceil(length / CLUSTER_SIZE)
   const skipped = (i: number): boolean => options.skip?.has(first + i) === true
   if (options.skip !== undefined && Array.from({ length: count }, (_, i) => i).every(skipped)) return []

@@ -66,7 +66,8 @@ export class ProgressBar implements ProgressSink {
       const fraction = Math.min(1, this.done / this.total)
       const width = 24
       const filled = Math.round(fraction * width)
-      line = `${this.label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(fraction * 100).toFixed(0).padStart(3)}% ${formatBytes(this.done)}/${formatBytes(this.total)}`
+      const bar = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}]`
+      line = `${this.label} ${bar} ${(fraction * 100).toFixed(0).padStart(3)}% ${formatBytes(this.done)}/${formatBytes(this.total)}`
       line += `  ETA ${rate > 0 ? formatDuration((this.total - this.done) / rate) : '--:--'}`
     }
     line += `  ${formatBytes(rate)}/s`

@@ -56,7 +56,7 @@ export class WriteQueue implements FileWrites {
 
   /** Writes out everything queued and waits for it; throws the first write error. */
   async drain (): Promise<void> {
-    this.submit()
+    void this.submit()
     await this.until(0)
     if (this.failure !== undefined) throw this.failure
   }

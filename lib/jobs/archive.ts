@@ -39,7 +39,7 @@ export async function runRecordPipeline (input: Readable, decompress: Duplex, re
 }
 
 /** A decompression failure says where, in archive bytes, the data stopped making sense. */
-function annotate (err: unknown, reader: VmaReader): unknown {
+function annotate<E> (err: E, reader: VmaReader): E | VmapipeError {
   if (err instanceof VmapipeError && err.code === 'E_COMPRESSED_DATA' && err.offset === undefined) {
     return new VmapipeError(err.code, err.message, { offset: reader.offset, cause: err })
   }

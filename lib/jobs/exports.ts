@@ -57,7 +57,11 @@ async function openSource (path: string, names: string[], live: LiveOptions, pas
   if (detectCompression(head) !== 'none' || (vma && live.keepDir !== undefined)) return await openLive(path, live, passes)
   if (vma) {
     const index = await openArchiveIndex(path)
-    const exports = disksOf(index.info.devices).map(d => ({ name: d.name, description: `${d.name} of ${basename(path)} (${index.info.uuid})`, disk: index.disk(d) }))
+    const exports = disksOf(index.info.devices).map(d => ({
+      name: d.name,
+      description: `${d.name} of ${basename(path)} (${index.info.uuid})`,
+      disk: index.disk(d),
+    }))
     // The disks keep the archive open; the index itself is no longer needed.
     await index.close()
     return exports
@@ -68,7 +72,9 @@ async function openSource (path: string, names: string[], live: LiveOptions, pas
 }
 
 async function openLive (path: string, live: LiveOptions, passes: LiveArchive[]): Promise<NbdExport[]> {
-  if (live.keepDir !== undefined && passes.length > 0) throw new VmapipeError('E_OPTION', 'one archive at a time can be restored into a directory', { option: 'keepDir' })
+  if (live.keepDir !== undefined && passes.length > 0) {
+    throw new VmapipeError('E_OPTION', 'one archive at a time can be restored into a directory', { option: 'keepDir' })
+  }
   const input = openInput(path)
   const archive = await openLiveArchive(input, live)
   passes.push(archive)

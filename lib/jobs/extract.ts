@@ -42,7 +42,9 @@ export interface ExtractResult {
   archiveBytes: number
 }
 
-export async function extractToDirectory (input: Readable, targetDir: string, options: ExtractToDirOptions = {}): Promise<ExtractResult & { removedStale: string[] }> {
+export async function extractToDirectory (
+  input: Readable, targetDir: string, options: ExtractToDirOptions = {}
+): Promise<ExtractResult & { removedStale: string[] }> {
   const { created, removedStale } = await prepareTarget(targetDir, options.force ?? false)
   let staging: string | undefined
   try {
@@ -63,7 +65,9 @@ export async function extractToDirectory (input: Readable, targetDir: string, op
       for (const d of disks) add(d.device.id, await d.output.create(stagingDir, queue))
     })
     await runRecordPipeline(input, decompress, reader, router, options)
-    for (const name of names) await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
+    for (const name of names) {
+      await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
+    }
     await rmdir(stagingDir)
     await syncPath(targetDir)
     return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset, removedStale }
@@ -89,7 +93,9 @@ export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptio
  * image format needs its tables first, so it is built in a temporary
  * directory and copied out when complete.
  */
-export async function extractToStream (input: Readable, output: Writable, options: ExtractToStreamOptions = {}): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
+export async function extractToStream (
+  input: Readable, output: Writable, options: ExtractToStreamOptions = {}
+): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
   const format = options.format ?? 'raw'
   if (format === 'raw') {
     let writer: RawStreamWriter | undefined
@@ -137,7 +143,9 @@ const IMAGE_TMP = 'vmapipe-image-partial-'
  * and the data follows in order, with no temporary copy. Undefined when the
  * archive cannot be indexed (compressed, a pipe): then it is built aside.
  */
-async function qcow2FromIndex (path: string, output: Writable, options: ExtractOptions): Promise<(ExtractResult & { device: DeviceInfo, spilledBytes: number }) | undefined> {
+async function qcow2FromIndex (
+  path: string, output: Writable, options: ExtractOptions
+): Promise<(ExtractResult & { device: DeviceInfo, spilledBytes: number }) | undefined> {
   let index: ArchiveIndex
   try {
     index = await openArchiveIndex(path)
@@ -180,7 +188,7 @@ async function copyFileTo (path: string, output: Writable): Promise<number> {
  * export at least as large: data written, zero blocks zeroed.
  */
 export async function extractToNbd (
-  input: Readable, target: NbdAddress | string, options: ExtractOptions & { nbdTimeout?: number } = {},
+  input: Readable, target: NbdAddress | string, options: ExtractOptions & { nbdTimeout?: number } = {}
 ): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
   let writer: NbdDiskWriter | undefined
   const result = await extractOneDisk(input, options, 'an NBD export', async device => {
@@ -190,7 +198,9 @@ export async function extractToNbd (
   return { ...result, written: (writer as NbdDiskWriter).stats }
 }
 
-async function extractOneDisk (input: Readable, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<DiskWriter>): Promise<ExtractResult & { device: DeviceInfo }> {
+async function extractOneDisk (
+  input: Readable, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<DiskWriter>
+): Promise<ExtractResult & { device: DeviceInfo }> {
   const decompress = createDecompressor()
   const reader = new VmaReader({ select: devices => [pickOneDisk(devices, options.devices, destination)] })
   const router = new DeviceRouter(async (_info, add) => {
@@ -232,14 +242,16 @@ export function checkFileNames (info: ArchiveInfo, disks: Array<{ device: Device
   for (const { device, output } of disks) {
     const name = output.names.find(tooLong)
     if (name !== undefined) {
-      throw new VmapipeError('E_LIMIT', `device ${device.name} would be written as a file name of ${Buffer.byteLength(name)} bytes, more than a file name holds (${NAME_MAX}); ` +
+      throw new VmapipeError('E_LIMIT',
+        `device ${device.name} would be written as a file name of ${Buffer.byteLength(name)} bytes, more than a file name holds (${NAME_MAX}); ` +
         `write it to stdout with -d ${device.name}`, { device: device.name })
     }
   }
   const config = info.configs.find(c => tooLong(c.name))
   if (config !== undefined) {
     const bytes = Buffer.byteLength(config.name)
-    throw new VmapipeError('E_LIMIT', `config blob ${config.name} has a name of ${bytes} bytes, more than a file name holds (${NAME_MAX}); read it with vma config`)
+    throw new VmapipeError('E_LIMIT',
+      `config blob ${config.name} has a name of ${bytes} bytes, more than a file name holds (${NAME_MAX}); read it with vma config`)
   }
 }
 
@@ -279,7 +291,9 @@ export async function prepareTarget (dir: string, force: boolean): Promise<{ cre
     const state = ownerState(name)
     const owner = ownerOf(name)
     if (state === 'live') throw new VmapipeError('E_TARGET_EXISTS', `${dir} is being extracted into by pid ${owner?.pid} right now (${name}); it is left alone`)
-    if (state === 'foreign') throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract on another host; remove it if that run is gone`)
+    if (state === 'foreign') {
+      throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract on another host; remove it if that run is gone`)
+    }
     if (state === 'unknown' && !force) {
       throw new VmapipeError('E_TARGET_EXISTS', `${dir} holds ${name}, the staging of an extract whose owner cannot be told (an older version); ` +
         'set force to remove it if no extract is running there', { option: 'force' })
@@ -291,8 +305,10 @@ export async function prepareTarget (dir: string, force: boolean): Promise<{ cre
   const removed = removedStale.length === 0 ? '' : `; removed ${removedStale.join(', ')}, left by an extract that is gone`
   const rest = entries.filter(e => !e.startsWith(STAGING))
   if (rest.length === 0 && deadRunCreated) return { created: true, removedStale }
-  if (!force) throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (set force to extract into an existing empty directory)${removed}`,
-    { option: 'force' })
+  if (!force) {
+    throw new VmapipeError('E_TARGET_EXISTS', `${dir} exists already (set force to extract into an existing empty directory)${removed}`,
+      { option: 'force' })
+  }
   if (rest.length > 0) throw new VmapipeError('E_TARGET_EXISTS', `${dir} is not an empty directory${removed}`)
   return { created: false, removedStale }
 }

@@ -22,7 +22,9 @@ const at = (head: Buffer, offset: number, magic: string | number[]): boolean => 
 const image = (name: string): ForeignFormat => ({ name, advice: path => `convert it first (qemu-img convert -O qcow2 ${path ?? 'FILE'} disk.qcow2)` })
 const compressed = (name: string, tool: string): ForeignFormat => ({
   name,
-  advice: path => path === undefined ? `decompress it on the way in (${tool} -dc | ...)` : `decompress it first (${tool} -d ${path}), or on the way in (${tool} -dc ${path} | ...)`,
+  advice: path => path === undefined
+    ? `decompress it on the way in (${tool} -dc | ...)`
+    : `decompress it first (${tool} -d ${path}), or on the way in (${tool} -dc ${path} | ...)`,
 })
 
 /** A VHD's footer: all of a fixed VHD's metadata, at its end; a dynamic VHD has a copy at the front. */

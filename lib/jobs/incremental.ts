@@ -39,13 +39,17 @@ export interface OverlayResult {
 const stamp = (d: Date): string => d.toISOString().replace(/\.\d+Z$/, '').replace(/[-:]/g, '').replace('T', '-')
 
 export async function writeOverlay (source: DiskSource, previous: string, options: OverlayOptions = {}): Promise<OverlayResult> {
-  if (source.incremental !== true) throw new VmapipeError('E_OPTION', `${source.path} gives the whole disk; an overlay is made of the clusters a dirty bitmap marks`)
+  if (source.incremental !== true) {
+    throw new VmapipeError('E_OPTION', `${source.path} gives the whole disk; an overlay is made of the clusters a dirty bitmap marks`)
+  }
   const st = await stat(previous).catch(err => { throw ioError(err, `cannot open the previous backup ${previous}`) })
   if (st.isDirectory() || basename(previous) === DESCRIPTOR_NAME) return await snapshotInBundle(source, previous, options)
   const { format, disk } = await openImageFile(previous)
   const size = disk.size
   await disk.close()
-  if (format !== 'qcow2' && format !== 'raw') throw new VmapipeError('E_OPTION', `${previous} is ${format}; a qcow2 overlay goes over a qcow2 or raw image, a snapshot into a .hdd bundle`)
+  if (format !== 'qcow2' && format !== 'raw') {
+    throw new VmapipeError('E_OPTION', `${previous} is ${format}; a qcow2 overlay goes over a qcow2 or raw image, a snapshot into a .hdd bundle`)
+  }
   checkSize(source, size, previous)
   const out = options.output ?? join(dirname(previous), `${basename(previous, extname(previous))}-${stamp(options.now ?? new Date())}.qcow2`)
   // QEMU finds a relative backing file from the overlay's directory.

@@ -55,7 +55,9 @@ export interface PackResult {
  */
 export async function packArchive (disks: DiskSource[], output: { stream: Writable, fd?: number }, options: PackOptions = {}): Promise<PackResult> {
   const partial = disks.find(d => d.incremental === true)
-  if (partial !== undefined) throw new VmapipeError('E_OPTION', `${partial.name} is an incremental source (dirty clusters only); a VMA archive needs every cluster`)
+  if (partial !== undefined) {
+    throw new VmapipeError('E_OPTION', `${partial.name} is an incremental source (dirty clusters only); a VMA archive needs every cluster`)
+  }
   const info: ArchiveInfo = {
     kind: 'archive',
     uuid: options.uuid ?? randomUUID(),

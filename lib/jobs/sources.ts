@@ -149,7 +149,8 @@ async function openImage (spec: DiskSpec, input: Input, format: FormatDescriptor
   if (spec.path === '-' && format.directory === true) {
     throw new VmapipeError('E_NOT_SEEKABLE', `a ${name} image is a directory whose files are named by path: give its path, not stdin`)
   }
-  const streamed = spec.path === '-' ? await format.stream?.(input.stream, { where: 'stdin', ...(spec.tmpDir !== undefined ? { tmpDir: spec.tmpDir } : {}) }) : undefined
+  const streamOptions = { where: 'stdin', ...(spec.tmpDir !== undefined ? { tmpDir: spec.tmpDir } : {}) }
+  const streamed = spec.path === '-' ? await format.stream?.(input.stream, streamOptions) : undefined
   if (streamed !== undefined) {
     return { name: spec.name, path: spec.path, format: name, size: streamed.size, records: streamed.records, close: () => { input.stream.destroy() } }
   }

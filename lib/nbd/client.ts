@@ -126,7 +126,8 @@ export function parseNbdUri (text: string): NbdAddress {
 /** An address as people write it, for messages. */
 export function describeAddress (a: NbdAddress): string {
   const name = encodeURIComponent(a.export)
-  return a.socket !== undefined ? `nbd+unix:///${name}?socket=${a.socket}` : `nbd://${a.host?.includes(':') === true ? `[${a.host}]` : a.host}:${a.port}/${name}`
+  if (a.socket !== undefined) return `nbd+unix:///${name}?socket=${a.socket}`
+  return `nbd://${a.host?.includes(':') === true ? `[${a.host}]` : a.host}:${a.port}/${name}`
 }
 
 interface Pending {
@@ -191,7 +192,8 @@ export class NbdClient {
       if (this.transmitting) this.parse()
       else this.wake()
     })
-    socket.on('error', (err: NodeJS.ErrnoException) => this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: connection lost (${err.code ?? err.message})`, { cause: err })))
+    socket.on('error', (err: NodeJS.ErrnoException) =>
+      this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: connection lost (${err.code ?? err.message})`, { cause: err })))
     socket.on('close', () => this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: the server closed the connection`)))
   }
 
@@ -201,12 +203,16 @@ export class NbdClient {
     socket.setNoDelay(true)
     const client = new NbdClient(socket, address, options)
     const timeout = options.handshakeTimeout ?? 30_000
-    const timer = setTimeout(() => client.fail(new VmapipeError('E_NBD_CONNECT', `${client.where}: no connection and handshake within ${timeout / 1000} s`)), timeout)
+    const timer = setTimeout(() => {
+      client.fail(new VmapipeError('E_NBD_CONNECT', `${client.where}: no connection and handshake within ${timeout / 1000} s`))
+    }, timeout)
     try {
       await new Promise<void>((resolve, reject) => {
         socket.once('connect', resolve)
-        socket.once('close', () => reject(client.failure))
-        socket.once('error', (err: NodeJS.ErrnoException) => reject(new VmapipeError('E_NBD_CONNECT', `cannot connect to ${client.where}: ${err.code ?? err.message}`, { cause: err })))
+        // The constructor's 'close' listener, registered first, has set the failure.
+        socket.once('close', () => reject(client.failure as Error))
+        socket.once('error', (err: NodeJS.ErrnoException) =>
+          reject(new VmapipeError('E_NBD_CONNECT', `cannot connect to ${client.where}: ${err.code ?? err.message}`, { cause: err })))
       })
       await client.handshake(address.export, options.contexts ?? [])
     } catch (err) {
@@ -245,7 +251,8 @@ export class NbdClient {
   }
 
   private replyError (option: number, reply: { type: number, data: Buffer }): VmapipeError {
-    const message = `${this.where}: ${nameOf('OPTION', option)} failed with ${nameOf('REPLY', reply.type)}${reply.data.length > 0 ? `: ${reply.data.subarray(0, MAX_STRING).toString('utf8')}` : ''}`
+    const detail = reply.data.length > 0 ? `: ${reply.data.subarray(0, MAX_STRING).toString('utf8')}` : ''
+    const message = `${this.where}: ${nameOf('OPTION', option)} failed with ${nameOf('REPLY', reply.type)}${detail}`
     return new VmapipeError(reply.type === REPLY.ERR_UNKNOWN ? 'E_NOT_FOUND' : 'E_NBD_SERVER_ERROR', message)
   }
 
@@ -301,7 +308,9 @@ export class NbdClient {
         if (!sized) throw this.violation('NBD_OPT_GO succeeded without NBD_INFO_EXPORT')
         break
       }
-      if (reply.type !== REPLY.ERR_UNSUP) throw isErrorReply(reply.type) ? this.replyError(OPTION.GO, reply) : this.violation(`${nameOf('REPLY', reply.type)} to NBD_OPT_GO`)
+      if (reply.type !== REPLY.ERR_UNSUP) {
+        throw isErrorReply(reply.type) ? this.replyError(OPTION.GO, reply) : this.violation(`${nameOf('REPLY', reply.type)} to NBD_OPT_GO`)
+      }
       // An old server: the old way, which has no error reply (an unknown export just hangs up).
       this.socket.write(encodeOption(OPTION.EXPORT_NAME, Buffer.from(name, 'utf8')))
       const reply2 = decodeExportNameReply(await this.take(EXPORT_NAME_REPLY_SIZE))
@@ -321,8 +330,8 @@ export class NbdClient {
     const wrong = !power(minimum) || minimum > MAX_MINIMUM_BLOCK
       ? `a minimum block size of ${minimum} (a power of 2 up to ${MAX_MINIMUM_BLOCK})`
       : !power(preferred) || preferred < Math.max(minimum, 512)
-        ? `a preferred block size of ${preferred} (a power of 2, at least 512 and the minimum ${minimum})`
-        : maximum < preferred ? `a maximum payload of ${maximum} (at least the preferred block size ${preferred})` : undefined
+          ? `a preferred block size of ${preferred} (a power of 2, at least 512 and the minimum ${minimum})`
+          : maximum < preferred ? `a maximum payload of ${maximum} (at least the preferred block size ${preferred})` : undefined
     if (wrong !== undefined) throw this.violation(`NBD_INFO_BLOCK_SIZE gives ${wrong}`)
     this.minimumBlock = minimum
     // Whole minimum blocks: requests must be multiples of it.
@@ -352,7 +361,9 @@ export class NbdClient {
     return new Promise<void>(resolve => this.waiters.push(resolve))
   }
 
-  private async send (type: number, flags: number, offset: number, length: number, options: { buf?: Buffer, payload?: Buffer[] } = {}): Promise<Map<number, Descriptor[]>> {
+  private async send (
+    type: number, flags: number, offset: number, length: number, options: { buf?: Buffer, payload?: Buffer[] } = {}
+  ): Promise<Map<number, Descriptor[]>> {
     while (this.failure === undefined && this.pending.size >= this.maxInFlight) await this.ready()
     if (this.failure !== undefined) throw this.failure
     const cookie = this.nextCookie++
@@ -541,7 +552,11 @@ export class NbdClient {
     const offset = Number(head.readBigUInt64BE(CHUNK_HEADER_SIZE))
     const length = chunk.length - 8
     this.cover(p, offset, length)
-    this.copy = { cookie: chunk.cookie, target: (p.buf as Buffer).subarray(offset - p.offset, offset - p.offset + length), done: (chunk.flags & REPLY_FLAG_DONE) !== 0 }
+    this.copy = {
+      cookie: chunk.cookie,
+      target: (p.buf as Buffer).subarray(offset - p.offset, offset - p.offset + length),
+      done: (chunk.flags & REPLY_FLAG_DONE) !== 0,
+    }
     return true
   }
 
@@ -557,7 +572,9 @@ export class NbdClient {
   }
 
   private serverError (p: Pending, error: number, message: string): NbdReplyError {
-    return new NbdReplyError(error, `${this.where}: ${nameOf('COMMAND', p.type)} of ${p.length} bytes at ${p.offset} failed with ${nameOf('ERRNO', error)}${message === '' ? '' : `: ${message}`}`)
+    const detail = message === '' ? '' : `: ${message}`
+    return new NbdReplyError(error,
+      `${this.where}: ${nameOf('COMMAND', p.type)} of ${p.length} bytes at ${p.offset} failed with ${nameOf('ERRNO', error)}${detail}`)
   }
 
   // ------------------------------------------------------------ commands
@@ -741,7 +758,8 @@ export async function openNbdDisk (target: NbdAddress | string, options: OpenNbd
     close: async () => { await client.close() },
     bitmaps: names.map(name => {
       const map = async (offset: number, length: number): Promise<Array<{ offset: number, length: number, dirty: boolean }>> =>
-        (await extentsOf(CONTEXT_BITMAP_PREFIX + name, offset, length, flags => (flags & STATE_DIRTY) !== 0)).map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
+        (await extentsOf(CONTEXT_BITMAP_PREFIX + name, offset, length, flags => (flags & STATE_DIRTY) !== 0))
+          .map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
       return {
         id: name,
         // NBD does not tell a bitmap's granularity; the export's block size is the finest it can answer in.

@@ -203,7 +203,9 @@ export function encodeGreeting (flags: number): Buffer {
 export function decodeGreeting (b: Buffer): { flags: number } {
   if (b.readBigUInt64BE(0) !== NBD_MAGIC) throw violation(`not an NBD server: magic 0x${b.subarray(0, 8).toString('hex')}`)
   const second = b.readBigUInt64BE(8)
-  if (second === OLDSTYLE_MAGIC) throw violation('the server speaks the oldstyle handshake, which has no export names or options; only fixed newstyle is supported')
+  if (second === OLDSTYLE_MAGIC) {
+    throw violation('the server speaks the oldstyle handshake, which has no export names or options; only fixed newstyle is supported')
+  }
   if (second !== IHAVEOPT) throw violation(`unexpected second handshake magic 0x${b.subarray(8, 16).toString('hex')}`)
   return { flags: b.readUInt16BE(16) }
 }

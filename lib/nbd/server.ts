@@ -278,7 +278,7 @@ class Connection {
 
   constructor (
     private readonly server: NbdServer, private readonly socket: Socket, private readonly log: ServerLog,
-    handshakeTimeout: number, private readonly idleTimeout: number,
+    handshakeTimeout: number, private readonly idleTimeout: number
   ) {
     socket.setNoDelay(true)
     socket.on('data', (chunk: Buffer) => {
@@ -328,7 +328,8 @@ class Connection {
     this.shared = 0
     this.server.forget(this)
     this.log.info({
-      conn: this.id, export: this.export?.name, requests: this.requests, bytesSent: this.bytesSent, seconds: (Date.now() - this.started) / 1000, reason: this.reason,
+      conn: this.id, export: this.export?.name, requests: this.requests, bytesSent: this.bytesSent,
+      seconds: (Date.now() - this.started) / 1000, reason: this.reason,
     }, 'client disconnected')
   }
 
@@ -489,10 +490,15 @@ class Connection {
       return this.refuse(option, REPLY.ERR_INVALID, (err as Error).message)
     }
     const chosen = this.server.find(request.name)
-    if (chosen === undefined) return this.refuse(option, REPLY.ERR_UNKNOWN, `there is no export ${JSON.stringify(request.name)} (there are ${this.server.exports.map(e => JSON.stringify(e.name)).join(', ')})`)
+    if (chosen === undefined) {
+      const names = this.server.exports.map(e => JSON.stringify(e.name)).join(', ')
+      return this.refuse(option, REPLY.ERR_UNKNOWN, `there is no export ${JSON.stringify(request.name)} (there are ${names})`)
+    }
     this.reply(option, REPLY.INFO, encodeInfoExport(chosen.disk.size, TRANSMISSION_FLAGS))
     if (request.infos.includes(INFO.NAME)) this.reply(option, REPLY.INFO, encodeInfoString(INFO.NAME, chosen.name))
-    if (request.infos.includes(INFO.DESCRIPTION) && chosen.description !== undefined) this.reply(option, REPLY.INFO, encodeInfoString(INFO.DESCRIPTION, chosen.description))
+    if (request.infos.includes(INFO.DESCRIPTION) && chosen.description !== undefined) {
+      this.reply(option, REPLY.INFO, encodeInfoString(INFO.DESCRIPTION, chosen.description))
+    }
     this.reply(option, REPLY.INFO, encodeInfoBlockSize(1, PREFERRED_BLOCK, MAX_PAYLOAD))
     this.reply(option, REPLY.ACK)
     if (option === OPTION.GO) this.start(chosen)
@@ -507,7 +513,9 @@ class Connection {
     } catch (err) {
       return this.refuse(option, REPLY.ERR_INVALID, (err as Error).message)
     }
-    if (option === OPTION.SET_META_CONTEXT && !this.structured) return this.refuse(option, REPLY.ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first')
+    if (option === OPTION.SET_META_CONTEXT && !this.structured) {
+      return this.refuse(option, REPLY.ERR_INVALID, 'NBD_OPT_SET_META_CONTEXT needs structured replies first')
+    }
     const chosen = this.server.find(request.name)
     if (chosen === undefined) return this.refuse(option, REPLY.ERR_UNKNOWN, `there is no export ${JSON.stringify(request.name)}`)
     const available = contextsOf(chosen.disk)
@@ -579,7 +587,9 @@ class Connection {
   private invalid (req: Request, allowedFlags: number, size: number): string | undefined {
     if ((req.flags & ~allowedFlags) !== 0) return `flags 0x${req.flags.toString(16)} are not valid for ${nameOf('COMMAND', req.type)}`
     if (req.length === 0) return `${nameOf('COMMAND', req.type)} of length 0`
-    if (req.offset + req.length > size) return `${nameOf('COMMAND', req.type)} of ${req.length} bytes at ${req.offset} runs past the end of the export (${size} bytes)`
+    if (req.offset + req.length > size) {
+      return `${nameOf('COMMAND', req.type)} of ${req.length} bytes at ${req.offset} runs past the end of the export (${size} bytes)`
+    }
     return undefined
   }
 
@@ -591,7 +601,8 @@ class Connection {
   private serve (req: Request, work: Promise<void>): void {
     this.inFlight++
     work.catch((err: Error) => {
-      this.log.warn({ conn: this.id, export: this.export?.name, offset: req.offset, length: req.length }, `${nameOf('COMMAND', req.type)} failed: ${err.message}`)
+      this.log.warn({ conn: this.id, export: this.export?.name, offset: req.offset, length: req.length },
+        `${nameOf('COMMAND', req.type)} failed: ${err.message}`)
       this.error(req, ERRNO.EIO, err.message)
     }).finally(() => {
       this.inFlight--
@@ -778,8 +789,10 @@ export class NbdServer {
   constructor (exports: NbdExport[], options: NbdServerOptions = {}) {
     if (exports.length === 0) throw new VmapipeError('E_OPTION', 'nothing to serve: no exports')
     for (const e of exports) {
-      if (this.byName.has(e.name)) throw new VmapipeError('E_OPTION', `two exports are named ${JSON.stringify(e.name)}; give them different names`,
-        { option: 'names' })
+      if (this.byName.has(e.name)) {
+        throw new VmapipeError('E_OPTION', `two exports are named ${JSON.stringify(e.name)}; give them different names`,
+          { option: 'names' })
+      }
       encodeInfoString(INFO.NAME, e.name)
       this.byName.set(e.name, e)
     }

@@ -41,7 +41,9 @@ export class NbdDiskWriter implements DiskWriter {
     const client = await NbdClient.connect(target, options)
     try {
       if ((client.flags & TRANSMISSION_FLAG.READ_ONLY) !== 0) throw new VmapipeError('E_OPTION', `${client.where} is read-only`)
-      if (client.size < device.size) throw new VmapipeError('E_LIMIT', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
+      if (client.size < device.size) {
+        throw new VmapipeError('E_LIMIT', `${client.where} is ${client.size} bytes; ${device.name} needs ${device.size}`, { device: device.name })
+      }
       const writer = new NbdDiskWriter(client, device)
       await writer.zeroAll()
       return writer
@@ -84,7 +86,7 @@ export class NbdDiskWriter implements DiskWriter {
   }
 
   async finish (): Promise<void> {
-    this.submit()
+    void this.submit()
     await Promise.allSettled([...this.submitted])
     if (this.failure !== undefined) throw this.failure
     if (this.can(TRANSMISSION_FLAG.SEND_FLUSH)) await this.client.flush()

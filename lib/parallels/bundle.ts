@@ -40,7 +40,9 @@ export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImag
   if (d.padding !== 0) throw fail(where, `Padding is ${d.padding}: only 0 is supported (the spec does not cover Padding 1)`)
   if (d.storages.length !== 1) throw fail(where, `${d.storages.length} storages: split images are not supported, one Storage is`)
   const storage = d.storages[0]
-  if (storage.start !== 0 || storage.end !== d.diskSize) throw fail(where, `the Storage covers sectors ${storage.start} to ${storage.end}, not the whole disk (0 to ${d.diskSize})`)
+  if (storage.start !== 0 || storage.end !== d.diskSize) {
+    throw fail(where, `the Storage covers sectors ${storage.start} to ${storage.end}, not the whole disk (0 to ${d.diskSize})`)
+  }
   const images = new Map<string, DescriptorImage>()
   for (const image of storage.images) {
     if (images.has(image.guid)) throw fail(where, `two Images have GUID ${image.guid}`)
@@ -52,7 +54,10 @@ export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImag
     parents.set(shot.guid, shot.parentGuid)
   }
   const roots = d.shots.filter(s => s.parentGuid === ROOT_PARENT).map(s => s.guid)
-  if (roots.length !== 1) throw fail(where, roots.length === 0 ? 'no root snapshot (a Shot whose ParentGUID is all zeros)' : `${roots.length} root snapshots (${roots.join(', ')}), one expected`)
+  if (roots.length !== 1) {
+    throw fail(where,
+      roots.length === 0 ? 'no root snapshot (a Shot whose ParentGUID is all zeros)' : `${roots.length} root snapshots (${roots.join(', ')}), one expected`)
+  }
   const chain: DescriptorImage[] = []
   const seen = new Set<string>()
   const top = topOf(d, where)
@@ -61,10 +66,15 @@ export function snapshotChain (d: DiskDescriptor, where: string): DescriptorImag
     if (seen.has(guid)) throw fail(where, `the snapshots loop back to ${guid}`)
     seen.add(guid)
     const parent = parents.get(guid)
-    if (parent === undefined) throw fail(where, chain.length === 0 ? `the top snapshot ${guid} has no Shot` : `snapshot ${chain[chain.length - 1].guid} names parent ${guid}, which has no Shot`)
+    if (parent === undefined) {
+      throw fail(where,
+        chain.length === 0 ? `the top snapshot ${guid} has no Shot` : `snapshot ${chain[chain.length - 1].guid} names parent ${guid}, which has no Shot`)
+    }
     const image = images.get(guid)
     if (image === undefined) throw fail(where, `snapshot ${guid} has no Image in the Storage`)
-    if (parent !== ROOT_PARENT && image.type !== 'Compressed') throw fail(where, `overlay ${guid} (${image.file}) is ${image.type}; overlays must be expandable (Compressed)`)
+    if (parent !== ROOT_PARENT && image.type !== 'Compressed') {
+      throw fail(where, `overlay ${guid} (${image.file}) is ${image.type}; overlays must be expandable (Compressed)`)
+    }
     chain.push(image)
     guid = parent
   }

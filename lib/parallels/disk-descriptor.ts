@@ -126,12 +126,15 @@ function numberOf (children: XmlNode[], name: string, where: string, path: strin
 
 function guidOf (children: XmlNode[], name: string, where: string, path: string): string {
   const text = textOf(only(children, name, where, path))
-  if (!/^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$/i.test(text)) throw fail(where, `<${name}> in ${path} is "${clip(text)}", not a GUID in braces`)
+  if (!/^\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\}$/i.test(text)) {
+    throw fail(where, `<${name}> in ${path} is "${clip(text)}", not a GUID in braces`)
+  }
   return text.toLowerCase()
 }
 
 function rootOf (tree: XmlNode[], where: string): XmlNode {
-  const root = only(tree.filter(n => !tagOf(n).startsWith('?') && tagOf(n) !== '#comment' && tagOf(n) !== '#text'), 'Parallels_disk_image', where, 'the document')
+  const root = only(tree.filter(n => !tagOf(n).startsWith('?') && tagOf(n) !== '#comment' && tagOf(n) !== '#text'),
+    'Parallels_disk_image', where, 'the document')
   const version = (root[':@'] as Record<string, string> | undefined)?.['@_Version']
   if (version !== '1.0') throw fail(where, `Parallels_disk_image Version is ${version === undefined ? 'missing' : `"${clip(version)}"`}, only 1.0 is known`)
   return root
@@ -159,7 +162,9 @@ function describe (root: XmlNode, where: string): DiskDescriptor {
         if (type !== 'Plain' && type !== 'Compressed') throw fail(where, `<Type> in ${at} is "${clip(type)}", neither Plain nor Compressed`)
         const file = textOf(only(fields, 'File', where, at))
         if (file === '' || file.includes('\0')) throw fail(where, `<File> in ${at} is empty or holds NUL`)
-        if (Buffer.byteLength(file) > PATH_MAX) throw fail(where, `<File> in ${at} is ${Buffer.byteLength(file)} bytes, longer than a path can be (${PATH_MAX})`)
+        if (Buffer.byteLength(file) > PATH_MAX) {
+          throw fail(where, `<File> in ${at} is ${Buffer.byteLength(file)} bytes, longer than a path can be (${PATH_MAX})`)
+        }
         return { guid: guidOf(fields, 'GUID', where, at), type: type as DescriptorImage['type'], file }
       }),
     }
@@ -215,7 +220,7 @@ export function buildDescriptor (d: DiskDescriptor): string {
   ])
   root[':@'] = { '@_Version': '1.0' }
   const declaration = { '?xml': [{ '#text': '' }], ':@': { '@_version': '1.0', '@_encoding': 'UTF-8' } }
-  return (new XMLBuilder({ ...OPTIONS, format: true, indentBy: '  ' }).build([declaration, root]) as string).trimEnd() + '\n'
+  return new XMLBuilder({ ...OPTIONS, format: true, indentBy: '  ' }).build([declaration, root]).trimEnd() + '\n'
 }
 
 /**
@@ -238,7 +243,7 @@ export function addSnapshotImage (xml: string, image: DescriptorImage, where: st
   const topGuid = elements(snapshots, 'TopGUID')[0]
   if (topGuid !== undefined) topGuid.TopGUID = [{ '#text': image.guid }]
   else prepend(snapshots, el('TopGUID', image.guid))
-  const out = new XMLBuilder({ ...OPTIONS, format: false, suppressEmptyNode: false }).build(tree) as string
+  const out = new XMLBuilder({ ...OPTIONS, format: false, suppressEmptyNode: false }).build(tree)
   // The builder rewrites the prolog (declaration quotes, blanks); keep the original's.
   const prolog = (text: string): string => /^[\s\S]*?(?=<Parallels_disk_image[\s>])/.exec(text)?.[0] ?? ''
   return prolog(xml) + out.slice(prolog(out).length) + (/\s*$/.exec(xml)?.[0] ?? '')

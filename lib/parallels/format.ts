@@ -96,12 +96,18 @@ export function entryOffset (h: ParallelsHeader, entry: number): number {
 export function parseHeader (buf: Buffer, where: string, fileSize?: number): ParallelsHeader {
   if (buf.length < HEADER_SIZE) throw fail('E_PARALLELS_HEADER', where, `${buf.length} bytes, shorter than a Parallels header (${HEADER_SIZE})`, 0)
   const magic = buf.toString('latin1', 0, 16)
-  if (magic !== MAGIC_SECTORS && magic !== MAGIC_CLUSTERS) throw fail('E_PARALLELS_HEADER', where, 'not a Parallels image (magic is neither WithoutFreeSpace nor WithouFreSpacExt)', 0)
+  if (magic !== MAGIC_SECTORS && magic !== MAGIC_CLUSTERS) {
+    throw fail('E_PARALLELS_HEADER', where, 'not a Parallels image (magic is neither WithoutFreeSpace nor WithouFreSpacExt)', 0)
+  }
   const version = buf.readUInt32LE(16)
   if (version !== VERSION) throw fail('E_PARALLELS_HEADER', where, `version ${version}, only ${VERSION} exists`, 16)
   const sectors64 = buf.readBigUInt64LE(36)
-  if (magic === MAGIC_SECTORS && sectors64 >> 32n !== 0n) throw fail('E_PARALLELS_HEADER', where, 'nb_sectors uses its high 32 bits, which WithoutFreeSpace images must leave clear', 36)
-  if (sectors64 > BigInt(Number.MAX_SAFE_INTEGER) / BigInt(SECTOR_SIZE)) throw fail('E_PARALLELS_HEADER', where, `nb_sectors ${sectors64} is beyond any disk`, 36)
+  if (magic === MAGIC_SECTORS && sectors64 >> 32n !== 0n) {
+    throw fail('E_PARALLELS_HEADER', where, 'nb_sectors uses its high 32 bits, which WithoutFreeSpace images must leave clear', 36)
+  }
+  if (sectors64 > BigInt(Number.MAX_SAFE_INTEGER) / BigInt(SECTOR_SIZE)) {
+    throw fail('E_PARALLELS_HEADER', where, `nb_sectors ${sectors64} is beyond any disk`, 36)
+  }
   const h: ParallelsHeader = {
     magic,
     heads: buf.readUInt32LE(20),
@@ -119,17 +125,30 @@ export function parseHeader (buf: Buffer, where: string, fileSize?: number): Par
   h.extOff = Number(extOff)
   if (h.tracks === 0) throw fail('E_PARALLELS_HEADER', where, 'cluster size (tracks) is 0', 28)
   if (h.tracks > MAX_CLUSTER_SECTORS) throw fail('E_PARALLELS_HEADER', where, `cluster of ${h.tracks} sectors is over the ${MAX_CLUSTER_SECTORS} allowed`, 28)
-  if (h.inUse === IN_USE) throw fail('E_PARALLELS_HEADER', where, 'the image is marked in use: it was not closed cleanly and its BAT may not match its data (qemu-img check -r all repairs it)', 44)
+  if (h.inUse === IN_USE) {
+    throw fail('E_PARALLELS_HEADER', where,
+      'the image is marked in use: it was not closed cleanly and its BAT may not match its data (qemu-img check -r all repairs it)', 44)
+  }
   if (h.inUse !== 0 && h.inUse !== CLOSED) throw fail('E_PARALLELS_HEADER', where, `in_use is 0x${h.inUse.toString(16)}, which is not allowed`, 44)
   if (h.sectors === 0) throw fail('E_PARALLELS_HEADER', where, 'the disk size (nb_sectors) is 0', 36)
   const needed = Math.ceil(h.sectors / h.tracks)
-  if (h.batEntries < needed) throw fail('E_PARALLELS_HEADER', where, `bat_entries ${h.batEntries} cannot cover ${h.sectors} sectors in clusters of ${h.tracks} (${needed} needed)`, 32)
+  if (h.batEntries < needed) {
+    throw fail('E_PARALLELS_HEADER', where, `bat_entries ${h.batEntries} cannot cover ${h.sectors} sectors in clusters of ${h.tracks} (${needed} needed)`, 32)
+  }
   if (h.batEntries > MAX_BAT_ENTRIES) throw fail('E_PARALLELS_HEADER', where, `bat_entries ${h.batEntries} is over the ${MAX_BAT_ENTRIES} allowed`, 32)
-  if (fileSize !== undefined && batEnd(h) > fileSize) throw fail('E_PARALLELS_HEADER', where, `the BAT of ${h.batEntries} entries ends at byte ${batEnd(h)}, past the end of the file (${fileSize} bytes)`, 32)
+  if (fileSize !== undefined && batEnd(h) > fileSize) {
+    throw fail('E_PARALLELS_HEADER', where, `the BAT of ${h.batEntries} entries ends at byte ${batEnd(h)}, past the end of the file (${fileSize} bytes)`, 32)
+  }
   if (h.magic === MAGIC_CLUSTERS && h.dataOff === 0) throw fail('E_PARALLELS_HEADER', where, 'data_off is 0, which WithouFreSpacExt images do not allow', 48)
-  if (h.magic === MAGIC_CLUSTERS && h.dataOff % h.tracks !== 0) throw fail('E_PARALLELS_HEADER', where, `data_off ${h.dataOff} (sectors) is not aligned to the cluster size (${h.tracks} sectors)`, 48)
-  if (dataOffset(h) < batEnd(h)) throw fail('E_PARALLELS_HEADER', where, `data_off points to byte ${dataOffset(h)}, inside the BAT (which ends at byte ${batEnd(h)})`, 48)
-  if (fileSize !== undefined && dataOffset(h) > fileSize) throw fail('E_PARALLELS_HEADER', where, `data_off points to byte ${dataOffset(h)}, past the end of the file (${fileSize} bytes)`, 48)
+  if (h.magic === MAGIC_CLUSTERS && h.dataOff % h.tracks !== 0) {
+    throw fail('E_PARALLELS_HEADER', where, `data_off ${h.dataOff} (sectors) is not aligned to the cluster size (${h.tracks} sectors)`, 48)
+  }
+  if (dataOffset(h) < batEnd(h)) {
+    throw fail('E_PARALLELS_HEADER', where, `data_off points to byte ${dataOffset(h)}, inside the BAT (which ends at byte ${batEnd(h)})`, 48)
+  }
+  if (fileSize !== undefined && dataOffset(h) > fileSize) {
+    throw fail('E_PARALLELS_HEADER', where, `data_off points to byte ${dataOffset(h)}, past the end of the file (${fileSize} bytes)`, 48)
+  }
   return h
 }
 
@@ -154,7 +173,9 @@ export function encodeHeader (h: ParallelsHeader): Buffer {
  * at byte `offset` lies in the data area, on a cluster boundary from its
  * start, and (when the size is known) wholly inside the file.
  */
-export function checkHostCluster (h: ParallelsHeader, offset: number, fileSize: number | undefined, what: string, where: string, code: 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION', at: number): void {
+export function checkHostCluster (
+  h: ParallelsHeader, offset: number, fileSize: number | undefined, what: string, where: string, code: 'E_PARALLELS_BAT' | 'E_PARALLELS_EXTENSION', at: number
+): void {
   const fault = hostClusterFault(offset, dataOffset(h), clusterSize(h), fileSize)
   if (fault !== undefined) throw fail(code, where, `${what} ${fault}`, at)
 }
@@ -167,7 +188,9 @@ export function checkHostCluster (h: ParallelsHeader, offset: number, fileSize: 
  */
 function hostClusterFault (offset: number, start: number, size: number, fileSize: number | undefined): string | undefined {
   if (offset < start) return `points to byte ${offset}, before the data area (byte ${start})`
-  if ((offset - start) % size !== 0) return `points to byte ${offset}, not on a cluster boundary of the data area (clusters of ${size} bytes from byte ${start})`
+  if ((offset - start) % size !== 0) {
+    return `points to byte ${offset}, not on a cluster boundary of the data area (clusters of ${size} bytes from byte ${start})`
+  }
   if (fileSize !== undefined && offset + size > fileSize) return `points to byte ${offset}, past the end of the file (${fileSize} bytes)`
   if (!Number.isSafeInteger(offset + size)) return 'points beyond any file'
   return undefined
@@ -202,7 +225,8 @@ export function parseBat (h: ParallelsHeader, bytes: Buffer, where: string, file
   for (let j = 1; j < sorted.length; j++) {
     if (sorted[j] !== sorted[j - 1]) continue
     const index = bat.lastIndexOf(sorted[j])
-    throw fail('E_PARALLELS_BAT', where, `BAT entry ${index} points to byte ${entryOffset(h, sorted[j])}, a cluster entry ${bat.indexOf(sorted[j])} uses already`, batEntryAt(index))
+    throw fail('E_PARALLELS_BAT', where,
+      `BAT entry ${index} points to byte ${entryOffset(h, sorted[j])}, a cluster entry ${bat.indexOf(sorted[j])} uses already`, batEntryAt(index))
   }
   return { bat, sorted }
 }
@@ -262,17 +286,23 @@ export function parseFormatExtension (h: ParallelsHeader, cluster: Buffer, where
   const magic = cluster.readBigUInt64LE(0)
   if (magic !== EXTENSION_MAGIC) throw fail('E_PARALLELS_EXTENSION', where, `Format Extension magic is ${hex(magic)}, not ${hex(EXTENSION_MAGIC)}`, at)
   const md5 = createHash('md5').update(cluster.subarray(EXTENSION_HEADER_SIZE)).digest()
-  if (!md5.equals(cluster.subarray(8, EXTENSION_HEADER_SIZE))) throw fail('E_PARALLELS_EXTENSION', where, 'Format Extension checksum (MD5 from byte 24) does not match its contents', what(8))
+  if (!md5.equals(cluster.subarray(8, EXTENSION_HEADER_SIZE))) {
+    throw fail('E_PARALLELS_EXTENSION', where, 'Format Extension checksum (MD5 from byte 24) does not match its contents', what(8))
+  }
   const result: FormatExtension = { bitmaps: [], others: [] }
   let pos = EXTENSION_HEADER_SIZE
   for (;;) {
-    if (pos + FEATURE_HEADER_SIZE > cluster.length) throw fail('E_PARALLELS_EXTENSION', where, 'the features run past the Format Extension cluster without an end of features', what(pos))
+    if (pos + FEATURE_HEADER_SIZE > cluster.length) {
+      throw fail('E_PARALLELS_EXTENSION', where, 'the features run past the Format Extension cluster without an end of features', what(pos))
+    }
     const featureMagic = cluster.readBigUInt64LE(pos)
     const flags = cluster.readBigUInt64LE(pos + 8)
     const dataSize = cluster.readUInt32LE(pos + 16)
     const dataAt = pos + FEATURE_HEADER_SIZE
     if (featureMagic === FEATURE_END) return result
-    if (dataAt + dataSize > cluster.length) throw fail('E_PARALLELS_EXTENSION', where, `feature ${hex(featureMagic)} claims ${dataSize} bytes, past the Format Extension cluster`, what(pos + 16))
+    if (dataAt + dataSize > cluster.length) {
+      throw fail('E_PARALLELS_EXTENSION', where, `feature ${hex(featureMagic)} claims ${dataSize} bytes, past the Format Extension cluster`, what(pos + 16))
+    }
     const data = cluster.subarray(dataAt, dataAt + dataSize)
     const necessary = (flags & FEATURE_NECESSARY) !== 0n
     if (featureMagic === FEATURE_DIRTY_BITMAP) {
@@ -292,7 +322,9 @@ export function parseFormatExtension (h: ParallelsHeader, cluster: Buffer, where
 }
 
 function parseBitmapFeature (h: ParallelsHeader, data: Buffer, where: string, at: number, check: ClusterCheck): BitmapFeature {
-  if (data.length < BITMAP_HEADER_SIZE) throw fail('E_PARALLELS_EXTENSION', where, `dirty bitmap feature of ${data.length} bytes, shorter than its ${BITMAP_HEADER_SIZE}-byte header`, at)
+  if (data.length < BITMAP_HEADER_SIZE) {
+    throw fail('E_PARALLELS_EXTENSION', where, `dirty bitmap feature of ${data.length} bytes, shorter than its ${BITMAP_HEADER_SIZE}-byte header`, at)
+  }
   const sectors = data.readBigUInt64LE(0)
   const id = formatUuid(data.subarray(8, 24))
   const granularity = data.readUInt32LE(24)
@@ -302,13 +334,19 @@ function parseBitmapFeature (h: ParallelsHeader, data: Buffer, where: string, at
     throw fail('E_PARALLELS_EXTENSION', where, `dirty bitmap ${id} has granularity ${granularity} sectors, not a power of two below 4 GiB`, at + 24)
   }
   const expected = bitmapL1Size(h.sectors, granularity, clusterSize(h))
-  if (l1Size !== expected) throw fail('E_PARALLELS_EXTENSION', where, `dirty bitmap ${id} has ${l1Size} L1 entries, its size and granularity need ${expected}`, at + 28)
-  if (BITMAP_HEADER_SIZE + 8 * l1Size > data.length) throw fail('E_PARALLELS_EXTENSION', where, `the L1 table of dirty bitmap ${id} runs past its feature data`, at + 28)
+  if (l1Size !== expected) {
+    throw fail('E_PARALLELS_EXTENSION', where, `dirty bitmap ${id} has ${l1Size} L1 entries, its size and granularity need ${expected}`, at + 28)
+  }
+  if (BITMAP_HEADER_SIZE + 8 * l1Size > data.length) {
+    throw fail('E_PARALLELS_EXTENSION', where, `the L1 table of dirty bitmap ${id} runs past its feature data`, at + 28)
+  }
   const l1: number[] = []
   for (let i = 0; i < l1Size; i++) {
     const entryAt = at + BITMAP_HEADER_SIZE + 8 * i
     const entry = data.readBigUInt64LE(BITMAP_HEADER_SIZE + 8 * i)
-    if (entry > BigInt(Number.MAX_SAFE_INTEGER) / BigInt(SECTOR_SIZE)) throw fail('E_PARALLELS_EXTENSION', where, `L1 entry ${i} of dirty bitmap ${id} points beyond any file`, entryAt)
+    if (entry > BigInt(Number.MAX_SAFE_INTEGER) / BigInt(SECTOR_SIZE)) {
+      throw fail('E_PARALLELS_EXTENSION', where, `L1 entry ${i} of dirty bitmap ${id} points beyond any file`, entryAt)
+    }
     if (entry > 1n) check(Number(entry) * SECTOR_SIZE, `L1 entry ${i} of dirty bitmap ${id}`, entryAt)
     l1.push(Number(entry))
   }
@@ -323,7 +361,8 @@ export function encodeFormatExtension (clusterBytes: number, bitmaps: BitmapFeat
   for (const b of bitmaps) {
     const dataSize = BITMAP_HEADER_SIZE + 8 * b.l1.length
     if (pos + FEATURE_HEADER_SIZE + dataSize + FEATURE_HEADER_SIZE > clusterBytes) {
-      throw new VmapipeError('E_LIMIT', `dirty bitmaps need more than one Format Extension cluster of ${clusterBytes} bytes; use larger clusters or a coarser granularity`)
+      throw new VmapipeError('E_LIMIT',
+        `dirty bitmaps need more than one Format Extension cluster of ${clusterBytes} bytes; use larger clusters or a coarser granularity`)
     }
     cluster.writeBigUInt64LE(FEATURE_DIRTY_BITMAP, pos)
     cluster.writeUInt32LE(dataSize, pos + 16)

@@ -24,12 +24,13 @@ export class ParallelsImage implements RandomAccessDisk {
     readonly path: string,
     readonly header: ParallelsHeader,
     bat: Uint32Array,
-    readonly extension: FormatExtension | undefined,
+    readonly extension: FormatExtension | undefined
   ) {
     this.size = header.sectors * SECTOR_SIZE
     this.clusterSize = clusterSize(header)
     this.bat = visibleBat(header, bat)
-    this.bitmaps = (extension?.bitmaps ?? []).map(b => new ParallelsBitmap(b, this.size, this.clusterSize, async (buf, at) => { await readFully(file, buf, at, path) }))
+    this.bitmaps = (extension?.bitmaps ?? []).map(b =>
+      new ParallelsBitmap(b, this.size, this.clusterSize, async (buf, at) => { await readFully(file, buf, at, path) }))
   }
 
   /** Opens and checks `path`: header, every BAT entry, the Format Extension and its bitmaps' tables. */
@@ -135,7 +136,9 @@ async function readExtension (file: FileHandle, h: ParallelsHeader, sortedBat: U
   const claim = (offset: number, what: string, at: number): void => {
     checkHostCluster(h, offset, fileSize, what, where, 'E_PARALLELS_EXTENSION', at)
     const entry = offset / entryUnit(h)
-    if (used.has(offset) || binarySearch(sortedBat, entry)) throw new VmapipeError('E_PARALLELS_EXTENSION', `${where}: ${what} points to byte ${offset}, a cluster used already`, { offset: at })
+    if (used.has(offset) || binarySearch(sortedBat, entry)) {
+      throw new VmapipeError('E_PARALLELS_EXTENSION', `${where}: ${what} points to byte ${offset}, a cluster used already`, { offset: at })
+    }
     used.add(offset)
   }
   const at = h.extOff * SECTOR_SIZE
@@ -167,7 +170,7 @@ export class ParallelsBitmap implements DirtyBitmap {
     private readonly feature: BitmapFeature,
     private readonly diskSize: number,
     private readonly clusterBytes: number,
-    private readonly readAt: (buf: Buffer, position: number) => Promise<void>,
+    private readonly readAt: (buf: Buffer, position: number) => Promise<void>
   ) {
     this.id = feature.id
     this.granularity = feature.granularity * SECTOR_SIZE

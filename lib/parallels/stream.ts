@@ -26,7 +26,13 @@ export async function streamParallels (input: Readable, where: string): Promise<
   const header = parseHeader(await peek(input, HEADER_SIZE), where)
   if (clusterSize(header) % CLUSTER_SIZE !== 0) return undefined
   const head = await peek(input, batEnd(header))
-  if (head.length < batEnd(header)) throw new VmapipeError('E_PARALLELS_HEADER', `${where}: the input ended at byte ${head.length}, inside the BAT (which ends at byte ${batEnd(header)})`, { offset: head.length })
+  if (head.length < batEnd(header)) {
+    throw new VmapipeError(
+      'E_PARALLELS_HEADER',
+      `${where}: the input ended at byte ${head.length}, inside the BAT (which ends at byte ${batEnd(header)})`,
+      { offset: head.length }
+    )
+  }
   const bat = visibleBat(header, parseBat(header, head.subarray(HEADER_SIZE), where).bat)
   const order = Uint32Array.from(bat.keys()).filter(i => bat[i] !== 0).sort((a, b) => bat[a] - bat[b])
   return {
@@ -38,7 +44,9 @@ export async function streamParallels (input: Readable, where: string): Promise<
   }
 }
 
-async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32Array, order: Uint32Array, device: number, where: string): AsyncGenerator<ClusterRecord> {
+async function * streamRecords (
+  input: Readable, h: ParallelsHeader, bat: Uint32Array, order: Uint32Array, device: number, where: string
+): AsyncGenerator<ClusterRecord> {
   const size = h.sectors * SECTOR_SIZE
   const perCluster = clusterSize(h) / CLUSTER_SIZE
   const queue = new ByteQueue()
@@ -71,7 +79,9 @@ async function * streamRecords (input: Readable, h: ParallelsHeader, bat: Uint32
   }
   const end = queue.consumed + queue.length
   if (next < order.length) {
-    throw new VmapipeError('E_PARALLELS_BAT', `${where}: BAT entry ${order[next]} points to byte ${entryOffset(h, bat[order[next]])}, past the end of the input (${end} bytes)`, { offset: batEntryAt(order[next]) })
+    const entry = order[next]
+    throw new VmapipeError('E_PARALLELS_BAT',
+      `${where}: BAT entry ${entry} points to byte ${entryOffset(h, bat[entry])}, past the end of the input (${end} bytes)`, { offset: batEntryAt(entry) })
   }
   // Every cluster whole in the input, the last one's part past the disk's end included: the file reader's rule (parseBat).
   const last = order[order.length - 1]

@@ -69,7 +69,7 @@ export class ParallelsWriter implements DiskWriter {
     private readonly size: number,
     readonly header: ParallelsHeader,
     private readonly queue: FileWrites,
-    private readonly base?: RandomAccessDisk,
+    private readonly base?: RandomAccessDisk
   ) {
     this.bat = new Uint32Array(header.batEntries)
     this.clusterBytes = header.tracks * SECTOR_SIZE
@@ -83,7 +83,10 @@ export class ParallelsWriter implements DiskWriter {
     const sectors = Math.ceil(size / SECTOR_SIZE)
     const tracks = clusterBytes / SECTOR_SIZE
     const batEntries = Math.ceil(sectors / tracks)
-    if (batEntries > MAX_BAT_ENTRIES) throw new VmapipeError('E_LIMIT', `a disk of ${size} bytes needs ${batEntries} clusters of ${clusterBytes} bytes, over the ${MAX_BAT_ENTRIES} a BAT may hold here; use a larger cluster size`)
+    if (batEntries > MAX_BAT_ENTRIES) {
+      throw new VmapipeError('E_LIMIT', `a disk of ${size} bytes needs ${batEntries} clusters of ${clusterBytes} bytes, ` +
+        `over the ${MAX_BAT_ENTRIES} a BAT may hold here; use a larger cluster size`)
+    }
     const { cylinders, heads } = geometry(sectors)
     const header: ParallelsHeader = {
       magic: MAGIC_CLUSTERS,
@@ -174,8 +177,9 @@ export class ParallelsWriter implements DiskWriter {
 
   async finish (): Promise<void> {
     if (this.base !== undefined) await this.fillFromBase(this.base)
-    this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
-    this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
+    // completeFile drains the queue, so the waits these two hand back need no await.
+    void this.queue.write(this.file.fd, encodeBat(this.bat), HEADER_SIZE, `writing the BAT of ${this.path}`)
+    void this.queue.write(this.file.fd, encodeHeader({ ...this.header, inUse: CLOSED }), 0, `writing the header of ${this.path}`)
     await completeFile(this.queue, this.file, this.next * this.clusterBytes, this.path)
   }
 
@@ -209,7 +213,9 @@ export class ParallelsWriter implements DiskWriter {
     }
     const granularity = b.granularity / SECTOR_SIZE
     const granules = Math.ceil(this.header.sectors / granularity)
-    if (b.bits.length * 8 < granules) throw new VmapipeError('E_OPTION', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
+    if (b.bits.length * 8 < granules) {
+      throw new VmapipeError('E_OPTION', `dirty bitmap ${b.id}: ${b.bits.length} bytes of bits, the disk needs ${Math.ceil(granules / 8)}`)
+    }
     const perChunk = this.clusterBytes * 8
     const l1: number[] = []
     for (let first = 0; first < granules; first += perChunk) {

@@ -77,7 +77,9 @@ export function parseHeader (head: Buffer, fileSize: number): Qcow2Header {
   const version = head.readUInt32BE(4)
   if (version !== 2 && version !== 3) throw fail(`unsupported qcow2 version ${version}`, 4)
   const clusterBits = head.readUInt32BE(20)
-  if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) throw fail(`cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`, 20)
+  if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
+    throw fail(`cluster_bits ${clusterBits} is outside ${MIN_CLUSTER_BITS}..${MAX_CLUSTER_BITS}`, 20)
+  }
   const clusterSize = 2 ** clusterBits
   const size = diskSize(u64(head, 24, 'size'))
   if (head.readUInt32BE(32) !== 0) throw fail('encrypted images are not supported', 32)
@@ -111,7 +113,9 @@ export function parseHeader (head: Buffer, fileSize: number): Qcow2Header {
   if (l1Size * 8 > MAX_L1_BYTES) throw fail(`l1_size ${l1Size} needs more than ${MAX_L1_BYTES} bytes`, 36)
   checkTable(l1Offset, l1Size * 8, clusterSize, fileSize, 'L1 table', 40)
   checkTable(refcountTableOffset, refcountTableClusters * clusterSize, clusterSize, fileSize, 'refcount table', 48)
-  const header: Qcow2Header = { version, clusterBits, size, l1Size, l1Offset, refcountTableOffset, refcountTableClusters, incompatible, autoclear, refcountOrder, headerLength }
+  const header: Qcow2Header = {
+    version, clusterBits, size, l1Size, l1Offset, refcountTableOffset, refcountTableClusters, incompatible, autoclear, refcountOrder, headerLength,
+  }
   const ext = version === 3 ? parseExtensions(head, headerLength, Math.min(clusterSize, head.length)) : {}
   if (ext.dataFile !== undefined) header.dataFile = ext.dataFile
   if (ext.bitmaps !== undefined) header.bitmaps = ext.bitmaps
@@ -120,7 +124,10 @@ export function parseHeader (head: Buffer, fileSize: number): Qcow2Header {
     const length = head.readUInt32BE(16)
     if (length === 0 || length > MAX_BACKING_NAME) throw fail(`backing file name of ${length} bytes (1..${MAX_BACKING_NAME})`, 16)
     if (backingOffset + length > head.length) throw fail('the backing file name lies outside the first cluster', 8)
-    header.backing = { name: head.subarray(backingOffset, backingOffset + length).toString('utf8'), ...(ext.backingFormat !== undefined ? { format: ext.backingFormat } : {}) }
+    header.backing = {
+      name: head.subarray(backingOffset, backingOffset + length).toString('utf8'),
+      ...(ext.backingFormat !== undefined ? { format: ext.backingFormat } : {}),
+    }
   }
   if ((incompatible & INCOMPAT.DATA_FILE) !== 0 && header.backing !== undefined && (autoclear & AUTOCLEAR.DATA_FILE_RAW) !== 0) {
     throw fail('a raw external data file cannot have a backing file', 88)
@@ -130,7 +137,9 @@ export function parseHeader (head: Buffer, fileSize: number): Qcow2Header {
 
 function checkTable (offset: number, bytes: number, clusterSize: number, fileSize: number, what: string, field: number): void {
   if (offset % clusterSize !== 0) throw fail(`${what} offset ${offset} is not cluster aligned`, field)
-  if (bytes > 0 && (offset === 0 || offset + bytes > fileSize)) throw fail(`${what} at ${offset} (${bytes} bytes) lies outside the ${fileSize}-byte file`, field)
+  if (bytes > 0 && (offset === 0 || offset + bytes > fileSize)) {
+    throw fail(`${what} at ${offset} (${bytes} bytes) lies outside the ${fileSize}-byte file`, field)
+  }
 }
 
 interface Extensions { dataFile?: string, backingFormat?: string, bitmaps?: Qcow2Header['bitmaps'] }
@@ -149,7 +158,11 @@ function parseExtensions (head: Buffer, start: number, end: number): Extensions 
     else if (type === EXT.CRYPTO) throw fail('encrypted images are not supported', at)
     else if (type === EXT.BITMAPS) {
       if (length < 24) throw fail('bitmaps extension too short', at)
-      ext.bitmaps = { count: data.readUInt32BE(0), directorySize: u64(data, 8, 'bitmap_directory_size'), directoryOffset: u64(data, 16, 'bitmap_directory_offset') }
+      ext.bitmaps = {
+        count: data.readUInt32BE(0),
+        directorySize: u64(data, 8, 'bitmap_directory_size'),
+        directoryOffset: u64(data, 16, 'bitmap_directory_offset'),
+      }
     }
     at += 8 + Math.ceil(length / 8) * 8
   }
@@ -268,7 +281,9 @@ export function readL1Entry (l1: Buffer, index: number, clusterSize: number, fil
   const offset = (hi & 0x00ffffff) * TWO32 + (lo & 0xfffffe00)
   if (offset === 0) return 0
   if (offset % clusterSize !== 0) throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} points to ${offset}, which is not cluster aligned`, { offset: at })
-  if (offset + clusterSize > fileSize) throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} points to an L2 table at ${offset}, past the end of the ${fileSize}-byte file`, { offset: at })
+  if (offset + clusterSize > fileSize) {
+    throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} points to an L2 table at ${offset}, past the end of the ${fileSize}-byte file`, { offset: at })
+  }
   return offset
 }
 

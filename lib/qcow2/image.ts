@@ -68,7 +68,7 @@ export class Qcow2Image implements RandomAccessDisk {
     /** The L1 table, decoded and checked once: each L2 table's offset, 0 for none. */
     private readonly l2Offsets: Float64Array,
     private readonly data: Opened | undefined,
-    readonly backing: RandomAccessDisk | undefined,
+    readonly backing: RandomAccessDisk | undefined
   ) {
     this.size = header.size
     this.clusterSize = 2 ** header.clusterBits
@@ -227,7 +227,8 @@ export class Qcow2Image implements RandomAccessDisk {
     try {
       out = await inflateCluster(compressed, this.clusterSize)
     } catch (err) {
-      throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
+      throw new VmapipeError('E_QCOW2_DATA',
+        `the compressed cluster at ${host} does not inflate to one ${this.clusterSize}-byte cluster: ${(err as Error).message}`, { offset: host })
     }
     if (out.length !== this.clusterSize) {
       throw new VmapipeError('E_QCOW2_DATA', `the compressed cluster at ${host} inflates to ${out.length} bytes, not ${this.clusterSize}`, { offset: host })
@@ -328,7 +329,12 @@ async function openChain (path: string, options: Qcow2OpenOptions, seen: Set<str
 
     let data: Opened | undefined
     const refuseReference = (what: string): void => {
-      if (options.standalone === true) throw new VmapipeError('E_NOT_SEEKABLE', `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`)
+      if (options.standalone === true) {
+        throw new VmapipeError(
+          'E_NOT_SEEKABLE',
+          `${path} came through stdin and refers to a ${what}, which cannot be found from there; give the image's path instead`
+        )
+      }
     }
     if ((header.incompatible & INCOMPAT.DATA_FILE) !== 0) {
       refuseReference('data file')
@@ -363,4 +369,3 @@ async function openBacking (path: string, format: string | undefined, seen: Set<
   }
   return await RawImage.open(path)
 }
-

@@ -61,7 +61,8 @@ export async function streamQcow2 (input: Readable, options: { tmpDir?: string }
   const size = diskSize(Number(raw))
   return {
     size,
-    records: async (device, progress) => qcow2StreamRecords(progress ? chain(input, await counter(progress)) : input, { id: device, name: 'stdin', size }, options),
+    records: async (device, progress) =>
+      qcow2StreamRecords(progress ? chain(input, await counter(progress)) : input, { id: device, name: 'stdin', size }, options),
   }
 }
 
@@ -184,11 +185,12 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
         pass = new StreamPass(header, device, spill)
       }
       const clusterSize = 2 ** pass.header.clusterBits
-      for (let c = bytes.take(clusterSize); c !== null; c = bytes.take(clusterSize)) await (yield * pass.cluster(c))
+      // yield* here (an async generator over a sync one) awaits what cluster() returns: the spill write, when it asks to be waited for.
+      for (let c = bytes.take(clusterSize); c !== null; c = bytes.take(clusterSize)) yield * pass.cluster(c)
     }
     if (pass === undefined) throw new VmapipeError('E_QCOW2_HEADER', 'the input ended before a qcow2 header', { offset: bytes.length })
     const rest = bytes.take(bytes.length)
-    if (rest !== null && rest.length > 0) await (yield * pass.cluster(rest))
+    if (rest !== null && rest.length > 0) yield * pass.cluster(rest)
     await pass.finish()
     const image = await Qcow2Image.open(path, { standalone: true })
     await unlink(path).catch(() => {})

@@ -62,14 +62,16 @@ export class Qcow2FileWriter implements DiskWriter {
     private readonly size: number,
     private readonly queue: FileWrites,
     private readonly options: Qcow2WriterOptions,
-    private readonly data?: RawFileWriter,
+    private readonly data?: RawFileWriter
   ) {}
 
   /** Creates `path` (which must not exist) for a disk of `size` bytes. */
   static async create (path: string, size: number, options: Qcow2WriterOptions = {}): Promise<Qcow2FileWriter> {
-    if (options.dataFile !== undefined && options.backing !== undefined) throw new VmapipeError(
-      'E_OPTION', 'a qcow2 with a raw data file cannot have a backing file',
-      { option: 'dataFile' })
+    if (options.dataFile !== undefined && options.backing !== undefined) {
+      throw new VmapipeError(
+        'E_OPTION', 'a qcow2 with a raw data file cannot have a backing file',
+        { option: 'dataFile' })
+    }
     const queue = options.queue ?? new WriteQueue()
     const file = await open(path, 'wx', 0o644).catch(err => { throw ioError(err, `cannot create ${path}`) })
     try {
@@ -221,7 +223,8 @@ export async function writeQcow2Stream (disk: RandomAccessDisk, out: Writable): 
   let host = dataStart
   for (const index of tables) {
     const l2 = Buffer.alloc(CLUSTER_SIZE)
-    await forEachDataCluster(disk, cluster => { writeEntry(l2, (cluster % ENTRIES) * 8, (host++) * CLUSTER_SIZE, COPIED) }, index * ENTRIES * CLUSTER_SIZE, ENTRIES * CLUSTER_SIZE)
+    await forEachDataCluster(disk, cluster => { writeEntry(l2, (cluster % ENTRIES) * 8, (host++) * CLUSTER_SIZE, COPIED) },
+      index * ENTRIES * CLUSTER_SIZE, ENTRIES * CLUSTER_SIZE)
     await put(l2)
   }
   // Pass 3: the data, whole clusters (the last one padded), read in runs of up to 1 MiB.

@@ -23,7 +23,8 @@ export class RawReader extends Transform {
   override _transform (chunk: Buffer, _enc: BufferEncoding, callback: TransformCallback): void {
     this.queue.push(chunk)
     if (this.queue.consumed + this.queue.length > this.device.size) {
-      callback(new VmapipeError('E_INPUT_SIZE', `the input is longer than the ${this.device.size} bytes declared`, { device: this.device.name, offset: this.device.size }))
+      callback(new VmapipeError('E_INPUT_SIZE', `the input is longer than the ${this.device.size} bytes declared`,
+        { device: this.device.name, offset: this.device.size }))
       return
     }
     for (;;) {
@@ -36,7 +37,8 @@ export class RawReader extends Transform {
 
   override _flush (callback: TransformCallback): void {
     if (this.cluster < this.clusters) {
-      callback(new VmapipeError('E_INPUT_SIZE', `the input ended after ${this.queue.consumed + this.queue.length} bytes; ${this.device.size} were declared`, { device: this.device.name, offset: this.queue.consumed + this.queue.length }))
+      callback(new VmapipeError('E_INPUT_SIZE', `the input ended after ${this.queue.consumed + this.queue.length} bytes; ${this.device.size} were declared`,
+        { device: this.device.name, offset: this.queue.consumed + this.queue.length }))
       return
     }
     callback()

@@ -18,7 +18,7 @@ export class RawFileWriter implements DiskWriter {
     private readonly file: FileHandle,
     private readonly path: string,
     private readonly size: number,
-    private readonly queue: FileWrites,
+    private readonly queue: FileWrites
   ) {}
 
   /** Creates `path` (which must not exist) for a device of `size` bytes. */
@@ -82,7 +82,8 @@ export class RawStreamWriter implements DiskWriter {
     this.reorder.close()
     if (this.failure !== undefined) throw this.failure
     if (this.next < this.clusters) {
-      throw new VmapipeError('E_RECORD', `the records stopped before the device was complete (${this.clusters - this.next} clusters never came)`, { device: this.device.name, cluster: this.next })
+      throw new VmapipeError('E_RECORD', `the records stopped before the device was complete (${this.clusters - this.next} clusters never came)`,
+        { device: this.device.name, cluster: this.next })
     }
     await this.drained()
     this.out.off('error', this.onError)

@@ -49,17 +49,31 @@ export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
 
 async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveIndex> {
   const stat = await handle.stat()
-  if (!stat.isFile()) throw new VmapipeError('E_NOT_SEEKABLE', `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`)
+  if (!stat.isFile()) {
+    throw new VmapipeError(
+      'E_NOT_SEEKABLE',
+      `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`
+    )
+  }
   const fileSize = stat.size
   const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
   const got = await readUpTo(handle, prefix, 0, path)
   const compression = detectCompression(prefix.subarray(0, got))
-  if (compression !== 'none') throw new VmapipeError('E_NOT_SEEKABLE', `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`)
+  if (compression !== 'none') {
+    throw new VmapipeError(
+      'E_NOT_SEEKABLE',
+      `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`
+    )
+  }
   if (got >= VMA_MAGIC.length) checkMagic(prefix)
-  if (got < HEADER_PREFIX_SIZE) throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header', { offset: got })
+  if (got < HEADER_PREFIX_SIZE) {
+    throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header', { offset: got })
+  }
   const headerSize = readHeaderSize(prefix)
   const head = Buffer.alloc(headerSize)
-  if (await readUpTo(handle, head, 0, path) < headerSize) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
+  if (await readUpTo(handle, head, 0, path) < headerSize) {
+    throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
+  }
   const header = parseHeader(head)
 
   // A complete archive needs an extent header per 59 clusters: a header that
@@ -67,7 +81,8 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
   const declared = header.devices.reduce((n, d) => n + clusterCount(d.size), 0)
   const room = Math.floor((fileSize - headerSize) / EXTENT_HEADER_SIZE) * MAX_EXTENT_CLUSTERS
   if (declared > room) {
-    throw new VmapipeError('E_VMA_TRUNCATED', `the archive's ${fileSize} bytes cannot hold the ${declared} clusters its header declares: it is cut short or damaged`, { offset: fileSize })
+    throw new VmapipeError('E_VMA_TRUNCATED',
+      `the archive's ${fileSize} bytes cannot hold the ${declared} clusters its header declares: it is cut short or damaged`, { offset: fileSize })
   }
   const devices: Array<IndexedDevice | undefined> = []
   for (const info of header.devices) {
@@ -79,7 +94,9 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
   const buf = Buffer.alloc(EXTENT_HEADER_SIZE)
   let extents = 0
   for (let pos = headerSize; pos < fileSize; extents++) {
-    if (await readUpTo(handle, buf, pos, path) < EXTENT_HEADER_SIZE) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent header at byte ${pos}`, { offset: fileSize })
+    if (await readUpTo(handle, buf, pos, path) < EXTENT_HEADER_SIZE) {
+      throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent header at byte ${pos}`, { offset: fileSize })
+    }
     const extent = parseExtentHeader(buf, header.uuidBytes, pos)
     trackExtent(tracked, extent, pos)
     let data = pos + EXTENT_HEADER_SIZE
@@ -112,7 +129,9 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
     extents,
     disk: device => {
       const d = devices[device.id]
-      if (d === undefined || d.tracked.info.name !== device.name) throw new VmapipeError('E_NOT_FOUND', `the archive has no device ${device.name} with id ${device.id}`)
+      if (d === undefined || d.tracked.info.name !== device.name) {
+        throw new VmapipeError('E_NOT_FOUND', `the archive has no device ${device.name} with id ${device.id}`)
+      }
       users++
       return deviceDisk(handle, d, path, once(release))
     },

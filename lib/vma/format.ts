@@ -68,7 +68,8 @@ function md5WithHole (buf: Buffer, at: number): Buffer {
 
 export function checkMagic (start: Buffer): void {
   if (!start.subarray(0, 4).equals(VMA_MAGIC)) {
-    throw new VmapipeError('E_VMA_MAGIC', `not a VMA archive: magic is 0x${start.subarray(0, 4).toString('hex')}, expected 0x564d4100 ("VMA\\0")`, { offset: 0 })
+    throw new VmapipeError('E_VMA_MAGIC', `not a VMA archive: magic is 0x${start.subarray(0, 4).toString('hex')}, expected 0x564d4100 ("VMA\\0")`,
+      { offset: 0 })
   }
 }
 
@@ -129,7 +130,8 @@ function checkNameLength (name: string, what: keyof typeof MAX_NAME_BYTES): void
   const bytes = Buffer.byteLength(name)
   if (bytes > MAX_NAME_BYTES[what]) {
     const cut = name.length > 40 ? `${name.slice(0, 40)}...` : name
-    throw new VmapipeError('E_LIMIT', `${what} name ${JSON.stringify(cut)} is ${bytes} bytes; at most ${MAX_NAME_BYTES[what]} can be restored by Proxmox's vma extract ` +
+    throw new VmapipeError('E_LIMIT',
+      `${what} name ${JSON.stringify(cut)} is ${bytes} bytes; at most ${MAX_NAME_BYTES[what]} can be restored by Proxmox's vma extract ` +
       `(it writes ${what === 'device' ? 'tmp-disk-NAME.raw' : 'NAME.XXXXXX'}, and a file name holds 255 bytes)`)
   }
 }
@@ -151,7 +153,8 @@ export function parseHeader (head: Buffer): VmaHeader {
   if (head.length !== headerSize) throw new Error(`parseHeader needs exactly ${headerSize} bytes`)
   const md5 = md5WithHole(head, OFF.md5)
   if (!md5.equals(head.subarray(OFF.md5, OFF.md5 + 16))) {
-    throw new VmapipeError('E_VMA_HEADER_MD5', `header checksum mismatch: stored ${head.subarray(OFF.md5, OFF.md5 + 16).toString('hex')}, computed ${md5.toString('hex')}`, { offset: OFF.md5 })
+    throw new VmapipeError('E_VMA_HEADER_MD5',
+      `header checksum mismatch: stored ${head.subarray(OFF.md5, OFF.md5 + 16).toString('hex')}, computed ${md5.toString('hex')}`, { offset: OFF.md5 })
   }
   const version = head.readUInt32BE(OFF.version)
   if (version !== 1) throw new VmapipeError('E_VMA_VERSION', `unsupported VMA version ${version} (only 1 exists)`, { offset: OFF.version })
@@ -185,7 +188,9 @@ export function parseHeader (head: Buffer): VmaHeader {
     if (namePtr === 0 || dataPtr === 0) continue
     const name = blobString(blobs, namePtr, `config ${i}`, OFF.configNames + 4 * i)
     const data = blobs.get(dataPtr)
-    if (data === undefined) throw new VmapipeError('E_VMA_BLOB', `config ${name} data points to ${dataPtr}, which is not a blob`, { offset: OFF.configData + 4 * i })
+    if (data === undefined) {
+      throw new VmapipeError('E_VMA_BLOB', `config ${name} data points to ${dataPtr}, which is not a blob`, { offset: OFF.configData + 4 * i })
+    }
     if (configNames.has(name)) throw new VmapipeError('E_VMA_NAME', `two config blobs are named ${name}`, { offset: OFF.configNames + 4 * i })
     configNames.add(name)
     configs.push({ name, data: Buffer.from(data) })
@@ -208,7 +213,9 @@ export function parseExtentHeader (buf: Buffer, uuid: Buffer, offset: number): E
     throw new VmapipeError('E_VMA_EXTENT_MD5', 'extent header checksum mismatch', { offset: offset + EXTENT_OFF.md5 })
   }
   if (!buf.subarray(EXTENT_OFF.uuid, EXTENT_OFF.uuid + 16).equals(uuid)) {
-    throw new VmapipeError('E_VMA_EXTENT_UUID', `extent uuid ${formatUuid(buf.subarray(EXTENT_OFF.uuid, EXTENT_OFF.uuid + 16))} differs from the archive's ${formatUuid(uuid)}`, { offset: offset + EXTENT_OFF.uuid })
+    throw new VmapipeError('E_VMA_EXTENT_UUID',
+      `extent uuid ${formatUuid(buf.subarray(EXTENT_OFF.uuid, EXTENT_OFF.uuid + 16))} differs from the archive's ${formatUuid(uuid)}`,
+      { offset: offset + EXTENT_OFF.uuid })
   }
   if (!buf.subarray(0, 4).equals(EXTENT_MAGIC) || buf.readUInt16BE(EXTENT_OFF.reserved) !== 0) {
     throw new VmapipeError('E_VMA_EXTENT_MAGIC', 'wrong extent magic or reserved field', { offset })
@@ -225,7 +232,8 @@ export function parseExtentHeader (buf: Buffer, uuid: Buffer, offset: number): E
     entries.push({ slot, mask, devId, cluster: buf.readUInt32BE(at + 4) })
   }
   if (blocks !== blockCount) {
-    throw new VmapipeError('E_VMA_BLOCK_COUNT', `extent block_count is ${blockCount} but its masks hold ${blocks} blocks`, { offset: offset + EXTENT_OFF.blockCount })
+    throw new VmapipeError('E_VMA_BLOCK_COUNT', `extent block_count is ${blockCount} but its masks hold ${blocks} blocks`,
+      { offset: offset + EXTENT_OFF.blockCount })
   }
   return { blockCount, entries }
 }
@@ -285,8 +293,12 @@ export function encodeHeader (spec: HeaderSpec): Buffer {
   for (const d of spec.devices) {
     checkName(d.name, 'device')
     checkNameLength(d.name, 'device')
-    if (!Number.isInteger(d.id) || d.id < 1 || d.id > MAX_DEVICES || ids.has(d.id)) throw new VmapipeError('E_LIMIT', `device id ${d.id} is not a free id in 1..${MAX_DEVICES}`)
-    if (d.size <= 0 || d.size > MAX_CLUSTERS * CLUSTER_SIZE) throw new VmapipeError('E_LIMIT', `device ${d.name} has size ${d.size}; VMA takes 1 byte to 256 TiB`)
+    if (!Number.isInteger(d.id) || d.id < 1 || d.id > MAX_DEVICES || ids.has(d.id)) {
+      throw new VmapipeError('E_LIMIT', `device id ${d.id} is not a free id in 1..${MAX_DEVICES}`)
+    }
+    if (d.size <= 0 || d.size > MAX_CLUSTERS * CLUSTER_SIZE) {
+      throw new VmapipeError('E_LIMIT', `device ${d.name} has size ${d.size}; VMA takes 1 byte to 256 TiB`)
+    }
     ids.add(d.id)
     const at = OFF.devInfo + d.id * DEV_INFO_SIZE
     fixed.writeUInt32BE(blobs.add(zeroTerminated(d.name), `device name ${d.name}`), at)

@@ -174,7 +174,9 @@ export class VmaReader extends Transform {
   private finish (): void {
     const end = this.queue.consumed + this.queue.length
     if (this.phase === 'prefix' || this.phase === 'header') {
-      throw new VmapipeError('E_VMA_TRUNCATED', this.queue.length === 0 && end === 0 ? 'the input is empty' : `the archive ends inside its header (header_size ${this.headerSize || 'unknown'})`, { offset: end })
+      throw new VmapipeError('E_VMA_TRUNCATED',
+        this.queue.length === 0 && end === 0 ? 'the input is empty' : `the archive ends inside its header (header_size ${this.headerSize || 'unknown'})`,
+        { offset: end })
     }
     if (this.phase === 'data' || this.queue.length > 0) {
       throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${this.extentOffset}`, { offset: end })

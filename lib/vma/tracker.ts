@@ -66,7 +66,10 @@ export function trackExtent (devices: ReadonlyArray<TrackedDevice | undefined>, 
 export function firstIncomplete (devices: Iterable<TrackedDevice>): { dev: TrackedDevice, message: string } | undefined {
   for (const dev of devices) {
     if (dev.seen.size === dev.clusters) continue
-    return { dev, message: `${dev.clusters - dev.seen.size} of ${dev.clusters} clusters are missing (first missing: cluster ${dev.seen.firstMissing(dev.clusters)})` }
+    return {
+      dev,
+      message: `${dev.clusters - dev.seen.size} of ${dev.clusters} clusters are missing (first missing: cluster ${dev.seen.firstMissing(dev.clusters)})`,
+    }
   }
   return undefined
 }

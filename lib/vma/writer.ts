@@ -72,9 +72,14 @@ export class VmaWriter extends Transform {
 
   private add (rec: ClusterRecord): void {
     const d = this.devices.get(rec.device)
-    if (d === undefined) throw new VmapipeError('E_RECORD', this.uuid === undefined ? 'a record came before the ArchiveInfo' : `a record for device id ${rec.device}, which the archive does not declare`)
+    if (d === undefined) {
+      throw new VmapipeError('E_RECORD',
+        this.uuid === undefined ? 'a record came before the ArchiveInfo' : `a record for device id ${rec.device}, which the archive does not declare`)
+    }
     const place = { device: d.info.name, cluster: rec.cluster }
-    if (rec.data.length !== popcount16(rec.mask) * BLOCK_SIZE) throw new VmapipeError('E_RECORD', `data is ${rec.data.length} bytes, the mask needs ${popcount16(rec.mask) * BLOCK_SIZE}`, place)
+    if (rec.data.length !== popcount16(rec.mask) * BLOCK_SIZE) {
+      throw new VmapipeError('E_RECORD', `data is ${rec.data.length} bytes, the mask needs ${popcount16(rec.mask) * BLOCK_SIZE}`, place)
+    }
     const broken = trackCluster(d, rec.cluster, rec.mask)
     if (broken !== undefined) throw new VmapipeError('E_RECORD', broken.message, place)
     this.pending.push(rec)
