@@ -24,7 +24,7 @@ export { describeImage, type DescribeOptions } from './jobs/info.js'
 export { openExports, type OpenedExports } from './jobs/exports.js'
 export { writeOverlay, type OverlayOptions, type OverlayResult } from './jobs/incremental.js'
 export { runBackupJob, type BackupOptions, type BackupResult } from './backup/run.js'
-export { openLiveArchive, type LiveArchive, type LiveOptions, type LiveOutcome } from './jobs/live.js'
+export { openLiveArchive, type LiveArchive, type LiveLog, type LiveOptions, type LiveOutcome } from './jobs/live.js'
 export { NbdServer, type NbdServerOptions, type NbdExport, type ListenAddress, type ServerLog } from './nbd/server.js'
 // Formats, and what a device becomes in each
 export { FORMATS, formatNamed, type FormatName } from './jobs/registry.js'

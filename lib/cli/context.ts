@@ -10,7 +10,7 @@ import { EXIT, exitStatus } from './exit.js'
 import { ProgressBar } from '../io/progress.js'
 import type { ProgressSink } from '../contracts.js'
 
-export interface CommonOptions {
+interface CommonOptions {
   'log-level'?: string
   'log-format'?: string
   quiet?: boolean
