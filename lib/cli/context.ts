@@ -16,23 +16,6 @@ export interface CommonOptions {
   quiet?: boolean
 }
 
-export const COMMON_OPTIONS = {
-  'log-level': { type: 'string' },
-  'log-format': { type: 'string' },
-  quiet: { type: 'boolean', short: 'q' },
-  help: { type: 'boolean', short: 'h' },
-  version: { type: 'boolean', short: 'V' },
-} as const
-
-export const COMMON_HELP = `Common options:
-  --log-level LEVEL   trace, debug, info (default), warn, error, fatal or silent
-  --log-format FMT    text (plain lines, the default when stderr is a terminal)
-                      or json (JSON lines, pino; the default otherwise)
-  -q, --quiet         no progress bar and no info lines; warnings and errors
-                      are still shown
-  -h, --help          this text
-  -V, --version       the version of vmapipe`
-
 const LEVELS = new Set(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'])
 const LEVEL_NAMES: Record<number, string> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warning', 50: 'error', 60: 'fatal' }
 /** Fields every log line has; a plain line leaves them out. */
