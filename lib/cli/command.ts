@@ -14,7 +14,7 @@ export interface Command {
 }
 
 /** Options every command takes (here, not in context.ts, so that parsing and help load no logger). */
-export const COMMON_OPTIONS = {
+const COMMON_OPTIONS = {
   'log-level': { type: 'string' },
   'log-format': { type: 'string' },
   quiet: { type: 'boolean', short: 'q' },

@@ -27,7 +27,7 @@ import { VmaReader } from '../vma/stream.js'
 import { CacheDisk } from './live-cache.js'
 
 /** The logging a live restore does: pino's Logger fits. */
-export interface LiveLog {
+interface LiveLog {
   info: (fields: Record<string, unknown>, message: string) => void
   error: (fields: Record<string, unknown>, message: string) => void
 }
