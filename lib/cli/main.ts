@@ -84,7 +84,7 @@ export async function runCommand (command: Command, args: string[], program: str
     process.stderr.write(`${program}: ${(err as Error).message}\n`)
     return EXIT.USAGE
   }
-  ctx.log.debug({ args }, 'starting')
+  if (ctx.debugging) ctx.log.debug({ args }, 'starting')
   try {
     return await command.run(parsed.positionals, parsed.values, ctx)
   } catch (err) {
