@@ -115,7 +115,7 @@ export interface Row {
 }
 
 /** Every suite's rows, for the JSON file. */
-export const RESULTS: Array<{ suite: string, title: string, rows: Row[] }> = []
+export const RESULTS: Array<{ suite: string, title: string, unit: string, rows: Row[] }> = []
 
 /** A suite's table: one row per pair, and its medians. */
 export class Table {
@@ -140,25 +140,33 @@ export class Table {
   }
 
   print (title: string): void {
-    RESULTS.push({ suite: this.suite, title, rows: this.rows })
-    const mbs = (bytes: number, walls: number[]): string => bytes > 0 ? (bytes / MB / median(walls)).toFixed(0) : '-'
-    const table = [
-      ['job', 'peer', 'wall ratio', 'CPU ratio', 'wall s, ours / peer', 'CPU s, ours / peer', this.unit === '' ? 'MB/s' : `MB/s of ${this.unit}, ours / peer`, 'peak RSS MiB, ours / peer'],
-      ...this.rows.map(r => [
-        r.job, r.peer, spread(r.wallRatio), spread(r.cpuRatio),
-        `${median(r.ours.wall).toFixed(2)} / ${median(r.theirs.wall).toFixed(2)}`,
-        `${fixed(median(r.ours.cpu))} / ${fixed(median(r.theirs.cpu))}`,
-        `${mbs(r.bytes, r.ours.wall)} / ${mbs(r.bytes, r.theirs.wall)}`,
-        `${mib(Math.max(...r.ours.rssKiB))} / ${mib(Math.max(...r.theirs.rssKiB))}`,
-      ]),
-    ]
-    const widths = table[0].map((_, i) => Math.max(...table.map(r => r[i].length)))
-    process.stdout.write(`\n${title}; ratios ours / peer (below 1: vmapipe took less), median (min-max) of ${Math.max(0, ...this.rows.map(r => r.pairs))} interleaved pairs\n\n`)
-    for (const [i, r] of table.entries()) {
-      process.stdout.write(`| ${r.map((c, j) => c.padEnd(widths[j])).join(' | ')} |\n`)
-      if (i === 0) process.stdout.write(`| ${widths.map(w => '-'.repeat(w)).join(' | ')} |\n`)
-    }
+    RESULTS.push({ suite: this.suite, title, unit: this.unit, rows: this.rows })
+    process.stdout.write(formatTable(title, this.unit, this.rows))
   }
+}
+
+/** A suite's rows as a Markdown table under its title (also how `run.js --print FILE` shows a saved run). */
+export function formatTable (title: string, unit: string, rows: Row[]): string {
+  const mbs = (bytes: number, walls: number[]): string => bytes > 0 ? (bytes / MB / median(walls)).toFixed(0) : '-'
+  const table = [
+    ['job', 'peer', 'wall ratio', 'CPU ratio', 'wall s, ours / peer', 'CPU s, ours / peer', unit === '' ? 'MB/s' : `MB/s of ${unit}, ours / peer`,
+      'peak RSS MiB, ours / peer'],
+    ...rows.map(r => [
+      r.job, r.peer, spread(r.wallRatio), spread(r.cpuRatio),
+      `${median(r.ours.wall).toFixed(2)} / ${median(r.theirs.wall).toFixed(2)}`,
+      `${fixed(median(r.ours.cpu))} / ${fixed(median(r.theirs.cpu))}`,
+      `${mbs(r.bytes, r.ours.wall)} / ${mbs(r.bytes, r.theirs.wall)}`,
+      `${mib(Math.max(...r.ours.rssKiB))} / ${mib(Math.max(...r.theirs.rssKiB))}`,
+    ].map(cell => cell.replace(/\|/g, '\\|'))),
+  ]
+  const widths = table[0].map((_, i) => Math.max(...table.map(r => r[i].length)))
+  const pairs = Math.max(0, ...rows.map(r => r.pairs))
+  let text = `\n${title}; ratios ours / peer (below 1: vmapipe took less), median (min-max) of ${pairs} interleaved pairs\n\n`
+  for (const [i, r] of table.entries()) {
+    text += `| ${r.map((c, j) => c.padEnd(widths[j])).join(' | ')} |\n`
+    if (i === 0) text += `| ${widths.map(w => '-'.repeat(w)).join(' | ')} |\n`
+  }
+  return text
 }
 
 const fixed = (x: number): string => Number.isFinite(x) ? x.toFixed(2) : '-'

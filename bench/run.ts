@@ -2,9 +2,9 @@
  * npm run bench [-- startup|extract|pack|qcow2|parallels|nbd|compression|live|baseline ...]: vmapipe against real peers, in
  * interleaved pairs of the same run, as ratios. BENCH_GIB sets the disk size (default 1), BENCH_DIR the
  * scratch directory (default the system's temporary directory), BENCH_PAIRS the pairs per job (at least 5),
- * BENCH_JSON the file every row is written to as well (default bench-results.json here).
+ * BENCH_JSON the file every run is written to as well (default bench-results.json here; `--print FILE` shows one again).
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { benchExtract } from './extract.js'
@@ -16,13 +16,19 @@ import { benchCompression } from './compression.js'
 import { benchLive } from './live.js'
 import { benchBaseline } from './baseline.js'
 import { benchStartup } from './startup.js'
-import { PAIRS, PVE_VMA, RESULTS } from './lib.js'
+import { PAIRS, PVE_VMA, RESULTS, formatTable } from './lib.js'
 
 const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = {
   startup: benchStartup, extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression,
   live: benchLive, baseline: benchBaseline,
 }
 
+if (process.argv[2] === '--print') {
+  // A saved run's tables again: `node dist/bench/run.js --print bench-results.json`.
+  const saved = JSON.parse(readFileSync(process.argv[3] ?? 'bench-results.json', 'utf8')) as { suites: typeof RESULTS }
+  for (const s of saved.suites) process.stdout.write(formatTable(s.title, s.unit, s.rows))
+  process.exit(0)
+}
 const chosen = process.argv.slice(2)
 for (const name of chosen) if (!(name in SUITES)) throw new Error(`no bench ${name} (have: ${Object.keys(SUITES).join(', ')})`)
 const gib = Number(process.env.BENCH_GIB ?? 1)
