@@ -31,7 +31,8 @@ if (process.argv[2] === '--print') {
 }
 const chosen = process.argv.slice(2)
 for (const name of chosen) if (!(name in SUITES)) throw new Error(`no bench ${name} (have: ${Object.keys(SUITES).join(', ')})`)
-const gib = Number(process.env.BENCH_GIB ?? 1)
+// Whole clusters of 64 KiB (1/16384 GiB), so that any BENCH_GIB makes disks of whole bytes and clusters.
+const gib = Math.max(1, Math.round(Number(process.env.BENCH_GIB ?? 1) * 16384)) / 16384
 const json = resolve(process.env.BENCH_JSON ?? 'bench-results.json')
 const started = new Date().toISOString()
 process.stdout.write(`vmapipe bench, node ${process.version}, ${gib} GiB disks, ${PAIRS} pairs a job, pve-vma: ${PVE_VMA ?? 'not found'}\n`)
