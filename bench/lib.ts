@@ -19,7 +19,7 @@ export const MB = 1e6
 export const PVE_VMA = [process.env.PVE_VMA, join(root, '../shared/tools/pve-vma'), join(root, '../../shared/tools/pve-vma')]
   .find(p => p !== undefined && p !== '' && existsSync(p))
 /** Pairs per job: at least 5 (BENCH_PAIRS for more). */
-export const PAIRS = Math.max(5, Number(process.env.BENCH_PAIRS ?? 5))
+export const PAIRS = Math.max(5, Number(process.env.BENCH_PAIRS ?? 5) || 5)
 
 /** One measured run: wall and CPU (user + system of every process and thread) seconds, the largest process's peak RSS. */
 export interface Run { wall: number, cpu: number, rssKiB: number, stderr: string }
@@ -117,13 +117,13 @@ export interface Row {
 /** Every suite's rows, for the JSON file. */
 export const RESULTS: Array<{ suite: string, title: string, unit: string, rows: Row[] }> = []
 
-/** A suite's table: one row per pair, and its medians. */
+/** A suite's table: one row per job and peer, from its pairs. */
 export class Table {
   readonly rows: Row[] = []
   constructor (private readonly suite: string, private readonly unit: string) {}
 
   /** Adds the row of job `job` against `peerName`; `bytes` is what MB/s is of. */
-  add (job: string, bytes: number, result: Pair, peerName: string): Row {
+  add (job: string, bytes: number, result: Pair, peerName: string): void {
     const side = (runs: Run[]): Row['ours'] => ({ wall: runs.map(r => r.wall), cpu: runs.map(r => r.cpu), rssKiB: runs.map(r => r.rssKiB) })
     const row: Row = {
       job,
@@ -136,7 +136,6 @@ export class Table {
       cpuRatio: result.ours.map((r, i) => r.cpu / result.peer[i].cpu),
     }
     this.rows.push(row)
-    return row
   }
 
   print (title: string): void {
