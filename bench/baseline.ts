@@ -4,25 +4,10 @@
  * in the same run, wall and CPU time, so that a change's cost or gain is
  * measured beside what it changed and not against a figure from another day.
  */
-import { readFileSync, rmSync, statSync } from 'node:fs'
+import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchArchive, writeBenchDisk } from './archives.js'
-import { GIB, MB, q, timed, vma as ours } from './lib.js'
-
-const PAIRS = 5
-
-interface Usage { wall: number, cpu: number }
-
-/** Runs `script` under /usr/bin/time: wall and CPU (user + system) seconds of the whole pipeline's children. */
-async function usage (script: string, dir: string): Promise<Usage> {
-  const out = join(dir, 'time.txt')
-  await timed(`/usr/bin/time -f '%e %U %S' -o ${q(out)} bash -c ${q(`set -o pipefail; ${script}`)}`)
-  const [wall, user, system] = readFileSync(out, 'utf8').trim().split('\n').pop()?.split(' ').map(Number) ?? []
-  return { wall, cpu: user + system }
-}
-
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
-const spread = (xs: number[]): string => `${median(xs).toFixed(2)} (${Math.min(...xs).toFixed(2)}-${Math.max(...xs).toFixed(2)})`
+import { GIB, Table, pair, q, shell, vma as ours } from './lib.js'
 
 export async function benchBaseline (dir: string, gib: number): Promise<void> {
   const base = process.env.BENCH_BASELINE
@@ -45,22 +30,10 @@ export async function benchBaseline (dir: string, gib: number): Promise<void> {
     ['extract --format qcow2', vma => `${vma} extract -q --format qcow2 ${q(archive)} ${q(out)}`],
     ['create from raw > /dev/null', vma => `${vma} create -q - -d drive-scsi0=${q(disk)} > /dev/null`],
   ]
-  await timed(`cat ${q(archive)} ${q(disk)} > /dev/null`)
-  process.stdout.write(`\nthis checkout against ${base}, ${PAIRS} interleaved pairs, median (min-max)\n\n`)
-  process.stdout.write('| job | wall s, this | wall s, baseline | CPU s, this | CPU s, baseline | wall ratio | CPU ratio | MB/s, this |\n')
-  process.stdout.write('| --- | --- | --- | --- | --- | --- | --- | --- |\n')
+  await shell(`cat ${q(archive)} ${q(disk)} > /dev/null`)
+  const table = new Table('baseline', 'archive')
   for (const [job, script] of jobs) {
-    const runs: Record<'this' | 'base', Usage[]> = { this: [], base: [] }
-    for (let i = 0; i < PAIRS; i++) {
-      // Alternate which goes first, so that neither always meets the warmer cache.
-      for (const who of i % 2 === 0 ? ['this', 'base'] as const : ['base', 'this'] as const) {
-        runs[who].push(await usage(script(who === 'this' ? ours : theirs), dir))
-        rmSync(out, { recursive: true, force: true })
-      }
-    }
-    const ratio = (k: keyof Usage): number[] => runs.this.map((r, i) => r[k] / runs.base[i][k])
-    process.stdout.write(`| ${job} | ${spread(runs.this.map(r => r.wall))} | ${spread(runs.base.map(r => r.wall))} | ` +
-      `${spread(runs.this.map(r => r.cpu))} | ${spread(runs.base.map(r => r.cpu))} | ${spread(ratio('wall'))} | ${spread(ratio('cpu'))} | ` +
-      `${(bytes / MB / median(runs.this.map(r => r.wall))).toFixed(0)} |\n`)
+    table.add(job, bytes, await pair(script(ours), script(theirs), { after: () => rmSync(out, { recursive: true, force: true }) }), `baseline ${base}`)
   }
+  table.print(`This checkout against ${base}: ${gib} GiB disk`)
 }

@@ -4,41 +4,11 @@
  * the path of earlier versions) and against the programs alone, in interleaved pairs of
  * the same run. Wall and CPU seconds (CPU: all threads and children).
  */
-import { spawn } from 'node:child_process'
 import { createWriteStream, rmSync, statSync } from 'node:fs'
 import { once } from 'node:events'
 import { join } from 'node:path'
 import { Rng } from '../test/helpers/random.js'
-import { GIB, MB, q, vma } from './lib.js'
-
-interface Run { seconds: number, cpu: number }
-
-/** Runs a bash script; CPU time is what bash's `times` says its children used. */
-async function timedCpu (script: string): Promise<Run> {
-  const started = process.hrtime.bigint()
-  const child = spawn('bash', ['-c', `set -o pipefail; ${script}\ntimes >&2`], { stdio: ['ignore', 'ignore', 'pipe'] })
-  let stderr = ''
-  child.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
-  const code = await new Promise<number | null>(resolve => child.on('close', resolve))
-  const seconds = Number(process.hrtime.bigint() - started) / 1e9
-  if (code !== 0) throw new Error(`${script} failed (${code}): ${stderr}`)
-  const children = stderr.trim().split('\n').pop() ?? ''
-  const cpu = [...children.matchAll(/(\d+)m([\d.]+)s/g)].reduce((sum, m) => sum + Number(m[1]) * 60 + Number(m[2]), 0)
-  return { seconds, cpu }
-}
-
-/** The best (by wall time) of `n` runs of each script, taken in turns so a busy moment of the machine hits them alike. */
-async function interleaved (n: number, scripts: string[], after?: () => void): Promise<Run[]> {
-  const top: Array<Run | undefined> = scripts.map(() => undefined)
-  for (let i = 0; i < n; i++) {
-    for (const [k, script] of scripts.entries()) {
-      const r = await timedCpu(script)
-      after?.()
-      if (top[k] === undefined || r.seconds < top[k].seconds) top[k] = r
-    }
-  }
-  return top as Run[]
-}
+import { GIB, MB, Table, pair, q, shell, vma } from './lib.js'
 
 /**
  * A raw disk that compresses about as a used system disk does (zstd -3 roughly 2:1, lzop less):
@@ -64,20 +34,12 @@ async function writeCompressibleDisk (path: string, size: number): Promise<void>
   await once(out, 'finish')
 }
 
-const rows: string[][] = []
-function row (job: string, r: Run, bytes: number, peer?: Run, peerName?: string): void {
-  rows.push([job, r.seconds.toFixed(2), r.cpu.toFixed(2), (bytes / MB / r.seconds).toFixed(0),
-    peer ? `${(peer.seconds / r.seconds).toFixed(2)}x ${peerName}` : ''])
-}
-
 const KINDS = [
   { kind: 'zstd', ext: '.zst', pack: 'zstd -q -T0 -3 -c', unpack: 'zstd -q -d -c', program: 'zstd' },
   { kind: 'lzo', ext: '.lzo', pack: 'lzop -c', unpack: 'lzop -d -c', program: 'lzop' },
   { kind: 'gzip', ext: '.gz', pack: 'gzip -1 -c', unpack: 'gzip -d -c', program: undefined },
 ] as const
 const EXTERNAL = 'VMAPIPE_EXTERNAL_COMPRESSION=1'
-/** Runs of each job; the best counts. This VM is shared and noisy, so more than the other suites. */
-const ROUNDS = 5
 
 export async function benchCompression (dir: string, gib: number): Promise<void> {
   // A quarter of BENCH_GIB: the compressed rows are slow to set up, and the ratios settle early.
@@ -86,30 +48,24 @@ export async function benchCompression (dir: string, gib: number): Promise<void>
   process.stderr.write(`generating a ${(size / MB).toFixed(0)} MB compressible disk and its archive\n`)
   await writeCompressibleDisk(disk, size)
   const archive = join(dir, 'a.vma')
-  await timedCpu(`${vma} create -q ${q(archive)} -d drive-scsi0=${q(disk)}`)
+  const table = new Table('compression', 'archive')
+  await shell(`${vma} create -q ${q(archive)} -d drive-scsi0=${q(disk)}`)
   const bytes = statSync(archive).size
   const out = join(dir, 'out')
   const clean = (): void => rmSync(out, { recursive: true, force: true })
 
   for (const { kind, ext, pack, unpack, program } of KINDS) {
     const compressed = join(dir, `a.vma${ext}`)
-    await timedCpu(`${pack} ${q(archive)} > ${q(compressed)}`)
+    await shell(`${pack} ${q(archive)} > ${q(compressed)}`)
     const ratio = (bytes / statSync(compressed).size).toFixed(2)
-    const verify = [
-      `${vma} verify -q ${q(compressed)}`,
-      ...(program ? [`${EXTERNAL} ${vma} verify -q ${q(compressed)}`] : []),
-      `${unpack} ${q(compressed)} | cat > /dev/null`,
-    ]
-    const [ours, theirs, alone] = await interleaved(ROUNDS, verify)
-    const peer = program ? alone : theirs
-    const peerName = `${kind === 'gzip' ? 'gzip' : program as string} -d | cat`
-    row(`${kind} (${ratio}:1): ${unpack.split(' ')[0]} -d | cat > /dev/null`, peer, bytes)
-    row(`${kind}: vma verify, built in`, ours, bytes, peer, peerName)
-    if (program) row(`${kind}: vma verify, ${program} program`, theirs, bytes, peer, peerName)
-    const extract = [`${vma} extract -q ${q(compressed)} ${q(out)}`, ...(program ? [`${EXTERNAL} ${vma} extract -q ${q(compressed)} ${q(out)}`] : [])]
-    const [oursX, theirsX] = await interleaved(ROUNDS, extract, clean)
-    row(`${kind}: vma extract to a directory, built in`, oursX, bytes, peer, peerName)
-    if (program) row(`${kind}: vma extract to a directory, ${program} program`, theirsX, bytes, peer, peerName)
+    const peer = `${unpack} ${q(compressed)} | cat > /dev/null`
+    const peerName = `${unpack.split(' ')[0]} -d | cat (${ratio}:1)`
+    // Built in, then (for zstd and lzo) through the program, the path of earlier versions.
+    for (const [how, env] of [['built in', ''], ...(program ? [[`${program} program`, `${EXTERNAL} `]] : [])]) {
+      table.add(`${kind}: vma verify, ${how}`, bytes, await pair(`${env}${vma} verify -q ${q(compressed)}`, peer), peerName)
+      table.add(`${kind}: vma extract to a directory, ${how}`, bytes,
+        await pair(`${env}${vma} extract -q ${q(compressed)} ${q(out)}`, peer, { after: clean }), peerName)
+    }
     rmSync(compressed)
   }
 
@@ -118,18 +74,11 @@ export async function benchCompression (dir: string, gib: number): Promise<void>
     if (program === undefined) continue
     const target = join(dir, `c.vma${ext}`)
     const create = `${vma} create -q --force ${q(target)} -d drive-scsi0=${q(disk)}`
-    const [ours, theirs, alone] = await interleaved(ROUNDS, [create, `${EXTERNAL} ${create}`, `${pack} ${q(archive)} > ${q(target)}`])
-    row(`${kind}: ${pack.replace(' -c', '')} archive > file`, alone, bytes)
-    row(`${kind}: vma create --compress ${kind}, built in`, ours, bytes, alone, program)
-    row(`${kind}: vma create --compress ${kind}, ${program} program`, theirs, bytes, alone, program)
+    const alone = `${pack} ${q(archive)} > ${q(target)}`
+    const peerName = `${pack.replace(' -c', '')} archive > file`
+    table.add(`${kind}: vma create --compress ${kind}, built in`, bytes, await pair(create, alone), peerName)
+    table.add(`${kind}: vma create --compress ${kind}, ${program} program`, bytes, await pair(`${EXTERNAL} ${create}`, alone), peerName)
     rmSync(target, { force: true })
   }
-
-  const table = [['job', 'seconds', 'CPU s', 'MB/s of archive', 'speed vs peer (peer time / ours)'], ...rows]
-  const widths = table[0].map((_, i) => Math.max(...table.map(r => r[i].length)))
-  process.stdout.write(`\nCompressed archives: ${(bytes / MB).toFixed(0)} MB archive, best of ${ROUNDS} interleaved\n\n`)
-  for (const [i, r] of table.entries()) {
-    process.stdout.write(`| ${r.map((c, j) => c.padEnd(widths[j])).join(' | ')} |\n`)
-    if (i === 0) process.stdout.write(`| ${widths.map(w => '-'.repeat(w)).join(' | ')} |\n`)
-  }
+  table.print(`Compressed archives: ${(bytes / MB).toFixed(0)} MB archive`)
 }

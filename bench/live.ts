@@ -8,13 +8,13 @@
 import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchArchive } from './archives.js'
-import { GIB, MB, logs, peakMiB, q, timed, vma } from './lib.js'
+import { GIB, MB, type Run, Table, median, pair, processUsage, q, shell, vma } from './lib.js'
 import type { Teardown } from '../test/helpers/nbd.js'
 import { spawnServe } from '../test/helpers/live.js'
 import { openNbdDisk } from '../lib/nbd/client.js'
 
-const ROUNDS = 3
-interface Times { first: number, whole: number, rssMiB: number }
+/** A serve run: also when cluster 0 could first be read. */
+interface Served extends Run { first: number }
 
 export async function benchLive (dir: string, gib: number): Promise<void> {
   const size = Math.round(gib * GIB / 65536) * 65536
@@ -22,55 +22,31 @@ export async function benchLive (dir: string, gib: number): Promise<void> {
   process.stderr.write(`generating a ${(size / MB).toFixed(0)} MB disk's archive, compressed with zstd -3\n`)
   await writeBenchArchive(archive, size, 'forward')
   const zst = `${archive}.zst`
-  await timed(`zstd -q -T0 -3 -c ${q(archive)} > ${q(zst)}`)
+  await shell(`zstd -q -T0 -3 -c ${q(archive)} > ${q(zst)}`)
   const bytes = statSync(archive).size
   rmSync(archive)
-  await timed(`cat ${q(zst)} > /dev/null`) // warm the page cache
+  await shell(`cat ${q(zst)} > /dev/null`) // warm the page cache
   const out = join(dir, 'out')
   const clean = (): void => rmSync(out, { recursive: true, force: true })
 
-  const rows: Array<[string, Times]> = []
-  const extract = await bestOf(async () => {
-    const t = await timed(`zstd -q -d -c ${q(zst)} | ${vma} extract --log-format json - ${q(out)}`)
-    clean()
-    return { first: t.seconds, whole: t.seconds, rssMiB: Number(peakMiB(t, 'extract')) }
-  })
-  rows.push(['zstd -dc a.vma.zst piped to vma extract - DIR', extract])
-  rows.push(['vma extract a.vma.zst DIR (built-in zstd)', await bestOf(async () => {
-    const t = await timed(`${vma} extract --log-format json ${q(zst)} ${q(out)}`)
-    clean()
-    return { first: t.seconds, whole: t.seconds, rssMiB: Number(peakMiB(t, 'extract')) }
-  })])
-  rows.push(['vma serve a.vma.zst', await bestOf(async () => await served(dir, [zst]))])
-  rows.push(['vma serve a.vma.zst --keep DIR', await bestOf(async () => {
-    const t = await served(dir, [zst, '--keep', out])
-    clean()
-    return t
-  })])
-
-  const table = [['job', 'first byte readable (s)', 'whole disk (s)', 'MB/s of archive', 'whole disk, speed vs extract', 'peak RSS (MiB)'],
-    ...rows.map(([job, t]) => [job, t.first.toFixed(3), t.whole.toFixed(2), (bytes / MB / t.whole).toFixed(0), `${(extract.whole / t.whole).toFixed(2)}x`,
-      t.rssMiB.toFixed(0)])]
-  const widths = table[0].map((_, i) => Math.max(...table.map(r => r[i].length)))
-  process.stdout.write(`\nLive restore of a ${(bytes / MB).toFixed(0)} MB archive (zstd, ${(bytes / statSync(zst).size).toFixed(2)}:1), best of ${ROUNDS}\n\n`)
-  for (const [i, r] of table.entries()) {
-    process.stdout.write(`| ${r.map((c, j) => c.padEnd(widths[j])).join(' | ')} |\n`)
-    if (i === 0) process.stdout.write(`| ${widths.map(w => '-'.repeat(w)).join(' | ')} |\n`)
+  const table = new Table('live', 'archive')
+  const piped = `zstd -q -d -c ${q(zst)} | ${vma} extract -q - ${q(out)}`
+  const peerName = 'zstd -dc | vma extract - DIR'
+  table.add('vma extract a.vma.zst DIR (built-in zstd)', bytes, await pair(`${vma} extract -q ${q(zst)} ${q(out)}`, piped, { after: clean }), peerName)
+  const firsts: Array<[string, number[]]> = []
+  for (const [job, args] of [['vma serve a.vma.zst', [zst]], ['vma serve a.vma.zst --keep DIR', [zst, '--keep', out]]] as const) {
+    const runs: Served[] = []
+    const result = await pair(async () => { const r = await served(dir, [...args]); runs.push(r); return r }, piped, { after: clean })
+    table.add(`${job}: until the pass is complete`, bytes, result, peerName)
+    firsts.push([job, runs.map(r => r.first)])
   }
-}
-
-/** The best of ROUNDS runs, each time on its own; the highest peak RSS. */
-async function bestOf (job: () => Promise<Times>): Promise<Times> {
-  let top: Times = { first: Infinity, whole: Infinity, rssMiB: 0 }
-  for (let i = 0; i < ROUNDS; i++) {
-    const t = await job()
-    top = { first: Math.min(top.first, t.first), whole: Math.min(top.whole, t.whole), rssMiB: Math.max(top.rssMiB, t.rssMiB) }
-  }
-  return top
+  table.print(`Live restore of a ${(bytes / MB).toFixed(0)} MB archive (zstd, ${(bytes / statSync(zst).size).toFixed(2)}:1)`)
+  const first = firsts.map(([job, f]) => `${job} ${median(f).toFixed(3)}`).join('; ')
+  process.stdout.write(`\nfirst byte readable over NBD, seconds from the start, median: ${first}\n`)
 }
 
 /** `vma serve ARGS`: seconds from its start to a read of cluster 0 over NBD, and to the end of the pass. */
-async function served (dir: string, args: string[]): Promise<Times> {
+async function served (dir: string, args: string[]): Promise<Served> {
   const cleanups: Array<() => void | Promise<void>> = []
   const servers: Teardown = { teardown: fn => { cleanups.push(fn) } }
   const socket = join(dir, 'live.sock')
@@ -91,10 +67,10 @@ async function served (dir: string, args: string[]): Promise<Times> {
       break
     }
     await server.waitLog(l => typeof l.msg === 'string' && l.msg.includes('pass complete'), 3_600_000)
-    const whole = (performance.now() - started) / 1000
+    const wall = (performance.now() - started) / 1000
+    const { cpu, rssKiB } = processUsage(server.child.pid as number)
     await server.stop()
-    const stopped = logs(server.stderr()).find(l => l.msg === 'server stopped')
-    return { first, whole, rssMiB: Number(stopped?.maxRssKiB) / 1024 }
+    return { first, wall, cpu, rssKiB, stderr: server.stderr() }
   } finally {
     for (const fn of cleanups.reverse()) await fn()
   }

@@ -1,54 +1,68 @@
-/** Packing: pack-vma against cat and zstd -T0 of the same disk; memory of a pack | extract pipe. */
+/** Packing: pack-vma and vma create against cat, cp, zstd -T0 and Proxmox's vma create; memory of a pack | extract pipe. */
 import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchDisk } from './archives.js'
-import { GIB, Table, best, peakMiB, q, timed, packVma, vma } from './lib.js'
+import { GIB, PVE_VMA, type Run, Table, logs, pair, q, shell, packVma, vma } from './lib.js'
 import { packArchive } from '../lib/jobs/pack.js'
 import { openDisk } from '../lib/jobs/sources.js'
 import { openOutput } from '../lib/io/output.js'
 
+/** Two disks packed by the library in this process, one after another or interleaved; no RSS (this process's is the bench's). */
+async function twoDisks (disk: string, archive: string, interleave: boolean): Promise<Run> {
+  const started = process.hrtime.bigint()
+  const cpu = process.cpuUsage()
+  const disks = [await openDisk({ name: 'drive-scsi0', path: disk }), await openDisk({ name: 'drive-scsi1', path: disk })]
+  const output = await openOutput(archive, { force: true })
+  await packArchive(disks, output, { interleave })
+  await output.commit()
+  const used = process.cpuUsage(cpu)
+  rmSync(archive)
+  return { wall: Number(process.hrtime.bigint() - started) / 1e9, cpu: (used.user + used.system) / 1e6, rssKiB: NaN, stderr: '' }
+}
+
 export async function benchPack (dir: string, gib: number): Promise<void> {
-  const table = new Table('disk')
+  const table = new Table('pack', 'disk')
   const disk = join(dir, 'disk.raw')
   process.stderr.write(`generating a ${gib} GiB raw disk\n`)
   await writeBenchDisk(disk, gib * GIB)
   const size = statSync(disk).size
-  await timed(`cat ${q(disk)} > /dev/null`)
-  const cat = await best(3, `cat ${q(disk)} > /dev/null`)
-  const zstd = await best(3, `zstd -q -T0 -c ${q(disk)} > /dev/null`)
-  table.add('cat disk > /dev/null', cat, size)
-  table.add('zstd -T0 disk > /dev/null', zstd, size)
-  table.add('pack-vma disk > /dev/null', await best(3, `${packVma} -q ${q(disk)} > /dev/null`), size, cat, 'cat')
-  table.add('pack-vma disk --compress zstd > /dev/null', await best(3, `${packVma} -q ${q(disk)} --compress zstd > /dev/null`), size, zstd, 'zstd -T0')
-  table.add('cat disk | pack-vma --size N > /dev/null', await best(3, `cat ${q(disk)} | ${packVma} -q --size ${size} > /dev/null`), size, cat, 'cat')
-
-  // Two disks: one after another (what vma create does) against interleaved (--interleave).
-  for (const interleave of [false, true]) {
-    const archive = join(dir, 'two.vma')
-    let bestSeconds = Infinity
-    for (let i = 0; i < 3; i++) {
-      const started = process.hrtime.bigint()
-      const disks = [await openDisk({ name: 'drive-scsi0', path: disk }), await openDisk({ name: 'drive-scsi1', path: disk })]
-      const output = await openOutput(archive, { force: true })
-      await packArchive(disks, output, { interleave })
-      await output.commit()
-      bestSeconds = Math.min(bestSeconds, Number(process.hrtime.bigint() - started) / 1e9)
-      rmSync(archive)
-    }
-    table.add(`two disks, ${interleave ? 'interleaved' : 'one after another'} (library, to a file)`, { seconds: bestSeconds, stderr: '' }, 2 * size)
+  const out = join(dir, 'out.vma')
+  const clean = (): void => rmSync(out, { recursive: true, force: true })
+  await shell(`cat ${q(disk)} > /dev/null`)
+  const cat = `cat ${q(disk)} > /dev/null`
+  table.add('pack-vma disk > /dev/null', size, await pair(`${packVma} -q ${q(disk)} > /dev/null`, cat), 'cat > /dev/null')
+  table.add('pack-vma disk --compress zstd > /dev/null', size,
+    await pair(`${packVma} -q ${q(disk)} --compress zstd > /dev/null`, `zstd -q -T0 -c ${q(disk)} > /dev/null`),
+    'zstd -T0 > /dev/null')
+  table.add('cat disk | pack-vma --size N > /dev/null', size, await pair(`cat ${q(disk)} | ${packVma} -q --size ${size} > /dev/null`, cat), 'cat > /dev/null')
+  // vma create fsyncs the archive; the peers get a sync.
+  const create = `${vma} create -q ${q(out)} -d drive-scsi0=${q(disk)}`
+  if (PVE_VMA !== undefined) {
+    const pveCreate = `${q(PVE_VMA)} create ${q(out)} -d format=raw:drive-scsi0=${q(disk)} 2>/dev/null && sync ${q(out)}`
+    table.add('vma create (synced)', size, await pair(create, pveCreate, { after: clean }),
+      'pve-vma create + sync')
   }
+  table.add('vma create (synced)', size, await pair(create, `cp ${q(disk)} ${q(out)} && sync ${q(out)}`, { after: clean }), 'cp + sync')
+
+  // Two disks: interleaved (--interleave) against one after another (what vma create does by default).
+  const two = join(dir, 'two.vma')
+  table.add('two disks interleaved (library, to a file)', 2 * size,
+    await pair(async () => await twoDisks(disk, two, true), async () => await twoDisks(disk, two, false)),
+    'one after another')
+
+  // Memory of a pipe of both, on a disk four times the size.
+  process.stderr.write(`generating a ${4 * gib} GiB raw disk\n`)
+  const big = join(dir, 'big.raw')
+  await writeBenchDisk(big, 4 * gib * GIB, 3)
+  const outDir = join(dir, 'out')
+  const piped = await pair(`cat ${q(big)} | ${packVma} --size ${4 * gib * GIB} | ${vma} extract - ${q(outDir)}`,
+    `dd if=${q(big)} of=${q(outDir)} bs=1M conv=fsync status=none`, { after: () => rmSync(outDir, { recursive: true, force: true }) })
+  table.add(`cat ${4 * gib} GiB disk | pack-vma --size N | vma extract - out`, 4 * gib * GIB, piped, 'dd bs=1M conv=fsync')
+  rmSync(big)
   rmSync(disk)
 
-  process.stderr.write('generating a 4 GiB raw disk\n')
-  const big = join(dir, 'big.raw')
-  await writeBenchDisk(big, 4 * GIB, 3)
-  const out = join(dir, 'out')
-  const pipe = await timed(`cat ${q(big)} | ${packVma} --size ${4 * GIB} | ${vma} extract - ${q(out)}`)
-  table.add('cat 4 GiB disk | pack-vma --size N | vma extract - out', pipe, 4 * GIB)
-  rmSync(out, { recursive: true, force: true })
-  rmSync(big)
-
   table.print(`Packing: ${gib} GiB disk`)
-  process.stdout.write('\npeak RSS of cat 4 GiB | pack-vma | vma extract, MiB: ' +
-    `pack-vma ${peakMiB(pipe, 'pack-vma')}, vma extract ${peakMiB(pipe, 'extract')}\n`)
+  const peak = (cmd: string): string =>
+    (Math.max(...piped.ours.map(r => Number(logs(r.stderr).filter(l => l.cmd === cmd).pop()?.maxRssKiB ?? 0))) / 1024).toFixed(0)
+  process.stdout.write(`\npeak RSS of cat | pack-vma | vma extract, MiB: pack-vma ${peak('pack-vma')}, vma extract ${peak('extract')}\n`)
 }

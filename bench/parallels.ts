@@ -1,15 +1,15 @@
 /**
  * Parallels: extracting an archive to .hds against qemu-img convert -O
  * parallels of the same disk from raw, in the same run; reading .hds back
- * (from a path and from a pipe) against packing the raw disk.
+ * (from a path and from a pipe) against qemu-img convert -O raw and against packing the raw disk.
  */
 import { rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchArchive, writeBenchDisk } from './archives.js'
-import { GIB, Table, best, peakMiB, q, timed, packVma, vma } from './lib.js'
+import { GIB, Table, pair, q, shell, packVma, vma } from './lib.js'
 
 export async function benchParallels (dir: string, gib: number): Promise<void> {
-  const table = new Table('disk')
+  const table = new Table('parallels', 'disk')
   const size = gib * GIB
   const disk = join(dir, 'disk.raw')
   const archive = join(dir, 'disk.vma')
@@ -23,32 +23,32 @@ export async function benchParallels (dir: string, gib: number): Promise<void> {
   const out = join(dir, 'out')
   const clean = (): void => { rmSync(out, { recursive: true, force: true }); rmSync(image, { force: true }) }
 
-  await timed(`cat ${q(disk)} ${q(archive)} > /dev/null`) // warm the page cache
+  await shell(`cat ${q(disk)} ${q(archive)} ${q(reversed)} > /dev/null`) // warm the page cache
   // qemu-img flushes the image when it closes it; sync after it makes both durable, as vma's fsync does.
-  const qemu = await best(3, `qemu-img convert -f raw -O parallels ${q(disk)} ${q(image)} && sync ${q(image)}`, clean)
-  table.add('qemu-img convert -O parallels disk.raw (1 MiB clusters)', qemu, size)
-  table.add('vma extract --format parallels (1 MiB clusters)',
-    await best(3, `${vma} extract -q ${q(archive)} ${q(out)} --format parallels`, clean), size, qemu, 'qemu-img')
-  const reverse = await best(3, `${vma} extract ${q(reversed)} ${q(out)} --format parallels`, clean)
-  table.add('... clusters in reverse order', reverse, size, qemu, 'qemu-img')
-  table.add('vma extract --format parallels-bundle',
-    await best(3, `${vma} extract -q ${q(archive)} ${q(out)} --format parallels-bundle`, clean), size, qemu, 'qemu-img')
+  const qemu = `qemu-img convert -f raw -O parallels ${q(disk)} ${q(image)} && sync ${q(image)}`
+  const peerName = 'qemu-img convert -O parallels + sync'
+  table.add('vma extract --format parallels (1 MiB clusters)', size,
+    await pair(`${vma} extract -q ${q(archive)} ${q(out)} --format parallels`, qemu, { after: clean }),
+    peerName)
+  table.add('... clusters in reverse order', size,
+    await pair(`${vma} extract -q ${q(reversed)} ${q(out)} --format parallels`, qemu, { after: clean }), peerName)
+  table.add('vma extract --format parallels-bundle', size,
+    await pair(`${vma} extract -q ${q(archive)} ${q(out)} --format parallels-bundle`, qemu, { after: clean }),
+    peerName)
   rmSync(reversed)
 
-  await timed(`qemu-img convert -f raw -O parallels ${q(disk)} ${q(image)}`)
-  const raw = await best(3, `${packVma} -q ${q(disk)} > /dev/null`)
-  table.add('pack-vma disk.raw > /dev/null', raw, size)
-  table.add('pack-vma disk.hds > /dev/null', await best(3, `${packVma} -q ${q(image)} > /dev/null`), size, raw, 'pack-vma raw')
-  const piped = await best(3, `cat ${q(image)} | ${packVma} > /dev/null`)
-  table.add('cat disk.hds | pack-vma > /dev/null (streamed)', piped, size, raw, 'pack-vma raw')
+  await shell(`qemu-img convert -f raw -O parallels ${q(disk)} ${q(image)}`)
   // qemu-img cannot write raw to /dev/null (it will not grow a device), so it writes a file it does not sync.
+  const toRaw = `qemu-img convert -f parallels -O raw ${q(image)} ${q(out)}`
   const dropOut = (): void => rmSync(out, { force: true })
-  table.add('qemu-img convert -O raw disk.hds out.raw', await best(3, `qemu-img convert -f parallels -O raw ${q(image)} ${q(out)}`, dropOut), size)
+  const fromHds = `${packVma} -q ${q(image)} > /dev/null`
+  table.add('pack-vma disk.hds > /dev/null', size, await pair(fromHds, toRaw, { after: dropOut }), 'qemu-img convert -O raw')
+  table.add('pack-vma disk.hds > /dev/null', size, await pair(fromHds, `${packVma} -q ${q(disk)} > /dev/null`), 'pack-vma disk.raw')
+  table.add('cat disk.hds | pack-vma > /dev/null (streamed)', size, await pair(`cat ${q(image)} | ${packVma} -q > /dev/null`, toRaw, { after: dropOut }),
+    'qemu-img convert -O raw')
   clean()
   rmSync(disk)
   rmSync(archive)
 
   table.print(`Parallels: ${gib} GiB disk`)
-  process.stdout.write(`\npeak RSS, MiB: vma extract of the reversed archive to .hds ${peakMiB(reverse, 'extract')}, ` +
-    `cat disk.hds | pack-vma ${peakMiB(piped, 'pack-vma')}\n`)
 }

@@ -11,7 +11,6 @@ import { formatBytes } from '../io/progress.js'
 
 export const backup: Command = {
   name: 'backup',
-  summary: 'run a backup job file: vzdump-named archive, retention, lock, logs',
   help: `Usage: vma backup JOBFILE
 
 Runs the backup job described by JOBFILE (JSON; examples/backup-job.json

@@ -1,19 +1,35 @@
 /** The shape of a command module, and argument parsing shared by all of them. */
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { VmapipeError } from '../errors.js'
-import { COMMON_OPTIONS, type CliContext } from './context.js'
+import type { CliContext } from './context.js'
 
 type OptionSpec = NonNullable<ParseArgsConfig['options']>
 
 export interface Command {
   name: string
-  /** One line for the command list. */
-  summary: string
   /** The full --help text. */
   help: string
   options: OptionSpec
   run: (positionals: string[], values: Record<string, unknown>, ctx: CliContext) => Promise<number>
 }
+
+/** Options every command takes (here, not in context.ts, so that parsing and help load no logger). */
+const COMMON_OPTIONS = {
+  'log-level': { type: 'string' },
+  'log-format': { type: 'string' },
+  quiet: { type: 'boolean', short: 'q' },
+  help: { type: 'boolean', short: 'h' },
+  version: { type: 'boolean', short: 'V' },
+} as const
+
+export const COMMON_HELP = `Common options:
+  --log-level LEVEL   trace, debug, info (default), warn, error, fatal or silent
+  --log-format FMT    text (plain lines, the default when stderr is a terminal)
+                      or json (JSON lines, pino; the default otherwise)
+  -q, --quiet         no progress bar and no info lines; warnings and errors
+                      are still shown
+  -h, --help          this text
+  -V, --version       the version of vmapipe`
 
 /** The Usage: lines at the top of a command's help. */
 export function usageOf (command: Command): string {

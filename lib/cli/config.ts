@@ -7,7 +7,6 @@ import { writeOut } from './context.js'
 
 export const config: Command = {
   name: 'config',
-  summary: 'print one config blob (default qemu-server.conf) to stdout',
   help: `Usage: vma config ARCHIVE [-c NAME]
 
 Writes the bytes of one config blob to stdout, exactly as stored.

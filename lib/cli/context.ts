@@ -4,34 +4,18 @@
  * progress bar on a terminal, Ctrl-C handling and the mapping of errors to
  * exit codes.
  */
-import { pino, type Logger, type LevelWithSilent } from 'pino'
+import { createRequire } from 'node:module'
+import type { DestinationStream, Logger, LevelWithSilent, pino as Pino } from 'pino'
 import { VmapipeError, describePlace } from '../errors.js'
 import { EXIT, exitStatus } from './exit.js'
 import { ProgressBar } from '../io/progress.js'
 import type { ProgressSink } from '../contracts.js'
 
-interface CommonOptions {
+export interface CommonOptions {
   'log-level'?: string
   'log-format'?: string
   quiet?: boolean
 }
-
-export const COMMON_OPTIONS = {
-  'log-level': { type: 'string' },
-  'log-format': { type: 'string' },
-  quiet: { type: 'boolean', short: 'q' },
-  help: { type: 'boolean', short: 'h' },
-  version: { type: 'boolean', short: 'V' },
-} as const
-
-export const COMMON_HELP = `Common options:
-  --log-level LEVEL   trace, debug, info (default), warn, error, fatal or silent
-  --log-format FMT    text (plain lines, the default when stderr is a terminal)
-                      or json (JSON lines, pino; the default otherwise)
-  -q, --quiet         no progress bar and no info lines; warnings and errors
-                      are still shown
-  -h, --help          this text
-  -V, --version       the version of vmapipe`
 
 const LEVELS = new Set(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'])
 const LEVEL_NAMES: Record<number, string> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warning', 50: 'error', 60: 'fatal' }
@@ -81,7 +65,9 @@ const FLAGS: Partial<Record<string, Partial<Record<string, string>>>> = {
 const USAGE_HINTED = new Set(['E_USAGE', 'E_OPTION', 'E_INPUT_SIZE_UNKNOWN', 'E_NOT_SEEKABLE', 'E_BACKING', 'E_TERMINAL'])
 
 /** A command's logger: JSON lines with the command's name and ISO times. */
-export function createLogger (command: string, level: LevelWithSilent, destination: pino.DestinationStream): Logger {
+export function createLogger (command: string, level: LevelWithSilent, destination: DestinationStream): Logger {
+  // Required here, on first use: a command that logs nothing (vma list, config) does not load pino's thirty modules.
+  const { pino } = createRequire(import.meta.url)('pino') as { pino: typeof Pino }
   return pino({ name: 'vma', level, base: { cmd: command }, timestamp: pino.stdTimeFunctions.isoTime }, destination)
 }
 
@@ -121,7 +107,8 @@ function plainLine (line: string, program: string): string {
 }
 
 export class CliContext {
-  readonly log: Logger
+  private logger?: Logger
+  private readonly level: LevelWithSilent
   /** stderr for log lines: the progress bar is cleared before each; plain text for a person. */
   readonly stderr = { write: (line: string): void => { this.bar?.clear(); process.stderr.write(this.text ? plainLine(line, this.program) : line) } }
   /** Log lines are plain text (a terminal, or --log-format text) rather than JSON. */
@@ -142,7 +129,7 @@ export class CliContext {
     if (format !== undefined && format !== 'json' && format !== 'text') throw new VmapipeError('E_USAGE', `--log-format ${format}: choose json or text`)
     this.text = format === 'text' || (format === undefined && process.stderr.isTTY === true)
     this.quiet = options.quiet === true
-    this.log = createLogger(command, level as LevelWithSilent, this.stderr)
+    this.level = level as LevelWithSilent
     const onSignal = (name: NodeJS.Signals): void => {
       // A second signal (the user insists), or a command that has nothing to clean up: stop now.
       if (this.interrupted !== undefined || !this.abortable) {
@@ -155,6 +142,17 @@ export class CliContext {
     }
     process.on('SIGINT', onSignal)
     process.on('SIGTERM', onSignal)
+  }
+
+  /** The command's logger, made when first used. */
+  get log (): Logger {
+    this.logger ??= createLogger(this.command, this.level, this.stderr)
+    return this.logger
+  }
+
+  /** Whether debug lines are logged, asked without making the logger. */
+  get debugging (): boolean {
+    return this.level === 'debug' || this.level === 'trace'
   }
 
   /**

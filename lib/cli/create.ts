@@ -43,7 +43,6 @@ const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its b
 
 export const create: Command = {
   name: 'create',
-  summary: 'pack disks and config blobs into a new archive',
   help: `Usage: vma create OUT [-c [NAME=]FILE]... -d [OPTS:]NAME=PATH [-d ...]
        vma create OUT [-c [NAME=]FILE]... NAME=PATH...     (deprecated, as in Proxmox)
 
@@ -99,7 +98,6 @@ Examples:
 
 export const pack: Command = {
   name: 'pack-vma',
-  summary: 'pack one disk into an archive on stdout',
   help: `Usage: pack-vma [INPUT|-] [--name NAME] [--size BYTES] [--format FORMAT] [-c [NAME=]FILE]... [-o OUT]
 
 Packs one disk from a file, stdin or an NBD export into a VMA archive on

@@ -12,7 +12,6 @@ import { refuseTerminal } from './context.js'
 
 export const extract: Command = {
   name: 'extract',
-  summary: 'restore disks and config blobs into a new directory, or one disk to stdout',
   help: `Usage: vma extract ARCHIVE TARGETDIR [-v] [-d DRIVE[,DRIVE...]] [--format FORMAT] [--force]
        vma extract ARCHIVE [-] [-d DRIVE] [--tmpdir DIR]     (stdout not a terminal)
        vma extract ARCHIVE --to NBD-URI [-d DRIVE]

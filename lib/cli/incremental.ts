@@ -7,7 +7,6 @@ import { type Command, expectPositionals, parseSeconds } from './command.js'
 
 export const incremental: Command = {
   name: 'incremental',
-  summary: 'write what a dirty bitmap marks as an overlay on the previous backup',
   help: `Usage: vma incremental URI --dirty-bitmap NAME --overlay-of PREVIOUS [-o OUT]
 
 An incremental backup of a disk that QEMU (or qemu-nbd -B NAME) exports over

@@ -7,7 +7,6 @@ import { writeOut } from './context.js'
 
 export const info: Command = {
   name: 'info',
-  summary: 'show the format, size, allocation and dirty bitmaps of a disk image',
   help: `Usage: vma info IMAGE [--format FORMAT] [--json]
 
 Opens a disk image that vma create and pack-vma read and prints its format,

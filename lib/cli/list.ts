@@ -7,7 +7,6 @@ import { writeOut } from './context.js'
 
 export const list: Command = {
   name: 'list',
-  summary: 'show the uuid, creation time, devices and config blobs of an archive',
   help: `Usage: vma list ARCHIVE [--json]
 
 Reads only the archive header and prints what the archive holds. ARCHIVE is a

@@ -2,19 +2,9 @@
 import { readFileSync } from 'node:fs'
 import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
-import { type Command, parseCommandLine, usageOf } from './command.js'
-import { COMMON_HELP, CliContext } from './context.js'
-import { backup } from './backup.js'
-import { config } from './config.js'
-import { create } from './create.js'
-import { extract } from './extract.js'
-import { info } from './info.js'
-import { incremental } from './incremental.js'
-import { list } from './list.js'
-import { serve } from './serve.js'
-import { verify } from './verify.js'
-
-const COMMANDS: Command[] = [list, config, verify, extract, create, backup, serve, incremental, info]
+import { COMMON_HELP, type Command, parseCommandLine, usageOf } from './command.js'
+import { COMMANDS } from './commands.js'
+import type { CliContext, CommonOptions } from './context.js'
 
 const EXIT_HELP = `Exit codes:
   0    success
@@ -59,12 +49,12 @@ export async function main (argv: string[]): Promise<number> {
     process.stdout.write(`vmapipe ${version()}\n`)
     return EXIT.OK
   }
-  const command = COMMANDS.find(c => c.name === name)
-  if (command === undefined) {
+  const entry = COMMANDS.find(c => c.name === name)
+  if (entry === undefined) {
     process.stderr.write(`vma: unknown command ${name}\n\n${usage()}`)
     return EXIT.USAGE
   }
-  return await runCommand(command, args, 'vma')
+  return await runCommand(await entry.load(), args, 'vma')
 }
 
 /** Runs one command with its own argument list; also the entry of pack-vma. */
@@ -85,14 +75,16 @@ export async function runCommand (command: Command, args: string[], program: str
     process.stdout.write(`vmapipe ${version()}\n`)
     return EXIT.OK
   }
+  // The logger (pino) is loaded only for a command that runs, not for its --help.
+  const { CliContext } = await import('./context.js')
   let ctx: CliContext
   try {
-    ctx = new CliContext(command.name, parsed.values, program)
+    ctx = new CliContext(command.name, parsed.values as CommonOptions, program)
   } catch (err) {
     process.stderr.write(`${program}: ${(err as Error).message}\n`)
     return EXIT.USAGE
   }
-  ctx.log.debug({ args }, 'starting')
+  if (ctx.debugging) ctx.log.debug({ args }, 'starting')
   try {
     return await command.run(parsed.positionals, parsed.values, ctx)
   } catch (err) {

@@ -7,7 +7,6 @@ import { type Command, listOption, parseSeconds } from './command.js'
 
 export const serve: Command = {
   name: 'serve',
-  summary: 'serve archives and images read-only over NBD (qemu, nbdcopy, the kernel)',
   help: `Usage: vma serve SOURCE... (--socket PATH | --listen HOST:PORT) [--name NAME]...
                  [--cache DIR | --keep DIR]
 

@@ -8,7 +8,6 @@ import { writeOut } from './context.js'
 
 export const verify: Command = {
   name: 'verify',
-  summary: 'read a whole archive and check every checksum, rule and cluster',
   help: `Usage: vma verify ARCHIVE [-v] [--json]
 
 Reads the whole archive and checks what Proxmox's own reader checks (magic,

@@ -6,7 +6,7 @@
  * than XML's own five are refused before parsing, so nothing expands.
  */
 import { randomUUID } from 'node:crypto'
-import { XMLBuilder, XMLParser, XMLValidator } from 'fast-xml-parser'
+import { createRequire } from 'node:module'
 import { VmapipeError } from '../errors.js'
 
 /** The GUID a top snapshot has when no TopGUID names it. */
@@ -55,7 +55,16 @@ const OPTIONS = {
   processEntities: true,
   htmlEntities: false,
 } as const
-const parser = new XMLParser({ ...OPTIONS, trimValues: false, parseTagValue: false, parseAttributeValue: false })
+type Xml = typeof import('fast-xml-parser')
+let loaded: { xml: Xml, parser: InstanceType<Xml['XMLParser']> } | undefined
+/** fast-xml-parser, required on first use: every command loads this module through the format registry, few read or write XML. */
+function fxp (): NonNullable<typeof loaded> {
+  if (loaded === undefined) {
+    const xml = createRequire(import.meta.url)('fast-xml-parser') as Xml
+    loaded = { xml, parser: new xml.XMLParser({ ...OPTIONS, trimValues: false, parseTagValue: false, parseAttributeValue: false }) }
+  }
+  return loaded
+}
 
 /** Text quoted from the input into a message, cut to a readable length. */
 const clip = (text: string): string => text.length > 200 ? `${text.slice(0, 200)}...` : text
@@ -93,11 +102,11 @@ function parseTree (xml: string, where: string): XmlNode[] {
   const entity = /&(?!(?:amp|lt|gt|quot|apos|#\d+|#x[0-9a-f]+);)[^;\s]{0,32};?/i.exec(markup)
   if (entity !== null) throw fail(where, `entity reference ${entity[0]} is not allowed (only &amp; &lt; &gt; &quot; &apos; and character references)`)
   checkDepth(markup, where)
-  const valid = XMLValidator.validate(xml)
+  const valid = fxp().xml.XMLValidator.validate(xml)
   // The validator's message can quote the whole input (every unclosed tag); a line of it says enough.
   if (valid !== true) throw fail(where, `not well-formed XML at line ${valid.err.line}: ${clip(valid.err.msg)}`)
   try {
-    return parser.parse(xml) as XmlNode[]
+    return fxp().parser.parse(xml) as XmlNode[]
   } catch (err) {
     throw fail(where, `cannot be parsed: ${clip((err as Error).message)}`)
   }
@@ -220,7 +229,7 @@ export function buildDescriptor (d: DiskDescriptor): string {
   ])
   root[':@'] = { '@_Version': '1.0' }
   const declaration = { '?xml': [{ '#text': '' }], ':@': { '@_version': '1.0', '@_encoding': 'UTF-8' } }
-  return new XMLBuilder({ ...OPTIONS, format: true, indentBy: '  ' }).build([declaration, root]).trimEnd() + '\n'
+  return (new (fxp().xml.XMLBuilder)({ ...OPTIONS, format: true, indentBy: '  ' }).build([declaration, root]) as string).trimEnd() + '\n'
 }
 
 /**
@@ -243,7 +252,7 @@ export function addSnapshotImage (xml: string, image: DescriptorImage, where: st
   const topGuid = elements(snapshots, 'TopGUID')[0]
   if (topGuid !== undefined) topGuid.TopGUID = [{ '#text': image.guid }]
   else prepend(snapshots, el('TopGUID', image.guid))
-  const out = new XMLBuilder({ ...OPTIONS, format: false, suppressEmptyNode: false }).build(tree)
+  const out = new (fxp().xml.XMLBuilder)({ ...OPTIONS, format: false, suppressEmptyNode: false }).build(tree) as string
   // The builder rewrites the prolog (declaration quotes, blanks); keep the original's.
   const prolog = (text: string): string => /^[\s\S]*?(?=<Parallels_disk_image[\s>])/.exec(text)?.[0] ?? ''
   return prolog(xml) + out.slice(prolog(out).length) + (/\s*$/.exec(xml)?.[0] ?? '')
