@@ -97,7 +97,8 @@ Examples:
     const clusterSize = parseSize(values['cluster-size'], '--cluster-size')
     if (clusterSize !== undefined) {
       if (formatNamed(format, OUTPUT_FORMATS).outputOptions?.includes('clusterSize') !== true) {
-        throw new VmapipeError('E_USAGE', '--cluster-size applies to --format parallels and parallels-bundle')
+        const takers = OUTPUT_FORMATS.filter(f => formatNamed(f, OUTPUT_FORMATS).outputOptions?.includes('clusterSize') === true)
+        throw new VmapipeError('E_USAGE', `--cluster-size applies to --format ${takers.join(' and ')}`)
       }
       checkClusterSize(clusterSize)
     }
@@ -123,7 +124,7 @@ Examples:
     if (target === '-') {
       if (values.force === true) throw new VmapipeError('E_USAGE', '--force needs a TARGETDIR')
       if (values['data-file'] === true) throw new VmapipeError('E_USAGE', '--data-file makes two files and needs a TARGETDIR')
-      if (format === 'parallels-bundle') throw new VmapipeError('E_USAGE', 'a bundle is a directory and needs a TARGETDIR')
+      if (formatNamed(format, OUTPUT_FORMATS).directory === true) throw new VmapipeError('E_USAGE', `a ${format} disk is a directory and needs a TARGETDIR`)
       const memoryLimit = parseSize(values.memory, '--memory')
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
