@@ -204,7 +204,7 @@ export function growQcow2 (buf: Buffer, rng: Rng): { bytes: Buffer, what: string
   if (buf.length < 72) return { bytes: buf, what: 'too short to grow' }
   const clusterBits = buf.readUInt32BE(20)
   if (clusterBits < 9 || clusterBits > 21) return { bytes: buf, what: 'no cluster size to grow with' }
-  const extended = buf.readUInt32BE(4) >= 3 && (buf.readBigUInt64BE(72) & 16n) !== 0n
+  const extended = buf.readUInt32BE(4) >= 3 && buf.length >= 80 && (buf.readBigUInt64BE(72) & 16n) !== 0n
   const perL2 = 2 ** clusterBits / (extended ? 16 : 8)
   const size = 2 ** (30 + rng.below(23))
   const l1Size = Math.ceil(size / 2 ** clusterBits / perL2)

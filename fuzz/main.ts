@@ -108,7 +108,6 @@ async function runWorker (
   const { child, stderr } = startWorker(o, job)
   let ready: number | undefined
   let inFlight: { index: number, started: number, cpu: number, seedName: string, steps: string[] } | undefined
-  let lastDone = job.start - 1
   let restartAfter: number | undefined
   let killed: { cls: CaseClass, detail: string } | undefined
   child.on('message', (m: WorkerMessage) => {
@@ -118,7 +117,6 @@ async function runWorker (
     else if (m.type === 'done') {
       count(counts, m.class, m.detail)
       if (m.checked) counts.checked++
-      lastDone = m.index
       inFlight = undefined
     } else restartAfter = m.index
   })
@@ -145,7 +143,10 @@ async function runWorker (
   if (restartAfter !== undefined) { counts.restarts++; return { next: restartAfter + 1, spent } }
   if (inFlight === undefined) {
     if (exit.code !== 0) throw new Error(`the ${job.parser} worker failed outside any case (${exit.code ?? exit.signal}): ${stderr()}`)
-    return { next: spent < job.budget && lastDone + 1 < job.end ? lastDone + 1 : undefined, spent }
+    // A worker leaves on its own only when its time is up or its cases are done: the parser is finished. (Its time,
+    // measured from here, looks shorter than its own clock by the ready message's way here; going on by that much
+    // again and again started a worker, with its seeds to load, every second or two until chance ended it.)
+    return { next: undefined, spent }
   }
   // The worker died or was killed in the middle of a case: that case is the culprit.
   const death = killed ?? (/heap out of memory|Allocation failed|ENOMEM/.test(stderr())

@@ -103,13 +103,14 @@ let job: WorkerJob
 
 /** Saves the case under way with `cls` and leaves (a new worker goes on). */
 function giveUp (cls: CaseClass, detail: string): never {
+  if (current === undefined) console.error(`outside any case: ${cls}: ${detail}`)
   if (current !== undefined) {
     const { index, seedName, steps, input } = current
     saveCase(job.outDir, { parser: job.parser, class: cls, seed: job.seed, index, seedName, steps, detail }, input)
     send({ type: 'done', index: current.index, class: cls, checked: false, detail })
     send({ type: 'restart', index: current.index })
   }
-  process.exit(0)
+  process.exit(current === undefined ? 1 : 0)
 }
 
 async function runCase (bytes: Buffer, ctx: CaseContext): Promise<{ class: CaseClass, detail?: string, checked: boolean }> {
