@@ -62,6 +62,8 @@ const CASES: Record<string, Case> = {
   'no COPIED flag on data': { base: 'std', expect: 'reads', patch: l2('std', 1, DATA2) },
   'unaligned data offset': { base: 'std', expect: 'fails', code: 'E_QCOW2_L2', patch: l2('std', 1, C | DATA2 | 0x200n) },
   'data past the end of the file': { base: 'std', expect: 'refused', code: 'E_QCOW2_L2', patch: l2('std', 1, C | 0x10000000n) },
+  // Bit 31 of the low word: read as a signed 32-bit number it made the offset negative, and the header was read as data (found by npm run fuzz).
+  'data past the end of the file, offset bit 31 set': { base: 'std', expect: 'refused', code: 'E_QCOW2_L2', patch: l2('std', 1, C | 0x80000000n) },
   'compressed descriptor at offset 0': { base: 'std', expect: 'fails', code: 'E_QCOW2_DATA', patch: l2('std', 1, CMP) },
   'compressed cluster': { base: 'std', expect: 'reads', patch: compressed('std', 0n) },
   'compressed cluster with COPIED': { base: 'std', expect: 'reads', patch: compressed('std', C) },
@@ -84,6 +86,7 @@ const CASES: Record<string, Case> = {
   'L1: COPIED with offset 0': { base: 'std', expect: 'reads', patch: l1(0, C) },
   'L1: unaligned': { base: 'std', expect: 'fails', code: 'E_QCOW2_L1', patch: l1(0, C | 0x40200n) },
   'L1: an L2 table past the end of the file': { base: 'std', expect: 'refused', code: 'E_QCOW2_L1', patch: l1(0, C | 0x10000000n) },
+  'L1: an L2 table past the end of the file, offset bit 31 set': { base: 'std', expect: 'refused', code: 'E_QCOW2_L1', patch: l1(0, C | 0x80000000n) },
   // Issue 13: entries QEMU never looks at, past the disk's end, are not checked by either reader.
   'L2 entries past the disk (unaligned, allocated without offset)': {
     base: 'std',

@@ -243,7 +243,8 @@ export function readL2Entry (h: Qcow2Header, table: Buffer, index: number, l2Off
     inFile(host, 'compressed data')
     return { kind: 'compressed', host, bytes: (sectors + 1) * 512 - (host % 512) }
   }
-  const host = (hi & 0x00ffffff) * TWO32 + (lo & 0xfffffe00)
+  // >>> 0: a JavaScript & is signed, and bit 31 of the low word would make the offset negative.
+  const host = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
   const allocatedAt0 = host === 0 && !(dataFile && (hi & 0x80000000) !== 0)
   const zeroFlag = !extended && (lo & 1) !== 0
   if (zeroFlag && h.version < 3) throw bad('has the zero flag, which version 2 images do not have')
@@ -278,7 +279,7 @@ export function readL1Entry (l1: Buffer, index: number, clusterSize: number, fil
   const hi = l1.readUInt32BE(index * 8)
   const lo = l1.readUInt32BE(index * 8 + 4)
   const at = l1Offset + index * 8
-  const offset = (hi & 0x00ffffff) * TWO32 + (lo & 0xfffffe00)
+  const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
   if (offset === 0) return 0
   if (offset % clusterSize !== 0) throw new VmapipeError('E_QCOW2_L1', `L1 entry ${index} points to ${offset}, which is not cluster aligned`, { offset: at })
   if (offset + clusterSize > fileSize) {
