@@ -1,7 +1,7 @@
 /**
  * Opening an input named on the command line: a path, or `-` for stdin.
  */
-import { createReadStream, createWriteStream, fstatSync, readFileSync, statSync, type Stats } from 'node:fs'
+import { ReadStream, createReadStream, createWriteStream, fstatSync, readFileSync, statSync, type Stats } from 'node:fs'
 import { open, unlink } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -41,6 +41,18 @@ function openStdin (): Input {
   // Pipes and sockets go through process.stdin, which copes with non-blocking descriptors.
   if (!st.isFile()) return { stream: process.stdin, name: 'stdin', ...(size !== undefined ? { size } : {}) }
   return { stream: createReadStream('', { fd: 0, highWaterMark: CHUNK, autoClose: false }), name: 'stdin', size: st.size }
+}
+
+/**
+ * The path behind a stream that reads a whole file from its start and has
+ * not been read from yet (openInput's, createReadStream(path)): a job may then
+ * read the file by position instead, and destroy the stream.
+ */
+export function untouchedFilePath (stream: Readable): string | undefined {
+  if (!(stream instanceof ReadStream) || typeof stream.path !== 'string' || stream.path === '') return undefined
+  const range = stream as ReadStream & { start?: number, end?: number }
+  if (stream.bytesRead > 0 || stream.readableLength > 0 || (range.start ?? 0) !== 0 || (range.end ?? Infinity) !== Infinity) return undefined
+  return stream.path
 }
 
 /** A regular file's size, or a block device's (stat says 0 for those; sysfs knows). */

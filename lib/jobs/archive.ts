@@ -9,7 +9,9 @@ import type { ArchiveInfo, DeviceInfo, ProgressSink } from '../contracts.js'
 import { VMSTATE_NAME } from '../record.js'
 import { type Compression, createDecompressor } from '../io/compression.js'
 import { counter } from '../io/progress.js'
-import { type DeviceStats, VmaReader } from '../vma/stream.js'
+import { untouchedFilePath } from '../io/input.js'
+import { type DeviceStats, VmaReader, deviceStats } from '../vma/stream.js'
+import { type ArchiveFile, type ArchiveWalk, openArchiveFile, walkArchive } from '../vma/archive-index.js'
 
 export interface ReadOptions {
   /** Receives the count of input bytes (compressed, as read) as they pass. */
@@ -111,6 +113,12 @@ export interface VerifyReport {
  * (unreadable input, missing tool) are thrown.
  */
 export async function verifyArchive (input: Readable, options: ReadOptions = {}): Promise<VerifyReport> {
+  const path = untouchedFilePath(input)
+  const file = path === undefined ? undefined : await openSeekable(path)
+  if (file !== undefined) {
+    input.destroy()
+    return await verifyFile(file, options)
+  }
   const decompress = createDecompressor()
   const reader = new VmaReader()
   const discard = new Writable({ objectMode: true, highWaterMark: 64, write: (_item, _enc, cb) => { cb() } })
@@ -130,5 +138,45 @@ export async function verifyArchive (input: Readable, options: ReadOptions = {})
     extents: reader.extents,
     archiveBytes: reader.offset,
     devices: reader.deviceStats(),
+  }
+}
+
+/**
+ * An uncompressed archive in a regular file, open for positional reads, or
+ * undefined when `path` can only be streamed (compressed, a pipe or device).
+ */
+export async function openSeekable (path: string): Promise<ArchiveFile | undefined> {
+  try {
+    return await openArchiveFile(path)
+  } catch (err) {
+    if (err instanceof VmapipeError && err.code === 'E_NOT_SEEKABLE') return undefined
+    throw err
+  }
+}
+
+/**
+ * verifyArchive of a file read by position: VMA's checksums cover the headers
+ * only and every rule is about headers and masks, so the data blocks are
+ * skipped, not read (the streaming reader reads them only to pass them on).
+ */
+async function verifyFile (file: ArchiveFile, options: ReadOptions): Promise<VerifyReport> {
+  const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
+  let error: VmapipeError | undefined
+  try {
+    await walkArchive(file, walk, options)
+  } catch (err) {
+    if (!(err instanceof VmapipeError) || err.fault !== 'input') throw err
+    error = err
+  } finally {
+    await file.handle.close()
+  }
+  return {
+    ok: error === undefined,
+    ...(error !== undefined ? { error } : {}),
+    ...(walk.info !== undefined ? { info: walk.info } : {}),
+    compression: 'none',
+    extents: walk.extents,
+    archiveBytes: walk.offset,
+    devices: deviceStats(walk.devices),
   }
 }

@@ -1,21 +1,22 @@
 /**
- * Random access into an uncompressed VMA archive in a regular file. The index
- * is built once by reading the header and the 512-byte extent headers only
- * (the data between them is skipped), with the streaming reader's checks,
- * and kept as two typed arrays per device: each cluster's mask and the
- * archive offset of its first data block, 10 bytes per cluster. Each device
- * is then a RandomAccessDisk: its map comes from the masks, its reads are
- * positional reads of the blocks, runs that lie together in the archive
- * read at once.
+ * Uncompressed VMA archives in regular files, read by position. walkArchive
+ * reads the header and the 512-byte extent headers only (the data between
+ * them is skipped), with the streaming reader's checks in its order: that is
+ * all verify needs. The index built on it keeps two typed arrays per device:
+ * each cluster's mask and the archive offset of its first data block, 10
+ * bytes per cluster. Each device is then a RandomAccessDisk: its map comes
+ * from the masks, its reads are positional reads of the blocks, runs that lie
+ * together in the archive read at once.
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ArchiveInfo, DeviceInfo, Extent, RandomAccessDisk } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, Extent, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { detectCompression } from '../io/compression.js'
 import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { readUpTo } from '../io/pread.js'
 import {
+  type ExtentHeader, type VmaHeader,
   EXTENT_HEADER_SIZE, archiveInfo, HEADER_PREFIX_SIZE, MAX_EXTENT_CLUSTERS, VMA_MAGIC, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
 } from './format.js'
 
@@ -28,6 +29,137 @@ export interface ArchiveIndex {
   close: () => Promise<void>
 }
 
+/** An uncompressed archive in a regular file, open for positional reads. */
+export interface ArchiveFile {
+  handle: FileHandle
+  path: string
+  size: number
+}
+
+/** What walkArchive has found so far: after a failure, what came before it. */
+export interface ArchiveWalk {
+  header?: VmaHeader
+  info?: ArchiveInfo
+  /** Devices by dev_id, once the header is read. */
+  devices: Array<TrackedDevice | undefined>
+  extents: number
+  /** Archive bytes a streaming reader would have taken by now (VmaReader.offset). */
+  offset: number
+}
+
+export interface WalkOptions {
+  signal?: AbortSignal
+  /** Receives the archive bytes passed (read or skipped). */
+  progress?: ProgressSink
+  /** Called once the header is read, with its size, before any extent. */
+  header?: (header: VmaHeader, headerSize: number) => void
+  /** Called with each extent header and the archive offset where it starts. */
+  extent?: (extent: ExtentHeader, offset: number) => void
+}
+
+const UNPACK: Record<string, string> = { zstd: 'zstd -d', gzip: 'gunzip -k', lzo: 'lzop -d' }
+
+/**
+ * Opens `path` for positional reads: E_NOT_SEEKABLE when it is not a regular
+ * file or is compressed (those can only be streamed).
+ */
+export async function openArchiveFile (path: string): Promise<ArchiveFile> {
+  const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+  try {
+    const stat = await handle.stat()
+    if (!stat.isFile()) {
+      throw new VmapipeError(
+        'E_NOT_SEEKABLE',
+        `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`
+      )
+    }
+    const head = Buffer.alloc(MAGIC_BYTES)
+    const compression = detectCompression(head.subarray(0, await readUpTo(handle, head, 0, path)))
+    if (compression !== 'none') {
+      throw new VmapipeError(
+        'E_NOT_SEEKABLE',
+        `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`
+      )
+    }
+    return { handle, path, size: stat.size }
+  } catch (err) {
+    await handle.close()
+    throw err instanceof VmapipeError ? err : ioError(err, `reading ${path}`)
+  }
+}
+
+/** Enough bytes to tell a compressed file (compression.ts DETECT_BYTES). */
+const MAGIC_BYTES = 9
+/** Extent headers are read in windows of this size, so that a sparse archive's headers, close together, come in one read. */
+const WINDOW = 1 << 16
+
+/**
+ * Reads the header and every extent header of `file`, skipping the data, and
+ * makes every check the streaming reader (VmaReader) makes, in its order and
+ * with its error codes and offsets; fills `walk` as it goes. Resolves with the
+ * header once every cluster of every device was found exactly once.
+ */
+export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options: WalkOptions = {}): Promise<VmaHeader> {
+  const { handle, path, size: fileSize } = file
+  let passed = 0
+  const advance = (to: number): void => {
+    walk.offset = to
+    if (to > passed) options.progress?.add(to - passed)
+    passed = Math.max(passed, to)
+  }
+  const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
+  const got = await readUpTo(handle, prefix, 0, path)
+  if (got >= VMA_MAGIC.length) checkMagic(prefix)
+  if (got < HEADER_PREFIX_SIZE) {
+    throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header (header_size unknown)', { offset: got })
+  }
+  const headerSize = readHeaderSize(prefix)
+  advance(HEADER_PREFIX_SIZE)
+  const head = Buffer.alloc(headerSize)
+  if (await readUpTo(handle, head, 0, path) < headerSize) {
+    throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
+  }
+  advance(headerSize)
+  const header = parseHeader(head)
+  walk.header = header
+  walk.info = archiveInfo(header)
+  for (const info of header.devices) walk.devices[info.id] = trackDevice(info)
+  options.header?.(header, headerSize)
+
+  const window = Buffer.allocUnsafe(WINDOW)
+  let windowAt = 0
+  let windowLength = 0
+  for (let pos = headerSize; pos < fileSize;) {
+    if (options.signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
+    if (pos < windowAt || pos + EXTENT_HEADER_SIZE > windowAt + windowLength) {
+      windowAt = pos
+      windowLength = await readUpTo(handle, window, pos, path)
+      if (windowLength < EXTENT_HEADER_SIZE) {
+        throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${pos}`, { offset: fileSize })
+      }
+    }
+    advance(pos + EXTENT_HEADER_SIZE)
+    const extent = parseExtentHeader(window.subarray(pos - windowAt, pos - windowAt + EXTENT_HEADER_SIZE), header.uuidBytes, pos)
+    trackExtent(walk.devices, extent, pos)
+    walk.extents++
+    options.extent?.(extent, pos)
+    let data = pos + EXTENT_HEADER_SIZE
+    for (const e of extent.entries) {
+      const bytes = popcount16(e.mask) * BLOCK_SIZE
+      if (data + bytes > fileSize) {
+        advance(data)
+        throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${pos}`, { offset: fileSize })
+      }
+      data += bytes
+    }
+    advance(data)
+    pos = data
+  }
+  const missing = firstIncomplete(walk.devices.filter((d): d is TrackedDevice => d !== undefined))
+  if (missing !== undefined) throw new VmapipeError('E_VMA_MISSING', missing.message, { offset: fileSize, device: missing.dev.info.name })
+  return header
+}
+
 interface IndexedDevice {
   tracked: TrackedDevice
   masks: Uint16Array
@@ -35,83 +167,50 @@ interface IndexedDevice {
   offsets: Float64Array
 }
 
-const UNPACK: Record<string, string> = { zstd: 'zstd -d', gzip: 'gunzip -k', lzo: 'lzop -d' }
-
 export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
-  const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+  const file = await openArchiveFile(path)
   try {
-    return await buildIndex(handle, path)
+    return await indexArchive(file)
   } catch (err) {
-    await handle.close()
+    await file.handle.close()
     throw err instanceof VmapipeError ? err : ioError(err, `reading ${path}`)
   }
 }
 
-async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveIndex> {
-  const stat = await handle.stat()
-  if (!stat.isFile()) {
-    throw new VmapipeError(
-      'E_NOT_SEEKABLE',
-      `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`
-    )
-  }
-  const fileSize = stat.size
-  const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
-  const got = await readUpTo(handle, prefix, 0, path)
-  const compression = detectCompression(prefix.subarray(0, got))
-  if (compression !== 'none') {
-    throw new VmapipeError(
-      'E_NOT_SEEKABLE',
-      `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`
-    )
-  }
-  if (got >= VMA_MAGIC.length) checkMagic(prefix)
-  if (got < HEADER_PREFIX_SIZE) {
-    throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header', { offset: got })
-  }
-  const headerSize = readHeaderSize(prefix)
-  const head = Buffer.alloc(headerSize)
-  if (await readUpTo(handle, head, 0, path) < headerSize) {
-    throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
-  }
-  const header = parseHeader(head)
-
-  // A complete archive needs an extent header per 59 clusters: a header that
-  // declares more than the file can hold is refused before anything is allocated for it.
-  const declared = header.devices.reduce((n, d) => n + clusterCount(d.size), 0)
-  const room = Math.floor((fileSize - headerSize) / EXTENT_HEADER_SIZE) * MAX_EXTENT_CLUSTERS
-  if (declared > room) {
-    throw new VmapipeError('E_VMA_TRUNCATED',
-      `the archive's ${fileSize} bytes cannot hold the ${declared} clusters its header declares: it is cut short or damaged`, { offset: fileSize })
-  }
+/**
+ * The index of an archive file, which it owns once built (closing the index
+ * and every disk closes the file; on failure the caller closes it).
+ */
+export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions, 'signal'> = {}): Promise<ArchiveIndex> {
   const devices: Array<IndexedDevice | undefined> = []
-  for (const info of header.devices) {
-    const n = clusterCount(info.size)
-    devices[info.id] = { tracked: trackDevice(info), masks: new Uint16Array(n), offsets: new Float64Array(n) }
-  }
-  const tracked = devices.map(d => d?.tracked)
-
-  const buf = Buffer.alloc(EXTENT_HEADER_SIZE)
-  let extents = 0
-  for (let pos = headerSize; pos < fileSize; extents++) {
-    if (await readUpTo(handle, buf, pos, path) < EXTENT_HEADER_SIZE) {
-      throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent header at byte ${pos}`, { offset: fileSize })
-    }
-    const extent = parseExtentHeader(buf, header.uuidBytes, pos)
-    trackExtent(tracked, extent, pos)
-    let data = pos + EXTENT_HEADER_SIZE
-    for (const e of extent.entries) {
-      const d = devices[e.devId] as IndexedDevice
-      d.masks[e.cluster] = e.mask
-      d.offsets[e.cluster] = data
-      data += popcount16(e.mask) * BLOCK_SIZE
-    }
-    if (data > fileSize) throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${pos}`, { offset: fileSize })
-    pos = data
-  }
-  const missing = firstIncomplete(tracked.filter((d): d is TrackedDevice => d !== undefined))
-  if (missing !== undefined) throw new VmapipeError('E_VMA_MISSING', missing.message, { offset: fileSize, device: missing.dev.info.name })
-
+  const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
+  const header = await walkArchive(file, walk, {
+    ...options,
+    header: (header, headerSize) => {
+      // A complete archive needs an extent header per 59 clusters: a header that
+      // declares more than the file can hold is refused before anything is allocated for it.
+      const declared = header.devices.reduce((n, d) => n + clusterCount(d.size), 0)
+      const room = Math.floor((file.size - headerSize) / EXTENT_HEADER_SIZE) * MAX_EXTENT_CLUSTERS
+      if (declared > room) {
+        throw new VmapipeError('E_VMA_TRUNCATED',
+          `the archive's ${file.size} bytes cannot hold the ${declared} clusters its header declares: it is cut short or damaged`, { offset: file.size })
+      }
+      for (const info of header.devices) {
+        const n = clusterCount(info.size)
+        devices[info.id] = { tracked: walk.devices[info.id] as TrackedDevice, masks: new Uint16Array(n), offsets: new Float64Array(n) }
+      }
+    },
+    extent: (extent, pos) => {
+      let data = pos + EXTENT_HEADER_SIZE
+      for (const e of extent.entries) {
+        const d = devices[e.devId] as IndexedDevice
+        d.masks[e.cluster] = e.mask
+        d.offsets[e.cluster] = data
+        data += popcount16(e.mask) * BLOCK_SIZE
+      }
+    },
+  })
+  const { handle, path } = file
   let users = 1
   const release = async (): Promise<void> => {
     if (--users === 0) await handle.close()
@@ -126,7 +225,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
   }
   return {
     info: archiveInfo(header),
-    extents,
+    extents: walk.extents,
     disk: device => {
       const d = devices[device.id]
       if (d === undefined || d.tracked.info.name !== device.name) {

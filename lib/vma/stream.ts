@@ -40,6 +40,23 @@ export interface DeviceStats {
   firstMissing: number
 }
 
+/** The counts of devices tracked by dev_id (the streaming reader's, or walkArchive's). */
+export function deviceStats (devices: ReadonlyArray<TrackedDevice | undefined>): DeviceStats[] {
+  const out: DeviceStats[] = []
+  for (const d of devices) {
+    if (d === undefined) continue
+    out.push({
+      device: d.info,
+      clusters: d.seen.size,
+      zeroClusters: d.zeroClusters,
+      dataBlocks: d.dataBlocks,
+      expected: d.clusters,
+      firstMissing: d.seen.firstMissing(d.clusters),
+    })
+  }
+  return out
+}
+
 const EMPTY: Buffer = Buffer.alloc(0)
 
 interface DeviceState extends TrackedDevice {
@@ -79,19 +96,7 @@ export class VmaReader extends Transform {
 
   /** Per-device counts, available once the header is read. */
   deviceStats (): DeviceStats[] {
-    const out: DeviceStats[] = []
-    for (const d of this.devices) {
-      if (d === undefined) continue
-      out.push({
-        device: d.info,
-        clusters: d.seen.size,
-        zeroClusters: d.zeroClusters,
-        dataBlocks: d.dataBlocks,
-        expected: d.clusters,
-        firstMissing: d.seen.firstMissing(d.clusters),
-      })
-    }
-    return out
+    return deviceStats(this.devices)
   }
 
   override _transform (chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
