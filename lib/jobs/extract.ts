@@ -9,9 +9,9 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ArchiveInfo, DeviceInfo, DiskWriter } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, DiskOutput, DiskWriter, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { DeviceRouter } from './router.js'
-import { RawStreamWriter } from '../raw/writer.js'
+import { RawFileWriter, RawStreamWriter } from '../raw/writer.js'
 import { NbdDiskWriter, type NbdWriteStats } from '../nbd/writer.js'
 import type { NbdAddress } from '../nbd/client.js'
 import { type OutputOptions, diskOutput } from './targets.js'
@@ -19,9 +19,10 @@ import { WriteQueue } from '../io/write-queue.js'
 import { ownerOf, ownerState, ownerTag, syncPath } from '../io/output.js'
 import { drained } from '../io/drained.js'
 import { createDecompressor } from '../io/compression.js'
-import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
+import { type ReadOptions, disksOf, findDevices, openSeekable, runRecordPipeline } from './archive.js'
 import { VmaReader } from '../vma/stream.js'
-import { type ArchiveIndex, openArchiveIndex } from '../vma/archive-index.js'
+import { type ArchiveFile, type ArchiveIndex, type ArchiveWalk, indexArchive, openArchiveIndex, walkArchive } from '../vma/archive-index.js'
+import { untouchedFilePath } from '../io/input.js'
 import { writeQcow2Stream } from '../qcow2/writer.js'
 
 export interface ExtractOptions extends ReadOptions {
@@ -51,31 +52,114 @@ export async function extractToDirectory (
     staging = await mkdtemp(join(targetDir, stagingPrefix(created))).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
     const stagingDir = staging
     const names: string[] = []
-    const decompress = createDecompressor()
-    const reader = new VmaReader(options.devices === undefined ? {} : { select: devices => findDevices(devices, options.devices as string[]) })
     const queue = new WriteQueue()
-    const router = new DeviceRouter(async (info, add) => {
-      const disks = reader.selected.map(device => ({ device, output: diskOutput(device, options) }))
+    const select = options.devices === undefined ? undefined : (devices: DeviceInfo[]) => findDevices(devices, options.devices as string[])
+    /** Checks the names of what `selected` becomes (before any extent is read, as the streaming reader's order has it). */
+    const plan = (info: ArchiveInfo, selected: DeviceInfo[]): Array<{ device: DeviceInfo, output: DiskOutput }> => {
+      const disks = selected.map(device => ({ device, output: diskOutput(device, options) }))
       checkClashes(info, disks.flatMap(d => d.output.names))
       checkFileNames(info, disks)
       names.push(...info.configs.map(c => c.name), ...disks.flatMap(d => d.output.names))
+      return disks
+    }
+    /** Writes the config files and creates each disk's writer, handing each to `add` at once (so that a failure aborts it). */
+    const create = async (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: DiskOutput }>, add: (device: number, w: DiskWriter) => void) => {
       for (const c of info.configs) {
         await writeFile(join(stagingDir, c.name), c.data, { flag: 'wx', mode: 0o644 }).catch(err => { throw ioError(err, `cannot write ${c.name}`) })
       }
       for (const d of disks) add(d.device.id, await d.output.create(stagingDir, queue))
-    })
-    await runRecordPipeline(input, decompress, reader, router, options)
+    }
+    // Raw files from an uncompressed archive file are copied by position, in large pieces; anything else takes the records.
+    const raw = (options.format ?? 'raw') === 'raw' && options.dataFile !== true
+    const file = raw ? await openUntouched(input) : undefined
+    let done: { info: ArchiveInfo, archiveBytes: number }
+    if (file !== undefined) {
+      done = await copyToDirectory(file, select, plan, create, options)
+    } else {
+      const decompress = createDecompressor()
+      const reader = new VmaReader(select === undefined ? {} : { select })
+      const router = new DeviceRouter(async (info, add) => { await create(info, plan(info, reader.selected), add) })
+      await runRecordPipeline(input, decompress, reader, router, options)
+      done = { info: reader.info as ArchiveInfo, archiveBytes: reader.offset }
+    }
     for (const name of names) {
       await rename(join(stagingDir, name), join(targetDir, name)).catch(err => { throw ioError(err, `cannot rename ${name} into place`) })
     }
     await rmdir(stagingDir)
     await syncPath(targetDir)
-    return { info: reader.info as ArchiveInfo, files: names.map(n => join(targetDir, n)), archiveBytes: reader.offset, removedStale }
+    return { info: done.info, files: names.map(n => join(targetDir, n)), archiveBytes: done.archiveBytes, removedStale }
   } catch (err) {
     if (staging !== undefined) await rm(staging, { recursive: true, force: true }).catch(() => {})
     if (created) await rmdir(targetDir).catch(() => {})
     throw err
   }
+}
+
+/**
+ * The archive file behind `input` opened for positional reads, `input`
+ * destroyed; undefined (input left alone) when it is not an uncompressed
+ * archive file read from its start.
+ */
+async function openUntouched (input: Readable, path = untouchedFilePath(input)): Promise<ArchiveFile | undefined> {
+  const file = path === undefined ? undefined : await openSeekable(path)
+  if (file !== undefined) input.destroy()
+  return file
+}
+
+/**
+ * The devices of a file's archive, checked as the streaming reader checks
+ * them (walkArchive: the same errors in the same order, `chosen` called when
+ * the header is read), then indexed. Closes the file if it fails.
+ */
+async function indexChecked (file: ArchiveFile, options: ExtractOptions, chosen: (info: ArchiveInfo) => DeviceInfo[]): Promise<ArchiveIndex> {
+  try {
+    const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
+    await walkArchive(file, walk, { select: () => chosen(walk.info as ArchiveInfo), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+    const ids = new Set((walk.selected ?? []).map(d => d.id))
+    return await indexArchive(file, { select: devices => devices.filter(d => ids.has(d.id)) })
+  } catch (err) {
+    await file.handle.close()
+    throw err
+  }
+}
+
+/** extractToDirectory from an archive file in raw: each disk's data copied by position (RawFileWriter.copyFrom). */
+async function copyToDirectory (
+  file: ArchiveFile,
+  select: ((devices: DeviceInfo[]) => DeviceInfo[]) | undefined,
+  plan: (info: ArchiveInfo, selected: DeviceInfo[]) => Array<{ device: DeviceInfo, output: DiskOutput }>,
+  create: (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: DiskOutput }>, add: (device: number, w: DiskWriter) => void) => Promise<void>,
+  options: ExtractToDirOptions
+): Promise<{ info: ArchiveInfo, archiveBytes: number }> {
+  let disks: Array<{ device: DeviceInfo, output: DiskOutput }> = []
+  const index = await indexChecked(file, options, info => {
+    const selected = select?.(info.devices) ?? info.devices
+    disks = plan(info, selected)
+    return selected
+  })
+  const writers: Array<{ device: DeviceInfo, writer: DiskWriter }> = []
+  const finished = new Set<DiskWriter>()
+  try {
+    await create(index.info, disks, (id, writer) => { writers.push({ device: disks.find(d => d.device.id === id)?.device as DeviceInfo, writer }) })
+    const progress = options.progress
+    for (const { device, writer } of writers) {
+      if (!(writer instanceof RawFileWriter)) throw new Error(`the raw output of ${device.name} is not a RawFileWriter`)
+      const disk = index.disk(device)
+      try {
+        await writer.copyFrom(disk, progress, options.signal)
+      } finally {
+        await disk.close()
+      }
+      await writer.finish()
+      finished.add(writer)
+    }
+  } catch (err) {
+    await Promise.allSettled(writers.filter(w => !finished.has(w.writer)).map(async w => { await w.writer.abort() }))
+    throw err
+  } finally {
+    await index.close()
+  }
+  return { info: index.info, archiveBytes: file.size }
 }
 
 export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptions, 'dataFile'> {
@@ -97,6 +181,19 @@ export async function extractToStream (
   input: Readable, output: Writable, options: ExtractToStreamOptions = {}
 ): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
   const format = options.format ?? 'raw'
+  const file = format === 'raw' ? await openUntouched(input, options.archivePath ?? untouchedFilePath(input)) : undefined
+  if (file !== undefined) {
+    let device: DeviceInfo | undefined
+    const index = await indexChecked(file, options, info => [device = pickOneDisk(info.devices, options.devices, 'stdout')])
+    const disk = index.disk(device as DeviceInfo)
+    try {
+      await writeDiskTo(disk, output, file.size, options.progress)
+    } finally {
+      await disk.close()
+      await index.close()
+    }
+    return { info: index.info, files: [], archiveBytes: file.size, device: device as DeviceInfo, spilledBytes: 0 }
+  }
   if (format === 'raw') {
     let writer: RawStreamWriter | undefined
     const result = await extractOneDisk(input, options, 'stdout', async device => {
@@ -162,6 +259,49 @@ async function qcow2FromIndex (
     await index.close()
   }
   return { info: index.info, files: [], archiveBytes: 0, device, spilledBytes: 0 }
+}
+
+/** writeDiskTo's pieces, and how many may be on their way out at once. */
+const STREAM_CHUNK = 4 << 20
+const STREAM_BUFFERS = 2
+
+/**
+ * Writes all of `disk`, zeros included, front to back to a stream that may
+ * never report 'finish' (stdout): read by position in pieces of STREAM_CHUNK
+ * into reused buffers, a buffer read again once the stream has taken it.
+ * Reports `archiveBytes` to `progress` in step.
+ */
+async function writeDiskTo (disk: RandomAccessDisk, output: Writable, archiveBytes: number, progress?: ProgressSink): Promise<void> {
+  const free: Buffer[] = Array.from({ length: STREAM_BUFFERS }, () => Buffer.allocUnsafeSlow(STREAM_CHUNK))
+  let failure: Error | undefined
+  let wake = (): void => {}
+  const waitForBuffer = async (): Promise<void> => { await new Promise<void>(resolve => { wake = resolve }) }
+  const onError = (err: Error): void => { failure ??= err; wake() }
+  output.on('error', onError)
+  let reported = 0
+  try {
+    for (let at = 0; at < disk.size && failure === undefined;) {
+      while (free.length === 0 && failure === undefined) await waitForBuffer()
+      if (failure !== undefined) break
+      const buf = free.pop() as Buffer
+      const n = Math.min(STREAM_CHUNK, disk.size - at)
+      await disk.read(buf.subarray(0, n), at)
+      at += n
+      output.write(buf.subarray(0, n), err => {
+        if (err !== null && err !== undefined) failure ??= err
+        free.push(buf)
+        wake()
+      })
+      const due = Math.round(archiveBytes * at / disk.size)
+      progress?.add(due - reported)
+      reported = due
+    }
+    while (free.length < STREAM_BUFFERS && failure === undefined) await waitForBuffer()
+  } finally {
+    // A stream that failed may still emit its error: the listener stays, so that it is not an uncaught one.
+    if (failure === undefined) output.off('error', onError)
+  }
+  if (failure !== undefined) throw ioError(failure, 'writing the output stream')
 }
 
 /** Copies a file to a stream that may never report 'finish' (stdout); returns the bytes copied. */

@@ -7,7 +7,7 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites } from '../contracts.js'
+import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { clusterCount, expandCluster, forEachRun } from '../record.js'
 import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
@@ -38,12 +38,61 @@ export class RawFileWriter implements DiskWriter {
     return wait
   }
 
+  /**
+   * Writes the data of `disk` (of this writer's size) instead of records:
+   * its stored extents read in pieces of up to COPY_CHUNK into a few reused
+   * buffers, each piece one positional write, holes left as holes. Reports
+   * the bytes read to `progress`. Call finish() after.
+   */
+  async copyFrom (disk: RandomAccessDisk, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    const free: Buffer[] = Array.from({ length: COPY_BUFFERS }, () => Buffer.allocUnsafeSlow(COPY_CHUNK))
+    const writing = new Set<Promise<void>>()
+    let failure: unknown
+    for (let at = 0; at < this.size; at += COPY_WINDOW) {
+      for (const e of await disk.map(at, Math.min(COPY_WINDOW, this.size - at))) {
+        if (!e.data) continue
+        for (let done = 0; done < e.length;) {
+          if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
+          while (free.length === 0) await Promise.race(writing)
+          if (failure !== undefined) throw failure
+          const buf = free.pop() as Buffer
+          const n = Math.min(COPY_CHUNK, e.length - done)
+          const position = e.offset + done
+          await disk.read(buf.subarray(0, n), position)
+          progress?.add(n)
+          const write: Promise<void> = writeFully(this.file, buf.subarray(0, n), position, this.path)
+            .catch(err => { failure ??= err })
+            .finally(() => { writing.delete(write); free.push(buf) })
+          writing.add(write)
+          done += n
+        }
+      }
+    }
+    await Promise.all(writing)
+    if (failure !== undefined) throw failure
+  }
+
   async finish (): Promise<void> {
     await completeFile(this.queue, this.file, this.size, this.path)
   }
 
   async abort (): Promise<void> {
     await abandonFile(this.queue, this.file)
+  }
+}
+
+/** copyFrom's pieces: large, so that each costs one read and one write; few, so that memory stays flat. */
+const COPY_CHUNK = 4 << 20
+const COPY_BUFFERS = 3
+/** The map is asked for this much of the disk at a time, so that a fragmented disk's extents never pile up. */
+const COPY_WINDOW = 256 << 20
+
+/** pwrite until every byte is written. */
+async function writeFully (file: FileHandle, bytes: Buffer, position: number, path: string): Promise<void> {
+  for (let done = 0; done < bytes.length;) {
+    const { bytesWritten } = await file.write(bytes, done, bytes.length - done, position + done).catch(err => { throw ioError(err, `writing ${path}`) })
+    if (bytesWritten === 0) throw new VmapipeError('E_IO', `writing ${path} made no progress`)
+    done += bytesWritten
   }
 }
 

@@ -39,6 +39,8 @@ export interface ArchiveFile {
 /** What walkArchive has found so far: after a failure, what came before it. */
 export interface ArchiveWalk {
   header?: VmaHeader
+  /** The devices chosen by WalkOptions.select (default all), once the header is read. */
+  selected?: DeviceInfo[]
   info?: ArchiveInfo
   /** Devices by dev_id, once the header is read. */
   devices: Array<TrackedDevice | undefined>
@@ -48,11 +50,16 @@ export interface ArchiveWalk {
 }
 
 export interface WalkOptions {
+  /**
+   * Chooses, once the header is read, the devices that must be complete at
+   * the end (default all), as VmaReaderOptions.select; it may throw.
+   */
+  select?: (devices: DeviceInfo[]) => DeviceInfo[]
   signal?: AbortSignal
   /** Receives the archive bytes passed (read or skipped). */
   progress?: ProgressSink
-  /** Called once the header is read, with its size, before any extent. */
-  header?: (header: VmaHeader, headerSize: number) => void
+  /** Called once the header is read (walk.offset is then its size), before any extent. */
+  header?: (header: VmaHeader) => void
   /** Called with each extent header and the archive offset where it starts. */
   extent?: (extent: ExtentHeader, offset: number) => void
 }
@@ -123,8 +130,9 @@ export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options
   const header = parseHeader(head)
   walk.header = header
   walk.info = archiveInfo(header)
+  walk.selected = options.select?.(header.devices) ?? header.devices
   for (const info of header.devices) walk.devices[info.id] = trackDevice(info)
-  options.header?.(header, headerSize)
+  options.header?.(header)
 
   const window = Buffer.allocUnsafe(WINDOW)
   let windowAt = 0
@@ -155,7 +163,8 @@ export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options
     advance(data)
     pos = data
   }
-  const missing = firstIncomplete(walk.devices.filter((d): d is TrackedDevice => d !== undefined))
+  const selected = new Set(walk.selected)
+  const missing = firstIncomplete(walk.devices.filter((d): d is TrackedDevice => d !== undefined && selected.has(d.info)))
   if (missing !== undefined) throw new VmapipeError('E_VMA_MISSING', missing.message, { offset: fileSize, device: missing.dev.info.name })
   return header
 }
@@ -181,21 +190,23 @@ export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
  * The index of an archive file, which it owns once built (closing the index
  * and every disk closes the file; on failure the caller closes it).
  */
-export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions, 'signal'> = {}): Promise<ArchiveIndex> {
+export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions, 'signal' | 'select'> = {}): Promise<ArchiveIndex> {
   const devices: Array<IndexedDevice | undefined> = []
   const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
   const header = await walkArchive(file, walk, {
     ...options,
-    header: (header, headerSize) => {
+    header: () => {
       // A complete archive needs an extent header per 59 clusters: a header that
       // declares more than the file can hold is refused before anything is allocated for it.
-      const declared = header.devices.reduce((n, d) => n + clusterCount(d.size), 0)
+      const chosen = walk.selected as DeviceInfo[]
+      const headerSize = walk.offset
+      const declared = chosen.reduce((n, d) => n + clusterCount(d.size), 0)
       const room = Math.floor((file.size - headerSize) / EXTENT_HEADER_SIZE) * MAX_EXTENT_CLUSTERS
       if (declared > room) {
         throw new VmapipeError('E_VMA_TRUNCATED',
           `the archive's ${file.size} bytes cannot hold the ${declared} clusters its header declares: it is cut short or damaged`, { offset: file.size })
       }
-      for (const info of header.devices) {
+      for (const info of chosen) {
         const n = clusterCount(info.size)
         devices[info.id] = { tracked: walk.devices[info.id] as TrackedDevice, masks: new Uint16Array(n), offsets: new Float64Array(n) }
       }
@@ -203,9 +214,11 @@ export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions
     extent: (extent, pos) => {
       let data = pos + EXTENT_HEADER_SIZE
       for (const e of extent.entries) {
-        const d = devices[e.devId] as IndexedDevice
-        d.masks[e.cluster] = e.mask
-        d.offsets[e.cluster] = data
+        const d = devices[e.devId]
+        if (d !== undefined) {
+          d.masks[e.cluster] = e.mask
+          d.offsets[e.cluster] = data
+        }
         data += popcount16(e.mask) * BLOCK_SIZE
       }
     },
