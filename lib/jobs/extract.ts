@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ArchiveInfo, DeviceInfo, DiskOutput, DiskWriter, ProgressSink, RandomAccessDisk } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, DiskOutput, DiskWriter, ProgressSink } from '../contracts.js'
 import { DeviceRouter } from './router.js'
 import { RawFileWriter, RawStreamWriter } from '../raw/writer.js'
 import { NbdDiskWriter, type NbdWriteStats } from '../nbd/writer.js'
@@ -21,7 +21,7 @@ import { drained } from '../io/drained.js'
 import { createDecompressor } from '../io/compression.js'
 import { type ReadOptions, disksOf, findDevices, openSeekable, runRecordPipeline } from './archive.js'
 import { VmaReader } from '../vma/stream.js'
-import { type ArchiveFile, type ArchiveIndex, type ArchiveWalk, indexArchive, openArchiveIndex, walkArchive } from '../vma/archive-index.js'
+import { type ArchiveFile, type ArchiveIndex, type ArchiveWalk, type IndexedDisk, indexArchive, openArchiveIndex, walkArchive } from '../vma/archive-index.js'
 import { untouchedFilePath } from '../io/input.js'
 import { writeQcow2Stream } from '../qcow2/writer.js'
 
@@ -184,7 +184,10 @@ export async function extractToStream (
   const file = format === 'raw' ? await openUntouched(input, options.archivePath ?? untouchedFilePath(input)) : undefined
   if (file !== undefined) {
     let device: DeviceInfo | undefined
-    const index = await indexChecked(file, options, info => [device = pickOneDisk(info.devices, options.devices, 'stdout')])
+    const index = await indexChecked(file, options, info => {
+      device = pickOneDisk(info.devices, options.devices, 'stdout')
+      return [device]
+    })
     const disk = index.disk(device as DeviceInfo)
     try {
       await writeDiskTo(disk, output, file.size, options.progress)
@@ -262,16 +265,17 @@ async function qcow2FromIndex (
 }
 
 /** writeDiskTo's pieces, and how many may be on their way out at once. */
-const STREAM_CHUNK = 4 << 20
+const STREAM_CHUNK = 1 << 20
 const STREAM_BUFFERS = 2
 
 /**
  * Writes all of `disk`, zeros included, front to back to a stream that may
  * never report 'finish' (stdout): read by position in pieces of STREAM_CHUNK
- * into reused buffers, a buffer read again once the stream has taken it.
+ * into reused buffers, a buffer read again once the stream has taken it
+ * (the event loop runs while the stream takes the other).
  * Reports `archiveBytes` to `progress` in step.
  */
-async function writeDiskTo (disk: RandomAccessDisk, output: Writable, archiveBytes: number, progress?: ProgressSink): Promise<void> {
+async function writeDiskTo (disk: IndexedDisk, output: Writable, archiveBytes: number, progress?: ProgressSink): Promise<void> {
   const free: Buffer[] = Array.from({ length: STREAM_BUFFERS }, () => Buffer.allocUnsafeSlow(STREAM_CHUNK))
   let failure: Error | undefined
   let wake = (): void => {}
@@ -285,7 +289,8 @@ async function writeDiskTo (disk: RandomAccessDisk, output: Writable, archiveByt
       if (failure !== undefined) break
       const buf = free.pop() as Buffer
       const n = Math.min(STREAM_CHUNK, disk.size - at)
-      await disk.read(buf.subarray(0, n), at)
+      // From the page cache, a synchronous read costs less than a thread-pool round trip per run of stored blocks.
+      disk.readSync(buf.subarray(0, n), at)
       at += n
       output.write(buf.subarray(0, n), err => {
         if (err !== null && err !== undefined) failure ??= err
@@ -295,6 +300,8 @@ async function writeDiskTo (disk: RandomAccessDisk, output: Writable, archiveByt
       const due = Math.round(archiveBytes * at / disk.size)
       progress?.add(due - reported)
       reported = due
+      // A turn of the event loop (signals, timers) per piece, even where the stream takes them at once.
+      await new Promise(resolve => setImmediate(resolve))
     }
     while (free.length < STREAM_BUFFERS && failure === undefined) await waitForBuffer()
   } finally {

@@ -4,6 +4,7 @@
  * on a stream (stdout), zeros included, early clusters parked in a
  * ReorderBuffer so memory stays flat whatever the order.
  */
+import { writeSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
@@ -40,36 +41,41 @@ export class RawFileWriter implements DiskWriter {
 
   /**
    * Writes the data of `disk` (of this writer's size) instead of records:
-   * its stored extents read in pieces of up to COPY_CHUNK into a few reused
-   * buffers, each piece one positional write, holes left as holes. Reports
-   * the bytes read to `progress`. Call finish() after.
+   * its stored extents in pieces of up to COPY_CHUNK through one reused
+   * buffer, each piece one positional write, holes left as holes. With
+   * `readSync` (a disk whose reads are cheap, from the page cache) reads and
+   * writes are synchronous: a thread-pool round trip per run of stored blocks
+   * costs more than the copy of a short run; the event loop gets a turn after
+   * every piece. Reports the bytes read to `progress`. Call finish() after.
    */
-  async copyFrom (disk: RandomAccessDisk, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
-    const free: Buffer[] = Array.from({ length: COPY_BUFFERS }, () => Buffer.allocUnsafeSlow(COPY_CHUNK))
-    const writing = new Set<Promise<void>>()
-    let failure: unknown
+  async copyFrom (disk: RandomAccessDisk & { readSync?: (buf: Buffer, offset: number) => void }, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    const buf = Buffer.allocUnsafeSlow(COPY_CHUNK)
+    let sinceTurn = 0
     for (let at = 0; at < this.size; at += COPY_WINDOW) {
       for (const e of await disk.map(at, Math.min(COPY_WINDOW, this.size - at))) {
         if (!e.data) continue
         for (let done = 0; done < e.length;) {
-          if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
-          while (free.length === 0) await Promise.race(writing)
-          if (failure !== undefined) throw failure
-          const buf = free.pop() as Buffer
           const n = Math.min(COPY_CHUNK, e.length - done)
+          const piece = buf.subarray(0, n)
           const position = e.offset + done
-          await disk.read(buf.subarray(0, n), position)
+          if (disk.readSync !== undefined) {
+            disk.readSync(piece, position)
+            writeFullySync(this.file.fd, piece, position, this.path)
+          } else {
+            await disk.read(piece, position)
+            await writeFully(this.file, piece, position, this.path)
+          }
           progress?.add(n)
-          const write: Promise<void> = writeFully(this.file, buf.subarray(0, n), position, this.path)
-            .catch(err => { failure ??= err })
-            .finally(() => { writing.delete(write); free.push(buf) })
-          writing.add(write)
           done += n
+          sinceTurn += n
+          if (sinceTurn >= COPY_CHUNK) {
+            sinceTurn = 0
+            await new Promise(resolve => setImmediate(resolve))
+            if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
+          }
         }
       }
     }
-    await Promise.all(writing)
-    if (failure !== undefined) throw failure
   }
 
   async finish (): Promise<void> {
@@ -81,11 +87,24 @@ export class RawFileWriter implements DiskWriter {
   }
 }
 
-/** copyFrom's pieces: large, so that each costs one read and one write; few, so that memory stays flat. */
-const COPY_CHUNK = 4 << 20
-const COPY_BUFFERS = 3
+/** copyFrom's pieces: large, so that each costs one read and one write. */
+const COPY_CHUNK = 1 << 20
 /** The map is asked for this much of the disk at a time, so that a fragmented disk's extents never pile up. */
 const COPY_WINDOW = 256 << 20
+
+/** pwrite until every byte is written, synchronously. */
+function writeFullySync (fd: number, bytes: Buffer, position: number, path: string): void {
+  for (let done = 0; done < bytes.length;) {
+    let n: number
+    try {
+      n = writeSync(fd, bytes, done, bytes.length - done, position + done)
+    } catch (err) {
+      throw ioError(err, `writing ${path}`)
+    }
+    if (n === 0) throw new VmapipeError('E_IO', `writing ${path} made no progress`)
+    done += n
+  }
+}
 
 /** pwrite until every byte is written. */
 async function writeFully (file: FileHandle, bytes: Buffer, position: number, path: string): Promise<void> {

@@ -8,6 +8,7 @@
  * from the masks, its reads are positional reads of the blocks, runs that lie
  * together in the archive read at once.
  */
+import { readSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ArchiveInfo, DeviceInfo, Extent, ProgressSink, RandomAccessDisk } from '../contracts.js'
@@ -25,7 +26,7 @@ export interface ArchiveIndex {
   /** Extent headers read. */
   extents: number
   /** A device of the archive as a disk; the archive stays open until the index and every such disk are closed. */
-  disk: (device: DeviceInfo) => RandomAccessDisk
+  disk: (device: DeviceInfo) => IndexedDisk
   close: () => Promise<void>
 }
 
@@ -276,7 +277,35 @@ function walk (d: IndexedDevice, offset: number, length: number, fn: (at: number
   if (end > at) fn(at, end - at, -1)
 }
 
-function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: () => Promise<void>): RandomAccessDisk {
+/** A device of an indexed archive: a RandomAccessDisk that can also be read without the thread pool. */
+export interface IndexedDisk extends RandomAccessDisk {
+  /**
+   * read(), as synchronous positional reads: for a caller that copies the
+   * disk and would otherwise pay a thread-pool round trip for every run of
+   * stored blocks (a partly zero cluster has several).
+   */
+  readSync: (buf: Buffer, offset: number) => void
+}
+
+interface Run { at: number, length: number, archiveOffset: number }
+
+function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: () => Promise<void>): IndexedDisk {
+  /** Zeros the holes of [offset, offset + buf.length) in buf; returns the stored runs, those next to each other in the archive and in buf as one. */
+  const plan = (buf: Buffer, offset: number): Run[] => {
+    const runs: Run[] = []
+    walk(d, offset, buf.length, (at, n, archiveOffset) => {
+      if (archiveOffset < 0) {
+        buf.fill(0, at - offset, at - offset + n)
+        return
+      }
+      const last = runs[runs.length - 1]
+      if (last !== undefined && last.at + last.length === at - offset && last.archiveOffset + last.length === archiveOffset) last.length += n
+      else runs.push({ at: at - offset, length: n, archiveOffset })
+    })
+    return runs
+  }
+  const shorter = (r: Run): VmapipeError =>
+    new VmapipeError('E_VMA_TRUNCATED', `${path} is shorter than when it was indexed`, { offset: r.archiveOffset, device: d.tracked.info.name })
   return {
     size: d.tracked.info.size,
     map: async (offset, length) => {
@@ -290,22 +319,23 @@ function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: 
       return out
     },
     read: async (buf, offset) => {
-      // Runs next to each other in the archive and in buf become one read.
-      const runs: Array<{ at: number, length: number, archiveOffset: number }> = []
-      walk(d, offset, buf.length, (at, n, archiveOffset) => {
-        if (archiveOffset < 0) {
-          buf.fill(0, at - offset, at - offset + n)
-          return
-        }
-        const last = runs[runs.length - 1]
-        if (last !== undefined && last.at + last.length === at - offset && last.archiveOffset + last.length === archiveOffset) last.length += n
-        else runs.push({ at: at - offset, length: n, archiveOffset })
-      })
-      await Promise.all(runs.map(async r => {
-        if (await readUpTo(handle, buf.subarray(r.at, r.at + r.length), r.archiveOffset, path) < r.length) {
-          throw new VmapipeError('E_VMA_TRUNCATED', `${path} is shorter than when it was indexed`, { offset: r.archiveOffset, device: d.tracked.info.name })
-        }
+      await Promise.all(plan(buf, offset).map(async r => {
+        if (await readUpTo(handle, buf.subarray(r.at, r.at + r.length), r.archiveOffset, path) < r.length) throw shorter(r)
       }))
+    },
+    readSync: (buf, offset) => {
+      for (const r of plan(buf, offset)) {
+        for (let done = 0; done < r.length;) {
+          let n: number
+          try {
+            n = readSync(handle.fd, buf, r.at + done, r.length - done, r.archiveOffset + done)
+          } catch (err) {
+            throw ioError(err, `reading ${path}`)
+          }
+          if (n === 0) throw shorter(r)
+          done += n
+        }
+      }
     },
     close,
   }
