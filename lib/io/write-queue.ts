@@ -1,6 +1,6 @@
 /**
  * Positional writes with a few in flight and adjacent pieces merged into one
- * writev. One queue may serve several files: a run is only extended by a write
+ * writev (pieces that follow the run, or come just before it). One queue may serve several files: a run is only extended by a write
  * to the same file right after it, so interleaved devices never pin more than
  * one pending run plus what is in flight.
  */
@@ -40,10 +40,19 @@ export class WriteQueue implements FileWrites {
   write (fd: number, bytes: Buffer, position: number, what: string): Promise<void> | undefined {
     if (this.failure !== undefined) throw this.failure
     if (bytes.length === 0) return undefined
-    if (fd === this.runFd && position === this.runPosition + this.runLength && this.runLength + bytes.length <= this.maxRun) {
-      this.run.push(bytes)
-      this.runLength += bytes.length
-      return undefined
+    if (fd === this.runFd && this.runLength + bytes.length <= this.maxRun) {
+      if (position === this.runPosition + this.runLength) {
+        this.run.push(bytes)
+        this.runLength += bytes.length
+        return undefined
+      }
+      // Pieces that come back to front (a reversed disk's clusters, spilled) make one write as well.
+      if (position + bytes.length === this.runPosition) {
+        this.run.unshift(bytes)
+        this.runPosition = position
+        this.runLength += bytes.length
+        return undefined
+      }
     }
     const wait = this.submit()
     this.run = [bytes]
