@@ -139,6 +139,9 @@ function needZstdNapi (): void {
   }
 }
 
+/** Chunks at least this large are never slices of Buffer's shared pool (8 KiB), so one that fills its ArrayBuffer owns it. */
+const OWN_CHUNK = 1 << 16
+
 /** A job run in a worker thread, with credits both ways (see compression-worker.ts). */
 function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
   // The worker is a file: flags only meant for a main script given as text (node --input-type -e) would stop it loading.
@@ -158,8 +161,10 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
   const input = new Writable({
     highWaterMark: CHUNK,
     write (chunk: Buffer, _enc, callback) {
-      const copy = new Uint8Array(chunk)
-      worker.postMessage({ t: 'data', b: copy.buffer }, [copy.buffer])
+      // A chunk that is all of its own ArrayBuffer (a file stream's reads are) is handed over as it is, not copied.
+      const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer && chunk.length >= OWN_CHUNK
+      const b = whole ? chunk.buffer : new Uint8Array(chunk).buffer
+      worker.postMessage({ t: 'data', b }, [b as ArrayBuffer])
       if (++inFlight < IN_FLIGHT) callback()
       else waiting = callback
     },
