@@ -50,7 +50,7 @@ export interface ArchiveWalk {
   offset: number
 }
 
-export interface WalkOptions {
+interface WalkOptions {
   /**
    * Chooses, once the header is read, the devices that must be complete at
    * the end (default all), as VmaReaderOptions.select; it may throw.
