@@ -4,7 +4,7 @@
  * to the same file right after it, so interleaved devices never pin more than
  * one pending run plus what is in flight.
  */
-import { writev } from 'node:fs'
+import { writev, writevSync } from 'node:fs'
 import type { FileHandle } from 'node:fs/promises'
 import { ioError } from '../errors.js'
 import type { FileWrites } from '../contracts.js'
@@ -14,11 +14,18 @@ interface WriteQueueOptions {
   maxInFlight?: number
   /** Largest merged write in bytes (default 1 MiB). */
   maxRun?: number
+  /**
+   * Write each merged run synchronously (pwritev on this thread) instead of
+   * on the thread pool: where the thread would only wait anyway (records
+   * from a decompressing worker), it saves a round trip per run.
+   */
+  sync?: boolean
 }
 
 export class WriteQueue implements FileWrites {
   private readonly maxInFlight: number
   private readonly maxRun: number
+  private readonly sync: boolean
   private run: Buffer[] = []
   private runFd = -1
   private runPosition = 0
@@ -31,6 +38,7 @@ export class WriteQueue implements FileWrites {
   constructor (options: WriteQueueOptions = {}) {
     this.maxInFlight = options.maxInFlight ?? 8
     this.maxRun = options.maxRun ?? 1 << 20
+    this.sync = options.sync ?? false
   }
 
   /**
@@ -85,6 +93,15 @@ export class WriteQueue implements FileWrites {
     this.run = []
     this.runLength = 0
     this.runFd = -1
+    if (this.sync) {
+      try {
+        writeAllSync(fd, buffers, position)
+      } catch (err) {
+        this.failure ??= ioError(err, what)
+        throw this.failure
+      }
+      return undefined
+    }
     this.inFlight++
     writeAll(fd, buffers, position, err => {
       this.inFlight--
@@ -94,6 +111,21 @@ export class WriteQueue implements FileWrites {
       for (const wake of waiters) wake()
     })
     return this.inFlight < this.maxInFlight ? undefined : this.until(this.maxInFlight - 1)
+  }
+}
+
+/** writevSync until every byte is written. */
+function writeAllSync (fd: number, buffers: Buffer[], position: number): void {
+  let rest = buffers
+  while (rest.length > 0) {
+    const written = writevSync(fd, rest, position)
+    if (written === 0) throw new Error('the write made no progress')
+    position += written
+    let left = written
+    let i = 0
+    while (i < rest.length && left >= rest[i].length) left -= rest[i++].length
+    rest = rest.slice(i)
+    if (rest.length > 0) rest[0] = rest[0].subarray(left)
   }
 }
 

@@ -52,7 +52,7 @@ export async function extractToDirectory (
     staging = await mkdtemp(join(targetDir, stagingPrefix(created))).catch(err => { throw ioError(err, `cannot write in ${targetDir}`) })
     const stagingDir = staging
     const names: string[] = []
-    const queue = new WriteQueue()
+    const queue = new WriteQueue({ sync: true })
     const select = options.devices === undefined ? undefined : (devices: DeviceInfo[]) => findDevices(devices, options.devices as string[])
     /** Checks the names of what `selected` becomes (before any extent is read, as the streaming reader's order has it). */
     const plan = (info: ArchiveInfo, selected: DeviceInfo[]): Array<{ device: DeviceInfo, output: DiskOutput }> => {
