@@ -141,7 +141,9 @@ async function copyToDirectory (
   const finished = new Set<DiskWriter>()
   try {
     await create(index.info, disks, (id, writer) => { writers.push({ device: disks.find(d => d.device.id === id)?.device as DeviceInfo, writer }) })
-    const progress = options.progress
+    // Progress counts archive bytes, as the streaming path does: the data as it is copied, the headers at the end.
+    let counted = 0
+    const progress: ProgressSink = { add: n => { counted += n; options.progress?.add(n) } }
     for (const { device, writer } of writers) {
       if (!(writer instanceof RawFileWriter)) throw new Error(`the raw output of ${device.name} is not a RawFileWriter`)
       const disk = index.disk(device)
@@ -153,6 +155,7 @@ async function copyToDirectory (
       await writer.finish()
       finished.add(writer)
     }
+    options.progress?.add(Math.max(0, file.size - counted))
   } catch (err) {
     await Promise.allSettled(writers.filter(w => !finished.has(w.writer)).map(async w => { await w.writer.abort() }))
     throw err
