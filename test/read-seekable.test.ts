@@ -151,3 +151,25 @@ t.test('a device not asked for may be incomplete, by position as streamed; one a
     await extractToStream(piped(bomb), collector().out).catch(errorOf), 'a 128 TiB device in a small file')
   t.equal(c2.bytes().length, 0, 'nothing written')
 })
+
+t.test('read by position, an abort stops each job with E_INTERRUPTED and leaves no final file', async t => {
+  const dir = tempDir(t)
+  const spec = multiDeviceSpec(35)
+  const path = join(dir, 'a.vma')
+  writeFileSync(path, buildArchive(spec))
+  const before = new AbortController()
+  before.abort()
+  t.match(await verifyArchive(createReadStream(path), { signal: before.signal }).catch(errorOf), { code: 'E_INTERRUPTED' }, 'verify')
+  // Aborted once the copy is under way: at the first bytes it reports.
+  const during = (): { signal: AbortSignal, progress: { add: () => void } } => {
+    const c = new AbortController()
+    return { signal: c.signal, progress: { add: () => { c.abort() } } }
+  }
+  const out = join(dir, 'out')
+  t.match(await extractToDirectory(createReadStream(path), out, during()).catch(errorOf), { code: 'E_INTERRUPTED' }, 'extract to a directory')
+  t.same(readdirSync(dir).filter(f => f !== 'a.vma'), [], 'no target left')
+  const c = collector()
+  t.match(await extractToStream(createReadStream(path), c.out, { ...during(), devices: ['scsi0'], archivePath: path }).catch(errorOf),
+    { code: 'E_INTERRUPTED' }, 'extract to a stream')
+  t.ok(c.bytes().length < (spec.devices.find(d => d.name === 'drive-scsi0') as BuildSpec['devices'][number]).size, 'stopped before the end')
+})

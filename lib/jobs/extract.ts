@@ -114,9 +114,10 @@ async function openUntouched (input: Readable, path = untouchedFilePath(input)):
 async function indexChecked (file: ArchiveFile, options: ExtractOptions, chosen: (info: ArchiveInfo) => DeviceInfo[]): Promise<ArchiveIndex> {
   try {
     const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
-    await walkArchive(file, walk, { select: () => chosen(walk.info as ArchiveInfo), ...(options.signal !== undefined ? { signal: options.signal } : {}) })
+    const signal = options.signal !== undefined ? { signal: options.signal } : {}
+    await walkArchive(file, walk, { select: () => chosen(walk.info as ArchiveInfo), ...signal })
     const ids = new Set((walk.selected ?? []).map(d => d.id))
-    return await indexArchive(file, { select: devices => devices.filter(d => ids.has(d.id)) })
+    return await indexArchive(file, { select: devices => devices.filter(d => ids.has(d.id)), ...signal })
   } catch (err) {
     await file.handle.close()
     throw err
@@ -193,7 +194,7 @@ export async function extractToStream (
     })
     const disk = index.disk(device as DeviceInfo)
     try {
-      await writeDiskTo(disk, output, file.size, options.progress)
+      await writeDiskTo(disk, output, file.size, options)
     } finally {
       await disk.close()
       await index.close()
@@ -276,9 +277,9 @@ const STREAM_BUFFERS = 2
  * never report 'finish' (stdout): read by position in pieces of STREAM_CHUNK
  * into reused buffers, a buffer read again once the stream has taken it
  * (the event loop runs while the stream takes the other).
- * Reports `archiveBytes` to `progress` in step.
+ * Reports `archiveBytes` to `progress` in step; stops with E_INTERRUPTED when `signal` is aborted.
  */
-async function writeDiskTo (disk: IndexedDisk, output: Writable, archiveBytes: number, progress?: ProgressSink): Promise<void> {
+async function writeDiskTo (disk: IndexedDisk, output: Writable, archiveBytes: number, options: Pick<ReadOptions, 'progress' | 'signal'>): Promise<void> {
   const free: Buffer[] = Array.from({ length: STREAM_BUFFERS }, () => Buffer.allocUnsafeSlow(STREAM_CHUNK))
   let failure: Error | undefined
   let wake = (): void => {}
@@ -301,10 +302,11 @@ async function writeDiskTo (disk: IndexedDisk, output: Writable, archiveBytes: n
         wake()
       })
       const due = Math.round(archiveBytes * at / disk.size)
-      progress?.add(due - reported)
+      options.progress?.add(due - reported)
       reported = due
       // A turn of the event loop (signals, timers) per piece, even where the stream takes them at once.
       await new Promise(resolve => setImmediate(resolve))
+      if (options.signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
     }
     while (free.length < STREAM_BUFFERS && failure === undefined) await waitForBuffer()
   } finally {
