@@ -14,6 +14,9 @@ import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 
+/** What RawFileWriter.copyFrom reads: a disk's map, and its bytes read synchronously. */
+type CopySource = Pick<RandomAccessDisk, 'map'> & { readSync: (buf: Buffer, offset: number) => void }
+
 export class RawFileWriter implements DiskWriter {
   private constructor (
     private readonly file: FileHandle,
@@ -42,13 +45,13 @@ export class RawFileWriter implements DiskWriter {
   /**
    * Writes the data of `disk` (of this writer's size) instead of records:
    * its stored extents in pieces of up to COPY_CHUNK through one reused
-   * buffer, each piece one positional write, holes left as holes. With
-   * `readSync` (a disk whose reads are cheap, from the page cache) reads and
-   * writes are synchronous: a thread-pool round trip per run of stored blocks
-   * costs more than the copy of a short run; the event loop gets a turn after
-   * every piece. Reports the bytes read to `progress`. Call finish() after.
+   * buffer, each piece one positional write, holes left as holes. Reads and
+   * writes are synchronous (a disk whose readSync is cheap, from the page
+   * cache): a thread-pool round trip per run of stored blocks costs more than
+   * the copy of a short run. The event loop gets a turn after every piece.
+   * Reports the bytes read to `progress`. Call finish() after.
    */
-  async copyFrom (disk: RandomAccessDisk & { readSync?: (buf: Buffer, offset: number) => void }, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+  async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     const buf = Buffer.allocUnsafeSlow(COPY_CHUNK)
     let sinceTurn = 0
     for (let at = 0; at < this.size; at += COPY_WINDOW) {
@@ -58,13 +61,8 @@ export class RawFileWriter implements DiskWriter {
           const n = Math.min(COPY_CHUNK, e.length - done)
           const piece = buf.subarray(0, n)
           const position = e.offset + done
-          if (disk.readSync !== undefined) {
-            disk.readSync(piece, position)
-            writeFullySync(this.file.fd, piece, position, this.path)
-          } else {
-            await disk.read(piece, position)
-            await writeFully(this.file, piece, position, this.path)
-          }
+          disk.readSync(piece, position)
+          writeFullySync(this.file.fd, piece, position, this.path)
           progress?.add(n)
           done += n
           sinceTurn += n
@@ -103,15 +101,6 @@ function writeFullySync (fd: number, bytes: Buffer, position: number, path: stri
     }
     if (n === 0) throw new VmapipeError('E_IO', `writing ${path} made no progress`)
     done += n
-  }
-}
-
-/** pwrite until every byte is written. */
-async function writeFully (file: FileHandle, bytes: Buffer, position: number, path: string): Promise<void> {
-  for (let done = 0; done < bytes.length;) {
-    const { bytesWritten } = await file.write(bytes, done, bytes.length - done, position + done).catch(err => { throw ioError(err, `writing ${path}`) })
-    if (bytesWritten === 0) throw new VmapipeError('E_IO', `writing ${path} made no progress`)
-    done += bytesWritten
   }
 }
 
