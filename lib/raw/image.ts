@@ -1,12 +1,15 @@
 /**
- * RawImage: a raw disk file (or block device) by random access, for layers
- * of other images (the Plain root of a Parallels bundle) and `vma info`.
+ * RawImage: a raw disk file (or block device) by random access, for packing
+ * a raw file, layers of other images (the Plain root of a Parallels bundle)
+ * and `vma info`. Its map tells the file's holes apart where the file system
+ * can (see holes.ts).
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import type { DiskDescription, Extent, RandomAccessDisk } from '../contracts.js'
 import { sizeOf } from '../io/input.js'
 import { readFully } from '../io/pread.js'
+import { dataExtents } from './holes.js'
 
 export class RawImage implements RandomAccessDisk {
   private constructor (private readonly file: FileHandle, readonly path: string, readonly size: number) {}
@@ -23,10 +26,10 @@ export class RawImage implements RandomAccessDisk {
     return new RawImage(file, path, size)
   }
 
-  /** Everything is data: raw keeps no map (holes in the file are not told apart). */
+  /** The file's holes are not data; everything is data where they cannot be found. */
   async map (offset: number, length: number): Promise<Extent[]> {
     const end = Math.min(offset + length, this.size)
-    return end > offset ? [{ offset, length: end - offset, data: true }] : []
+    return end > offset ? await dataExtents(this.file.fd, offset, end - offset) : []
   }
 
   async read (buf: Buffer, offset: number): Promise<void> {

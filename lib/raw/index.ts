@@ -11,6 +11,7 @@ import { RawReader } from './stream.js'
 import { RawFileWriter } from './writer.js'
 
 export { RawImage } from './image.js'
+export { dataExtents } from './holes.js'
 export { RawReader } from './stream.js'
 export { RawFileWriter, RawStreamWriter } from './writer.js'
 export type { ReorderOptions } from '../io/reorder.js'
