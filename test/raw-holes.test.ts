@@ -68,3 +68,21 @@ console.log(JSON.stringify({ addon: holesAddon() !== null, extents: await dataEx
   exits(t, r, 0)
   t.same(JSON.parse(r.stdout.toString()), { addon: false, extents: [{ offset: 0, length: 64 * MIB, data: true }] })
 })
+
+t.test('a file of more ranges than one lookup returns (4096) is still mapped exactly', async t => {
+  const path = join(tempDir(t), 'fragmented.raw')
+  const fd = openSync(path, 'w')
+  const ranges = 5000
+  ftruncateSync(fd, 2 * ranges * 4096)
+  const block = Buffer.alloc(4096, 7)
+  for (let i = 0; i < ranges; i++) writeSync(fd, block, 0, 4096, 2 * i * 4096)
+  closeSync(fd)
+  const image = await RawImage.open(path)
+  t.teardown(async () => await image.close())
+  const extents = await image.map(0, image.size)
+  const data = extents.filter(e => e.data)
+  t.equal(data.length, ranges, 'every data block is its own range')
+  t.ok(data.every((e, i) => e.offset === 2 * i * 4096 && e.length === 4096), 'each where it was written')
+  t.equal(extents.length, 2 * ranges, 'with a hole after each')
+  t.same(await image.map(4096 * 9999, 8192), [{ offset: 4096 * 9999, length: 4096, data: false }], 'a range at the end is clipped to the file')
+})

@@ -11,7 +11,10 @@ import { ioError } from '../errors.js'
 import type { Extent } from '../contracts.js'
 
 interface HolesAddon {
-  /** [start, end, start, end, ...] of data inside the range; null where the file system cannot tell. */
+  /**
+   * [start, end, start, end, ...] of data inside the range; null where the file system cannot tell.
+   * An odd length: the answer stopped at its last number (a bound on one call); ask again from there.
+   */
   extents: (fd: number, offset: number, length: number) => number[] | null
 }
 
@@ -41,20 +44,27 @@ export async function dataExtents (fd: number, offset: number, length: number): 
   const whole = [{ offset, length, data: true }]
   const found = holesAddon()
   if (found === null) return whole
-  let pairs: number[] | null
-  try {
-    pairs = found.extents(fd, offset, length)
-  } catch (err) {
-    throw ioError(err, `looking for holes at byte ${offset}`)
-  }
-  if (pairs === null) return whole
+  const end = offset + length
   const out: Extent[] = []
-  let at = offset
-  for (let i = 0; i < pairs.length; i += 2) {
-    if (pairs[i] > at) out.push({ offset: at, length: pairs[i] - at, data: false })
-    out.push({ offset: pairs[i], length: pairs[i + 1] - pairs[i], data: true })
-    at = pairs[i + 1]
+  // `at`: where the extents so far end; `asked`: where the next call starts (past `at` after a cut-off answer).
+  for (let at = offset, asked = offset; ;) {
+    let pairs: number[] | null
+    try {
+      pairs = found.extents(fd, asked, end - asked)
+    } catch (err) {
+      throw ioError(err, `looking for holes at byte ${asked}`)
+    }
+    if (pairs === null) return whole
+    const ranges = pairs.length & ~1
+    for (let i = 0; i < ranges; i += 2) {
+      if (pairs[i] > at) out.push({ offset: at, length: pairs[i] - at, data: false })
+      out.push({ offset: pairs[i], length: pairs[i + 1] - pairs[i], data: true })
+      at = pairs[i + 1]
+    }
+    if (ranges === pairs.length) {
+      if (at < end) out.push({ offset: at, length: end - at, data: false })
+      return out
+    }
+    asked = pairs[ranges]
   }
-  if (at < offset + length) out.push({ offset: at, length: offset + length - at, data: false })
-  return out
 }

@@ -5,8 +5,9 @@
  * [offset, offset + length), or null where the file system cannot tell
  * (EINVAL, ENOTSUP): the caller then treats the range as data and reads it.
  * The calls are metadata lookups (no data is read), cheap enough for the
- * event loop; a range is cut off after MAX_RANGES pairs and the rest reported
- * as data, so that a pathological file cannot make an unbounded array.
+ * event loop. After MAX_RANGES ranges the answer stops, and one more number
+ * (an odd length) says up to where it holds; the caller asks again from there,
+ * so that no file makes one unbounded array.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -15,7 +16,7 @@
 #include <unistd.h>
 #include <node_api.h>
 
-#define MAX_RANGES 65536
+#define MAX_RANGES 4096
 
 static napi_value throw_errno (napi_env env, int err, const char *what) {
   char msg[160];
@@ -55,9 +56,15 @@ static napi_value extents (napi_env env, napi_callback_info info) {
       return throw_errno(env, errno, "lseek SEEK_DATA");
     }
     if (data >= end) break;
+    if (n == 2 * MAX_RANGES) {
+      napi_value until;
+      napi_create_int64(env, (int64_t)data, &until);
+      napi_set_element(env, out, n, until);
+      return out;
+    }
     off_t hole = lseek(fd, data, SEEK_HOLE);
     if (hole < 0) return throw_errno(env, errno, "lseek SEEK_HOLE");
-    if (hole > end || n >= 2 * MAX_RANGES) hole = end;
+    if (hole > end) hole = end;
     napi_value a, b;
     napi_create_int64(env, (int64_t)data, &a);
     napi_create_int64(env, (int64_t)hole, &b);
