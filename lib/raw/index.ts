@@ -3,6 +3,7 @@
  * what detection falls back to when no other format claims a file.
  */
 export { RawImage } from './image.js'
+export { dataExtents } from './holes.js'
 export { RawReader } from './stream.js'
 export { RawFileWriter, RawStreamWriter } from './writer.js'
 export type { ReorderOptions } from '../io/reorder.js'
