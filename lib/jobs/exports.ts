@@ -16,6 +16,7 @@ import { openImageFile } from './sources.js'
 import { openArchiveIndex } from '../vma/archive-index.js'
 import { VMA_MAGIC } from '../vma/format.js'
 import type { NbdExport } from '../nbd/server.js'
+import { clipExtents } from '../nbd/client.js'
 import type { Extent, RandomAccessDisk } from '../contracts.js'
 
 /** Guest bytes of an image's map looked up at once; windows kept (most recently used), and for how long (ms). */
@@ -105,20 +106,7 @@ function withMapCache (disk: RandomAccessDisk): RandomAccessDisk {
     const end = offset + length
     const out: Extent[] = []
     for (let index = Math.floor(offset / MAP_WINDOW); index * MAP_WINDOW < end; index++) {
-      const extents = await windowAt(index)
-      // The first extent ending past `offset`, by bisection: a fragmented window has thousands.
-      let lo = 0
-      let hi = extents.length
-      while (lo < hi) {
-        const mid = (lo + hi) >>> 1
-        if (extents[mid].offset + extents[mid].length <= offset) lo = mid + 1
-        else hi = mid
-      }
-      for (let i = lo; i < extents.length && extents[i].offset < end; i++) {
-        const e = extents[i]
-        const from = Math.max(e.offset, offset)
-        out.push({ ...e, offset: from, length: Math.min(e.offset + e.length, end) - from })
-      }
+      for (const e of clipExtents(await windowAt(index), offset, end)) out.push(e)
     }
     return out
   }

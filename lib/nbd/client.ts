@@ -771,12 +771,12 @@ function windowed (size: number, fetch: (offset: number, length: number) => Prom
       const failed = window
       failed.extents.catch(() => { if (window === failed) window = undefined })
     }
-    return clip(await window.extents, offset, end)
+    return clipExtents(await window.extents, offset, end)
   }
 }
 
-/** The parts of sorted, adjoining extents inside [offset, end). */
-function clip (extents: Extent[], offset: number, end: number): Extent[] {
+/** The parts of sorted, adjoining extents inside [offset, end), found by bisection (a fragmented map has thousands). */
+export function clipExtents (extents: Extent[], offset: number, end: number): Extent[] {
   let lo = 0
   let hi = extents.length
   while (lo < hi) {
@@ -788,7 +788,7 @@ function clip (extents: Extent[], offset: number, end: number): Extent[] {
   for (let i = lo; i < extents.length && extents[i].offset < end; i++) {
     const e = extents[i]
     const from = Math.max(e.offset, offset)
-    out.push({ offset: from, length: Math.min(e.offset + e.length, end) - from, data: e.data })
+    out.push({ ...e, offset: from, length: Math.min(e.offset + e.length, end) - from })
   }
   return out
 }
