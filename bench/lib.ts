@@ -114,6 +114,20 @@ export interface Row {
   cpuRatio: number[]
 }
 
+/** One size of the scaling suite: a single job, no peer. */
+export interface ScalingRow {
+  job: string
+  order: 'forward' | 'reverse'
+  gib: number
+  archiveBytes: number
+  wall: number
+  cpu: number
+  rssKiB: number
+}
+
+/** The scaling suite's rows, for the JSON file. */
+export const SCALING: ScalingRow[] = []
+
 /** Every suite's rows, for the JSON file. */
 export const RESULTS: Array<{ suite: string, title: string, unit: string, rows: Row[] }> = []
 

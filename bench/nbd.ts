@@ -3,7 +3,7 @@
  * `qemu-nbd -r` of the same image (and against itself beside eight clients
  * that never read their replies), and from `vma serve` of a VMA archive
  * against qemu-nbd of the image with the same holes (also with qemu-img
- * convert); then our client: pack-vma from qemu-nbd against pack-vma of the
+ * convert), and of that sparse image from both servers; then our client: pack-vma from qemu-nbd against pack-vma of the
  * file, and a restore into qemu-nbd against nbdcopy of the raw disk into it.
  */
 import { rmSync, statSync } from 'node:fs'
@@ -42,6 +42,7 @@ async function run (dir: string, gib: number, servers: Teardown): Promise<void> 
   const qemuSparse = `nbd+unix:///?socket=${join(dir, 'sparse.sock')}`
   const oursServer = await startServe(servers, [disk, '--name', 'disk', '--socket', join(dir, 'ours.sock')])
   const ours = oursServer.uri('disk')
+  const sparseServer = await startServe(servers, [sparse, '--name', 'sparse', '--socket', join(dir, 'ours-sparse.sock')])
   const archiveServer = await startServe(servers, [archive, '--socket', join(dir, 'archive.sock')])
   const fromArchive = archiveServer.uri('drive-scsi0')
 
@@ -60,6 +61,11 @@ async function run (dir: string, gib: number, servers: Teardown): Promise<void> 
   }
   table.add('the same beside 8 clients not reading their replies (RSS: the server\'s peak so far)', size,
     await pair(flooded, copyOurs, { oursServers: [oursServer.pid], peerServers: [oursServer.pid] }), 'alone')
+  // A raw file's holes come from SEEK_DATA/SEEK_HOLE on both sides, so that neither reads them.
+  table.add('nbdcopy from vma serve (sparse raw image) to null:', size,
+    await pair(`nbdcopy ${q(sparseServer.uri('sparse'))} null:`, `nbdcopy ${q(qemuSparse)} null:`,
+      { oursServers: [sparseServer.pid], peerServers: [sparsePid] }),
+    'the same from qemu-nbd -r')
   table.add('nbdcopy from vma serve (VMA archive) to null:', size,
     await pair(`nbdcopy ${q(fromArchive)} null:`, `nbdcopy ${q(qemuSparse)} null:`, { oursServers: [archiveServer.pid], peerServers: [sparsePid] }),
     'qemu-nbd -r, raw with the same holes')

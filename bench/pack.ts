@@ -1,5 +1,5 @@
 /** Packing: pack-vma and vma create against cat, cp, zstd -T0 and Proxmox's vma create; memory of a pack | extract pipe. */
-import { rmSync, statSync } from 'node:fs'
+import { closeSync, ftruncateSync, openSync, readSync, rmSync, statSync, writeSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchDisk } from './archives.js'
 import { GIB, PVE_VMA, type Run, Table, logs, pair, q, shell, packVma, vma } from './lib.js'
@@ -18,6 +18,19 @@ async function twoDisks (disk: string, archive: string, interleave: boolean): Pr
   const used = process.cpuUsage(cpu)
   rmSync(archive)
   return { wall: Number(process.hrtime.bigint() - started) / 1e9, cpu: (used.user + used.system) / 1e6, rssKiB: NaN, stderr: '' }
+}
+
+/** A file of 16 times the dense disk's size holding its bytes in 1 MiB pieces, one every 16 MiB; the rest holes. */
+function writeSparseDisk (dense: string, path: string): number {
+  const size = 16 * statSync(dense).size
+  const piece = Buffer.alloc(1 << 20)
+  const from = openSync(dense, 'r')
+  const to = openSync(path, 'w')
+  ftruncateSync(to, size)
+  for (let at = 0, n; (n = readSync(from, piece, 0, piece.length, at)) > 0; at += n) writeSync(to, piece, 0, n, 16 * at)
+  closeSync(from)
+  closeSync(to)
+  return size
 }
 
 export async function benchPack (dir: string, gib: number): Promise<void> {
@@ -43,6 +56,14 @@ export async function benchPack (dir: string, gib: number): Promise<void> {
       'pve-vma create + sync')
   }
   table.add('vma create (synced)', size, await pair(create, `cp ${q(disk)} ${q(out)} && sync ${q(out)}`, { after: clean }), 'cp + sync')
+
+  // A sparse disk: holes are found by SEEK_DATA/SEEK_HOLE (native/holes), as qemu-img finds them; both write what they hold and sync.
+  const sparse = join(dir, 'sparse.raw')
+  const sparseSize = writeSparseDisk(disk, sparse)
+  const sparseName = `vma create of a ${16 * gib} GiB sparse raw (${gib} GiB data, synced)`
+  table.add(sparseName, sparseSize, await pair(`${vma} create -q ${q(out)} -d drive-scsi0=${q(sparse)}`,
+    `qemu-img convert -f raw -O raw ${q(sparse)} ${q(out)} && sync ${q(out)}`, { after: clean }), 'qemu-img convert -O raw + sync')
+  rmSync(sparse)
 
   // Two disks: interleaved (--interleave) against one after another (what vma create does by default).
   const two = join(dir, 'two.vma')

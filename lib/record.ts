@@ -81,10 +81,6 @@ export function expandCluster (rec: ClusterRecord, deviceSize: number): Buffer {
   return out
 }
 
-function isZero (block: Buffer): boolean {
-  return block.equals(block.length === BLOCK_SIZE ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, block.length))
-}
-
 /**
  * Makes a record from up to 64 KiB of disk bytes (less only for a device's last
  * cluster): zero 4 KiB blocks are left out through the mask. When the data
@@ -92,9 +88,12 @@ function isZero (block: Buffer): boolean {
  * `bytes`, not a copy.
  */
 export function clusterFromBytes (device: number, cluster: number, bytes: Buffer): ClusterRecord {
+  // A whole zero cluster in one compare; else each block against the shared zeros, in place (no subarray per block).
+  if (bytes.length === CLUSTER_SIZE && ZERO_CLUSTER.equals(bytes)) return clusterRecord(device, cluster, 0, EMPTY)
   let mask = 0
   for (let b = 0, at = 0; at < bytes.length; b++, at += BLOCK_SIZE) {
-    if (!isZero(bytes.subarray(at, at + BLOCK_SIZE))) mask |= 1 << b
+    const end = Math.min(at + BLOCK_SIZE, bytes.length)
+    if (ZERO_BLOCK.compare(bytes, at, end, 0, end - at) !== 0) mask |= 1 << b
   }
   if (mask === 0) return clusterRecord(device, cluster, 0, EMPTY)
   const first = 31 - Math.clz32(mask & -mask)

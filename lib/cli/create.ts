@@ -1,8 +1,6 @@
 import { basename } from 'node:path'
-import { COMPRESSIONS, type Compression, compressionForName } from '../io/compression.js'
-import { openOutput } from '../io/output.js'
-import { packArchive, readConfigFiles } from '../jobs/pack.js'
-import { type DiskSpec, closeDisks, openDisks } from '../jobs/sources.js'
+import type { Compression } from '../io/compression.js'
+import type { DiskSpec } from '../jobs/sources.js'
 import { INPUT_FORMATS } from '../jobs/registry.js'
 import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
@@ -202,6 +200,10 @@ function parseCtime (value: unknown): number | undefined {
 
 async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
   const signal = ctx.signal // from here a signal removes what was written
+  // Loaded only now, so that --help and usage errors do not load the jobs and every format.
+  const [{ COMPRESSIONS, compressionForName }, { openOutput }, { packArchive, readConfigFiles }, { closeDisks, openDisks }] = await Promise.all([
+    import('../io/compression.js'), import('../io/output.js'), import('../jobs/pack.js'), import('../jobs/sources.js'),
+  ])
   const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
   const specs = given.map(spec => ({
     ...spec,

@@ -16,6 +16,13 @@ import { openImageFile } from './sources.js'
 import { openArchiveIndex } from '../vma/archive-index.js'
 import { VMA_MAGIC } from '../vma/format.js'
 import type { NbdExport } from '../nbd/server.js'
+import { clipExtents } from '../nbd/client.js'
+import type { Extent, RandomAccessDisk } from '../contracts.js'
+
+/** Guest bytes of an image's map looked up at once; windows kept (most recently used), and for how long (ms). */
+const MAP_WINDOW = 64 * 1024 * 1024
+const MAP_WINDOWS = 32
+const MAP_TTL = 1000
 
 export interface OpenedExports {
   exports: NbdExport[]
@@ -68,7 +75,49 @@ async function openSource (path: string, names: string[], live: LiveOptions, pas
   }
   const name = names.shift() ?? basename(path)
   const { format, disk } = await openImageFile(path)
-  return [{ name, description: `${format} image ${basename(path)}`, disk }]
+  return [{ name, description: `${format} image ${basename(path)}`, disk: withMapCache(disk) }]
+}
+
+/**
+ * The image with its map looked up in aligned windows, several kept for a
+ * second: the server asks for the map of every READ and BLOCK_STATUS, and
+ * clients such as nbdcopy read several parts of a disk at once over several
+ * connections, each a little at a time. A raw file's map costs two lseeks per
+ * extent, and the file keeps one window of its own, which would be looked up
+ * afresh at nearly every request. An image's map changes only if the file is
+ * written while it is served; the second bounds how long that goes unseen.
+ */
+function withMapCache (disk: RandomAccessDisk): RandomAccessDisk {
+  const windows = new Map<number, { at: number, extents: Promise<Extent[]> }>()
+  const windowAt = async (index: number): Promise<Extent[]> => {
+    let w = windows.get(index)
+    windows.delete(index)
+    if (w === undefined || performance.now() - w.at > MAP_TTL) {
+      const start = index * MAP_WINDOW
+      const fresh = { at: performance.now(), extents: disk.map(start, Math.min(MAP_WINDOW, disk.size - start)) }
+      fresh.extents.catch(() => { if (windows.get(index) === fresh) windows.delete(index) })
+      w = fresh
+    }
+    windows.set(index, w)
+    if (windows.size > MAP_WINDOWS) windows.delete(windows.keys().next().value as number)
+    return await w.extents
+  }
+  const map = async (offset: number, length: number): Promise<Extent[]> => {
+    const end = offset + length
+    const out: Extent[] = []
+    for (let index = Math.floor(offset / MAP_WINDOW); index * MAP_WINDOW < end; index++) {
+      for (const e of clipExtents(await windowAt(index), offset, end)) out.push(e)
+    }
+    return out
+  }
+  return {
+    size: disk.size,
+    map,
+    read: async (buf, offset) => { await disk.read(buf, offset) },
+    close: async () => { await disk.close() },
+    ...(disk.bitmaps !== undefined ? { bitmaps: disk.bitmaps } : {}),
+    ...(disk.describe !== undefined ? { describe: disk.describe.bind(disk) } : {}),
+  }
 }
 
 async function openLive (path: string, live: LiveOptions, passes: LiveArchive[]): Promise<NbdExport[]> {

@@ -6,10 +6,10 @@
  */
 import { VmapipeError } from '../errors.js'
 import type { FormatDescriptor } from '../contracts.js'
-import { raw } from '../raw/index.js'
-import { qcow2 } from '../qcow2/index.js'
-import { parallels, parallelsBundle } from '../parallels/index.js'
-import { vma } from '../vma/index.js'
+import { raw } from '../raw/descriptor.js'
+import { qcow2 } from '../qcow2/descriptor.js'
+import { parallels, parallelsBundle } from '../parallels/descriptor.js'
+import { vma } from '../vma/descriptor.js'
 
 export const FORMATS = [raw, qcow2, parallels, parallelsBundle, vma] as const
 

@@ -14,7 +14,7 @@ import { type Input, openInput, peek, readHead, sizeOf, spillToFile } from '../i
 import { TAIL_BYTES, refuseForeign } from './foreign.js'
 import { diskRecords, dirtyRecords } from '../io/disk-records.js'
 import { isNbdUri, openNbdDisk } from '../nbd/client.js'
-import { raw } from '../raw/index.js'
+import { RawImage, raw } from '../raw/index.js'
 import { type FormatName, FORMATS, detectFormat, formatNamed } from './registry.js'
 
 export interface DiskSpec {
@@ -176,7 +176,7 @@ function imageSource (spec: DiskSpec, format: FormatDescriptor, disk: RandomAcce
     path: spec.path,
     format: format.name as FormatName,
     size: disk.size,
-    records: async device => diskRecords(disk, device),
+    records: async (device, progress) => diskRecords(disk, device, progress !== undefined ? { progress } : {}),
     close: () => { disk.close().catch(() => {}) },
   }
 }
@@ -208,6 +208,11 @@ async function openRaw (spec: DiskSpec, input: Input): Promise<DiskSource> {
   const size = spec.size ?? input.size
   if (size === undefined) throw new VmapipeError('E_INPUT_SIZE_UNKNOWN', `the size of ${input.name} cannot be seen; give the size`, { option: 'size' })
   if (size === 0) throw new VmapipeError('E_LIMIT', `${input.name} is empty; a VMA device needs at least one byte`)
+  if (spec.path !== '-' && statSync(spec.path).isFile()) {
+    // A file is read by position: its holes are skipped without reading them, the rest in large reads.
+    input.stream.destroy()
+    return imageSource(spec, raw, await RawImage.open(spec.path))
+  }
   const streamed = await raw.stream?.(input.stream, { size, where: spec.name }) as { records: DiskSource['records'] }
   return { name: spec.name, path: spec.path, format: 'raw', size, records: streamed.records, close: () => { input.stream.destroy() } }
 }

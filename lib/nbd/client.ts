@@ -88,6 +88,12 @@ const MAP_GRAIN = 4096
 /** The largest minimum block size the spec allows. */
 const MAX_MINIMUM_BLOCK = 65536
 const DEFAULT_REQUEST_TIMEOUT = 60_000
+/** What the socket reads into when no READ payload is due (headers, status, handshake); what is kept of it is copied out. */
+const SCRATCH = 128 * 1024
+/** A READ payload with at least this much still to come is read from the socket straight into its buffer; less goes through the scratch buffer. */
+const DIRECT_MIN = 16 * 1024
+/** Guest bytes of the allocation map asked for at once: readers ask a MiB at a time, and each question is a round trip. */
+const MAP_WINDOW = 64 * 1024 * 1024
 /** The longest delay setTimeout takes; longer timeouts are checked again when it runs out. */
 const MAX_TIMER = 2 ** 31 - 1
 
@@ -146,7 +152,7 @@ interface Pending {
   reject: (err: Error) => void
 }
 
-/** Payload bytes of a reply being copied straight into a read buffer. */
+/** Payload bytes of a reply going straight into a read buffer. */
 interface Copy {
   cookie: bigint
   target: Buffer
@@ -182,16 +188,13 @@ export class NbdClient {
   private readonly timeout: number
   private timer?: NodeJS.Timeout
   private handshakeReplies = 0
+  private readonly scratch: Buffer
 
-  private constructor (private readonly socket: Socket, address: NbdAddress, options: NbdClientOptions) {
+  private constructor (private readonly socket: Socket, address: NbdAddress, options: NbdClientOptions, scratch: Buffer) {
     this.where = describeAddress(address)
     this.maxInFlight = options.maxInFlight ?? 16
     this.timeout = options.timeout ?? DEFAULT_REQUEST_TIMEOUT
-    socket.on('data', (chunk: Buffer) => {
-      this.queue.push(chunk)
-      if (this.transmitting) this.parse()
-      else this.wake()
-    })
+    this.scratch = scratch
     socket.on('error', (err: NodeJS.ErrnoException) =>
       this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: connection lost (${err.code ?? err.message})`, { cause: err })))
     socket.on('close', () => this.fail(new VmapipeError('E_NBD_CONNECT', `${this.where}: the server closed the connection`)))
@@ -199,9 +202,19 @@ export class NbdClient {
 
   static async connect (target: NbdAddress | string, options: NbdClientOptions = {}): Promise<NbdClient> {
     const address = typeof target === 'string' ? parseNbdUri(target) : target
-    const socket = address.socket !== undefined ? connect(address.socket) : connect(address.port ?? DEFAULT_PORT, address.host)
+    // Reads go into buffers we choose (onread): a READ's payload straight into the caller's buffer, the rest into one reused scratch buffer.
+    const scratch = Buffer.allocUnsafeSlow(SCRATCH)
+    const to: { client?: NbdClient } = {}
+    const onread = {
+      buffer: () => to.client?.nextBuffer() ?? scratch,
+      callback: (n: number, buf: Uint8Array): boolean => { to.client?.received(n, buf); return true },
+    }
+    const socket = address.socket !== undefined
+      ? connect({ path: address.socket, onread })
+      : connect({ port: address.port ?? DEFAULT_PORT, ...(address.host !== undefined ? { host: address.host } : {}), onread })
     socket.setNoDelay(true)
-    const client = new NbdClient(socket, address, options)
+    const client = new NbdClient(socket, address, options, scratch)
+    to.client = client
     const timeout = options.handshakeTimeout ?? 30_000
     const timer = setTimeout(() => {
       client.fail(new VmapipeError('E_NBD_CONNECT', `${client.where}: no connection and handshake within ${timeout / 1000} s`))
@@ -222,6 +235,36 @@ export class NbdClient {
       clearTimeout(timer)
     }
     return client
+  }
+
+  // ------------------------------------------------------------- reading
+
+  /** Where the socket's next read goes: the rest of the READ payload being received when nothing else is queued, else the scratch buffer. */
+  private nextBuffer (): Buffer {
+    const copy = this.copy
+    return copy !== undefined && this.queue.length === 0 && copy.target.length >= DIRECT_MIN ? copy.target : this.scratch
+  }
+
+  /** `n` bytes read into `buf`: the scratch buffer, or the payload target nextBuffer() gave. */
+  private received (n: number, buf: Uint8Array): void {
+    if (buf !== this.scratch) {
+      // Straight into a READ's buffer: nothing to parse or copy.
+      const copy = this.copy as Copy
+      copy.target = copy.target.subarray(n)
+      if (copy.target.length === 0) {
+        this.copy = undefined
+        if (copy.done) this.complete(copy.cookie)
+      }
+      return
+    }
+    this.queue.push(this.scratch.subarray(0, n))
+    if (this.transmitting) this.parse()
+    else this.wake()
+    // The scratch buffer is read into again: what is left of it is copied out (a partial header or chunk, a handshake reply not yet taken).
+    if (this.queue.length > 0) {
+      const rest = Buffer.from(this.queue.take(this.queue.length) as Buffer)
+      this.queue.push(rest)
+    }
   }
 
   // ----------------------------------------------------------- handshake
@@ -712,6 +755,44 @@ export interface OpenNbdDiskOptions {
   timeout?: number
 }
 
+/**
+ * A map asked for in windows of at least MAP_WINDOW bytes, the last window
+ * kept: a reader going front to back a MiB at a time asks the server once per
+ * window, not once per MiB. Callers asking at once share the window's question.
+ */
+function windowed (size: number, fetch: (offset: number, length: number) => Promise<Extent[]>): (offset: number, length: number) => Promise<Extent[]> {
+  let window: { start: number, end: number, extents: Promise<Extent[]> } | undefined
+  return async (offset, length) => {
+    const end = offset + length
+    if (window === undefined || offset < window.start || end > window.end) {
+      const to = Math.max(end, Math.min(size, offset + MAP_WINDOW))
+      window = { start: offset, end: to, extents: fetch(offset, to - offset) }
+      // A failed question is asked again by the next caller.
+      const failed = window
+      failed.extents.catch(() => { if (window === failed) window = undefined })
+    }
+    return clipExtents(await window.extents, offset, end)
+  }
+}
+
+/** The parts of sorted, adjoining extents inside [offset, end), found by bisection (a fragmented map has thousands). */
+export function clipExtents (extents: Extent[], offset: number, end: number): Extent[] {
+  let lo = 0
+  let hi = extents.length
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1
+    if (extents[mid].offset + extents[mid].length <= offset) lo = mid + 1
+    else hi = mid
+  }
+  const out: Extent[] = []
+  for (let i = lo; i < extents.length && extents[i].offset < end; i++) {
+    const e = extents[i]
+    const from = Math.max(e.offset, offset)
+    out.push({ ...e, offset: from, length: Math.min(e.offset + e.length, end) - from })
+  }
+  return out
+}
+
 /** An NBD export as a RandomAccessDisk. */
 export async function openNbdDisk (target: NbdAddress | string, options: OpenNbdDiskOptions = {}): Promise<NbdDisk> {
   const names = options.dirtyBitmaps ?? []
@@ -748,18 +829,18 @@ export async function openNbdDisk (target: NbdAddress | string, options: OpenNbd
     return out.extents
   }
   const allocated = client.contexts.has(CONTEXT_ALLOCATION)
+  const allocation = windowed(client.size, async (offset, length) => await extentsOf(CONTEXT_ALLOCATION, offset, length, flags => (flags & STATE_ZERO) === 0))
   return {
     client,
     size: client.size,
-    map: async (offset, length) => allocated
-      ? await extentsOf(CONTEXT_ALLOCATION, offset, length, flags => (flags & STATE_ZERO) === 0)
-      : [{ offset, length, data: true }],
+    map: async (offset, length) => allocated ? await allocation(offset, length) : [{ offset, length, data: true }],
     read: async (buf, offset) => { await client.read(buf, offset) },
     close: async () => { await client.close() },
     bitmaps: names.map(name => {
+      const dirty = windowed(client.size,
+        async (offset, length) => await extentsOf(CONTEXT_BITMAP_PREFIX + name, offset, length, flags => (flags & STATE_DIRTY) !== 0))
       const map = async (offset: number, length: number): Promise<Array<{ offset: number, length: number, dirty: boolean }>> =>
-        (await extentsOf(CONTEXT_BITMAP_PREFIX + name, offset, length, flags => (flags & STATE_DIRTY) !== 0))
-          .map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
+        (await dirty(offset, length)).map(e => ({ offset: e.offset, length: e.length, dirty: e.data }))
       return {
         id: name,
         // NBD does not tell a bitmap's granularity; the export's block size is the finest it can answer in.

@@ -26,11 +26,6 @@ export interface BundleLayer extends DescriptorImage {
   disk: RandomAccessDisk
 }
 
-/** A DiskDescriptor.xml's first bytes. */
-export function isDescriptor (head: Buffer): boolean {
-  return head.toString('utf8').includes('<Parallels_disk_image')
-}
-
 /**
  * The images from the top snapshot down to the root. Refuses what the spec
  * does not cover (Padding 1, split storages) and what cannot be a chain:

@@ -4,9 +4,6 @@
  * or, uncompressed in a file, opened by random access through an index of
  * its extents (openArchiveIndex).
  */
-import type { FormatDescriptor } from '../contracts.js'
-import { VMA_MAGIC } from './format.js'
-
 export {
   VMA_MAGIC, EXTENT_MAGIC, HEADER_FIXED_SIZE, MAX_HEADER_SIZE, EXTENT_HEADER_SIZE, MAX_EXTENT_CLUSTERS, MAX_CONFIGS, MAX_BLOB_SIZE,
   parseHeader, parseExtentHeader, encodeHeader, encodeExtentHeader,
@@ -16,8 +13,4 @@ export { VmaReader, type VmaReaderOptions, type DeviceStats } from './stream.js'
 export { VmaWriter, type WriterStats } from './writer.js'
 export { openArchiveIndex, type ArchiveIndex } from './archive-index.js'
 
-export const vma: FormatDescriptor<'vma'> = {
-  name: 'vma',
-  kind: 'archive',
-  detect: head => head.subarray(0, VMA_MAGIC.length).equals(VMA_MAGIC),
-}
+export { vma } from './descriptor.js'
