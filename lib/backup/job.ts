@@ -5,7 +5,7 @@
 import { readFile } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import { COMPRESSIONS, type Compression } from '../io/compression.js'
-import type { Retention } from './retention.js'
+import { RETENTION_KEYS, type Retention } from './retention.js'
 
 export interface JobDisk {
   /** Device name in the archive, e.g. drive-scsi0. */
@@ -45,8 +45,13 @@ export interface BackupJob {
   vmid: number
   disks: JobDisk[]
   configs?: Array<string | JobConfig>
-  /** Directory the archives go to; must exist. */
+  /** Directory the archives go to (must exist), or s3://BUCKET/PREFIX/. */
   target: string
+  /**
+   * `none`: no lock per VM. Only for a store that refuses conditional creates
+   * (If-None-Match on PUT), where jobs of one VM never overlap by arrangement.
+   */
+  lock?: 'exclusive' | 'none'
   compression?: Compression
   retention?: Retention
   /** Read the new archive back and check it before it gets its name. */
@@ -102,8 +107,9 @@ const JOB: Check = object({
   disks: list(object({ name: string, path: string, format: string, size: count, followBacking: boolean, dirtyBitmap: string }, ['name', 'path']), 1),
   configs: list((v, where) => { if (typeof v === 'string') string(v, where); else object({ name: string, path: string }, ['path'])(v, where) }),
   target: string,
+  lock: oneOf('exclusive', 'none'),
   compression: oneOf(...COMPRESSIONS),
-  retention: object({ 'keep-last': count, 'keep-daily': count, 'keep-weekly': count, 'keep-monthly': count }),
+  retention: object(Object.fromEntries(RETENTION_KEYS.map(key => [key, count]))),
   verify: boolean,
   notes: (v, where) => { if (typeof v !== 'string') throw fail(where, 'must be a string') },
   protected: boolean,
