@@ -83,7 +83,9 @@ function checkStale (where: string, what: string, owner: ObjectOwner | undefined
  * again; throws E_LOCKED when another run is taking over right now or the
  * lock came alive.
  */
-async function takeOver (objects: LockObjects, key: string, what: string, seen: { etag: string }): Promise<ObjectOwner | { host: string, pid: number, started: string } | undefined> {
+type Holder = Pick<ObjectOwner, 'host' | 'pid' | 'started'>
+
+async function takeOver (objects: LockObjects, key: string, what: string, seen: { etag: string }): Promise<Holder | undefined> {
   const marker = `${key}.takeover`
   const mine = JSON.stringify(owner(TAKEOVER_TTL_MS))
   if (!await objects.create(marker, mine)) {

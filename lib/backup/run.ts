@@ -86,13 +86,14 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   const store = await openStore(job.target)
   try {
     if (job.incremental === true && store.kind !== 'directory') {
-      throw new VmapipeError('E_JOB', `job.target: an incremental chain needs a local directory (its overlays read the images before them), not ${job.target}`)
+      throw new VmapipeError('E_JOB', `job.target: an incremental chain needs a local directory (overlays read the images before them), not ${job.target}`)
     }
     const lock = job.lock === 'none' ? NO_LOCK : await store.lock(job.vmid, `the backup of VM ${job.vmid} into ${store.location}`)
     try {
       if (lock.tookOverFrom !== undefined) {
         const { pid, host, started } = lock.tookOverFrom
-        task.warn({ stalePid: pid, staleHost: host }, `took over the lock of a run that is gone (pid ${pid}${host !== '' ? ` on ${host}` : ''}, started ${started})`)
+        const where = host !== '' ? ` on ${host}` : ''
+        task.warn({ stalePid: pid, staleHost: host }, `took over the lock of a run that is gone (pid ${pid}${where}, started ${started})`)
       }
       const signal = anySignal(options.signal, lock.lost)
       if (options.startedAt !== undefined) await checkOverlap(store, job.vmid, options.startedAt)
