@@ -9,7 +9,8 @@
  *
  * Taking over a stale lock happens holding a second object, LOCK.takeover,
  * made the same way: of two runs that find the same stale lock only one
- * deletes it, after reading it again and finding the same ETag. Without it
+ * deletes it, after reading it again and finding the same lock (each holds a
+ * random token, so the same body is the same object). Without it
  * the slower could delete the lock the faster had just made, and both would
  * run. Object stores delete unconditionally (If-Match on DELETE is not
  * general), so the marker is what makes the delete safe.
@@ -24,8 +25,8 @@ import type { Lock } from './lock.js'
 export interface LockObjects {
   /** Creates `key` only where no object is; false when one is. */
   create: (key: string, body: string) => Promise<boolean>
-  /** The object's body and ETag, or undefined when there is none. */
-  read: (key: string) => Promise<{ body: string, etag: string } | undefined>
+  /** The object's body, or undefined when there is none. */
+  read: (key: string) => Promise<string | undefined>
   /** Replaces the object (renewal). */
   put: (key: string, body: string) => Promise<void>
   remove: (key: string) => Promise<void>
@@ -85,34 +86,34 @@ function checkStale (where: string, what: string, owner: ObjectOwner | undefined
  */
 type Holder = Pick<ObjectOwner, 'host' | 'pid' | 'started'>
 
-async function takeOver (objects: LockObjects, key: string, what: string, seen: { etag: string }): Promise<Holder | undefined> {
+async function takeOver (objects: LockObjects, key: string, what: string, seen: string): Promise<Holder | undefined> {
   const marker = `${key}.takeover`
   const mine = JSON.stringify(owner(TAKEOVER_TTL_MS))
   if (!await objects.create(marker, mine)) {
     const other = await objects.read(marker)
     if (other === undefined) return undefined
-    const o = parse(other.body)
+    const o = parse(other)
     if (o !== undefined && Date.parse(o.expires) > Date.now()) {
       throw new VmapipeError('E_LOCKED', `${what}: another run (pid ${o.pid} on ${o.host}) is taking over the stale lock ${objects.locate(key)} right now`)
     }
     // A taker that died holding the marker leaves it; after its short expiry it goes.
     const again = await objects.read(marker)
-    if (again?.etag === other.etag) await objects.remove(marker)
+    if (again === other) await objects.remove(marker)
     return undefined
   }
   try {
     // Read again under the marker: the lock may have been taken over, and even released, since it was found stale.
     const now = await objects.read(key)
     if (now === undefined) return undefined
-    const o = parse(now.body)
+    const o = parse(now)
     checkStale(objects.locate(key), what, o)
-    if (now.etag !== seen.etag) return undefined
+    if (now !== seen) return undefined
     await objects.remove(key)
     return o ?? { host: '', pid: 0, started: 'unknown' }
   } finally {
     // Only our own marker: a slow taker past the marker's expiry must not delete the next one's.
     const m = await objects.read(marker).catch(() => undefined)
-    if (m?.body === mine) await objects.remove(marker).catch(() => {})
+    if (m === mine) await objects.remove(marker).catch(() => {})
   }
 }
 
@@ -137,7 +138,7 @@ export async function acquireObjectLock (objects: LockObjects, key: string, what
     if (await objects.create(key, JSON.stringify(me))) return held(objects, key, what, me, ttl, tookOverFrom)
     const seen = await objects.read(key)
     if (seen === undefined) continue // released meanwhile: try again
-    checkStale(objects.locate(key), what, parse(seen.body))
+    checkStale(objects.locate(key), what, parse(seen))
     const dead = await takeOver(objects, key, what, seen)
     if (dead !== undefined) tookOverFrom = { pid: dead.pid, host: dead.host, started: dead.started }
   }
@@ -157,7 +158,7 @@ function held (objects: LockObjects, key: string, what: string, first: ObjectOwn
   const renew = async (): Promise<void> => {
     try {
       const now = await objects.read(key)
-      if (parse(now?.body ?? '')?.token !== me.token) {
+      if (parse(now ?? '')?.token !== me.token) {
         lost.abort(new VmapipeError('E_LOCKED', `${what}: the lock ${objects.locate(key)} was taken over by another run; this one stops`))
         return
       }
@@ -181,7 +182,7 @@ function held (objects: LockObjects, key: string, what: string, first: ObjectOwn
       await renewing
       // Only our own lock: never delete one that a later run took over.
       const now = await objects.read(key).catch(() => undefined)
-      if (now !== undefined && parse(now.body)?.token === me.token) await objects.remove(key).catch(() => {})
+      if (now !== undefined && parse(now)?.token === me.token) await objects.remove(key).catch(() => {})
     },
   }
 }

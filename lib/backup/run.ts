@@ -69,6 +69,8 @@ class TaskLog {
   constructor (readonly log: Logger) {}
 
   info (fields: Record<string, unknown>, message: string): void { this.add('INFO', message); this.log.info(fields, message) }
+  /** Only in the `.log` sidecar (the JSON log has it from elsewhere). */
+  note (message: string): void { this.add('INFO', message) }
   warn (fields: Record<string, unknown>, message: string): void { this.add('WARN', message); this.log.warn(fields, message) }
 
   private add (level: string, message: string): void {
@@ -83,7 +85,8 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   const started = Date.now()
   const id = jobId(job)
   const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
-  const store = await openStore(job.target)
+  // The transport logs each upload's bytes, parts, retries and rate (and each retry) to the job's log.
+  const store = await openStore(job.target, { log: task.log })
   try {
     if (job.incremental === true && store.kind !== 'directory') {
       throw new VmapipeError('E_JOB', `job.target: an incremental chain needs a local directory (overlays read the images before them), not ${job.target}`)
@@ -97,7 +100,7 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
       }
       const signal = anySignal(options.signal, lock.lost)
       if (options.startedAt !== undefined) await checkOverlap(store, job.vmid, options.startedAt)
-      for (const left of await store.removeLeftovers(job.vmid)) task.warn({ file: left }, `removed ${left}, left by a run that did not finish`)
+      await store.removeLeftovers(job.vmid, (message, fields, found) => { if (found) task.warn(fields, message); else task.info(fields, message) })
       const now = await freeTime(store, job.vmid, options.now)
       const written = job.incremental === true
         ? await writeChains(job, now, task, { ...options, ...(signal !== undefined ? { signal } : {}) })
@@ -193,8 +196,8 @@ async function writeArchive (store: BackupStore, job: BackupJob, now: Date, task
   const report = output.report()
   const seconds = (Date.now() - began) / 1000
   if (store.kind !== 'directory') {
-    task.info({ ...report, seconds, rate: Math.round(report.bytes / Math.max(seconds, 0.001)) },
-      `uploaded ${report.bytes} bytes in ${report.parts} parts (${report.retries} retried) in ${seconds.toFixed(1)} s`)
+    task.note(`uploaded ${report.bytes} bytes in ${report.parts} parts (${report.retries} retried) in ${seconds.toFixed(1)} s, ` +
+      `${Math.round(report.bytes / Math.max(seconds, 0.001))} bytes/s`)
   }
   if (job.notes !== undefined) await store.writeFile(sidecars(name).notes, job.notes)
   if (job.protected === true) await store.writeFile(sidecars(name).protected, '')

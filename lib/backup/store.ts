@@ -49,10 +49,13 @@ export interface BackupStore {
   remove: (name: string) => Promise<void>
   /** Takes the lock of VM `vmid`; E_LOCKED while another live run holds it. */
   lock: (vmid: number, what: string) => Promise<Lock>
-  /** Removes what killed runs of VM `vmid` left (temporary files, unfinished uploads); returns what it removed. */
-  removeLeftovers: (vmid: number) => Promise<string[]>
+  /** Removes what killed runs of VM `vmid` left (temporary files, unfinished uploads), telling `report` what it did. */
+  removeLeftovers: (vmid: number, report: LeftoverReport) => Promise<void>
   close: () => void
 }
+
+/** `found`: something was left (a warning); else a note that nothing was. */
+export type LeftoverReport = (message: string, fields: Record<string, unknown>, found: boolean) => void
 
 /** The files of VM `vmid`'s backups start with this (the dash keeps VM 10 from matching VM 100). */
 export const vmPrefix = (vmid: number): string => `vzdump-qemu-${vmid}-`
@@ -111,9 +114,11 @@ export class DirectoryStore implements BackupStore {
     return await acquireLock(join(this.location, `.vzdump-qemu-${vmid}.lock`), what)
   }
 
-  async removeLeftovers (vmid: number): Promise<string[]> {
+  async removeLeftovers (vmid: number, report: LeftoverReport): Promise<void> {
     // We hold the lock, so a temporary file without an owner in its name (an older version's) is a leftover too.
-    return await removeStalePartials(this.location, name => name.startsWith(vmPrefix(vmid)), true)
+    for (const file of await removeStalePartials(this.location, name => name.startsWith(vmPrefix(vmid)), true)) {
+      report(`removed ${file}, left by a run that did not finish`, { file }, true)
+    }
   }
 
   close (): void {}

@@ -59,6 +59,7 @@ const FLAGS: Partial<Record<string, Partial<Record<string, string>>>> = {
   names: { serve: '--name' },
   maxConnections: { serve: '--max-connections' },
   dirtyBitmap: { create: '-d dirty-bitmap=NAME:NAME=PATH', 'pack-vma': '--dirty-bitmap', incremental: '--dirty-bitmap' },
+  lock: { backup: '"lock": "none" in the job file', prune: '--no-lock' },
 }
 
 /** Codes of a call the library refused, where the command's usage is what to read when no flag is named. */
