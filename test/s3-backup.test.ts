@@ -153,7 +153,8 @@ t.test('S3 backup jobs', needsS3, async t => {
     t.match(logged(took).find(l => l.level === 40 && l.stalePid !== undefined), { stalePid: 4242, staleHost: 'other-host' })
 
     const dead = spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' })
-    await store.client.send(new PutObjectCommand({ Bucket: b.name, Key: LOCK, Body: lockBody(hostname(), Number(dead.stdout), new Date(Date.now() + 3600_000)) }))
+    const deadBody = lockBody(hostname(), Number(dead.stdout), new Date(Date.now() + 3600_000))
+    await store.client.send(new PutObjectCommand({ Bucket: b.name, Key: LOCK, Body: deadBody }))
     await new Promise(resolve => setTimeout(resolve, 1100))
     const sameHost = await vma(['backup', job], { env })
     exits(t, sameHost, 0, 'a holder on this host that is gone: taken over before the expiry')

@@ -115,7 +115,8 @@ export class S3BackupStore implements BackupStore {
   async removeLeftovers (vmid: number, report: LeftoverReport): Promise<void> {
     // Under the lock no other run writes this VM's keys: every unfinished upload of them was left by a run that was killed.
     const aborted = await abortStaleUploads(this.client, this.bucket, this.prefix + vmPrefix(vmid))
-    report(`aborted ${aborted} unfinished upload${aborted === 1 ? '' : 's'} of VM ${vmid} left by runs that were killed`, { abortedUploads: aborted }, aborted > 0)
+    const what = `aborted ${aborted} unfinished upload${aborted === 1 ? '' : 's'} of VM ${vmid} left by runs that were killed`
+    report(what, { abortedUploads: aborted }, aborted > 0)
   }
 
   close (): void {
