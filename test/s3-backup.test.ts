@@ -139,6 +139,23 @@ t.test('S3 backup jobs', needsS3, async t => {
       for (const s of stores) s.close()
     }
 
+    // Renewal: the holder moves its expiry on while it runs; a lock replaced under it (taken over) is lost, and the run told.
+    const holder = new S3BackupStore(b.target, { lockTtlMs: 1500 })
+    const held = await holder.lock(100, 'VM 100')
+    const first = JSON.parse(await text(store, b.name, LOCK)) as { expires: string }
+    await new Promise(resolve => setTimeout(resolve, 2500))
+    const renewed = JSON.parse(await text(store, b.name, LOCK)) as { expires: string }
+    t.ok(Date.parse(renewed.expires) > Date.parse(first.expires), 'renewed while held', { first, renewed })
+    t.equal(held.lost?.aborted, false)
+    const other = lockBody('other-host', 4242, new Date(Date.now() + 3600_000))
+    await store.client.send(new PutObjectCommand({ Bucket: b.name, Key: LOCK, Body: other }))
+    await new Promise(resolve => setTimeout(resolve, 1500))
+    t.equal(held.lost?.aborted, true, 'replaced by another run: lost')
+    t.equal((held.lost?.reason as VmapipeError).code, 'E_LOCKED')
+    await held.release()
+    t.equal(await text(store, b.name, LOCK), other, 'releasing a lost lock leaves the new holder\'s alone')
+    holder.close()
+
     const job = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: disk(dir, 1 << 20) }], target: b.target })
     const live = lockBody('other-host', 4242, new Date(Date.now() + 3600_000))
     await store.client.send(new PutObjectCommand({ Bucket: b.name, Key: LOCK, Body: live }))

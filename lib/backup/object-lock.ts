@@ -4,8 +4,8 @@
  * process start), when it started and when it expires. The holder renews the
  * expiry while it runs, so a lock whose expiry has passed belongs to a run
  * that is gone (or cut off from the store for longer than the time to live:
- * it notices when renewing and stops). On the holder's own host a dead pid
- * frees the lock at once.
+ * it notices when renewing and stops). On the holder's own host its process
+ * decides instead: a dead pid frees the lock at once, a live one keeps it.
  *
  * Taking over a stale lock happens holding a second object, LOCK.takeover,
  * made the same way: of two runs that find the same stale lock only one
@@ -65,15 +65,15 @@ function parse (body: string): ObjectOwner | undefined {
 }
 
 /**
- * Throws E_LOCKED, saying who holds the lock, unless it is stale: past its
- * expiry, or its holder's process is gone on this host. An object that is not
- * a lock at all (no run writes one) is stale.
+ * Throws E_LOCKED, saying who holds the lock, unless it is stale: on this
+ * host, its holder's process is gone (a live one keeps it, whatever its
+ * expiry says); on another, its expiry has passed. An object that is not a
+ * lock at all (no run writes one) is stale.
  */
 function checkStale (where: string, what: string, owner: ObjectOwner | undefined): void {
   if (owner === undefined) return
-  const expired = Date.parse(owner.expires) <= Date.now()
-  if (expired) return
-  if (owner.host === hostname() && !processRuns(owner.pid, owner.start)) return
+  const stale = owner.host === hostname() ? !processRuns(owner.pid, owner.start) : Date.parse(owner.expires) <= Date.now()
+  if (stale) return
   throw new VmapipeError('E_LOCKED',
     `${what} is locked by pid ${owner.pid} on host ${owner.host} since ${owner.started}, until ${owner.expires} unless renewed (lock ${where})`)
 }
@@ -129,13 +129,29 @@ function owner (ttlMs: number): ObjectOwner {
   }
 }
 
+/**
+ * A store that ignores If-None-Match (older MinIO, some gateways) creates the
+ * object again where it exists: every run would think it held the lock. The
+ * same create once more, which must be refused, tells; it writes the same
+ * bytes, so it harms nothing where it is not refused.
+ */
+async function checkHonoured (objects: LockObjects, key: string, what: string, body: string): Promise<void> {
+  if (!await objects.create(key, body)) return
+  await objects.remove(key)
+  throw new VmapipeError('E_S3_UNSUPPORTED', `${what}: the store ignores conditional creates (If-None-Match: * on PUT): ` +
+    `${objects.locate(key)} was created twice, so it cannot keep runs of one VM apart`, { option: 'lock' })
+}
+
 /** Takes the lock `key`, or throws E_LOCKED while a live run holds it. */
 export async function acquireObjectLock (objects: LockObjects, key: string, what: string, options: ObjectLockOptions = {}): Promise<Lock> {
   const ttl = options.ttlMs ?? DEFAULT_LOCK_TTL_MS
   let tookOverFrom: Lock['tookOverFrom']
   for (let attempt = 0; attempt < 5; attempt++) {
     const me = owner(ttl)
-    if (await objects.create(key, JSON.stringify(me))) return held(objects, key, what, me, ttl, tookOverFrom)
+    if (await objects.create(key, JSON.stringify(me))) {
+      await checkHonoured(objects, key, what, JSON.stringify(me))
+      return held(objects, key, what, me, ttl, tookOverFrom)
+    }
     const seen = await objects.read(key)
     if (seen === undefined) continue // released meanwhile: try again
     checkStale(objects.locate(key), what, parse(seen))
