@@ -15,6 +15,8 @@ import { needsS3, s3Store } from './helpers/s3.js'
 import { sha256 } from './helpers/run.js'
 
 const MiB = 1024 * 1024
+// Before the first client: the SDK's Node-22 notice is no test's concern.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true'
 
 async function collect (stream: Readable): Promise<Buffer> {
   const chunks: Buffer[] = []

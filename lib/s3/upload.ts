@@ -171,18 +171,30 @@ export class S3Upload extends Writable {
     return {}
   }
 
-  /** Runs `send` until it succeeds, again (with its buffer, which a stream could not give twice) after a connection failure. */
-  private async withRetries<T> (what: string, send: () => Promise<T>): Promise<T> {
+  /**
+   * Runs `send` until it succeeds, again (with its buffer, which a stream could not give twice) after a connection
+   * failure. The SDK makes its own attempts first; they count as retries too.
+   */
+  private async withRetries<T extends { $metadata: { attempts?: number } }> (what: string, send: () => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await send()
+        const res = await send()
+        this.countSdkRetries(what, res.$metadata.attempts)
+        return res
       } catch (err) {
+        this.countSdkRetries(what, (err as { $metadata?: { attempts?: number } }).$metadata?.attempts)
         if (this.requests.signal.aborted || attempt >= this.partAttempts || !isNetworkError(err)) throw s3Error(err, `${what} of ${this.where}`)
         this.stats.retries++
         this.options.log?.warn({ url: this.where, what, attempt, error: (err as Error).message }, 'S3 request failed; sending it again')
         await sleep(backoff(attempt), undefined, { signal: this.requests.signal }).catch(() => undefined)
       }
     }
+  }
+
+  private countSdkRetries (what: string, attempts: number | undefined): void {
+    if (attempts === undefined || attempts <= 1) return
+    this.stats.retries += attempts - 1
+    this.options.log?.warn({ url: this.where, what, attempts }, 'S3 request sent again by the SDK')
   }
 
   private async uploadPart (uploadId: string, number: number, body: Buffer): Promise<CompletedPart> {

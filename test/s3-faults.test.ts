@@ -1,0 +1,78 @@
+// The S3 transport when the network or the store fails it: a fault proxy
+// between the SDK and the store (Ceph RGW) cuts GET answers and part uploads
+// part way, and refuses conditional creates as stores without them do.
+import t from 'tap'
+import { randomBytes } from 'node:crypto'
+import { Readable } from 'node:stream'
+import { pipeline } from 'node:stream/promises'
+import { ListMultipartUploadsCommand } from '@aws-sdk/client-s3'
+import { createS3Upload, headObject, openS3Read, putIfAbsent, putObjectBytes, s3Client } from '../lib/s3/index.js'
+import { needsS3, s3Store } from './helpers/s3.js'
+import { s3FaultProxy } from './helpers/s3-fault-proxy.js'
+import { sha256 } from './helpers/run.js'
+
+const MiB = 1024 * 1024
+// Before the first client: the SDK's Node-22 notice is no test's concern.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true'
+
+async function collect (stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  for await (const chunk of stream) chunks.push(chunk as Buffer)
+  return Buffer.concat(chunks)
+}
+
+t.test('the transport through a faulty connection', needsS3, async t => {
+  const store = await s3Store(t)
+  Object.assign(process.env, store.env)
+  const proxy = await s3FaultProxy(t, store.endpoint)
+  const client = s3Client({ endpoint: proxy.endpoint })
+  t.teardown(() => client.destroy())
+  const bucket = await store.bucket()
+  const data = randomBytes(13 * MiB + 777)
+
+  await t.test('an upload whose parts are cut part way sends them again and completes identical', async t => {
+    proxy.rules.dropPart = { afterBytes: 2 * MiB, times: 2 }
+    const warnings: Array<Record<string, unknown>> = []
+    const log = { info: () => {}, warn: (fields: Record<string, unknown>) => { warnings.push(fields) } }
+    const upload = createS3Upload(client, bucket, 'retried.bin', { partSize: 5 * MiB, log })
+    await pipeline(Readable.from([data]), upload)
+    t.equal(proxy.counts.droppedParts, 2, 'two parts were cut')
+    t.ok(upload.stats.retries >= 2, `retries counted (${upload.stats.retries})`)
+    t.ok(warnings.length >= 2, 'and logged')
+    proxy.rules.dropPart = undefined
+    t.equal(sha256(await collect(openS3Read(store.client, bucket, 'retried.bin'))), sha256(data), 'the object is identical')
+  })
+
+  await t.test('a read cut part way resumes from the byte reached, identical', async t => {
+    proxy.rules.dropGet = { afterBytes: 3 * MiB + 5, times: 3 }
+    const stream = openS3Read(client, bucket, 'retried.bin')
+    t.equal(sha256(await collect(stream)), sha256(data), 'identical')
+    t.equal(proxy.counts.droppedGets, 3, 'three answers were cut')
+    t.equal(stream.stats.resumes, 3, 'and resumed')
+  })
+
+  await t.test('a read cut more often than its attempts fails with E_S3_NETWORK', async t => {
+    proxy.rules.dropGet = { afterBytes: 0, times: 10 }
+    await t.rejects(collect(openS3Read(client, bucket, 'retried.bin', { attempts: 3 })), { code: 'E_S3_NETWORK' })
+    proxy.rules.dropGet = undefined
+  })
+
+  await t.test('an upload whose part is cut more often than its attempts is aborted, nothing visible', async t => {
+    proxy.rules.dropPart = { afterBytes: MiB, times: 100 }
+    const upload = createS3Upload(client, bucket, 'failed.bin', { partSize: 5 * MiB, partAttempts: 2 })
+    await t.rejects(pipeline(Readable.from([data]), upload), { code: 'E_S3_NETWORK' })
+    proxy.rules.dropPart = undefined
+    await t.rejects(headObject(store.client, bucket, 'failed.bin'), { code: 'E_S3_NOT_FOUND' })
+    const open = await store.client.send(new ListMultipartUploadsCommand({ Bucket: bucket }))
+    t.equal(open.Uploads?.length ?? 0, 0, 'no upload left open')
+  })
+
+  await t.test('a store that refuses conditional creates: E_S3_UNSUPPORTED', async t => {
+    proxy.rules.refuseConditionalCreate = true
+    await t.rejects(putIfAbsent(client, bucket, 'lock', 'me'), { code: 'E_S3_UNSUPPORTED' })
+    t.equal(proxy.counts.refusedCreates, 1)
+    await putObjectBytes(client, bucket, 'plain', 'a plain PUT still goes through')
+    proxy.rules.refuseConditionalCreate = false
+    t.equal(await putIfAbsent(client, bucket, 'lock', 'me'), true)
+  })
+})
