@@ -1,6 +1,7 @@
 import t from 'tap'
 import { spawn, spawnSync } from 'node:child_process'
 import { readFileSync, writeFileSync } from 'node:fs'
+import { randomBytes } from 'node:crypto'
 import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { GetObjectCommand, ListMultipartUploadsCommand, ListObjectsV2Command, PutObjectCommand } from '@aws-sdk/client-s3'
@@ -8,7 +9,9 @@ import { VMA, cmp, exits, tempDir, vma } from './helpers/run.js'
 import { logged } from './helpers/logged.js'
 import { writeJob } from './helpers/fixtures.js'
 import { needsS3, s3Store, type S3Store } from './helpers/s3.js'
+import { s3FaultProxy } from './helpers/s3-fault-proxy.js'
 import { S3BackupStore } from '../lib/backup/s3-store.js'
+import { type LockObjects, acquireObjectLock } from '../lib/backup/object-lock.js'
 import { VmapipeError } from '../lib/errors.js'
 
 const ARCHIVE = /^vzdump-qemu-100-\d{4}_\d{2}_\d{2}-\d{2}_\d{2}_\d{2}\.vma(\.zst)?$/
@@ -41,7 +44,7 @@ const archivesIn = (all: string[]): string[] => all.filter(k => ARCHIVE.test(k.s
 /** A disk of random bytes with a zero run in the middle. */
 function disk (dir: string, bytes: number, name = 'disk.raw'): string {
   const data = Buffer.alloc(bytes)
-  spawnSync('head', ['-c', String(bytes >> 1), '/dev/urandom']).stdout.copy(data)
+  randomBytes(bytes >> 1).copy(data)
   const path = join(dir, name)
   writeFileSync(path, data)
   return path
@@ -221,4 +224,56 @@ t.test('S3 backup jobs', needsS3, async t => {
     exits(t, none, 0, '"lock": "none" runs without a lock object')
     t.equal(archivesIn(await keys(store, b.name)).length, 1)
   })
+
+  await t.test('a store that refuses conditional creates: the job fails (E_S3_UNSUPPORTED, exit 3) unless "lock": "none"', async t => {
+    const dir = tempDir(t)
+    const b = await bucket()
+    const proxy = await s3FaultProxy(t, store.endpoint, { refuseConditionalCreate: true })
+    const via = { ...env, VMAPIPE_S3_ENDPOINT: proxy.endpoint }
+    const raw = disk(dir, 1 << 20)
+    const refused = await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target })], { env: via })
+    exits(t, refused, 3)
+    t.match(logged(refused).find(l => l.level >= 50), { code: 'E_S3_UNSUPPORTED', result: 'failed', hint: /"lock": "none"/ })
+    t.ok(proxy.counts.refusedCreates >= 1, 'the proxy refused the create')
+    t.same(await keys(store, b.name), [], 'nothing written')
+    const prune = await vma(['prune', b.target, '--vmid', '100', '--keep-last', '1'], { env: via })
+    exits(t, prune, 3, 'vma prune too')
+    t.match(logged(prune).find(l => l.level >= 50), { code: 'E_S3_UNSUPPORTED', hint: /--no-lock/ })
+    exits(t, await vma(['prune', b.target, '--vmid', '100', '--keep-last', '1', '--no-lock'], { env: via }), 0)
+    const none = await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target, lock: 'none' })],
+      { env: via })
+    exits(t, none, 0, '"lock": "none": runs')
+    t.equal(archivesIn(await keys(store, b.name)).length, 1)
+  })
+
+  await t.test('a part cut off mid-upload: the job retries it, logs the retry, and the archive is whole', async t => {
+    const dir = tempDir(t)
+    const b = await bucket()
+    const proxy = await s3FaultProxy(t, store.endpoint, { dropPart: { afterBytes: 3 << 20, times: 1 } })
+    const raw = disk(dir, 24 << 20)
+    const r = await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target, compression: 'none' })],
+      { env: { ...env, VMAPIPE_S3_ENDPOINT: proxy.endpoint } })
+    exits(t, r, 0)
+    t.equal(proxy.counts.droppedParts, 1, 'a part was cut')
+    t.ok((logged(r).find(l => l.msg === 'uploaded')?.retries as number) >= 1, 'the retry is in the log')
+    const archive = archivesIn(await keys(store, b.name))[0]
+    await download(store, b.name, archive, join(dir, 'a.vma'))
+    exits(t, await vma(['extract', join(dir, 'a.vma'), join(dir, 'out')]), 0)
+    t.ok(cmp(join(dir, 'out/disk-drive-scsi0.raw'), raw), 'extracts identical')
+    t.same(await uploads(store, b.name), [])
+  })
+})
+
+t.test('a store that ignores If-None-Match (creates twice) is found out, not trusted', async t => {
+  // As such a store behaves: every PUT replaces, whatever its conditions say.
+  const objects = new Map<string, string>()
+  const careless: LockObjects = {
+    create: async (key, body) => { objects.set(key, body); return true },
+    read: async key => objects.get(key),
+    put: async (key, body) => { objects.set(key, body) },
+    remove: async key => { objects.delete(key) },
+    locate: key => `s3://b/${key}`,
+  }
+  await t.rejects(acquireObjectLock(careless, 'locks/x.lock', 'VM 100'), { code: 'E_S3_UNSUPPORTED', option: 'lock' })
+  t.equal(objects.size, 0, 'and its probe is cleaned up')
 })
