@@ -50,7 +50,7 @@ export interface ObjectLockOptions {
   ttlMs?: number
 }
 
-export const DEFAULT_LOCK_TTL_MS = 10 * 60_000
+const DEFAULT_LOCK_TTL_MS = 10 * 60_000
 /** A taker holds the marker for a few requests; one older than this was left by a taker that died. */
 const TAKEOVER_TTL_MS = 60_000
 
