@@ -220,6 +220,8 @@ t.test('S3 backup jobs', needsS3, async t => {
     const incremental = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw, dirtyBitmap: 'b' }], target: b.target, incremental: true })
     exits(t, await vma(['backup', incremental], { env }), 2)
     exits(t, await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target, lock: 'maybe' })], { env }), 2)
+    exits(t, await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: dir, s3: { region: 'x' } })], { env }), 2,
+      '"s3" with a directory target: a mistake')
     const none = await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target, lock: 'none' })], { env })
     exits(t, none, 0, '"lock": "none" runs without a lock object')
     t.equal(archivesIn(await keys(store, b.name)).length, 1)
@@ -251,8 +253,9 @@ t.test('S3 backup jobs', needsS3, async t => {
     const b = await bucket()
     const proxy = await s3FaultProxy(t, store.endpoint, { dropPart: { afterBytes: 3 << 20, times: 1 } })
     const raw = disk(dir, 24 << 20)
-    const r = await vma(['backup', writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target, compression: 'none' })],
-      { env: { ...env, VMAPIPE_S3_ENDPOINT: proxy.endpoint } })
+    // The endpoint from the job file ("s3"), not the environment.
+    const job = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: raw }], target: b.target, compression: 'none', s3: { endpoint: proxy.endpoint } })
+    const r = await vma(['backup', job], { env })
     exits(t, r, 0)
     t.equal(proxy.counts.droppedParts, 1, 'a part was cut')
     t.ok((logged(r).find(l => l.msg === 'uploaded')?.retries as number) >= 1, 'the retry is in the log')

@@ -34,6 +34,16 @@ export interface JobLog {
   level?: string
 }
 
+export interface JobS3 {
+  /** The store's URL, for MinIO, Ceph RGW, Wasabi, B2, R2... */
+  endpoint?: string
+  region?: string
+  /** The bucket in the path rather than the host name (default with an endpoint). */
+  forcePathStyle?: boolean
+  /** What uploads send: crc32 (default), md5 (Content-MD5) or none. */
+  checksum?: 'crc32' | 'md5' | 'none'
+}
+
 /** The job's name in logs. */
 export function jobId (job: BackupJob): string {
   return job.id ?? `vzdump-qemu-${job.vmid}`
@@ -52,6 +62,8 @@ export interface BackupJob {
    * (If-None-Match on PUT), where jobs of one VM never overlap by arrangement.
    */
   lock?: 'exclusive' | 'none'
+  /** How to reach an s3:// target (default: VMAPIPE_S3_ENDPOINT and the AWS chain). */
+  s3?: JobS3
   compression?: Compression
   retention?: Retention
   /** Read the new archive back and check it before it gets its name. */
@@ -108,6 +120,7 @@ const JOB: Check = object({
   configs: list((v, where) => { if (typeof v === 'string') string(v, where); else object({ name: string, path: string }, ['path'])(v, where) }),
   target: string,
   lock: oneOf('exclusive', 'none'),
+  s3: object({ endpoint: string, region: string, forcePathStyle: boolean, checksum: oneOf('crc32', 'md5', 'none') }),
   compression: oneOf(...COMPRESSIONS),
   retention: object(Object.fromEntries(RETENTION_KEYS.map(key => [key, count]))),
   verify: boolean,
@@ -123,6 +136,7 @@ const JOB: Check = object({
 export function checkJob (value: unknown): BackupJob {
   JOB(value, 'job')
   const job = value as BackupJob
+  if (job.s3 !== undefined && !/^s3:\/\//i.test(job.target)) throw fail('job.s3', 'applies to an s3:// target')
   if (job.incremental === true) {
     // An incremental chain is one whole: no retention prunes part of it, and qcow2 images are not compressed as archives are.
     for (const key of ['retention', 'compression', 'configs', 'notes', 'protected', 'interleave'] as const) {

@@ -86,7 +86,7 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   const id = jobId(job)
   const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
   // The transport logs each upload's bytes, parts, retries and rate (and each retry) to the job's log.
-  const store = await openStore(job.target, { log: task.log })
+  const store = await openStore(job.target, { ...job.s3, log: task.log })
   try {
     if (job.incremental === true && store.kind !== 'directory') {
       throw new VmapipeError('E_JOB', `job.target: an incremental chain needs a local directory (overlays read the images before them), not ${job.target}`)
