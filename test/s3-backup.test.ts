@@ -213,6 +213,24 @@ t.test('S3 backup jobs', needsS3, async t => {
     t.notOk((await keys(store, b.name)).includes(LOCK))
   })
 
+  await t.test('SIGTERM mid-upload: exit 143, the upload aborted, the lock released, nothing under the final key', async t => {
+    const dir = tempDir(t)
+    const b = await bucket()
+    const fifo = join(dir, 'disk.fifo')
+    spawnSync('mkfifo', [fifo])
+    const job = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo, size: 32 << 20 }], target: b.target, compression: 'none' })
+    const victim = spawn(process.execPath, [VMA, 'backup', job], { stdio: 'ignore', env: { ...process.env, NODE_OPTIONS: '', ...env } })
+    const code = new Promise<number | null>(resolve => victim.on('close', resolve))
+    const feeder = spawn('sh', ['-c', `(head -c ${20 << 20} /dev/urandom; sleep 60) > '${fifo}'`], { stdio: 'ignore', detached: true })
+    for (let i = 0; i < 200 && (await uploads(store, b.name)).length === 0; i++) await new Promise(resolve => setTimeout(resolve, 100))
+    t.equal((await uploads(store, b.name)).length, 1, 'the run was uploading')
+    victim.kill('SIGTERM')
+    t.equal(await code, 143)
+    process.kill(-(feeder.pid as number), 'SIGKILL')
+    t.same(await uploads(store, b.name), [], 'its upload aborted')
+    t.same(await keys(store, b.name), [], 'no archive, no lock')
+  })
+
   await t.test('job files: an incremental job needs a directory; "lock" is exclusive or none', async t => {
     const dir = tempDir(t)
     const b = await bucket()
