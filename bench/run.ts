@@ -21,6 +21,7 @@ import { PAIRS, PVE_VMA, RESULTS, formatTable } from './lib.js'
 const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = {
   startup: benchStartup, extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression,
   live: benchLive, baseline: benchBaseline,
+  s3: async (dir, gib) => { await (await import('./s3.js')).benchS3(dir, gib) },
 }
 
 if (process.argv[2] === '--print') {

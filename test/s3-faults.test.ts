@@ -9,7 +9,11 @@ import { ListMultipartUploadsCommand } from '@aws-sdk/client-s3'
 import { createS3Upload, headObject, openS3Read, putIfAbsent, putObjectBytes, s3Client } from '../lib/s3/index.js'
 import { needsS3, s3Store } from './helpers/s3.js'
 import { s3FaultProxy } from './helpers/s3-fault-proxy.js'
-import { sha256 } from './helpers/run.js'
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { GetObjectCommand } from '@aws-sdk/client-s3'
+import { Rng, makeDisk } from './helpers/random.js'
+import { exits, sha256, tempDir, vma } from './helpers/run.js'
 
 const MiB = 1024 * 1024
 // Before the first client: the SDK's Node-22 notice is no test's concern.
@@ -75,4 +79,34 @@ t.test('the transport through a faulty connection', needsS3, async t => {
     proxy.rules.refuseConditionalCreate = false
     t.equal(await putIfAbsent(client, bucket, 'lock', 'me'), true)
   })
+})
+
+t.test('vma create and extract through a faulty connection', needsS3, async t => {
+  const store = await s3Store(t)
+  Object.assign(process.env, store.env)
+  const proxy = await s3FaultProxy(t, store.endpoint)
+  const bucket = await store.bucket()
+  const dir = tempDir(t)
+  const disk = join(dir, 'disk.raw')
+  writeFileSync(disk, makeDisk(new Rng(5), 20 * MiB))
+  const args = ['--uuid', '5d1e4f7a-0000-4000-8000-000000000015', '--ctime', '1700000000', '-d', `drive-scsi0=${disk}`]
+  const url = `s3://${bucket}/dump/vzdump-qemu-100-2024_01_31-02_00_01.vma`
+  const env = { VMAPIPE_S3_ENDPOINT: proxy.endpoint }
+
+  proxy.rules.dropPart = { afterBytes: MiB, times: 2 }
+  const created = await vma(['create', url, ...args], { env })
+  exits(t, created, 0, 'create completes though two parts were cut')
+  t.equal(proxy.counts.droppedParts, 2)
+  t.match(created.stderr, /"msg":"S3 request sent again by the SDK"|"msg":"S3 request failed; sending it again"/, 'the retries are logged')
+  exits(t, await vma(['create', join(dir, 'local.vma'), ...args]), 0)
+  const got = await store.client.send(new GetObjectCommand({ Bucket: bucket, Key: 'dump/vzdump-qemu-100-2024_01_31-02_00_01.vma' }))
+  t.equal(sha256(Buffer.from(await got.Body?.transformToByteArray() ?? [])), sha256(join(dir, 'local.vma')), 'the object is the local archive, byte for byte')
+
+  proxy.rules.dropGet = { afterBytes: 5 * MiB, times: 2 }
+  const restored = await vma(['extract', url, '-'], { env })
+  exits(t, restored, 0, 'the restore completes though its GET was cut twice')
+  t.equal(proxy.counts.droppedGets, 2)
+  t.equal(sha256(restored.stdout), sha256(disk), 'identical')
+  t.match(restored.stderr, /"msg":"S3 read dropped; resuming from the byte reached"/, 'the resumes are logged')
+  t.match(restored.stderr, /"resumes":2,.*"msg":"downloaded"/)
 })

@@ -1,9 +1,10 @@
 import { readArchiveInfo } from '../jobs/archive.js'
-import { openInput } from '../io/input.js'
+import { openArchiveInput } from '../jobs/s3.js'
 import { formatBytes } from '../io/progress.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
 export const list: Command = {
   name: 'list',
@@ -16,12 +17,15 @@ path or - for stdin; .vma, .vma.zst, .vma.gz and .vma.lzo are all accepted
 Options:
   --json   print one JSON object instead of text
 
-Example:
-  vma list vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
-  options: { json: { type: 'boolean' } },
-  async run (positionals, values) {
+${S3_HELP}
+
+Examples:
+  vma list vzdump-qemu-100-2024_01_31-02_00_01.vma.zst
+  vma list s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
+  options: { json: { type: 'boolean' }, ...S3_OPTIONS },
+  async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'ARCHIVE')
-    const input = openInput(positionals[0])
+    const input = await openArchiveInput(positionals[0], s3Access(values, ctx))
     const { info, compression } = await readArchiveInfo(input.stream)
     if (values.json === true) {
       await writeOut(JSON.stringify({

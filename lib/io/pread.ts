@@ -1,5 +1,5 @@
 /** Positional reads of a whole range, for image readers. */
-import type { FileHandle } from 'node:fs/promises'
+import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 
 /**
@@ -23,4 +23,27 @@ export async function readUpTo (file: FileHandle, buf: Buffer, position: number,
     done += bytesRead
   }
   return done
+}
+
+/** Bytes read by position from a file or an object in a store: what an index of an archive reads. */
+export interface PositionalReader {
+  /** For messages. */
+  name: string
+  size: number
+  /** Fills `buf` from `position`; fewer bytes (the count returned) only where the source ends. */
+  read: (buf: Buffer, position: number) => Promise<number>
+  close: () => Promise<void>
+}
+
+/** A regular file as a PositionalReader; E_NOT_SEEKABLE for anything else (`why` says what needs random access). */
+export async function openFileReader (path: string, why: string): Promise<PositionalReader> {
+  const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+  try {
+    const stat = await handle.stat()
+    if (!stat.isFile()) throw new VmapipeError('E_NOT_SEEKABLE', `${path} is not a regular file; ${why}`)
+    return { name: path, size: stat.size, read: async (buf, position) => await readUpTo(handle, buf, position, path), close: async () => await handle.close() }
+  } catch (err) {
+    await handle.close()
+    throw ioError(err, `cannot open ${path}`)
+  }
 }

@@ -21,6 +21,7 @@ import { drained } from '../io/drained.js'
 import { createDecompressor } from '../io/compression.js'
 import { type ReadOptions, disksOf, findDevices, runRecordPipeline } from './archive.js'
 import { VmaReader } from '../vma/stream.js'
+import type { PositionalReader } from '../io/pread.js'
 import { type ArchiveIndex, openArchiveIndex } from '../vma/archive-index.js'
 import { writeQcow2Stream } from '../qcow2/writer.js'
 
@@ -79,8 +80,11 @@ export async function extractToDirectory (
 }
 
 export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptions, 'dataFile'> {
-  /** The archive's path, when it has one: an uncompressed archive file lets qcow2 go out tables first, without a temporary copy. */
-  archivePath?: string
+  /**
+   * The archive's path, or an opener of a reader by position (an object in a store), when it has one: an uncompressed
+   * archive lets qcow2 go out tables first, without a temporary copy.
+   */
+  archivePath?: string | (() => Promise<PositionalReader>)
   /** Where early clusters (raw) or the image being built wait (default the temporary directory). */
   tmpDir?: string
   /** raw: bytes of early clusters kept in memory before they spill. */
@@ -144,11 +148,11 @@ const IMAGE_TMP = 'vmapipe-image-partial-'
  * archive cannot be indexed (compressed, a pipe): then it is built aside.
  */
 async function qcow2FromIndex (
-  path: string, output: Writable, options: ExtractOptions
+  path: string | (() => Promise<PositionalReader>), output: Writable, options: ExtractOptions
 ): Promise<(ExtractResult & { device: DeviceInfo, spilledBytes: number }) | undefined> {
   let index: ArchiveIndex
   try {
-    index = await openArchiveIndex(path)
+    index = await openArchiveIndex(typeof path === 'string' ? path : await path())
   } catch (err) {
     if (err instanceof VmapipeError && err.code === 'E_NOT_SEEKABLE') return undefined
     throw err

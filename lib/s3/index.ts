@@ -12,3 +12,4 @@ export { createS3Upload, S3Upload, type S3UploadOptions, type S3UploadStats } fr
 export { openS3Read, type S3ReadOptions, type S3ReadStats, type S3ReadStream } from './read.js'
 export { s3Error, isNetworkError } from './fail.js'
 export type { S3Log } from './log.js'
+export { openS3Ranged, type S3RangedOptions, type S3RangedReader, type S3RangedStats } from './ranged.js'

@@ -8,13 +8,12 @@
  * positional reads of the blocks, runs that lie together in the archive
  * read at once.
  */
-import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ArchiveInfo, DeviceInfo, Extent, RandomAccessDisk } from '../contracts.js'
 import { detectCompression } from '../io/compression.js'
 import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
-import { readUpTo } from '../io/pread.js'
+import { type PositionalReader, openFileReader } from '../io/pread.js'
 import {
   EXTENT_HEADER_SIZE, archiveInfo, HEADER_PREFIX_SIZE, MAX_EXTENT_CLUSTERS, VMA_MAGIC, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
 } from './format.js'
@@ -37,27 +36,24 @@ interface IndexedDevice {
 
 const UNPACK: Record<string, string> = { zstd: 'zstd -d', gzip: 'gunzip -k', lzo: 'lzop -d' }
 
-export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
-  const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+/** The index of the archive at `source`: a path, or a reader by position (an object in a store), closed with the index. */
+export async function openArchiveIndex (source: string | PositionalReader): Promise<ArchiveIndex> {
+  const reader = typeof source === 'string'
+    ? await openFileReader(source, 'random access needs one (a pipe or device can only be streamed, e.g. with vma extract)')
+    : source
   try {
-    return await buildIndex(handle, path)
+    return await buildIndex(reader)
   } catch (err) {
-    await handle.close()
-    throw err instanceof VmapipeError ? err : ioError(err, `reading ${path}`)
+    await reader.close()
+    throw err instanceof VmapipeError ? err : ioError(err, `reading ${reader.name}`)
   }
 }
 
-async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveIndex> {
-  const stat = await handle.stat()
-  if (!stat.isFile()) {
-    throw new VmapipeError(
-      'E_NOT_SEEKABLE',
-      `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`
-    )
-  }
-  const fileSize = stat.size
+async function buildIndex (reader: PositionalReader): Promise<ArchiveIndex> {
+  const path = reader.name
+  const fileSize = reader.size
   const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
-  const got = await readUpTo(handle, prefix, 0, path)
+  const got = await reader.read(prefix, 0)
   const compression = detectCompression(prefix.subarray(0, got))
   if (compression !== 'none') {
     throw new VmapipeError(
@@ -71,7 +67,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
   }
   const headerSize = readHeaderSize(prefix)
   const head = Buffer.alloc(headerSize)
-  if (await readUpTo(handle, head, 0, path) < headerSize) {
+  if (await reader.read(head, 0) < headerSize) {
     throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
   }
   const header = parseHeader(head)
@@ -94,7 +90,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
   const buf = Buffer.alloc(EXTENT_HEADER_SIZE)
   let extents = 0
   for (let pos = headerSize; pos < fileSize; extents++) {
-    if (await readUpTo(handle, buf, pos, path) < EXTENT_HEADER_SIZE) {
+    if (await reader.read(buf, pos) < EXTENT_HEADER_SIZE) {
       throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent header at byte ${pos}`, { offset: fileSize })
     }
     const extent = parseExtentHeader(buf, header.uuidBytes, pos)
@@ -114,7 +110,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
 
   let users = 1
   const release = async (): Promise<void> => {
-    if (--users === 0) await handle.close()
+    if (--users === 0) await reader.close()
   }
   const once = (fn: () => Promise<void>): () => Promise<void> => {
     let done = false
@@ -133,7 +129,7 @@ async function buildIndex (handle: FileHandle, path: string): Promise<ArchiveInd
         throw new VmapipeError('E_NOT_FOUND', `the archive has no device ${device.name} with id ${device.id}`)
       }
       users++
-      return deviceDisk(handle, d, path, once(release))
+      return deviceDisk(reader, d, once(release))
     },
     close: once(release),
   }
@@ -164,7 +160,7 @@ function walk (d: IndexedDevice, offset: number, length: number, fn: (at: number
   if (end > at) fn(at, end - at, -1)
 }
 
-function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: () => Promise<void>): RandomAccessDisk {
+function deviceDisk (reader: PositionalReader, d: IndexedDevice, close: () => Promise<void>): RandomAccessDisk {
   return {
     size: d.tracked.info.size,
     map: async (offset, length) => {
@@ -190,8 +186,9 @@ function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: 
         else runs.push({ at: at - offset, length: n, archiveOffset })
       })
       await Promise.all(runs.map(async r => {
-        if (await readUpTo(handle, buf.subarray(r.at, r.at + r.length), r.archiveOffset, path) < r.length) {
-          throw new VmapipeError('E_VMA_TRUNCATED', `${path} is shorter than when it was indexed`, { offset: r.archiveOffset, device: d.tracked.info.name })
+        if (await reader.read(buf.subarray(r.at, r.at + r.length), r.archiveOffset) < r.length) {
+          const where = { offset: r.archiveOffset, device: d.tracked.info.name }
+          throw new VmapipeError('E_VMA_TRUNCATED', `${reader.name} is shorter than when it was indexed`, where)
         }
       }))
     },
