@@ -5,6 +5,7 @@ import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
 function count (value: unknown, option: string): number | undefined {
   if (value === undefined) return undefined
@@ -39,6 +40,8 @@ Options:
   --no-lock        do not take the VM's lock (a store without conditional creates)
   --json           print one JSON object instead of text
 
+${S3_HELP}
+
 Exit codes: 0 done; 4 nothing done (a backup of the VM is running); 5 some
 archives could not be removed; 2, 3 failed.
 
@@ -51,6 +54,7 @@ Examples:
     'dry-run': { type: 'boolean' },
     'no-lock': { type: 'boolean' },
     json: { type: 'boolean' },
+    ...S3_OPTIONS,
   },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'TARGET')
@@ -62,7 +66,8 @@ Examples:
       if (n !== undefined) policy[key] = n
     }
     const dryRun = values['dry-run'] === true
-    const store = await openStore(positionals[0])
+    const { s3, log } = s3Access(values, ctx)
+    const store = await openStore(positionals[0], { ...s3, ...(log !== undefined ? { log } : {}) })
     try {
       const lock = dryRun || values['no-lock'] === true ? undefined : await store.lock(vmid, `the backups of VM ${vmid} in ${store.location}`)
       try {
