@@ -11,6 +11,8 @@ import { writeJob } from './helpers/fixtures.js'
 import { needsS3, s3Store, type S3Store } from './helpers/s3.js'
 import { s3FaultProxy } from './helpers/s3-fault-proxy.js'
 import { S3BackupStore } from '../lib/backup/s3-store.js'
+import { runBackupJob } from '../lib/backup/run.js'
+import { checkJob } from '../lib/backup/job.js'
 import { type LockObjects, acquireObjectLock } from '../lib/backup/object-lock.js'
 import { VmapipeError } from '../lib/errors.js'
 
@@ -227,6 +229,27 @@ t.test('S3 backup jobs', needsS3, async t => {
     process.kill(-(feeder.pid as number), 'SIGKILL')
     t.same(await uploads(store, b.name), [], 'its upload aborted')
     t.same(await keys(store, b.name), [], 'no archive, no lock')
+  })
+
+  await t.test('a run whose lock is taken over while it uploads stops: E_LOCKED, the upload aborted, the new holder\'s lock kept', async t => {
+    const dir = tempDir(t)
+    const b = await bucket()
+    const saved = { ...process.env }
+    Object.assign(process.env, env)
+    t.teardown(() => { process.env = saved })
+    const fifo = join(dir, 'disk.fifo')
+    spawnSync('mkfifo', [fifo])
+    const feeder = spawn('sh', ['-c', `(head -c ${12 << 20} /dev/urandom; sleep 60) > '${fifo}'`], { stdio: 'ignore', detached: true })
+    t.teardown(() => { try { process.kill(-(feeder.pid as number), 'SIGKILL') } catch {} })
+    const run = runBackupJob(checkJob({ vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo, size: 32 << 20 }], target: b.target, compression: 'none' }),
+      { lockTtlMs: 1500 })
+    for (let i = 0; i < 200 && (await uploads(store, b.name)).length === 0; i++) await new Promise(resolve => setTimeout(resolve, 100))
+    const other = lockBody('other-host', 4242, new Date(Date.now() + 3600_000))
+    await store.client.send(new PutObjectCommand({ Bucket: b.name, Key: LOCK, Body: other }))
+    await t.rejects(run, { code: 'E_LOCKED' }, 'the run stops, saying why')
+    t.same(await uploads(store, b.name), [], 'its upload aborted')
+    t.same(await keys(store, b.name), [LOCK], 'no archive; the other run\'s lock untouched')
+    t.equal(await text(store, b.name, LOCK), other)
   })
 
   await t.test('job files: an incremental job needs a directory; "lock" is exclusive or none', async t => {

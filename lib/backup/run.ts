@@ -41,6 +41,8 @@ export interface BackupOptions {
    * keeps runs apart.
    */
   startedAt?: number
+  /** An s3:// target's lock: how long it holds unless renewed (renewed every third of it); default 10 minutes. */
+  lockTtlMs?: number
 }
 
 /** Runs of one job that finish less than this before another starts count as started together with it. */
@@ -86,7 +88,7 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   const id = jobId(job)
   const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
   // The transport logs each upload's bytes, parts, retries and rate (and each retry) to the job's log.
-  const store = await openStore(job.target, { ...job.s3, log: task.log })
+  const store = await openStore(job.target, { ...job.s3, log: task.log, ...(options.lockTtlMs !== undefined ? { lockTtlMs: options.lockTtlMs } : {}) })
   try {
     if (job.incremental === true && store.kind !== 'directory') {
       throw new VmapipeError('E_JOB', `job.target: an incremental chain needs a local directory (overlays read the images before them), not ${job.target}`)
@@ -102,9 +104,9 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
       if (options.startedAt !== undefined) await checkOverlap(store, job.vmid, options.startedAt)
       await store.removeLeftovers(job.vmid, (message, fields, found) => { if (found) task.warn(fields, message); else task.info(fields, message) })
       const now = await freeTime(store, job.vmid, options.now)
-      const written = job.incremental === true
-        ? await writeChains(job, now, task, { ...options, ...(signal !== undefined ? { signal } : {}) })
-        : await writeArchive(store, job, now, task, { ...options, ...(signal !== undefined ? { signal } : {}) })
+      const writing = { ...options, ...(signal !== undefined ? { signal } : {}) }
+      const written = await (job.incremental === true ? writeChains(job, now, task, writing) : writeArchive(store, job, now, task, writing))
+        .catch(err => { throw lock.lost?.aborted === true ? lock.lost.reason as Error : err }) // stopped because the lock was lost: say so
       const seconds = (Date.now() - started) / 1000
       task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) },
         `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
