@@ -102,7 +102,8 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
       }
       const signal = anySignal(options.signal, lock.lost)
       if (options.startedAt !== undefined) await checkOverlap(store, job.vmid, options.startedAt)
-      await store.removeLeftovers(job.vmid, (message, fields, found) => { if (found) task.warn(fields, message); else task.info(fields, message) })
+      await store.removeLeftovers(job.vmid, (message, fields, found) => { if (found) task.warn(fields, message); else task.info(fields, message) },
+        lock !== NO_LOCK)
       const now = await freeTime(store, job.vmid, options.now)
       const writing = { ...options, ...(signal !== undefined ? { signal } : {}) }
       const written = await (job.incremental === true ? writeChains(job, now, task, writing) : writeArchive(store, job, now, task, writing))

@@ -18,6 +18,8 @@ import { type ArchiveOutput, type BackupStore, type LeftoverReport, type StoredF
 
 /** Lock objects are a few hundred bytes; anything bigger under the key is not one of ours. */
 const LOCK_MAX_BYTES = 64 * 1024
+/** Without the lock (`"lock": "none"`), an unfinished upload is another run's until it is this old. */
+const UNLOCKED_STALE_MS = 24 * 3600_000
 
 export interface S3StoreOptions extends S3Options {
   /** Where uploads report parts, retries and their rate. */
@@ -112,9 +114,11 @@ export class S3BackupStore implements BackupStore {
       this.options.lockTtlMs !== undefined ? { ttlMs: this.options.lockTtlMs } : {})
   }
 
-  async removeLeftovers (vmid: number, report: LeftoverReport): Promise<void> {
+  async removeLeftovers (vmid: number, report: LeftoverReport, locked: boolean): Promise<void> {
     // Under the lock no other run writes this VM's keys: every unfinished upload of them was left by a run that was killed.
-    const aborted = await abortStaleUploads(this.client, this.bucket, this.prefix + vmPrefix(vmid))
+    // Without it, only one begun longer ago than any backup takes.
+    const olderThan = locked ? undefined : new Date(Date.now() - UNLOCKED_STALE_MS)
+    const aborted = await abortStaleUploads(this.client, this.bucket, this.prefix + vmPrefix(vmid), olderThan)
     const what = `aborted ${aborted} unfinished upload${aborted === 1 ? '' : 's'} of VM ${vmid} left by runs that were killed`
     report(what, { abortedUploads: aborted }, aborted > 0)
   }

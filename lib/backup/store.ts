@@ -49,8 +49,12 @@ export interface BackupStore {
   remove: (name: string) => Promise<void>
   /** Takes the lock of VM `vmid`; E_LOCKED while another live run holds it. */
   lock: (vmid: number, what: string) => Promise<Lock>
-  /** Removes what killed runs of VM `vmid` left (temporary files, unfinished uploads), telling `report` what it did. */
-  removeLeftovers: (vmid: number, report: LeftoverReport) => Promise<void>
+  /**
+   * Removes what killed runs of VM `vmid` left (temporary files, unfinished
+   * uploads), telling `report` what it did. `locked`: the caller holds the
+   * VM's lock, so nothing of the VM's can be another run's work in progress.
+   */
+  removeLeftovers: (vmid: number, report: LeftoverReport, locked: boolean) => Promise<void>
   close: () => void
 }
 
@@ -114,9 +118,9 @@ export class DirectoryStore implements BackupStore {
     return await acquireLock(join(this.location, `.vzdump-qemu-${vmid}.lock`), what)
   }
 
-  async removeLeftovers (vmid: number, report: LeftoverReport): Promise<void> {
-    // We hold the lock, so a temporary file without an owner in its name (an older version's) is a leftover too.
-    for (const file of await removeStalePartials(this.location, name => name.startsWith(vmPrefix(vmid)), true)) {
+  async removeLeftovers (vmid: number, report: LeftoverReport, locked: boolean): Promise<void> {
+    // Under the lock a temporary file without an owner in its name (an older version's) is a leftover too.
+    for (const file of await removeStalePartials(this.location, name => name.startsWith(vmPrefix(vmid)), locked)) {
       report(`removed ${file}, left by a run that did not finish`, { file }, true)
     }
   }

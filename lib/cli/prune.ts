@@ -93,7 +93,7 @@ Examples:
           const lines = result.archives.map(a => `${(failed.has(a.name) ? 'failed' : word[a.mark]).padEnd(12)}  ${a.name}`)
           await writeOut(lines.length > 0 ? lines.join('\n') + '\n' : '')
           ctx.log.info({ pruned: result.pruned.length, kept: result.archives.length - result.pruned.length },
-            `${result.pruned.length} of ${result.archives.length} archives of VM ${vmid} ${dryRun ? 'would be' : ''} removed`.replace('  ', ' '))
+            `${result.pruned.length} of ${result.archives.length} archives of VM ${vmid} ${dryRun ? 'would be removed' : 'removed'}`)
         }
         return result.failures.length > 0 ? EXIT.PARTLY_PRUNED : EXIT.OK
       } finally {
