@@ -8,7 +8,7 @@
  */
 import { VmapipeError } from '../errors.js'
 import { type Input, openInput } from '../io/input.js'
-import { type Output, openOutput } from '../io/output.js'
+import type { Output } from '../io/output.js'
 import type { PositionalReader } from '../io/pread.js'
 import { isS3Url, parseS3Url, type S3Location } from '../s3/url.js'
 import type { S3Log } from '../s3/log.js'
@@ -70,7 +70,11 @@ export async function openS3Reader (url: string, access: S3Access = {}): Promise
  * multipart upload on most stores).
  */
 export async function openArchiveOutput (path: string, options: S3Access & { force?: boolean } = {}): Promise<ArchiveOutput> {
-  if (!isS3Url(path)) return await openOutput(path, { force: options.force === true })
+  if (!isS3Url(path)) {
+    // Loaded here: reading an archive (vma list) needs none of it.
+    const { openOutput } = await import('../io/output.js')
+    return await openOutput(path, { force: options.force === true })
+  }
   const { bucket, key } = objectOf(path)
   const s3 = await import('../s3/index.js')
   const client = s3.s3Client(options.s3)
