@@ -78,14 +78,14 @@ function checkStale (where: string, what: string, owner: ObjectOwner | undefined
     `${what} is locked by pid ${owner.pid} on host ${owner.host} since ${owner.started}, until ${owner.expires} unless renewed (lock ${where})`)
 }
 
+type Holder = Pick<ObjectOwner, 'host' | 'pid' | 'started'>
+
 /**
  * Deletes the stale lock read as `seen` holding LOCK.takeover. Returns the
  * dead owner when it deleted it, undefined when the caller should simply try
  * again; throws E_LOCKED when another run is taking over right now or the
  * lock came alive.
  */
-type Holder = Pick<ObjectOwner, 'host' | 'pid' | 'started'>
-
 async function takeOver (objects: LockObjects, key: string, what: string, seen: string): Promise<Holder | undefined> {
   const marker = `${key}.takeover`
   const mine = JSON.stringify(owner(TAKEOVER_TTL_MS))
@@ -172,6 +172,7 @@ function held (objects: LockObjects, key: string, what: string, first: ObjectOwn
   let me = first
   let renewing: Promise<void> = Promise.resolve()
   const renew = async (): Promise<void> => {
+    if (lost.signal.aborted) return
     try {
       const now = await objects.read(key)
       if (parse(now ?? '')?.token !== me.token) {
@@ -190,6 +191,7 @@ function held (objects: LockObjects, key: string, what: string, first: ObjectOwn
   }
   const timer = setInterval(() => { renewing = renewing.then(renew) }, Math.max(1000, Math.floor(ttl / 3)))
   timer.unref()
+  lost.signal.addEventListener('abort', () => clearInterval(timer), { once: true })
   return {
     ...(tookOverFrom !== undefined ? { tookOverFrom } : {}),
     lost: lost.signal,
