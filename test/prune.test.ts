@@ -1,5 +1,6 @@
 import t, { type Test } from 'tap'
 import { mkdirSync, readdirSync, writeFileSync } from 'node:fs'
+import { hostname } from 'node:os'
 import { join } from 'node:path'
 import { ListObjectsV2Command, PutObjectCommand } from '@aws-sdk/client-s3'
 import { exits, tempDir, vma } from './helpers/run.js'
@@ -12,6 +13,8 @@ import { planPrune } from '../lib/backup/retention.js'
 interface Site {
   target: string
   env: NodeJS.ProcessEnv
+  /** Makes the VM's lock look held by a live run. */
+  hold: () => Promise<void>
   put: (name: string, data: string) => Promise<void>
   names: () => Promise<string[]>
 }
@@ -22,6 +25,8 @@ function dirSite (t: Test): Site {
   return {
     target,
     env: {},
+    // This test process, alive, on this host: as a running job's lock reads.
+    hold: async () => { writeFileSync(join(target, '.vzdump-qemu-100.lock'), JSON.stringify({ pid: process.pid, host: hostname(), started: new Date().toISOString() })) },
     put: async (name, data) => { writeFileSync(join(target, name), data) },
     names: async () => readdirSync(target).filter(n => !n.startsWith('.')).sort(),
   }
@@ -33,6 +38,10 @@ async function bucketSite (store: S3Store): Promise<Site> {
   return {
     target: `s3://${bucket}/${prefix}`,
     env: store.env,
+    hold: async () => {
+      const body = JSON.stringify({ host: 'other-host', pid: 1, started: new Date().toISOString(), expires: new Date(Date.now() + 3600_000).toISOString() })
+      await store.client.send(new PutObjectCommand({ Bucket: bucket, Key: `${prefix}locks/vzdump-qemu-100.lock`, Body: body }))
+    },
     put: async (name, data) => { await store.client.send(new PutObjectCommand({ Bucket: bucket, Key: prefix + name, Body: data })) },
     names: async () => {
       const listed = await store.client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: prefix }))
@@ -136,6 +145,16 @@ async function pruneCases (t: Test, site: () => Promise<Site>): Promise<void> {
     const fresh = after.filter(n => n.startsWith('vzdump-qemu-100-') && !remaining(others, []).includes(n))
     t.equal(fresh.length, 2, 'the new archive and its log', { fresh })
     t.same(after, remaining(others, ['B', 'E', 'G'], fresh))
+  })
+
+  await t.test('while a backup of the VM holds its lock: exit 4, nothing removed; --dry-run still plans', async t => {
+    const s = await site()
+    await fabricate(s)
+    await s.hold()
+    const before = await s.names()
+    exits(t, await vma(['prune', s.target, '--vmid', '100', ...POLICY], { env: s.env }), 4)
+    t.same(await s.names(), before)
+    exits(t, await vma(['prune', s.target, '--vmid', '100', ...POLICY, '--dry-run'], { env: s.env }), 0)
   })
 
   await t.test('usage: --vmid is required, counts are whole numbers', async t => {
