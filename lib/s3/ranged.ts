@@ -34,6 +34,9 @@ export interface S3RangedReader extends PositionalReader {
   readonly stats: S3RangedStats
 }
 
+/** Blocks between a read and the end of the one before within which reads count as in order. */
+const NEAR_BLOCKS = 8
+
 /** `key` by position; the object's ETag is pinned when it is opened, so a change under it is E_S3_PRECONDITION. */
 export async function openS3Ranged (client: S3Client, bucket: string, key: string, options: S3RangedOptions = {}): Promise<S3RangedReader> {
   const { size, etag } = await headObject(client, bucket, key)
@@ -54,9 +57,13 @@ export async function openS3Ranged (client: S3Client, bucket: string, key: strin
     const end = Math.min(size, (last + 1) * blockSize)
     stats.bytes += end - start
     const whole = (async () => {
-      const chunks: Buffer[] = []
-      for await (const chunk of openS3Read(client, bucket, key, { start, end, etag, signal: stop.signal, log: options.log })) chunks.push(chunk as Buffer)
-      return Buffer.concat(chunks)
+      // Filled as the answer streams in: no list of chunks, no second copy.
+      const buf = Buffer.allocUnsafe(end - start)
+      let filled = 0
+      for await (const chunk of openS3Read(client, bucket, key, { start, end, etag, signal: stop.signal, log: options.log })) {
+        filled += (chunk as Buffer).copy(buf, filled)
+      }
+      return buf.subarray(0, filled)
     })()
     const parts: Array<Promise<Buffer>> = []
     for (let n = first; n <= last; n++) {
@@ -114,7 +121,8 @@ export async function openS3Ranged (client: S3Client, bucket: string, key: strin
       let missing = false
       for (let n = first; n <= last && !missing; n++) missing = !cache.has(n)
       if (!missing) stats.hits++
-      const inOrder = first === next || first === next - 1
+      // Near where the last read ended: in order, give or take the reordering of parallel requests (nbdcopy's).
+      const inOrder = next >= 0 && Math.abs(first - next) <= NEAR_BLOCKS
       // The window ahead is filled again once half of it has been read, so that each GET ahead is large.
       const refill = inOrder && !cache.has(Math.min(blocks - 1, last + (aheadBlocks >> 1)))
       const wanted = want(first, last, refill ? Math.max(last, Math.min(blocks - 1, last + aheadBlocks)) : last)
