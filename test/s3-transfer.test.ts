@@ -7,7 +7,7 @@ import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { ListMultipartUploadsCommand, CreateMultipartUploadCommand, PutObjectCommand } from '@aws-sdk/client-s3'
 import {
-  abortStaleUploads, createS3Upload, deleteObject, getObjectBytes, headObject, listObjects, openS3Read, parseS3Url, putIfAbsent,
+  abortStaleUploads, createS3Upload, openS3Ranged, deleteObject, getObjectBytes, headObject, listObjects, openS3Read, parseS3Url, putIfAbsent,
   putObjectBytes, s3Client,
 } from '../lib/s3/index.js'
 import { VmapipeError } from '../lib/errors.js'
@@ -53,6 +53,39 @@ t.test('uploads and reads through the store', needsS3, async t => {
     t.equal(sha256(await collect(openS3Read(client, bucket, 'small.bin'))), sha256(data), 'read back identical')
     const head = await headObject(client, bucket, 'small.bin')
     t.equal(head.size, data.length)
+  })
+
+  await t.test('by position: ranged reads through a bounded cache', async t => {
+    const data = randomBytes(9 * MiB + 100)
+    await pipeline(pieces(data), createS3Upload(client, bucket, 'ranged.bin'))
+    const reader = await openS3Ranged(client, bucket, 'ranged.bin', { cacheBytes: 2 * MiB })
+    t.equal(reader.size, data.length)
+    // Far apart, as an index reads extent headers: one 64 KiB block each, nothing ahead.
+    for (let at = 100; at < data.length; at += 3 * MiB) {
+      const buf = Buffer.alloc(512)
+      t.equal(await reader.read(buf, at), 512)
+      t.ok(buf.equals(data.subarray(at, at + 512)), `512 bytes at ${at}`)
+    }
+    t.same(reader.stats, { gets: 3, bytes: 3 * 64 * 1024, hits: 0 }, 'a block per header')
+    // In order, across block bounds: fetched ahead, in few GETs.
+    const whole = Buffer.alloc(data.length)
+    for (let at = 0; at < data.length; at += 100_000) {
+      const n = await reader.read(whole.subarray(at, Math.min(data.length, at + 100_000)), at)
+      t.equal(n, Math.min(100_000, data.length - at))
+    }
+    t.ok(whole.equals(data), 'read in order: identical')
+    t.ok(reader.stats.gets < 20, `${reader.stats.gets} GETs for ${data.length} bytes`)
+    t.ok(reader.stats.hits > 50, 'most reads from the cache')
+    const tail = Buffer.alloc(1000)
+    t.equal(await reader.read(tail, data.length - 10), 10, 'short at the end')
+    t.equal(await reader.read(tail, data.length + 10), 0, 'nothing past it')
+    for (let i = 0; i < 30; i++) {
+      const at = Math.floor(Math.random() * (data.length - 300_000))
+      const buf = Buffer.alloc(1 + Math.floor(Math.random() * 300_000))
+      await reader.read(buf, at)
+      if (!buf.equals(data.subarray(at, at + buf.length))) t.fail(`random read at ${at}`)
+    }
+    await reader.close()
   })
 
   await t.test('an empty stream is an empty object', async t => {

@@ -53,8 +53,9 @@ Options:
 ${S3_HELP}
 
 A SOURCE s3://BUCKET/KEY that is an uncompressed archive is indexed by
-ranged GETs and served from them (1 MiB blocks, a cache of 64 MiB, read
-ahead in order); a compressed one is served live from one streamed GET.
+ranged GETs and served from them (a cache of 64 MiB in 64 KiB blocks, 4 MiB
+read ahead of reads in order); a compressed one is served live from one
+streamed GET.
 
 Examples:
   vma serve backup.vma --socket /run/vma.sock
