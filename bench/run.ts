@@ -22,6 +22,7 @@ import { PAIRS, PVE_VMA, RESULTS, SCALING, type ScalingRow, formatTable } from '
 const SUITES: Record<string, (dir: string, gib: number) => Promise<void>> = {
   startup: benchStartup, extract: benchExtract, pack: benchPack, qcow2: benchQcow2, parallels: benchParallels, nbd: benchNbd, compression: benchCompression,
   live: benchLive, baseline: benchBaseline, scaling: benchScaling,
+  s3: async (dir, gib) => { await (await import('./s3.js')).benchS3(dir, gib) },
 }
 /** Not run unless named: its archives go up to 8 GiB. */
 const ON_REQUEST = new Set(['scaling'])

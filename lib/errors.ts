@@ -11,9 +11,13 @@
  */
 export type ErrorFault = 'input' | 'call' | 'system' | 'locked' | 'stopped'
 
-const SYSTEM_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR'])
+const SYSTEM_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
+  'E_IO', 'E_TOOL_MISSING', 'E_TARGET_EXISTS', 'E_NBD_CONNECT', 'E_NBD_SERVER_ERROR',
+  'E_S3_ACCESS', 'E_S3_REQUEST', 'E_S3_NETWORK', 'E_S3_UNSUPPORTED',
+])
 const CALL_CODES: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'E_USAGE', 'E_NOT_FOUND', 'E_LIMIT', 'E_JOB', 'E_OPTION', 'E_INPUT_SIZE_UNKNOWN', 'E_NOT_SEEKABLE', 'E_BACKING', 'E_TERMINAL',
+  'E_S3_URL', 'E_S3_NOT_FOUND',
 ])
 
 export type ErrorCode =
@@ -50,6 +54,10 @@ export type ErrorCode =
   | 'E_JOB' | 'E_LOCKED'
   // NBD: a server we talk to breaks the protocol, cannot be reached, or answers with an error
   | 'E_NBD_PROTOCOL' | 'E_NBD_CONNECT' | 'E_NBD_SERVER_ERROR'
+  // S3 object stores: a malformed s3:// URL; no such bucket or key; credentials refused or access denied; the store answered
+  // with an error; the store unreachable, or the connection dropped, after the retries; a feature the store refuses
+  // (a conditional create); a conditional request that lost (the object exists, or changed while it was read)
+  | 'E_S3_URL' | 'E_S3_NOT_FOUND' | 'E_S3_ACCESS' | 'E_S3_REQUEST' | 'E_S3_NETWORK' | 'E_S3_UNSUPPORTED' | 'E_S3_PRECONDITION'
 
 export interface ErrorPlace {
   /** Byte offset in the (decompressed) input where the problem was found. */
@@ -87,7 +95,7 @@ export class VmapipeError extends Error implements ErrorPlace {
     if (CALL_CODES.has(this.code)) return 'call'
     if (SYSTEM_CODES.has(this.code)) return 'system'
     if (this.code === 'E_INTERRUPTED') return 'stopped'
-    if (this.code === 'E_LOCKED') return 'locked'
+    if (this.code === 'E_LOCKED' || this.code === 'E_S3_PRECONDITION') return 'locked'
     return 'input'
   }
 }

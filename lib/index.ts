@@ -32,6 +32,7 @@ export { diskOutput, type OutputOptions } from './jobs/targets.js'
 // Stream pieces
 export { openInput, type Input } from './io/input.js'
 export { openOutput, type Output } from './io/output.js'
+export { openArchiveInput, openArchiveOutput, openS3Reader, type ArchiveOutput, type S3Access } from './jobs/s3.js'
 export { createDecompressor, createCompressor, type Compression } from './io/compression.js'
 export { runStages, type Stage } from './io/chain.js'
 export { VmaReader, type VmaReaderOptions } from './vma/stream.js'

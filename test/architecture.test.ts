@@ -14,7 +14,9 @@ const lib = join(root, 'lib')
 
 const LAYERS = ['contracts', 'io', 'formats', 'jobs', 'cli'] as const
 type Layer = typeof LAYERS[number]
-const FORMAT_FOLDERS = ['raw', 'qcow2', 'parallels', 'vma', 'nbd']
+const FORMAT_FOLDERS = ['raw', 'qcow2', 'parallels', 'vma', 'nbd', 's3']
+/** Transports carry bytes and import no format, not even raw. */
+const TRANSPORTS = ['nbd', 's3']
 
 const CONTRACTS = ['contracts.ts', 'errors.ts', 'record.ts']
 
@@ -41,7 +43,7 @@ function allowed (from: string, to: string): boolean {
   const a = layerOf(from)
   const b = layerOf(to)
   if (LAYERS.indexOf(b) > LAYERS.indexOf(a)) return false
-  if (a === 'formats' && b === 'formats') return folderOf(from) === folderOf(to) || (folderOf(to) === 'raw' && folderOf(from) !== 'nbd')
+  if (a === 'formats' && b === 'formats') return folderOf(from) === folderOf(to) || (folderOf(to) === 'raw' && !TRANSPORTS.includes(folderOf(from)))
   return true
 }
 
@@ -95,5 +97,7 @@ t.test('the rule itself: a broken import is caught', async t => {
   t.notOk(allowed(join(lib, 'io/input.ts'), join(lib, 'vma/format.ts')), 'io importing a format')
   t.notOk(allowed(join(lib, 'jobs/extract.ts'), join(lib, 'cli/main.ts')), 'a job importing the CLI')
   t.notOk(allowed(join(lib, 'nbd/server.ts'), join(lib, 'raw/image.ts')), 'the NBD transport importing a format')
+  t.notOk(allowed(join(lib, 's3/read.ts'), join(lib, 'raw/image.ts')), 'the S3 transport importing a format')
+  t.notOk(allowed(join(lib, 's3/read.ts'), join(lib, 'nbd/client.ts')), 'one transport importing another')
   t.ok(allowed(join(lib, 'qcow2/writer.ts'), join(lib, 'raw/writer.ts')), 'a format building on raw')
 })

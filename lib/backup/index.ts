@@ -1,6 +1,11 @@
-/** Scheduled backup jobs: the job file, the run, vzdump names, retention and the lock per VM. */
-export { readJob, checkJob, type BackupJob, type JobDisk, type JobConfig, type JobLog } from './job.js'
+/** Scheduled backup jobs: the job file, the run, vzdump names, retention and pruning, the stores (directory, S3) and the lock per VM. */
+export { readJob, checkJob, type BackupJob, type JobDisk, type JobS3, type JobConfig, type JobLog } from './job.js'
 export { runBackupJob, type BackupOptions, type BackupResult } from './run.js'
-export { planPrune, type Retention, type PruneItem, type PruneMark } from './retention.js'
+export { planPrune, RETENTION_KEYS, type Retention, type PruneItem, type PruneMark } from './retention.js'
+export { pruneBackups, type PruneEntry, type PruneResult, type PruneOptions } from './prune.js'
 export { archiveName, imageName, parseArchiveName, sidecars, type ArchiveFile } from './naming.js'
 export { acquireLock, type Lock } from './lock.js'
+export { acquireObjectLock, type LockObjects, type ObjectLockOptions } from './object-lock.js'
+export { DirectoryStore, type BackupStore, type ArchiveOutput, type StoredFile, type LeftoverReport } from './store.js'
+export { openStore } from './stores.js'
+export type { S3StoreOptions } from './s3-store.js'

@@ -5,7 +5,7 @@
 import { readFile } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import { COMPRESSIONS, type Compression } from '../io/compression.js'
-import type { Retention } from './retention.js'
+import { RETENTION_KEYS, type Retention } from './retention.js'
 
 export interface JobDisk {
   /** Device name in the archive, e.g. drive-scsi0. */
@@ -34,6 +34,16 @@ export interface JobLog {
   level?: string
 }
 
+export interface JobS3 {
+  /** The store's URL, for MinIO, Ceph RGW, Wasabi, B2, R2... */
+  endpoint?: string
+  region?: string
+  /** The bucket in the path rather than the host name (default with an endpoint). */
+  forcePathStyle?: boolean
+  /** What uploads send: crc32 (default), md5 (Content-MD5) or none. */
+  checksum?: 'crc32' | 'md5' | 'none'
+}
+
 /** The job's name in logs. */
 export function jobId (job: BackupJob): string {
   return job.id ?? `vzdump-qemu-${job.vmid}`
@@ -45,8 +55,15 @@ export interface BackupJob {
   vmid: number
   disks: JobDisk[]
   configs?: Array<string | JobConfig>
-  /** Directory the archives go to; must exist. */
+  /** Directory the archives go to (must exist), or s3://BUCKET/PREFIX/. */
   target: string
+  /**
+   * `none`: no lock per VM. Only for a store that refuses conditional creates
+   * (If-None-Match on PUT), where jobs of one VM never overlap by arrangement.
+   */
+  lock?: 'exclusive' | 'none'
+  /** How to reach an s3:// target (default: VMAPIPE_S3_ENDPOINT and the AWS chain). */
+  s3?: JobS3
   compression?: Compression
   retention?: Retention
   /** Read the new archive back and check it before it gets its name. */
@@ -102,8 +119,10 @@ const JOB: Check = object({
   disks: list(object({ name: string, path: string, format: string, size: count, followBacking: boolean, dirtyBitmap: string }, ['name', 'path']), 1),
   configs: list((v, where) => { if (typeof v === 'string') string(v, where); else object({ name: string, path: string }, ['path'])(v, where) }),
   target: string,
+  lock: oneOf('exclusive', 'none'),
+  s3: object({ endpoint: string, region: string, forcePathStyle: boolean, checksum: oneOf('crc32', 'md5', 'none') }),
   compression: oneOf(...COMPRESSIONS),
-  retention: object({ 'keep-last': count, 'keep-daily': count, 'keep-weekly': count, 'keep-monthly': count }),
+  retention: object(Object.fromEntries(RETENTION_KEYS.map(key => [key, count]))),
   verify: boolean,
   notes: (v, where) => { if (typeof v !== 'string') throw fail(where, 'must be a string') },
   protected: boolean,
@@ -117,6 +136,7 @@ const JOB: Check = object({
 export function checkJob (value: unknown): BackupJob {
   JOB(value, 'job')
   const job = value as BackupJob
+  if (job.s3 !== undefined && !/^s3:\/\//i.test(job.target)) throw fail('job.s3', 'applies to an s3:// target')
   if (job.incremental === true) {
     // An incremental chain is one whole: no retention prunes part of it, and qcow2 images are not compressed as archives are.
     for (const key of ['retention', 'compression', 'configs', 'notes', 'protected', 'interleave'] as const) {

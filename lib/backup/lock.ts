@@ -27,6 +27,8 @@ interface Owner {
 export interface Lock {
   /** Set when a dead run's lock was taken over. */
   tookOverFrom?: Owner
+  /** Aborted when the lock was lost (another run took it over): the run must stop. */
+  lost?: AbortSignal
   release: () => Promise<void>
 }
 

@@ -1,17 +1,22 @@
 /**
  * Which archives a retention policy keeps, as Proxmox prunes: the rules run
- * in order (last, daily, weekly, monthly) over the archives newest first.
- * keep-last N keeps the N newest. keep-daily N keeps the newest archive of
- * each of the N newest days not already covered by a kept archive, and so on
- * for ISO weeks and months. Protected archives are never removed and do not
+ * in order (last, hourly, daily, weekly, monthly, yearly) over the archives
+ * newest first. keep-last N keeps the N newest. keep-daily N keeps the newest
+ * archive of each of the N newest days not already covered by a kept
+ * archive, and so on for hours, ISO weeks, months and years. Protected archives are never removed and do not
  * count; when no rule is given, everything is kept.
  */
 export interface Retention {
   'keep-last'?: number
+  'keep-hourly'?: number
   'keep-daily'?: number
   'keep-weekly'?: number
   'keep-monthly'?: number
+  'keep-yearly'?: number
 }
+
+/** The rules, in the order they apply. */
+export const RETENTION_KEYS = ['keep-last', 'keep-hourly', 'keep-daily', 'keep-weekly', 'keep-monthly', 'keep-yearly'] as const
 
 export interface PruneItem {
   name: string
@@ -33,9 +38,11 @@ function isoWeek (time: Date): string {
 
 const RULES: Array<[keyof Retention, (item: PruneItem) => string]> = [
   ['keep-last', item => item.name],
+  ['keep-hourly', item => `${item.time.getFullYear()}/${pad(item.time.getMonth() + 1)}/${pad(item.time.getDate())} ${pad(item.time.getHours())}`],
   ['keep-daily', item => `${item.time.getFullYear()}/${pad(item.time.getMonth() + 1)}/${pad(item.time.getDate())}`],
   ['keep-weekly', item => isoWeek(item.time)],
   ['keep-monthly', item => `${item.time.getFullYear()}/${pad(item.time.getMonth() + 1)}`],
+  ['keep-yearly', item => String(item.time.getFullYear())],
 ]
 
 export function planPrune (items: PruneItem[], policy: Retention): Map<string, PruneMark> {

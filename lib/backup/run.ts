@@ -1,15 +1,15 @@
 /**
  * runBackupJob: one scheduled backup, start to finish. Under a lock per
  * target and VM: clean up what a crashed run left, pack the disks into a
- * vzdump-named archive under a temporary name, optionally read it back,
- * give it its name with its sidecars, then prune by the retention policy.
+ * vzdump-named archive that the store shows under its name only when
+ * complete (a local temporary file renamed, or an S3 multipart upload),
+ * optionally read it back, write its sidecars, then prune by the retention
+ * policy. One code path for every store (store.ts).
  */
-import { createReadStream } from 'node:fs'
-import { readdir, stat, unlink } from 'node:fs/promises'
+import { readdir, stat } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { pino, type Logger } from 'pino'
-import { VmapipeError, ioError } from '../errors.js'
-import { openOutput, removeStalePartials, writeFileAtomically } from '../io/output.js'
+import { VmapipeError } from '../errors.js'
 import type { ProgressSink } from '../contracts.js'
 import { type DiskSpec, closeDisks, openDisk, openDisks } from '../jobs/sources.js'
 import { writeImage, writeOverlay } from '../jobs/incremental.js'
@@ -19,9 +19,11 @@ import { CLUSTER_SIZE } from '../record.js'
 import { packArchive, readConfigFiles } from '../jobs/pack.js'
 import { verifyArchive } from '../jobs/archive.js'
 import { type BackupJob, type JobDisk, jobId } from './job.js'
-import { acquireLock } from './lock.js'
-import { archiveName, backupBase, chainOf, imageName, parseArchiveName, runLogName, sidecars } from './naming.js'
-import { type PruneItem, planPrune } from './retention.js'
+import type { Lock } from './lock.js'
+import { archiveName, backupBase, chainOf, imageName, runLogName, sidecars } from './naming.js'
+import { pruneBackups } from './prune.js'
+import { type ArchiveOutput, type BackupStore, vmPrefix } from './store.js'
+import { openStore } from './stores.js'
 
 export interface BackupOptions {
   /** Where the job logs (JSON); default silent. */
@@ -39,6 +41,8 @@ export interface BackupOptions {
    * keeps runs apart.
    */
   startedAt?: number
+  /** An s3:// target's lock: how long it holds unless renewed (renewed every third of it); default 10 minutes. */
+  lockTtlMs?: number
 }
 
 /** Runs of one job that finish less than this before another starts count as started together with it. */
@@ -67,6 +71,8 @@ class TaskLog {
   constructor (readonly log: Logger) {}
 
   info (fields: Record<string, unknown>, message: string): void { this.add('INFO', message); this.log.info(fields, message) }
+  /** Only in the `.log` sidecar (the JSON log has it from elsewhere). */
+  note (message: string): void { this.add('INFO', message) }
   warn (fields: Record<string, unknown>, message: string): void { this.add('WARN', message); this.log.warn(fields, message) }
 
   private add (level: string, message: string): void {
@@ -81,33 +87,64 @@ export async function runBackupJob (job: BackupJob, options: BackupOptions = {})
   const started = Date.now()
   const id = jobId(job)
   const task = new TaskLog((options.log ?? pino({ level: 'silent' })).child({ job: id, vmid: job.vmid }))
-  const target = job.target
-  const st = await stat(target).catch(err => { throw ioError(err, `the target ${target} is not there`) })
-  if (!st.isDirectory()) throw new VmapipeError('E_JOB', `the target ${target} is not a directory`)
-
-  const lock = await acquireLock(join(target, `.vzdump-qemu-${job.vmid}.lock`), `the backup of VM ${job.vmid} into ${target}`)
+  // The transport logs each upload's bytes, parts, retries and rate (and each retry) to the job's log.
+  const store = await openStore(job.target, { ...job.s3, log: task.log, ...(options.lockTtlMs !== undefined ? { lockTtlMs: options.lockTtlMs } : {}) })
   try {
-    if (lock.tookOverFrom !== undefined) {
-      const { pid, started } = lock.tookOverFrom
-      task.warn({ stalePid: pid }, `took over the lock of a run that is gone (pid ${pid}, started ${started})`)
+    if (job.incremental === true && store.kind !== 'directory') {
+      throw new VmapipeError('E_JOB', `job.target: an incremental chain needs a local directory (overlays read the images before them), not ${job.target}`)
     }
-    if (options.startedAt !== undefined) await checkOverlap(target, job.vmid, options.startedAt)
-    await removeLeftovers(target, job.vmid, task)
-    const now = await freeTime(target, job.vmid, options.now)
-    const written = job.incremental === true ? await writeChains(job, now, task, options) : await writeArchive(job, now, task, options)
-    const seconds = (Date.now() - started) / 1000
-    task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) },
-      `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
-    const { pruned, failures } = await prune(job, task)
-    task.info({ result: failures.length > 0 ? 'partly-pruned' : 'ok' }, `finished backup of VM ${job.vmid}`)
-    await writeFileAtomically(join(target, written.log), task.lines.join('\n') + '\n')
-    return {
-      job: id, archive: join(target, written.files[0]), files: written.files.map(f => join(target, f)), bytes: written.bytes, diskBytes: written.diskBytes,
-      seconds: (Date.now() - started) / 1000, pruned, pruneFailures: failures,
+    const lock = job.lock === 'none' ? NO_LOCK : await store.lock(job.vmid, `the backup of VM ${job.vmid} into ${store.location}`)
+    try {
+      if (lock.tookOverFrom !== undefined) {
+        const { pid, host, started } = lock.tookOverFrom
+        const where = host !== '' ? ` on ${host}` : ''
+        task.warn({ stalePid: pid, staleHost: host }, `took over the lock of a run that is gone (pid ${pid}${where}, started ${started})`)
+      }
+      const signal = anySignal(options.signal, lock.lost)
+      if (options.startedAt !== undefined) await checkOverlap(store, job.vmid, options.startedAt)
+      await store.removeLeftovers(job.vmid, (message, fields, found) => { if (found) task.warn(fields, message); else task.info(fields, message) },
+        lock !== NO_LOCK)
+      const now = await freeTime(store, job.vmid, options.now)
+      const writing = { ...options, ...(signal !== undefined ? { signal } : {}) }
+      const written = await (job.incremental === true ? writeChains(job, now, task, writing) : writeArchive(store, job, now, task, writing))
+        .catch(err => { throw lock.lost?.aborted === true ? lock.lost.reason as Error : err }) // stopped because the lock was lost: say so
+      const seconds = (Date.now() - started) / 1000
+      task.info({ bytes: written.bytes, diskBytes: written.diskBytes, seconds, rate: Math.round(written.diskBytes / Math.max(seconds, 0.001)) },
+        `${written.files.join(', ')} written: ${written.bytes} bytes from ${written.diskBytes} bytes of disk in ${seconds.toFixed(1)} s`)
+      const { pruned, failures } = job.retention === undefined
+        ? { pruned: [], failures: [] }
+        : await pruneBackups(store, job.vmid, job.retention, {
+          onRemoved: (name, err) => {
+            if (err === undefined) task.info({ pruned: name }, `pruned ${name}`)
+            else task.warn({ archive: name, error: err.message }, `could not prune ${name}: ${err.message}`)
+          },
+        })
+      task.info({ result: failures.length > 0 ? 'partly-pruned' : 'ok' }, `finished backup of VM ${job.vmid}`)
+      await store.writeFile(written.log, task.lines.join('\n') + '\n')
+      return {
+        job: id,
+        archive: store.locate(written.files[0]),
+        files: written.files.map(f => store.locate(f)),
+        bytes: written.bytes,
+        diskBytes: written.diskBytes,
+        seconds: (Date.now() - started) / 1000,
+        pruned,
+        pruneFailures: failures,
+      }
+    } finally {
+      await lock.release()
     }
   } finally {
-    await lock.release()
+    store.close()
   }
+}
+
+/** A job with "lock": "none" (a store without conditional creates, and one writer per VM by arrangement). */
+const NO_LOCK: Lock = { release: async () => {} }
+
+function anySignal (...signals: Array<AbortSignal | undefined>): AbortSignal | undefined {
+  const present = signals.filter(s => s !== undefined)
+  return present.length > 1 ? AbortSignal.any(present) : present[0]
 }
 
 interface Written {
@@ -131,19 +168,19 @@ function diskSpec (job: BackupJob, d: JobDisk, dirtyBitmap?: string): DiskSpec {
   }
 }
 
-/** The archive: every disk and config into one vzdump-named VMA. */
-async function writeArchive (job: BackupJob, now: Date, task: TaskLog, options: BackupOptions): Promise<Written> {
+/** The archive: every disk and config into one vzdump-named VMA, streamed into the store. */
+async function writeArchive (store: BackupStore, job: BackupJob, now: Date, task: TaskLog, options: BackupOptions): Promise<Written> {
   const compression = job.compression ?? 'zstd'
   const name = archiveName(job.vmid, now, compression)
-  const path = join(job.target, name)
-  task.info({ archive: path, disks: job.disks.map(d => d.name) }, `starting backup of VM ${job.vmid} to ${path}`)
+  task.info({ archive: store.locate(name), disks: job.disks.map(d => d.name) }, `starting backup of VM ${job.vmid} to ${store.locate(name)}`)
   const configs = await readConfigFiles(job.configs ?? [])
   const disks = await openDisks(job.disks.map(d => diskSpec(job, d)))
   for (const d of disks) task.info({ device: d.name, path: d.path, format: d.format, size: d.size }, `disk ${d.name}: ${d.path} (${d.format}, ${d.size} bytes)`)
-  const output = await openOutput(path).catch(err => {
+  const output = await store.openArchive(name).catch(err => {
     closeDisks(disks)
     throw err
   })
+  const began = Date.now()
   try {
     await packArchive(disks, output, {
       configs,
@@ -153,15 +190,21 @@ async function writeArchive (job: BackupJob, now: Date, task: TaskLog, options: 
       ...(options.signal !== undefined ? { signal: options.signal } : {}),
       ...(options.progress !== undefined ? { progress: options.progress } : {}),
     })
-    if (job.verify === true) await verifyPartial(output.partial as string, task)
+    if (job.verify === true) await verifyWritten(output, task)
     await output.commit()
   } catch (err) {
     await output.abort()
     throw err
   }
-  if (job.notes !== undefined) await writeFileAtomically(join(job.target, sidecars(name).notes), job.notes)
-  if (job.protected === true) await writeFileAtomically(join(job.target, sidecars(name).protected), '')
-  return { files: [name], log: sidecars(name).log, bytes: (await stat(path)).size, diskBytes: disks.reduce((n, d) => n + d.size, 0) }
+  const report = output.report()
+  const seconds = (Date.now() - began) / 1000
+  if (store.kind !== 'directory') {
+    task.note(`uploaded ${report.bytes} bytes in ${report.parts} parts (${report.retries} retried) in ${seconds.toFixed(1)} s, ` +
+      `${Math.round(report.bytes / Math.max(seconds, 0.001))} bytes/s`)
+  }
+  if (job.notes !== undefined) await store.writeFile(sidecars(name).notes, job.notes)
+  if (job.protected === true) await store.writeFile(sidecars(name).protected, '')
+  return { files: [name], log: sidecars(name).log, bytes: report.bytes, diskBytes: disks.reduce((n, d) => n + d.size, 0) }
 }
 
 /**
@@ -207,12 +250,11 @@ async function verifyImage (path: string, task: TaskLog): Promise<void> {
  * counts for both. A run's task log is the last file it writes, so the
  * newest log of the VM tells when its last successful run finished.
  */
-async function checkOverlap (target: string, vmid: number, startedAt: number): Promise<void> {
-  const logs = (await readdir(target)).filter(f => f.startsWith(`vzdump-qemu-${vmid}-`) && f.endsWith('.log'))
-  for (const log of logs) {
-    const finished = (await stat(join(target, log)).catch(() => undefined))?.mtimeMs
-    if (finished !== undefined && finished >= startedAt - JOB_WINDOW_MS) {
-      throw new VmapipeError('E_LOCKED', `another run of the backup of VM ${vmid} finished at ${new Date(finished).toISOString()} (${log}), after this one ` +
+async function checkOverlap (store: BackupStore, vmid: number, startedAt: number): Promise<void> {
+  for (const log of (await store.list(vmPrefix(vmid))).filter(f => f.name.endsWith('.log'))) {
+    const finished = log.modified.getTime()
+    if (finished >= startedAt - JOB_WINDOW_MS) {
+      throw new VmapipeError('E_LOCKED', `another run of the backup of VM ${vmid} finished at ${log.modified.toISOString()} (${log.name}), after this one ` +
         `was started at ${new Date(startedAt).toISOString()} or less than ${JOB_WINDOW_MS} ms before: ` +
         'the two were started together, its backup counts for both')
     }
@@ -225,8 +267,8 @@ async function checkOverlap (target: string, vmid: number, startedAt: number): P
  * resolution). With the clock, it waits for that second to come, so the
  * name stays the time the backup was made.
  */
-async function freeTime (target: string, vmid: number, given: Date | undefined): Promise<Date> {
-  const files = await readdir(target)
+async function freeTime (store: BackupStore, vmid: number, given: Date | undefined): Promise<Date> {
+  const files = (await store.list(vmPrefix(vmid))).map(f => f.name)
   let when = given ?? new Date()
   for (let tries = 0; tries < 60; tries++) {
     const base = backupBase(vmid, when)
@@ -238,44 +280,9 @@ async function freeTime (target: string, vmid: number, given: Date | undefined):
   throw new VmapipeError('E_TARGET_EXISTS', `backups of VM ${vmid} are there for every second from ${backupBase(vmid, given ?? new Date())} on`)
 }
 
-/**
- * Temporary files of this VM's archives, images and sidecars that runs which
- * are gone left behind. We hold the lock, so one without an owner in its name
- * (an older version's) is a leftover too.
- */
-async function removeLeftovers (target: string, vmid: number, task: TaskLog): Promise<void> {
-  for (const file of await removeStalePartials(target, name => name.startsWith(`vzdump-qemu-${vmid}-`), true)) {
-    task.warn({ file }, `removed ${file}, left by a run that did not finish`)
-  }
-}
-
-async function verifyPartial (path: string, task: TaskLog): Promise<void> {
-  const report = await verifyArchive(createReadStream(path, { highWaterMark: 1 << 20 }))
+/** Reads the archive just written back and checks it whole, before it gets its name (S3: before it is kept). */
+async function verifyWritten (output: ArchiveOutput, task: TaskLog): Promise<void> {
+  const report = await verifyArchive(await output.readBack())
   if (!report.ok) throw report.error as VmapipeError
   task.info({ extents: report.extents, archiveBytes: report.archiveBytes }, 'the archive reads back complete and consistent')
-}
-
-async function prune (job: BackupJob, task: TaskLog): Promise<{ pruned: string[], failures: Array<{ archive: string, error: string }> }> {
-  const pruned: string[] = []
-  const failures: Array<{ archive: string, error: string }> = []
-  if (job.retention === undefined) return { pruned, failures }
-  const files = await readdir(job.target)
-  const present = new Set(files)
-  const items: PruneItem[] = files.flatMap(file => {
-    const a = parseArchiveName(file)
-    return a?.vmid === job.vmid ? [{ name: a.name, time: a.time, protected: present.has(sidecars(a.name).protected) }] : []
-  })
-  for (const [name, mark] of planPrune(items, job.retention)) {
-    if (mark !== 'remove') continue
-    try {
-      await unlink(join(job.target, name))
-      for (const side of [sidecars(name).log, sidecars(name).notes]) await unlink(join(job.target, side)).catch(() => {})
-      pruned.push(name)
-      task.info({ pruned: name }, `pruned ${name}`)
-    } catch (err) {
-      failures.push({ archive: name, error: (err as Error).message })
-      task.warn({ archive: name, error: (err as Error).message }, `could not prune ${name}: ${(err as Error).message}`)
-    }
-  }
-  return { pruned, failures }
 }

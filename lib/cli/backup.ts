@@ -19,15 +19,25 @@ packs the VM's disks and config files into
 <target>/vzdump-qemu-<vmid>-YYYY_MM_DD-HH_MM_SS.vma[.zst|.gz|.lzo] as vzdump
 names them, under a temporary name until it is complete (and, with
 "verify": true, read back and checked), with a .log sidecar, then prunes old
-archives of the VM by "retention" (keep-last, keep-daily, keep-weekly,
-keep-monthly; .protected archives are never pruned, .notes and .log go with
-their archive). An incremental job ("incremental": true) keeps a qcow2
+archives of the VM by "retention" (keep-last, keep-hourly, keep-daily,
+keep-weekly, keep-monthly, keep-yearly, as vma prune does; .protected archives
+are never pruned, .notes and .log go with their archive). An incremental job ("incremental": true) keeps a qcow2
 chain per disk instead: the whole disk the first time, then overlays of what
 each disk's dirty bitmap (dirtyBitmap, on an NBD export) marks.
 
 A lock per target and VM keeps a second run from starting while the first is
 alive; a lock left by a dead run is taken over and the dead run's temporary
-files removed. Logs (job id, bytes, rate, duration, result) go to stderr
+files removed.
+
+"target": "s3://BUCKET/PREFIX/" streams the archive into the bucket (a
+multipart upload: the object appears only when complete), with the
+sidecars as objects and retention over the listing; "s3" in the job file
+(endpoint, region, forcePathStyle, checksum) or VMAPIPE_S3_ENDPOINT and the
+AWS chain say how to reach it. The lock is then an object made with
+If-None-Match: * that expires unless renewed, so it holds across hosts;
+unfinished uploads of killed runs are aborted. On a store that refuses
+conditional creates the job fails (exit 3) unless the job says
+"lock": "none". Logs (job id, bytes, rate, duration, result) go to stderr
 and/or the file the job names; an error always reaches stderr as well, even
 with -q or "stderr": false, so cron's mail and the journal show a failure.
 
@@ -38,6 +48,7 @@ archive kept.
 
 Examples:
   vma backup /etc/vmapipe/vm100.json
+  vma backup /etc/vmapipe/vm100-s3.json   ("target": "s3://backups/pve1/")
   15 2 * * *  root  vma backup -q /etc/vmapipe/vm100.json   (crontab, see examples/)`,
   options: {},
   async run (positionals, values, ctx) {

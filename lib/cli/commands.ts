@@ -24,6 +24,7 @@ export const COMMANDS: readonly CommandEntry[] = [
   },
   { name: 'create', summary: 'pack disks and config blobs into a new archive', load: async () => (await import('./create.js')).create },
   { name: 'backup', summary: 'run a backup job file: vzdump-named archive, retention, lock, logs', load: async () => (await import('./backup.js')).backup },
+  { name: 'prune', summary: 'remove old backups of a VM by a retention policy (directory or s3://)', load: async () => (await import('./prune.js')).prune },
   { name: 'serve', summary: 'serve archives and images read-only over NBD (qemu, nbdcopy, the kernel)', load: async () => (await import('./serve.js')).serve },
   {
     name: 'incremental',

@@ -34,6 +34,10 @@ const HINTS: Partial<Record<string, string>> = {
   E_TOOL_MISSING: 'install the program named above (e.g. apt-get install zstd lzop)',
   E_JOB: 'examples/backup-job.json shows every key of a job file',
   E_LOCKED: 'another run of this job is still working; nothing was done',
+  E_S3_ACCESS: 'check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the bucket\'s policy',
+  E_S3_NETWORK: 'is the store up, and --s3-endpoint (or VMAPIPE_S3_ENDPOINT) its URL?',
+  E_S3_REQUEST: 'a store that rejects a checksum takes --s3-checksum md5 or none; one that wants the bucket in the host name, --s3-virtual-host',
+  E_S3_UNSUPPORTED: 'this store does not do what was asked (see Object storage in the README)',
 }
 
 /**
@@ -59,6 +63,7 @@ const FLAGS: Partial<Record<string, Partial<Record<string, string>>>> = {
   names: { serve: '--name' },
   maxConnections: { serve: '--max-connections' },
   dirtyBitmap: { create: '-d dirty-bitmap=NAME:NAME=PATH', 'pack-vma': '--dirty-bitmap', incremental: '--dirty-bitmap' },
+  lock: { backup: '"lock": "none" in the job file', prune: '--no-lock' },
 }
 
 /** Codes of a call the library refused, where the command's usage is what to read when no flag is named. */

@@ -7,6 +7,7 @@ import { EXIT } from './exit.js'
 import { type Command, expectPositionals, parseSeconds, parseSize } from './command.js'
 import { type CliContext, refuseTerminal } from './context.js'
 import { formatBytes } from '../io/progress.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
 const PACK_OPTIONS = {
   config: { type: 'string', short: 'c', multiple: true },
@@ -18,6 +19,7 @@ const PACK_OPTIONS = {
   'follow-backing': { type: 'boolean' },
   tmpdir: { type: 'string' },
   'nbd-timeout': { type: 'string' },
+  ...S3_OPTIONS,
 } as const
 
 const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its base name
@@ -37,7 +39,14 @@ const PACK_HELP = `  -c, --config FILE   store FILE as a config blob under its b
   --tmpdir DIR        where an image read from stdin is copied first
                       (default $TMPDIR or /tmp)
   --nbd-timeout SECS  seconds an NBD server has to answer each request
-                      (default 60; 0: wait for ever)`
+                      (default 60; 0: wait for ever)
+
+${S3_HELP}
+
+OUT may be an s3://BUCKET/KEY: a multipart upload (parts from 8 MiB, growing,
+4 in flight) that becomes the object only after the last byte; after a
+failure or Ctrl-C it is aborted and nothing is left under the key. An object
+already there is replaced only with --force.`
 
 export const create: Command = {
   name: 'create',
@@ -76,7 +85,8 @@ ${PACK_HELP}
 Examples:
   vma create backup.vma.zst -c 100.conf -d drive-scsi0=disk0.raw -d drive-efidisk0=efi.raw
   cat disk.raw | vma create - -d size=10G:drive-scsi0=- | ssh host 'cat > backup.vma'
-  vma create backup.vma -d 'drive-scsi0=nbd+unix:///drive-scsi0?socket=/run/qemu-nbd.sock'`,
+  vma create backup.vma -d 'drive-scsi0=nbd+unix:///drive-scsi0?socket=/run/qemu-nbd.sock'
+  vma create s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma.zst -c 100.conf -d drive-scsi0=disk0.raw`,
   options: { ...PACK_OPTIONS, drive: { type: 'string', short: 'd', multiple: true } },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, Infinity, 'OUT')
@@ -121,7 +131,8 @@ Examples:
   pack-vma disk.raw -c 100.conf > backup.vma
   cat disk.raw | pack-vma --size 10G --compress zstd > backup.vma.zst
   pack-vma /dev/vg0/vm-100-disk-0 -o vzdump-qemu-100-2024_01_31-02_00_01.vma.zst
-  pack-vma 'nbd+unix:///?socket=/run/qemu-nbd.sock' -o backup.vma.zst`,
+  pack-vma 'nbd+unix:///?socket=/run/qemu-nbd.sock' -o backup.vma.zst
+  pack-vma disk.raw -o s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma.zst --s3-endpoint http://minio:9000`,
   options: {
     ...PACK_OPTIONS,
     name: { type: 'string' },
@@ -201,8 +212,8 @@ function parseCtime (value: unknown): number | undefined {
 async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
   const signal = ctx.signal // from here a signal removes what was written
   // Loaded only now, so that --help and usage errors do not load the jobs and every format.
-  const [{ COMPRESSIONS, compressionForName }, { openOutput }, { packArchive, readConfigFiles }, { closeDisks, openDisks }] = await Promise.all([
-    import('../io/compression.js'), import('../io/output.js'), import('../jobs/pack.js'), import('../jobs/sources.js'),
+  const [{ COMPRESSIONS, compressionForName }, { openArchiveOutput }, { packArchive, readConfigFiles }, { closeDisks, openDisks }] = await Promise.all([
+    import('../io/compression.js'), import('../jobs/s3.js'), import('../jobs/pack.js'), import('../jobs/sources.js'),
   ])
   const nbdTimeout = parseSeconds(values['nbd-timeout'], '--nbd-timeout')
   const specs = given.map(spec => ({
@@ -227,7 +238,7 @@ async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values:
   const configs = await readConfigFiles(configSpecs(values.config, ctx))
   const ctime = parseCtime(values.ctime)
   const disks = await openDisks(specs)
-  const output = await openOutput(out, { force: values.force === true }).catch(err => {
+  const output = await openArchiveOutput(out, { ...s3Access(values, ctx, signal), force: values.force === true }).catch(err => {
     closeDisks(disks)
     throw err
   })

@@ -1,7 +1,7 @@
 import { basename } from 'node:path'
 import { extractToDirectory, extractToNbd, extractToStream } from '../jobs/extract.js'
 import { formatBytes } from '../io/progress.js'
-import { openInput } from '../io/input.js'
+import { openArchiveInput, openS3Reader } from '../jobs/s3.js'
 import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals, listOption, parseSeconds, parseSize } from './command.js'
@@ -9,6 +9,8 @@ import { OUTPUT_FORMATS, formatNamed } from '../jobs/registry.js'
 import { checkClusterSize } from '../parallels/writer.js'
 import { isNbdUri } from '../nbd/client.js'
 import { refuseTerminal } from './context.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
+import { isS3Url } from '../s3/url.js'
 
 export const extract: Command = {
   name: 'extract',
@@ -61,13 +63,20 @@ Options:
   --nbd-timeout SECS  with --to: seconds the NBD server has to answer each
                       request (default 60; 0: wait for ever)
 
+${S3_HELP}
+
+ARCHIVE may be an s3://BUCKET/KEY: one streamed GET, resumed from the byte
+reached after a dropped connection (qcow2 to stdout from an uncompressed
+archive reads it by ranged GETs, tables first).
+
 Examples:
   vma extract vzdump-qemu-100-2024_01_31-02_00_01.vma.zst restored/
   vma extract backup.vma.zst -d scsi1 restored/
   vma extract backup.vma.zst restored/ --format parallels-bundle
   vma extract backup.vma.zst - -d drive-scsi0 | dd of=/dev/sdX bs=1M
   vma extract backup.vma.zst -d scsi0 --to 'nbd+unix:///?socket=/run/restore.sock'
-  zstd -dc backup.vma.zst | vma extract - restored/`,
+  zstd -dc backup.vma.zst | vma extract - restored/
+  vma extract s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma.zst restored/`,
   options: {
     drive: { type: 'string', short: 'd', multiple: true },
     format: { type: 'string' },
@@ -80,6 +89,7 @@ Examples:
     verbose: { type: 'boolean', short: 'v' },
     readmap: { type: 'string', short: 'r' },
     'nbd-timeout': { type: 'string' },
+    ...S3_OPTIONS,
   },
   async run (positionals, values, ctx) {
     const to = values.to as string | undefined
@@ -108,7 +118,8 @@ Examples:
       if (!isNbdUri(to)) throw new VmapipeError('E_USAGE', `--to ${to}: expected an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)`)
     } else if (values['nbd-timeout'] !== undefined) throw new VmapipeError('E_USAGE', '--nbd-timeout applies with --to')
     if (to === undefined && target === '-') refuseTerminal('disk image', 'give a TARGETDIR, or redirect stdout (> disk.raw, | dd of=PATH)')
-    const input = openInput(archive)
+    const access = s3Access(values, ctx, ctx.signal)
+    const input = await openArchiveInput(archive, access)
     const progress = ctx.progress('extract', input.size)
     const common = { ...(devices ? { devices } : {}), ...(progress ? { progress } : {}), signal: ctx.signal }
     if (to !== undefined) {
@@ -129,7 +140,7 @@ Examples:
       const result = await extractToStream(input.stream, process.stdout, {
         ...common,
         format,
-        ...(archive !== '-' ? { archivePath: archive } : {}),
+        ...(archive !== '-' ? { archivePath: isS3Url(archive) ? async () => await openS3Reader(archive, access) : archive } : {}),
         ...(clusterSize !== undefined ? { clusterSize } : {}),
         ...(values.tmpdir !== undefined ? { tmpDir: values.tmpdir as string } : {}),
         ...(memoryLimit !== undefined ? { memoryLimit } : {}),

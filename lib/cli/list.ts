@@ -1,13 +1,13 @@
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import type { ArchiveInfo } from '../contracts.js'
-import { type Compression, detectCompression } from '../io/compression.js'
-import { ZSTD_WINDOW_LOG_MAX } from '../io/codec-protocol.js'
+import type { Compression } from '../io/compression.js'
+import { headerOfFile } from '../jobs/archive-header.js'
+import type { S3Access } from '../jobs/s3.js'
+import { isS3Url } from '../s3/url.js'
 import { formatBytes } from '../io/progress.js'
-import { HEADER_PREFIX_SIZE, MAX_HEADER_SIZE, archiveInfo, parseHeader, readHeaderSize } from '../vma/format.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
 export const list: Command = {
   name: 'list',
@@ -20,13 +20,16 @@ path or - for stdin; .vma, .vma.zst, .vma.gz and .vma.lzo are all accepted
 Options:
   --json   print one JSON object instead of text
 
-Example:
-  vma list vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
-  options: { json: { type: 'boolean' } },
-  async run (positionals, values) {
+${S3_HELP}
+
+Examples:
+  vma list vzdump-qemu-100-2024_01_31-02_00_01.vma.zst
+  vma list s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
+  options: { json: { type: 'boolean' }, ...S3_OPTIONS },
+  async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'ARCHIVE')
     const name = positionals[0]
-    const { info, compression } = headerOfFile(name) ?? await readByStream(name)
+    const { info, compression } = (isS3Url(name) ? undefined : headerOfFile(name)) ?? await readByStream(name, s3Access(values, ctx))
     if (values.json === true) {
       await writeOut(JSON.stringify({
         uuid: info.uuid,
@@ -53,82 +56,8 @@ Example:
   },
 }
 
-async function readByStream (path: string): Promise<{ info: ArchiveInfo, compression: Compression }> {
-  const [{ openInput }, { readArchiveInfo }] = await Promise.all([import('../io/input.js'), import('../jobs/archive.js')])
-  return await readArchiveInfo(openInput(path).stream)
-}
-
-/** The part of zstd-napi's binding used here, declared locally: the package is optional, and the build must not need it. */
-interface ZstdBinding {
-  DCtx: new () => { setParameter: (p: number, v: number) => void, decompressStream: (dst: Uint8Array, src: Uint8Array) => [number, number, number] }
-  DParameter: { windowLogMax: number }
-}
-
-/** Bytes of the file read at a time, and at most in all, for its header. */
-const READ = 64 * 1024
-const MAX_READ = 4 * 1024 * 1024
-
-/**
- * The header of an uncompressed or zstd archive file, read and decoded in
- * this thread: the streaming line (a zstd worker thread, the reader) costs
- * more to start than a header costs to read. Undefined for anything else, and
- * wherever this path meets a problem: the streaming path then reads the
- * header, and says what is wrong as it always has.
- */
-function headerOfFile (path: string): { info: ArchiveInfo, compression: Compression } | undefined {
-  if (path === '-') return undefined
-  let fd: number | undefined
-  try {
-    fd = openSync(path, 'r')
-    if (!fstatSync(fd).isFile()) return undefined
-    const file = fd
-    let position = 0
-    const readMore = (): Buffer => {
-      const buf = Buffer.allocUnsafe(READ)
-      const n = position < MAX_READ ? readSync(file, buf, 0, READ, position) : 0
-      position += n
-      return buf.subarray(0, n)
-    }
-    const first = readMore()
-    const compression = detectCompression(first)
-    if (compression !== 'none' && compression !== 'zstd') return undefined
-    const decoded = Buffer.allocUnsafe(MAX_HEADER_SIZE)
-    let filled = 0
-    let feed: (src: Buffer) => void
-    if (compression === 'none') {
-      feed = src => { filled += src.copy(decoded, filled) }
-    } else {
-      const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding
-      const dctx = new zstd.DCtx()
-      dctx.setParameter(zstd.DParameter.windowLogMax, ZSTD_WINDOW_LOG_MAX)
-      feed = src => {
-        while (src.length > 0 && filled < decoded.length) {
-          const [, produced, consumed] = dctx.decompressStream(decoded.subarray(filled), src)
-          filled += produced
-          src = src.subarray(consumed)
-          if (produced === 0 && consumed === 0) return
-        }
-      }
-    }
-    let unfed: Buffer | undefined = first
-    /** Decoded bytes up to `n`, or undefined where the file ends (or MAX_READ is read) first. */
-    const upTo = (n: number): Buffer | undefined => {
-      while (filled < n) {
-        const chunk = unfed ?? readMore()
-        unfed = undefined
-        if (chunk.length === 0) return undefined
-        feed(chunk)
-      }
-      return decoded.subarray(0, n)
-    }
-    const prefix = upTo(HEADER_PREFIX_SIZE)
-    if (prefix === undefined) return undefined
-    const head = upTo(readHeaderSize(prefix))
-    if (head === undefined) return undefined
-    return { info: archiveInfo(parseHeader(Buffer.from(head))), compression }
-  } catch {
-    return undefined
-  } finally {
-    if (fd !== undefined) closeSync(fd)
-  }
+async function readByStream (path: string, access: S3Access): Promise<{ info: ArchiveInfo, compression: Compression }> {
+  const [{ openArchiveInput }, { readArchiveInfo }] = await Promise.all([import('../jobs/s3.js'), import('../jobs/archive.js')])
+  const input = await openArchiveInput(path, access)
+  return await readArchiveInfo(input.stream)
 }

@@ -4,6 +4,7 @@ import { EXIT, exitStatus } from './exit.js'
 import { openExports } from '../jobs/exports.js'
 import { type ListenAddress, NbdServer } from '../nbd/server.js'
 import { type Command, listOption, parseSeconds } from './command.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
 export const serve: Command = {
   name: 'serve',
@@ -49,12 +50,20 @@ Options:
                       names them (sparse, synced); after a failed pass
                       nothing is kept
 
+${S3_HELP}
+
+A SOURCE s3://BUCKET/KEY that is an uncompressed archive is indexed by
+ranged GETs and served from them (a cache of 64 MiB in 64 KiB blocks, 4 MiB
+read ahead of reads in order); a compressed one is served live from one
+streamed GET.
+
 Examples:
   vma serve backup.vma --socket /run/vma.sock
   qemu-img convert -f raw 'nbd+unix:///drive-scsi0?socket=/run/vma.sock' scsi0.qcow2 -O qcow2
   zstd -dc backup.vma.zst | vma serve - --socket /run/vma.sock --keep restored
   vma serve disk.raw --name root --listen 127.0.0.1:10809
-  nbdinfo --list nbd://127.0.0.1:10809`,
+  nbdinfo --list nbd://127.0.0.1:10809
+  vma serve s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma --socket /run/vma.sock`,
   options: {
     socket: { type: 'string' },
     listen: { type: 'string' },
@@ -63,6 +72,7 @@ Examples:
     'idle-timeout': { type: 'string' },
     cache: { type: 'string' },
     keep: { type: 'string' },
+    ...S3_OPTIONS,
   },
   async run (positionals, values, ctx) {
     if (positionals.length === 0) throw new VmapipeError('E_USAGE', 'missing SOURCE')
@@ -77,6 +87,7 @@ Examples:
     const cacheDir = values.cache as string | undefined
     if (keepDir !== undefined && cacheDir !== undefined) throw new VmapipeError('E_USAGE', '--keep DIR holds the cache: give --cache or --keep')
     if (keepDir !== undefined && positionals.length > 1) throw new VmapipeError('E_USAGE', '--keep restores one archive: give one SOURCE')
+    const s3 = s3Access(values, ctx, signal)
     const opened = await openExports(positionals, listOption(values.name) ?? [], {
       log: ctx.log,
       signal,
@@ -84,7 +95,7 @@ Examples:
       ...(cacheDir !== undefined ? { cacheDir } : {}),
       // One bar for one source; with several the log lines tell each pass's progress.
       ...(positionals.length === 1 ? { progress: { start: (total?: number) => ctx.progress('pass', total), stop: () => ctx.stopProgress() } } : {}),
-    })
+    }, s3)
     const idleTimeout = parseSeconds(values['idle-timeout'], '--idle-timeout')
     const server = new NbdServer(opened.exports, {
       log: ctx.log,

@@ -1,10 +1,11 @@
 import { type VerifyReport, verifyArchive } from '../jobs/archive.js'
-import { openInput } from '../io/input.js'
+import { openArchiveInput } from '../jobs/s3.js'
 import { formatBytes } from '../io/progress.js'
 import { BLOCKS_PER_CLUSTER, BLOCK_SIZE } from '../record.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals } from './command.js'
 import { writeOut } from './context.js'
+import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
 export const verify: Command = {
   name: 'verify',
@@ -21,12 +22,15 @@ Options:
   -v, --verbose   one line per device
   --json          print the report as one JSON object
 
-Example:
-  vma verify backup.vma.lzo && echo good`,
-  options: { verbose: { type: 'boolean', short: 'v' }, json: { type: 'boolean' } },
+${S3_HELP}
+
+Examples:
+  vma verify backup.vma.lzo && echo good
+  vma verify s3://backups/pve1/vzdump-qemu-100-2024_01_31-02_00_01.vma.zst`,
+  options: { verbose: { type: 'boolean', short: 'v' }, json: { type: 'boolean' }, ...S3_OPTIONS },
   async run (positionals, values, ctx) {
     expectPositionals(positionals, 1, 1, 'ARCHIVE')
-    const input = openInput(positionals[0])
+    const input = await openArchiveInput(positionals[0], s3Access(values, ctx, ctx.signal))
     const progress = ctx.progress('verify', input.size)
     const report = await verifyArchive(input.stream, { ...(progress ? { progress } : {}), signal: ctx.signal })
     ctx.stopProgress()

@@ -11,7 +11,8 @@ import { type Compression, createDecompressor } from '../io/compression.js'
 import { counter } from '../io/progress.js'
 import { untouchedFilePath } from '../io/input.js'
 import { type DeviceStats, VmaReader, deviceStats } from '../vma/stream.js'
-import { type ArchiveFile, type ArchiveWalk, openArchiveFile, walkArchive } from '../vma/archive-index.js'
+import { type ArchiveWalk, openArchiveFile, walkArchive } from '../vma/archive-index.js'
+import type { PositionalReader } from '../io/pread.js'
 
 export interface ReadOptions {
   /** Receives the count of input bytes (compressed, as read) as they pass. */
@@ -145,7 +146,7 @@ export async function verifyArchive (input: Readable, options: ReadOptions = {})
  * An uncompressed archive in a regular file, open for positional reads, or
  * undefined when `path` can only be streamed (compressed, a pipe or device).
  */
-export async function openSeekable (path: string): Promise<ArchiveFile | undefined> {
+export async function openSeekable (path: string): Promise<PositionalReader | undefined> {
   try {
     return await openArchiveFile(path)
   } catch (err) {
@@ -159,7 +160,7 @@ export async function openSeekable (path: string): Promise<ArchiveFile | undefin
  * only and every rule is about headers and masks, so the data blocks are
  * skipped, not read (the streaming reader reads them only to pass them on).
  */
-async function verifyFile (file: ArchiveFile, options: ReadOptions): Promise<VerifyReport> {
+async function verifyFile (file: PositionalReader, options: ReadOptions): Promise<VerifyReport> {
   const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
   let error: VmapipeError | undefined
   try {
@@ -168,7 +169,7 @@ async function verifyFile (file: ArchiveFile, options: ReadOptions): Promise<Ver
     if (!(err instanceof VmapipeError) || err.fault !== 'input') throw err
     error = err
   } finally {
-    await file.handle.close()
+    await file.close()
   }
   return {
     ok: error === undefined,

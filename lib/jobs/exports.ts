@@ -10,7 +10,8 @@ import { basename } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
 import { disksOf } from './archive.js'
 import { DETECT_BYTES, detectCompression } from '../io/compression.js'
-import { openInput, readHead } from '../io/input.js'
+import { type Input, openInput, readHead } from '../io/input.js'
+import type { PositionalReader } from '../io/pread.js'
 import { type LiveArchive, type LiveOptions, openLiveArchive } from './live.js'
 import { openImageFile } from './sources.js'
 import { openArchiveIndex } from '../vma/archive-index.js'
@@ -23,6 +24,8 @@ import type { Extent, RandomAccessDisk } from '../contracts.js'
 const MAP_WINDOW = 64 * 1024 * 1024
 const MAP_WINDOWS = 32
 const MAP_TTL = 1000
+import { type S3Access, openArchiveInput, openS3Reader } from './s3.js'
+import { isS3Url } from '../s3/url.js'
 
 export interface OpenedExports {
   exports: NbdExport[]
@@ -36,15 +39,17 @@ export interface OpenedExports {
  * Opens `paths` (`-`: stdin) for serving. `names` go to the images among
  * them, in order; images without one are named by file name. An archive that
  * cannot be indexed is read by a live pass with `live`; with `live.keepDir`
- * every archive is (the pass is what restores it).
+ * every archive is (the pass is what restores it). An `s3://` archive is
+ * indexed by ranged GETs where it is uncompressed, else read by a live pass
+ * over one streamed GET; `s3` reaches the store.
  */
-export async function openExports (paths: string[], names: string[] = [], live: LiveOptions = {}): Promise<OpenedExports> {
+export async function openExports (paths: string[], names: string[] = [], live: LiveOptions = {}, s3: S3Access = {}): Promise<OpenedExports> {
   const exports: NbdExport[] = []
   const passes: LiveArchive[] = []
   const close = async (): Promise<void> => { await Promise.allSettled(exports.map(async e => await e.disk.close())) }
   const left = [...names]
   try {
-    for (const path of paths) exports.push(...await openSource(path, left, live, passes))
+    for (const path of paths) exports.push(...await (isS3Url(path) ? openObject(path, live, passes, s3) : openSource(path, left, live, passes)))
     if (left.length > 0) throw new VmapipeError('E_OPTION', `more export names than images: ${left.join(', ')}`, { option: 'names' })
   } catch (err) {
     await close()
@@ -62,17 +67,7 @@ async function openSource (path: string, names: string[], live: LiveOptions, pas
   const head = st.isDirectory() ? Buffer.alloc(0) : await readHead(path, DETECT_BYTES)
   const vma = head.subarray(0, VMA_MAGIC.length).equals(VMA_MAGIC)
   if (detectCompression(head) !== 'none' || (vma && live.keepDir !== undefined)) return await openLive(path, live, passes)
-  if (vma) {
-    const index = await openArchiveIndex(path)
-    const exports = disksOf(index.info.devices).map(d => ({
-      name: d.name,
-      description: `${d.name} of ${basename(path)} (${index.info.uuid})`,
-      disk: index.disk(d),
-    }))
-    // The disks keep the archive open; the index itself is no longer needed.
-    await index.close()
-    return exports
-  }
+  if (vma) return await indexedDisks(path, basename(path))
   const name = names.shift() ?? basename(path)
   const { format, disk } = await openImageFile(path)
   return [{ name, description: `${format} image ${basename(path)}`, disk: withMapCache(disk) }]
@@ -120,11 +115,41 @@ function withMapCache (disk: RandomAccessDisk): RandomAccessDisk {
   }
 }
 
-async function openLive (path: string, live: LiveOptions, passes: LiveArchive[]): Promise<NbdExport[]> {
+/** The disks of an uncompressed archive by its index (of a file, or of an object by ranged reads). */
+async function indexedDisks (source: string | PositionalReader, name: string): Promise<NbdExport[]> {
+  const index = await openArchiveIndex(source)
+  const exports = disksOf(index.info.devices).map(d => ({
+    name: d.name,
+    description: `${d.name} of ${name} (${index.info.uuid})`,
+    disk: index.disk(d),
+  }))
+  // The disks keep the archive open; the index itself is no longer needed.
+  await index.close()
+  return exports
+}
+
+/** An archive in a store: by ranged GETs where it is uncompressed, else by a live pass over one streamed GET. */
+async function openObject (url: string, live: LiveOptions, passes: LiveArchive[], s3: S3Access): Promise<NbdExport[]> {
+  const reader = await openS3Reader(url, s3)
+  const head = Buffer.alloc(Math.min(DETECT_BYTES, reader.size))
+  try {
+    await reader.read(head, 0)
+  } catch (err) {
+    await reader.close()
+    throw err
+  }
+  if (detectCompression(head) !== 'none' || live.keepDir !== undefined) {
+    await reader.close()
+    return await openLive(url, live, passes, await openArchiveInput(url, s3))
+  }
+  return await indexedDisks(reader, basename(url))
+}
+
+async function openLive (path: string, live: LiveOptions, passes: LiveArchive[], opened?: Input): Promise<NbdExport[]> {
   if (live.keepDir !== undefined && passes.length > 0) {
     throw new VmapipeError('E_OPTION', 'one archive at a time can be restored into a directory', { option: 'keepDir' })
   }
-  const input = openInput(path)
+  const input = opened ?? openInput(path)
   const archive = await openLiveArchive(input, live)
   passes.push(archive)
   return archive.disks.map(disk => ({ name: disk.device.name, description: `${disk.device.name} of ${input.name} (${archive.info.uuid}), live`, disk }))

@@ -21,8 +21,9 @@ import { drained } from '../io/drained.js'
 import { createDecompressor } from '../io/compression.js'
 import { type ReadOptions, disksOf, findDevices, openSeekable, runRecordPipeline } from './archive.js'
 import { VmaReader } from '../vma/stream.js'
-import { type ArchiveFile, type ArchiveIndex, type ArchiveWalk, type IndexedDisk, indexArchive, openArchiveIndex, walkArchive } from '../vma/archive-index.js'
+import { type ArchiveIndex, type ArchiveWalk, type IndexedDisk, indexArchive, openArchiveIndex, walkArchive } from '../vma/archive-index.js'
 import { untouchedFilePath } from '../io/input.js'
+import type { PositionalReader } from '../io/pread.js'
 import { writeQcow2Stream } from '../qcow2/writer.js'
 
 export interface ExtractOptions extends ReadOptions {
@@ -100,7 +101,7 @@ export async function extractToDirectory (
  * destroyed; undefined (input left alone) when it is not an uncompressed
  * archive file read from its start.
  */
-async function openUntouched (input: Readable, path = untouchedFilePath(input)): Promise<ArchiveFile | undefined> {
+async function openUntouched (input: Readable, path = untouchedFilePath(input)): Promise<PositionalReader | undefined> {
   const file = path === undefined ? undefined : await openSeekable(path)
   if (file !== undefined) input.destroy()
   return file
@@ -111,7 +112,7 @@ async function openUntouched (input: Readable, path = untouchedFilePath(input)):
  * them (walkArchive: the same errors in the same order, `chosen` called when
  * the header is read), then indexed. Closes the file if it fails.
  */
-async function indexChecked (file: ArchiveFile, options: ExtractOptions, chosen: (info: ArchiveInfo) => DeviceInfo[]): Promise<ArchiveIndex> {
+async function indexChecked (file: PositionalReader, options: ExtractOptions, chosen: (info: ArchiveInfo) => DeviceInfo[]): Promise<ArchiveIndex> {
   try {
     const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
     const signal = options.signal !== undefined ? { signal: options.signal } : {}
@@ -119,14 +120,14 @@ async function indexChecked (file: ArchiveFile, options: ExtractOptions, chosen:
     const ids = new Set((walk.selected ?? []).map(d => d.id))
     return await indexArchive(file, { select: devices => devices.filter(d => ids.has(d.id)), ...signal })
   } catch (err) {
-    await file.handle.close()
+    await file.close()
     throw err
   }
 }
 
 /** extractToDirectory from an archive file in raw: each disk's data copied by position (RawFileWriter.copyFrom). */
 async function copyToDirectory (
-  file: ArchiveFile,
+  file: PositionalReader,
   select: ((devices: DeviceInfo[]) => DeviceInfo[]) | undefined,
   plan: (info: ArchiveInfo, selected: DeviceInfo[]) => Array<{ device: DeviceInfo, output: DiskOutput }>,
   create: (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: DiskOutput }>, add: (device: number, w: DiskWriter) => void) => Promise<void>,
@@ -167,8 +168,11 @@ async function copyToDirectory (
 }
 
 export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptions, 'dataFile'> {
-  /** The archive's path, when it has one: an uncompressed archive file lets qcow2 go out tables first, without a temporary copy. */
-  archivePath?: string
+  /**
+   * The archive's path, or an opener of a reader by position (an object in a store), when it has one: an uncompressed
+   * archive lets qcow2 go out tables first, without a temporary copy.
+   */
+  archivePath?: string | (() => Promise<PositionalReader>)
   /** Where early clusters (raw) or the image being built wait (default the temporary directory). */
   tmpDir?: string
   /** raw: bytes of early clusters kept in memory before they spill. */
@@ -185,7 +189,9 @@ export async function extractToStream (
   input: Readable, output: Writable, options: ExtractToStreamOptions = {}
 ): Promise<ExtractResult & { device: DeviceInfo, spilledBytes: number }> {
   const format = options.format ?? 'raw'
-  const file = format === 'raw' ? await openUntouched(input, options.archivePath ?? untouchedFilePath(input)) : undefined
+  // An object in a store streams: one GET costs less than a ranged request per run.
+  const path = typeof options.archivePath === 'string' ? options.archivePath : untouchedFilePath(input)
+  const file = format === 'raw' ? await openUntouched(input, path) : undefined
   if (file !== undefined) {
     let device: DeviceInfo | undefined
     const index = await indexChecked(file, options, info => {
@@ -248,11 +254,11 @@ const IMAGE_TMP = 'vmapipe-image-partial-'
  * archive cannot be indexed (compressed, a pipe): then it is built aside.
  */
 async function qcow2FromIndex (
-  path: string, output: Writable, options: ExtractOptions
+  path: string | (() => Promise<PositionalReader>), output: Writable, options: ExtractOptions
 ): Promise<(ExtractResult & { device: DeviceInfo, spilledBytes: number }) | undefined> {
   let index: ArchiveIndex
   try {
-    index = await openArchiveIndex(path)
+    index = await openArchiveIndex(typeof path === 'string' ? path : await path())
   } catch (err) {
     if (err instanceof VmapipeError && err.code === 'E_NOT_SEEKABLE') return undefined
     throw err

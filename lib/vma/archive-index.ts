@@ -8,14 +8,12 @@
  * from the masks, its reads are positional reads of the blocks, runs that lie
  * together in the archive read at once.
  */
-import { readSync } from 'node:fs'
-import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ArchiveInfo, DeviceInfo, Extent, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { detectCompression } from '../io/compression.js'
 import { BLOCK_SIZE, CLUSTER_SIZE, clusterCount, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
-import { readUpTo } from '../io/pread.js'
+import { type PositionalReader, openFileReader } from '../io/pread.js'
 import {
   type ExtentHeader, type VmaHeader,
   EXTENT_HEADER_SIZE, archiveInfo, HEADER_PREFIX_SIZE, MAX_EXTENT_CLUSTERS, VMA_MAGIC, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
@@ -28,13 +26,6 @@ export interface ArchiveIndex {
   /** A device of the archive as a disk; the archive stays open until the index and every such disk are closed. */
   disk: (device: DeviceInfo) => IndexedDisk
   close: () => Promise<void>
-}
-
-/** An uncompressed archive in a regular file, open for positional reads. */
-export interface ArchiveFile {
-  handle: FileHandle
-  path: string
-  size: number
 }
 
 /** What walkArchive has found so far: after a failure, what came before it. */
@@ -71,28 +62,25 @@ const UNPACK: Record<string, string> = { zstd: 'zstd -d', gzip: 'gunzip -k', lzo
  * Opens `path` for positional reads: E_NOT_SEEKABLE when it is not a regular
  * file or is compressed (those can only be streamed).
  */
-export async function openArchiveFile (path: string): Promise<ArchiveFile> {
-  const handle = await open(path, 'r').catch(err => { throw ioError(err, `cannot open ${path}`) })
+export async function openArchiveFile (path: string): Promise<PositionalReader> {
+  const file = await openFileReader(path, 'random access needs one (a pipe or device can only be streamed, e.g. with vma extract)')
   try {
-    const stat = await handle.stat()
-    if (!stat.isFile()) {
-      throw new VmapipeError(
-        'E_NOT_SEEKABLE',
-        `${path} is not a regular file; random access needs one (a pipe or device can only be streamed, e.g. with vma extract)`
-      )
-    }
-    const head = Buffer.alloc(MAGIC_BYTES)
-    const compression = detectCompression(head.subarray(0, await readUpTo(handle, head, 0, path)))
-    if (compression !== 'none') {
-      throw new VmapipeError(
-        'E_NOT_SEEKABLE',
-        `${path} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${path})`
-      )
-    }
-    return { handle, path, size: stat.size }
+    await refuseCompressed(file)
+    return file
   } catch (err) {
-    await handle.close()
+    await file.close()
     throw err instanceof VmapipeError ? err : ioError(err, `reading ${path}`)
+  }
+}
+
+async function refuseCompressed (file: PositionalReader): Promise<void> {
+  const head = Buffer.alloc(MAGIC_BYTES)
+  const compression = detectCompression(head.subarray(0, await file.read(head, 0)))
+  if (compression !== 'none') {
+    throw new VmapipeError(
+      'E_NOT_SEEKABLE',
+      `${file.name} is compressed with ${compression}; random access needs an uncompressed archive (${UNPACK[compression]} ${file.name})`
+    )
   }
 }
 
@@ -107,8 +95,8 @@ const WINDOW = 1 << 16
  * with its error codes and offsets; fills `walk` as it goes. Resolves with the
  * header once every cluster of every device was found exactly once.
  */
-export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options: WalkOptions = {}): Promise<VmaHeader> {
-  const { handle, path, size: fileSize } = file
+export async function walkArchive (file: PositionalReader, walk: ArchiveWalk, options: WalkOptions = {}): Promise<VmaHeader> {
+  const fileSize = file.size
   let passed = 0
   const advance = (to: number): void => {
     walk.offset = to
@@ -116,7 +104,7 @@ export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options
     passed = Math.max(passed, to)
   }
   const prefix = Buffer.alloc(HEADER_PREFIX_SIZE)
-  const got = await readUpTo(handle, prefix, 0, path)
+  const got = await file.read(prefix, 0)
   if (got >= VMA_MAGIC.length) checkMagic(prefix)
   if (got < HEADER_PREFIX_SIZE) {
     throw new VmapipeError('E_VMA_TRUNCATED', got === 0 ? 'the input is empty' : 'the archive ends inside its header (header_size unknown)', { offset: got })
@@ -124,7 +112,7 @@ export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options
   const headerSize = readHeaderSize(prefix)
   advance(HEADER_PREFIX_SIZE)
   const head = Buffer.alloc(headerSize)
-  if (await readUpTo(handle, head, 0, path) < headerSize) {
+  if (await file.read(head, 0) < headerSize) {
     throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside its header (header_size ${headerSize})`, { offset: fileSize })
   }
   advance(headerSize)
@@ -142,7 +130,7 @@ export async function walkArchive (file: ArchiveFile, walk: ArchiveWalk, options
     if (options.signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
     if (pos < windowAt || pos + EXTENT_HEADER_SIZE > windowAt + windowLength) {
       windowAt = pos
-      windowLength = await readUpTo(handle, window, pos, path)
+      windowLength = await file.read(window, pos)
       if (windowLength < EXTENT_HEADER_SIZE) {
         throw new VmapipeError('E_VMA_TRUNCATED', `the archive ends inside the extent that starts at byte ${pos}`, { offset: fileSize })
       }
@@ -177,13 +165,15 @@ interface IndexedDevice {
   offsets: Float64Array
 }
 
-export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
-  const file = await openArchiveFile(path)
+/** The index of the archive at `source`: a path, or a reader by position (an object in a store), closed with the index. */
+export async function openArchiveIndex (source: string | PositionalReader): Promise<ArchiveIndex> {
+  const file = typeof source === 'string' ? await openArchiveFile(source) : source
   try {
+    if (typeof source !== 'string') await refuseCompressed(file)
     return await indexArchive(file)
   } catch (err) {
-    await file.handle.close()
-    throw err instanceof VmapipeError ? err : ioError(err, `reading ${path}`)
+    await file.close()
+    throw err instanceof VmapipeError ? err : ioError(err, `reading ${file.name}`)
   }
 }
 
@@ -191,7 +181,7 @@ export async function openArchiveIndex (path: string): Promise<ArchiveIndex> {
  * The index of an archive file, which it owns once built (closing the index
  * and every disk closes the file; on failure the caller closes it).
  */
-export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions, 'signal' | 'select'> = {}): Promise<ArchiveIndex> {
+export async function indexArchive (file: PositionalReader, options: Pick<WalkOptions, 'signal' | 'select'> = {}): Promise<ArchiveIndex> {
   const devices: Array<IndexedDevice | undefined> = []
   const walk: ArchiveWalk = { devices: [], extents: 0, offset: 0 }
   const header = await walkArchive(file, walk, {
@@ -224,10 +214,9 @@ export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions
       }
     },
   })
-  const { handle, path } = file
   let users = 1
   const release = async (): Promise<void> => {
-    if (--users === 0) await handle.close()
+    if (--users === 0) await file.close()
   }
   const once = (fn: () => Promise<void>): () => Promise<void> => {
     let done = false
@@ -246,7 +235,7 @@ export async function indexArchive (file: ArchiveFile, options: Pick<WalkOptions
         throw new VmapipeError('E_NOT_FOUND', `the archive has no device ${device.name} with id ${device.id}`)
       }
       users++
-      return deviceDisk(handle, d, path, once(release))
+      return deviceDisk(file, d, once(release))
     },
     close: once(release),
   }
@@ -289,7 +278,7 @@ export interface IndexedDisk extends RandomAccessDisk {
 
 interface Run { at: number, length: number, archiveOffset: number }
 
-function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: () => Promise<void>): IndexedDisk {
+function deviceDisk (file: PositionalReader, d: IndexedDevice, close: () => Promise<void>): IndexedDisk {
   /** Zeros the holes of [offset, offset + buf.length) in buf; returns the stored runs, those next to each other in the archive and in buf as one. */
   const plan = (buf: Buffer, offset: number): Run[] => {
     const runs: Run[] = []
@@ -305,7 +294,7 @@ function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: 
     return runs
   }
   const shorter = (r: Run): VmapipeError =>
-    new VmapipeError('E_VMA_TRUNCATED', `${path} is shorter than when it was indexed`, { offset: r.archiveOffset, device: d.tracked.info.name })
+    new VmapipeError('E_VMA_TRUNCATED', `${file.name} is shorter than when it was indexed`, { offset: r.archiveOffset, device: d.tracked.info.name })
   return {
     size: d.tracked.info.size,
     map: async (offset, length) => {
@@ -320,21 +309,14 @@ function deviceDisk (handle: FileHandle, d: IndexedDevice, path: string, close: 
     },
     read: async (buf, offset) => {
       await Promise.all(plan(buf, offset).map(async r => {
-        if (await readUpTo(handle, buf.subarray(r.at, r.at + r.length), r.archiveOffset, path) < r.length) throw shorter(r)
+        if (await file.read(buf.subarray(r.at, r.at + r.length), r.archiveOffset) < r.length) throw shorter(r)
       }))
     },
     readSync: (buf, offset) => {
+      const readAt = file.readSync
+      if (readAt === undefined) throw new VmapipeError('E_NOT_SEEKABLE', `${file.name} is read by requests, not by synchronous reads`)
       for (const r of plan(buf, offset)) {
-        for (let done = 0; done < r.length;) {
-          let n: number
-          try {
-            n = readSync(handle.fd, buf, r.at + done, r.length - done, r.archiveOffset + done)
-          } catch (err) {
-            throw ioError(err, `reading ${path}`)
-          }
-          if (n === 0) throw shorter(r)
-          done += n
-        }
+        if (readAt(buf.subarray(r.at, r.at + r.length), r.archiveOffset) < r.length) throw shorter(r)
       }
     },
     close,

@@ -12,5 +12,6 @@ export {
 export { VmaReader, type VmaReaderOptions, type DeviceStats } from './stream.js'
 export { VmaWriter, type WriterStats } from './writer.js'
 export { openArchiveIndex, type ArchiveIndex } from './archive-index.js'
+export type { PositionalReader } from '../io/pread.js'
 
 export { vma } from './descriptor.js'
