@@ -5,6 +5,7 @@ import { randomBytes } from 'node:crypto'
 import { PACK_VMA, cmp, exits, run, tempDir, vma } from './helpers/run.js'
 import { dataExtents, holesAddon } from '../lib/raw/holes.js'
 import { RawImage } from '../lib/raw/index.js'
+import { startServe } from './helpers/nbd.js'
 
 const MIB = 1 << 20
 
@@ -85,4 +86,19 @@ t.test('a file of more ranges than one lookup returns (4096) is still mapped exa
   t.ok(data.every((e, i) => e.offset === 2 * i * 4096 && e.length === 4096), 'each where it was written')
   t.equal(extents.length, 2 * ranges, 'with a hole after each')
   t.same(await image.map(4096 * 9999, 8192), [{ offset: 4096 * 9999, length: 4096, data: false }], 'a range at the end is clipped to the file')
+})
+
+t.test('vma serve of a sparse raw file reports its holes to an NBD client (base:allocation), and serves the same bytes', async t => {
+  const dir = tempDir(t)
+  const path = sparseFile(dir)
+  const server = await startServe(t, [path, '--socket', join(dir, 'sock')])
+  const r = await run('nbdinfo', ['--map', '--json', server.uri('sparse.raw')])
+  exits(t, r, 0, 'nbdinfo --map')
+  const map = JSON.parse(r.stdout.toString()) as Array<{ offset: number, length: number, type: number }>
+  const holes = map.filter(e => (e.type & 1) === 1)
+  t.ok(holes.some(e => e.offset <= 16 * MIB && e.offset + e.length >= 32 * MIB), 'the hole from 16 to 32 MiB is reported as one')
+  t.ok(map.filter(e => (e.type & 1) === 0).reduce((n, e) => n + e.length, 0) <= 4 * MIB, 'no more than the data is called data')
+  const copy = join(dir, 'copy.raw')
+  exits(t, await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', server.uri('sparse.raw'), copy]), 0, 'qemu-img convert from the export')
+  t.ok(cmp(copy, path), 'the same bytes')
 })
