@@ -10,6 +10,8 @@ import { copyFileSync, cpSync, existsSync, mkdirSync, readFileSync, readdirSync,
 import { join } from 'node:path'
 import { PVE_VMA, cmp, exits, run, tempDir, vma } from './helpers/run.js'
 import { fileURLToPath } from 'node:url'
+import { CreateBucketCommand } from '@aws-sdk/client-s3'
+import { needsS3, s3Store } from './helpers/s3.js'
 
 const root = fileURLToPath(new URL('../..', import.meta.url))
 const demo = join(root, 'examples/demo.vma.zst')
@@ -108,6 +110,17 @@ t.test('the examples compile against the installed package and run', async t => 
   exits(t, await node('library-nbd.js'), 0, 'library-nbd runs and exits once its server and client are closed')
   t.ok(cmp(join(project, 'disk.raw'), join(project, 'copy.raw')), 'what it read over NBD is the disk it served')
   t.notOk(existsSync(join(project, 'nbd.sock')), 'and the socket is gone')
+
+  await t.test('library-s3 uploads and verifies through a real store', needsS3, async t => {
+    const store = await s3Store(t)
+    await store.client.send(new CreateBucketCommand({ Bucket: 'backups' })).catch(() => {})
+    const uploaded = await run('sh', ['-c', 'cd "$1" && "$2" "$3"', 'sh', project, process.execPath, 'library-s3.js'], { env: store.env })
+    exits(t, uploaded, 0, 'library-s3 runs')
+    t.match(uploaded.stdout.toString(), `${statSync(demo).size} bytes in 1 part(s): verified`)
+    const back = await vma(['extract', 's3://backups/pve1/backup.vma.zst', join(dir, 'from-s3')], { env: store.env })
+    exits(t, back, 0, 'and vma extracts the object')
+    t.ok(cmp(join(dir, 'from-s3/disk-drive-scsi0.raw'), join(dir, 'out/disk-drive-scsi0.raw')), 'as it extracts the file')
+  })
 
   // Two older archives of VM 100 (empty: retention goes by name only); keep-last 2 removes the oldest.
   const dump = join(project, 'dump')

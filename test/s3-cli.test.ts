@@ -123,14 +123,18 @@ t.test('archives in a bucket, through the CLI', needsS3, async t => {
     throw new Error(`the upload did not begin: ${stderr}`)
   }
 
-  await t.test('Ctrl-C during an upload: exit 130, the upload aborted, nothing under the key', async t => {
-    const { child, stderr } = await uploading('stopped.vma')
-    child.kill('SIGINT')
-    const code = await new Promise(resolve => child.once('close', resolve))
-    t.equal(code, 130, 'exit status of SIGINT', { stderr: stderr() })
-    await t.rejects(headObject(store.client, bucket, 'stopped.vma'), { code: 'E_S3_NOT_FOUND' })
-    const open = await store.client.send(new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: 'stopped' }))
-    t.equal(open.Uploads?.length ?? 0, 0, 'no upload left open')
+  await t.test('Ctrl-C or SIGTERM during an upload: exit 130 or 143, the upload aborted, nothing under the key', async t => {
+    for (const [signal, status] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+      const key = `stopped-${signal}.vma`
+      const { child, stderr } = await uploading(key)
+      child.kill(signal)
+      const code = await new Promise(resolve => child.once('close', resolve))
+      t.equal(code, status, `exit status of ${signal}`, { stderr: stderr() })
+      t.match(stderr(), /"msg":"upload aborted"/, 'the abort is logged')
+      await t.rejects(headObject(store.client, bucket, key), { code: 'E_S3_NOT_FOUND' })
+      const open = await store.client.send(new ListMultipartUploadsCommand({ Bucket: bucket, Prefix: key }))
+      t.equal(open.Uploads?.length ?? 0, 0, 'no upload left open')
+    }
   })
 
   await t.test('kill -9 during an upload: nothing under the key; the stale upload is found and aborted', async t => {

@@ -71,6 +71,22 @@ t.test('the transport through a faulty connection', needsS3, async t => {
     t.equal(open.Uploads?.length ?? 0, 0, 'no upload left open')
   })
 
+  await t.test('what each checksum kind sends with every part and PUT', async t => {
+    for (const checksum of ['crc32', 'md5', 'none'] as const) {
+      proxy.seen.length = 0
+      const key = `sum-${checksum}.bin`
+      await pipeline(Readable.from([data]), createS3Upload(client, bucket, key, { checksum, partSize: 5 * MiB }))
+      await pipeline(Readable.from([Buffer.from('small')]), createS3Upload(client, bucket, `${key}.small`, { checksum }))
+      const bodies = proxy.seen.filter(r => r.method === 'PUT' && r.url.includes(key))
+      t.equal(bodies.length, 4, `${checksum}: three parts and one PUT`)
+      for (const r of bodies) {
+        t.equal(r.headers['x-amz-checksum-crc32'] !== undefined, checksum === 'crc32', `${checksum}: CRC32 header on ${r.url}`)
+        t.equal(r.headers['content-md5'] !== undefined, checksum === 'md5', `${checksum}: Content-MD5 header on ${r.url}`)
+      }
+      t.equal(sha256(await collect(openS3Read(client, bucket, key))), sha256(data), `${checksum}: identical`)
+    }
+  })
+
   await t.test('a store that refuses conditional creates: E_S3_UNSUPPORTED', async t => {
     proxy.rules.refuseConditionalCreate = true
     await t.rejects(putIfAbsent(client, bucket, 'lock', 'me'), { code: 'E_S3_UNSUPPORTED' })

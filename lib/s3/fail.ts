@@ -39,7 +39,9 @@ function describe (err: unknown): string {
   const e = err as SdkError
   const status = statusOf(err)
   const code = e?.name !== undefined && e.name !== 'Error' ? e.name : e?.code
-  return [status !== undefined ? `HTTP ${status}` : undefined, code, e?.message].filter(m => m !== undefined && m !== '').join(': ')
+  // A HEAD's answer has no body: the SDK's message for it says nothing.
+  const message = e?.message === 'UnknownError' || e?.message === code ? undefined : e?.message
+  return [status !== undefined ? `HTTP ${status}` : undefined, code, message].filter(m => m !== undefined && m !== '').join(': ')
 }
 
 /** A VmapipeError for a failed request about `what` (`s3://bucket/key`, or an action on it). */

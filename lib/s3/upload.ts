@@ -62,8 +62,9 @@ export class S3Upload extends Writable {
   private readonly partAttempts: number
   /** Stops the requests in flight when the upload is given up. */
   private readonly requests = new AbortController()
-  private chunks: Buffer[] = []
-  private buffered = 0
+  /** The part being filled: incoming bytes are copied straight in, so no chunk is held and no part is copied twice. */
+  private current: Buffer | undefined
+  private filled = 0
   private uploadId: Promise<string> | undefined
   private readonly inFlight = new Set<Promise<void>>()
   private readonly done: CompletedPart[] = []
@@ -93,10 +94,8 @@ export class S3Upload extends Writable {
   }
 
   override _write (chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
-    this.chunks.push(chunk)
-    this.buffered += chunk.length
     this.stats.bytes += chunk.length
-    this.sendFull().then(() => callback(), callback)
+    this.fill(chunk).then(() => callback(), callback)
   }
 
   override _final (callback: (error?: Error | null) => void): void {
@@ -105,31 +104,29 @@ export class S3Upload extends Writable {
 
   override _destroy (error: Error | null, callback: (error?: Error | null) => void): void {
     this.options.signal?.removeEventListener('abort', this.onAbort)
-    this.chunks = []
+    this.current = undefined
     if (this.completed) { callback(error); return }
     this.failure ??= error ?? new VmapipeError('E_INTERRUPTED', `${this.where}: upload stopped`)
     this.requests.abort()
     this.abortUpload().then(() => callback(error), abortError => callback(error ?? abortError))
   }
 
-  /** Sends every full part buffered; waits while maxInFlight parts are on their way (the stream's backpressure). */
-  private async sendFull (): Promise<void> {
-    while (this.buffered >= this.partSize(this.stats.parts + 1)) await this.sendPart(this.take(this.partSize(this.stats.parts + 1)))
+  /** Copies `chunk` into parts, sending each one full; waits while maxInFlight parts are on their way (the stream's backpressure). */
+  private async fill (chunk: Buffer): Promise<void> {
+    for (let at = 0; at < chunk.length;) {
+      this.current ??= Buffer.allocUnsafe(this.partSize(this.stats.parts + 1))
+      const n = chunk.copy(this.current, this.filled, at)
+      at += n
+      this.filled += n
+      if (this.filled === this.current.length) await this.sendPart(this.take())
+    }
   }
 
-  /** The first `n` bytes buffered, as one buffer. */
-  private take (n: number): Buffer {
-    const body = Buffer.allocUnsafe(n)
-    let filled = 0
-    while (filled < n) {
-      const chunk = this.chunks[0]
-      const used = Math.min(chunk.length, n - filled)
-      chunk.copy(body, filled, 0, used)
-      filled += used
-      if (used === chunk.length) this.chunks.shift()
-      else this.chunks[0] = chunk.subarray(used)
-    }
-    this.buffered -= n
+  /** The bytes of the part being filled, which is then empty. */
+  private take (): Buffer {
+    const body = (this.current ?? Buffer.alloc(0)).subarray(0, this.filled)
+    this.current = undefined
+    this.filled = 0
     return body
   }
 
@@ -208,13 +205,13 @@ export class S3Upload extends Writable {
   private async finish (): Promise<void> {
     if (this.stats.parts === 0) {
       // The whole stream fits in one part: one PUT.
-      const body = this.take(this.buffered)
+      const body = this.take()
       this.stats.parts = 1
       await this.withRetries('upload', async () => await this.client.send(new PutObjectCommand({
         Bucket: this.bucket, Key: this.key, Body: body, ContentLength: body.length, ContentType: this.options.contentType, ...this.checksumFields(body),
       }), { abortSignal: this.requests.signal }))
     } else {
-      if (this.buffered > 0) await this.sendPart(this.take(this.buffered))
+      if (this.filled > 0) await this.sendPart(this.take())
       await Promise.all(this.inFlight)
       this.check()
       const uploadId = await (this.uploadId as Promise<string>)

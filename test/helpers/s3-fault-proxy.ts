@@ -25,9 +25,18 @@ export interface FaultCounts {
   requests: number
 }
 
+/** A request as it passed: what tests check of what the SDK sends (checksum headers, conditions). */
+export interface SeenRequest {
+  method: string
+  url: string
+  headers: Record<string, string | string[] | undefined>
+}
+
 export interface FaultProxy {
   /** The endpoint to give the client in place of the store's. */
   endpoint: string
+  /** The last 1,000 requests. */
+  seen: SeenRequest[]
   /** Change them at any time; each request reads them as it arrives. */
   rules: FaultRules
   counts: FaultCounts
@@ -40,10 +49,12 @@ const NOT_IMPLEMENTED = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotI
 export async function s3FaultProxy (t: Test, upstream: string, rules: FaultRules = {}): Promise<FaultProxy> {
   const target = new URL(upstream)
   const counts: FaultCounts = { droppedGets: 0, droppedParts: 0, refusedCreates: 0, requests: 0 }
-  const proxy: FaultProxy = { endpoint: '', rules, counts }
+  const proxy: FaultProxy = { endpoint: '', seen: [], rules, counts }
 
   const handle = (req: IncomingMessage, res: ServerResponse): void => {
     counts.requests++
+    proxy.seen.push({ method: req.method ?? '', url: req.url ?? '', headers: req.headers })
+    if (proxy.seen.length > 1000) proxy.seen.shift()
     const url = new URL(req.url ?? '/', 'http://proxy')
     const r = proxy.rules
     if (req.method === 'PUT' && r.refuseConditionalCreate === true && req.headers['if-none-match'] !== undefined) {
