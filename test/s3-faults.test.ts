@@ -7,7 +7,7 @@ import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
 import { ListMultipartUploadsCommand } from '@aws-sdk/client-s3'
 import { createS3Upload, headObject, openS3Read, putIfAbsent, putObjectBytes, s3Client } from '../lib/s3/index.js'
-import { needsS3, s3Store } from './helpers/s3.js'
+import { collectBytes, needsS3, s3Store } from './helpers/s3.js'
 import { s3FaultProxy } from './helpers/s3-fault-proxy.js'
 import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -18,12 +18,6 @@ import { exits, sha256, tempDir, vma } from './helpers/run.js'
 const MiB = 1024 * 1024
 // Before the first client: the SDK's Node-22 notice is no test's concern.
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true'
-
-async function collect (stream: Readable): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  for await (const chunk of stream) chunks.push(chunk as Buffer)
-  return Buffer.concat(chunks)
-}
 
 t.test('the transport through a faulty connection', needsS3, async t => {
   const store = await s3Store(t)
@@ -44,20 +38,20 @@ t.test('the transport through a faulty connection', needsS3, async t => {
     t.ok(upload.stats.retries >= 2, `retries counted (${upload.stats.retries})`)
     t.ok(warnings.length >= 2, 'and logged')
     proxy.rules.dropPart = undefined
-    t.equal(sha256(await collect(openS3Read(store.client, bucket, 'retried.bin'))), sha256(data), 'the object is identical')
+    t.equal(sha256(await collectBytes(openS3Read(store.client, bucket, 'retried.bin'))), sha256(data), 'the object is identical')
   })
 
   await t.test('a read cut part way resumes from the byte reached, identical', async t => {
     proxy.rules.dropGet = { afterBytes: 3 * MiB + 5, times: 3 }
     const stream = openS3Read(client, bucket, 'retried.bin')
-    t.equal(sha256(await collect(stream)), sha256(data), 'identical')
+    t.equal(sha256(await collectBytes(stream)), sha256(data), 'identical')
     t.equal(proxy.counts.droppedGets, 3, 'three answers were cut')
     t.equal(stream.stats.resumes, 3, 'and resumed')
   })
 
   await t.test('a read cut more often than its attempts fails with E_S3_NETWORK', async t => {
     proxy.rules.dropGet = { afterBytes: 0, times: 10 }
-    await t.rejects(collect(openS3Read(client, bucket, 'retried.bin', { attempts: 3 })), { code: 'E_S3_NETWORK' })
+    await t.rejects(collectBytes(openS3Read(client, bucket, 'retried.bin', { attempts: 3 })), { code: 'E_S3_NETWORK' })
     proxy.rules.dropGet = undefined
   })
 
@@ -83,7 +77,7 @@ t.test('the transport through a faulty connection', needsS3, async t => {
         t.equal(r.headers['x-amz-checksum-crc32'] !== undefined, checksum === 'crc32', `${checksum}: CRC32 header on ${r.url}`)
         t.equal(r.headers['content-md5'] !== undefined, checksum === 'md5', `${checksum}: Content-MD5 header on ${r.url}`)
       }
-      t.equal(sha256(await collect(openS3Read(client, bucket, key))), sha256(data), `${checksum}: identical`)
+      t.equal(sha256(await collectBytes(openS3Read(client, bucket, key))), sha256(data), `${checksum}: identical`)
     }
   })
 

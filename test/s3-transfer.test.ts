@@ -11,18 +11,12 @@ import {
   putObjectBytes, s3Client,
 } from '../lib/s3/index.js'
 import { VmapipeError } from '../lib/errors.js'
-import { needsS3, s3Store } from './helpers/s3.js'
+import { collectBytes, needsS3, s3Store } from './helpers/s3.js'
 import { sha256 } from './helpers/run.js'
 
 const MiB = 1024 * 1024
 // Before the first client: the SDK's Node-22 notice is no test's concern.
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true'
-
-async function collect (stream: Readable): Promise<Buffer> {
-  const chunks: Buffer[] = []
-  for await (const chunk of stream) chunks.push(chunk as Buffer)
-  return Buffer.concat(chunks)
-}
 
 /** `data` in pieces of odd sizes, as a stream gives them. */
 function pieces (data: Buffer, size = 100_003): Readable {
@@ -50,7 +44,7 @@ t.test('uploads and reads through the store', needsS3, async t => {
     const upload = createS3Upload(client, bucket, 'small.bin')
     await pipeline(pieces(data), upload)
     t.same(upload.stats, { bytes: data.length, parts: 1, retries: 0 })
-    t.equal(sha256(await collect(openS3Read(client, bucket, 'small.bin'))), sha256(data), 'read back identical')
+    t.equal(sha256(await collectBytes(openS3Read(client, bucket, 'small.bin'))), sha256(data), 'read back identical')
     const head = await headObject(client, bucket, 'small.bin')
     t.equal(head.size, data.length)
   })
@@ -90,7 +84,7 @@ t.test('uploads and reads through the store', needsS3, async t => {
 
   await t.test('an empty stream is an empty object', async t => {
     await pipeline(Readable.from([]), createS3Upload(client, bucket, 'empty'))
-    t.equal((await collect(openS3Read(client, bucket, 'empty'))).length, 0)
+    t.equal((await collectBytes(openS3Read(client, bucket, 'empty'))).length, 0)
   })
 
   for (const checksum of ['crc32', 'md5', 'none'] as const) {
@@ -101,8 +95,8 @@ t.test('uploads and reads through the store', needsS3, async t => {
       await pipeline(pieces(data), upload)
       // 5 + 5 + 10 + 3.01 MiB
       t.same(upload.stats, { bytes: data.length, parts: 4, retries: 0 })
-      t.equal(sha256(await collect(openS3Read(client, bucket, key))), sha256(data), 'read back identical')
-      t.equal(sha256(await collect(openS3Read(client, bucket, key, { start: 7 * MiB, end: 17 * MiB }))), sha256(data.subarray(7 * MiB, 17 * MiB)), 'a range')
+      t.equal(sha256(await collectBytes(openS3Read(client, bucket, key))), sha256(data), 'read back identical')
+      t.equal(sha256(await collectBytes(openS3Read(client, bucket, key, { start: 7 * MiB, end: 17 * MiB }))), sha256(data.subarray(7 * MiB, 17 * MiB)), 'a range')
     })
   }
 
@@ -154,7 +148,7 @@ t.test('uploads and reads through the store', needsS3, async t => {
     await putObjectBytes(client, bucket, 'changing', 'one')
     const { etag } = await headObject(client, bucket, 'changing')
     await putObjectBytes(client, bucket, 'changing', 'two')
-    await t.rejects(collect(openS3Read(client, bucket, 'changing', { etag })), { code: 'E_S3_PRECONDITION' })
+    await t.rejects(collectBytes(openS3Read(client, bucket, 'changing', { etag })), { code: 'E_S3_PRECONDITION' })
   })
 
   await t.test('stale uploads are aborted by age and prefix', async t => {
@@ -169,8 +163,8 @@ t.test('uploads and reads through the store', needsS3, async t => {
 
   await t.test('errors by code', async t => {
     await t.rejects(headObject(client, bucket, 'nothing-here'), { code: 'E_S3_NOT_FOUND' })
-    await t.rejects(collect(openS3Read(client, bucket, 'nothing-here')), { code: 'E_S3_NOT_FOUND' })
-    await t.rejects(collect(openS3Read(client, 'no-such-bucket-vmapipe', 'k')), { code: 'E_S3_NOT_FOUND' })
+    await t.rejects(collectBytes(openS3Read(client, bucket, 'nothing-here')), { code: 'E_S3_NOT_FOUND' })
+    await t.rejects(collectBytes(openS3Read(client, 'no-such-bucket-vmapipe', 'k')), { code: 'E_S3_NOT_FOUND' })
     await t.rejects(pipeline(Readable.from([Buffer.from('x')]), createS3Upload(client, 'no-such-bucket-vmapipe', 'k')), { code: 'E_S3_NOT_FOUND' })
     // The SDK reads the credentials from the environment on the first request, and keeps them.
     const saved = process.env.AWS_SECRET_ACCESS_KEY

@@ -13,6 +13,7 @@ import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3'
+import type { Readable } from 'node:stream'
 import type { Test } from 'tap'
 
 const script = resolve(dirname(fileURLToPath(import.meta.url)), '../../../test/helpers/ceph-rgw.sh')
@@ -87,4 +88,11 @@ export async function s3Store (t: Test): Promise<S3Store> {
     return name
   }
   return { endpoint, env, client, bucket }
+}
+
+/** A byte stream's whole content. */
+export async function collectBytes (stream: Readable): Promise<Buffer> {
+  const chunks: Buffer[] = []
+  for await (const chunk of stream) chunks.push(chunk as Buffer)
+  return Buffer.concat(chunks)
 }
