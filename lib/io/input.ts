@@ -11,7 +11,7 @@ import { isatty } from 'node:tty'
 import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import { runStages } from './chain.js'
-import { SLAB_SIZE, giveBack, lend, takeSlab } from './slabs.js'
+import { SLAB_SIZE, giveBack, lend, slabSource } from './slabs.js'
 
 export interface Input {
   stream: Readable
@@ -50,12 +50,7 @@ function openStdin (): Input {
 
 /** A read smaller than this starts a new slab rather than fill the end of one. */
 const MIN_READ = 1 << 16
-/**
- * New slabs one reader may make. Where the consumer gives chunks back, a few
- * go round; where it does not (a decompressor, an image reader), each would
- * be garbage that lives long enough to wait for a full collection, so after
- * these the reader reads into a fresh small buffer whenever no slab is free.
- */
+/** New slabs one input may make (slabSource). */
 const NEW_SLABS = 8
 
 /**
@@ -64,13 +59,7 @@ const NEW_SLABS = 8
  * is a loan that its consumer gives back once it no longer reads it.
  */
 function readIntoSlabs (fd: number): Readable {
-  let made = 0
-  const nextSlab = (): Buffer | undefined => {
-    const free = takeSlab(true)
-    if (free !== undefined || made >= NEW_SLABS) return free
-    made++
-    return takeSlab()
-  }
+  const nextSlab = slabSource(NEW_SLABS)
   let slab = nextSlab()
   let into = slab ?? Buffer.allocUnsafe(MIN_READ)
   let used = 0

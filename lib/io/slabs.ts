@@ -14,7 +14,7 @@
  */
 export const SLAB_SIZE = 1 << 20
 /** Free slabs kept; more in flight are simply not kept. */
-const KEEP = 4
+const KEEP = 16
 
 interface Slab { buffer: Buffer, loans: number, free: boolean }
 
@@ -63,4 +63,22 @@ function lendFrom (slab: Slab, piece: Buffer): Buffer {
   slab.loans++
   loans.set(piece, slab)
   return piece
+}
+
+/**
+ * Slabs for one reader: a free one when there is one, else a new one while
+ * it has made fewer than `maxNew`, else undefined (read into a buffer of your
+ * own). Where the consumer gives loans back, a few slabs go round; where it
+ * does not (a decompressor, an image writer), every slab would be garbage
+ * that lives long enough to wait for a full collection, which costs more than
+ * a fresh short-lived buffer per read.
+ */
+export function slabSource (maxNew: number): () => Buffer | undefined {
+  let made = 0
+  return () => {
+    const slab = takeSlab(true)
+    if (slab !== undefined || made >= maxNew) return slab
+    made++
+    return takeSlab()
+  }
 }
