@@ -119,7 +119,7 @@ export class RawStreamWriter implements DiskWriter {
   private readonly writesOut: boolean
 
   constructor (private readonly out: Writable, private readonly device: DeviceInfo, options: ReorderOptions = {}) {
-    this.writesOut = out === process.stdout || out instanceof Socket || out instanceof WriteStream
+    this.writesOut = out instanceof Socket || out instanceof WriteStream || out === process.stdout
     this.clusters = clusterCount(device.size)
     this.reorder = new ReorderBuffer(device.size, options)
     out.on('error', this.onError)
