@@ -5,7 +5,7 @@
  */
 const EMPTY: Buffer = Buffer.alloc(0)
 
-export interface ByteQueueOptions {
+interface ByteQueueOptions {
   /**
    * Called once for each pushed chunk when the queue is done with it (all of
    * it taken or skipped), to give it back to its owner. The queue then also
