@@ -51,7 +51,7 @@ function openStdin (): Input {
 /** A read smaller than this starts a new slab rather than fill the end of one. */
 const MIN_READ = 1 << 16
 /** New slabs one input may make (slabSource). */
-const NEW_SLABS = 4
+const NEW_SLABS = 8
 
 /**
  * A pipe or socket read into slabs (slabs.ts), one after another in each, so
