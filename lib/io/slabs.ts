@@ -47,6 +47,11 @@ export function lend (piece: Buffer): Buffer {
   return slab === undefined ? piece : lendFrom(slab, Buffer.from(piece.buffer, piece.byteOffset, piece.length))
 }
 
+/** Whether `buf` lies in a slab: such memory is never handed to another thread, which would take it away. */
+export function inSlab (buf: Uint8Array): boolean {
+  return slabs.has(buf.buffer)
+}
+
 /** Ends the loan `buf`; the slab is reused once no loan of it is left. Anything else: nothing happens. */
 export function giveBack (buf: Buffer): void {
   const slab = loans.get(buf)
