@@ -1,11 +1,11 @@
 import t from 'tap'
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
 import { join } from 'node:path'
 import { SLAB_SIZE, giveBack, lend, slabSource, takeSlab } from '../lib/io/slabs.js'
 import { ByteQueue } from '../lib/util/byte-queue.js'
 import { WriteQueue } from '../lib/io/write-queue.js'
-import { readFile, open } from 'node:fs/promises'
+import { readFile, open, writeFile } from 'node:fs/promises'
 import { VMA, tempDir } from './helpers/run.js'
 import { Rng } from './helpers/random.js'
 import { type Slot, buildArchive } from './helpers/vma-builder.js'
@@ -91,7 +91,7 @@ t.test('the write queue keeps its own loan until the write is done', async t => 
   t.ok((await readFile(path)).equals(expected), 'the bytes written are the bytes lent')
 })
 
-t.test('an archive through a pipe extracts byte for byte with reused slabs (stdin, a directory and stdout)', async t => {
+t.test('an archive through a pipe extracts byte for byte with reused slabs (a directory, stdout, verify, qcow2, Parallels)', async t => {
   const dir = tempDir(t)
   const rng = new Rng(11)
   const size = 24 << 20
@@ -128,4 +128,11 @@ t.test('an archive through a pipe extracts byte for byte with reused slabs (stdi
   t.equal(streamed.code, 0)
   t.equal(sha(streamed.out), sha(data), 'stdout')
   t.equal((await run(['verify', '-q', '-'])).code, 0, 'verify')
+  const raw = join(dir, 'disk.raw')
+  await writeFile(raw, data)
+  for (const [format, file] of [['qcow2', 'disk-drive-scsi0.qcow2'], ['parallels', 'disk-drive-scsi0.hds']]) {
+    const out = join(dir, format)
+    t.equal((await run(['extract', '-q', '--format', format, '-', out])).code, 0)
+    t.equal(spawnSync('qemu-img', ['compare', '-q', '-f', format, '-F', 'raw', join(out, file), raw]).status, 0, `${format}: qemu-img compare`)
+  }
 })
