@@ -16,6 +16,7 @@ import { Worker } from 'node:worker_threads'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
 import { type WorkerOptions, ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
+import { giveBack, inSlab } from './slabs.js'
 
 export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
 export type Compression = typeof COMPRESSIONS[number]
@@ -100,7 +101,9 @@ function zlibFilter (stream: Duplex, what: string, failure: ErrorCode): Filter {
         while (at < chunk.length) {
           const piece = chunk.subarray(at, at + ZLIB_PIECE)
           at += piece.length
-          if (!stream.write(piece)) { stream.once('drain', () => feed(at)); return }
+          // zlib calls back once it has taken the piece in: after the last, the chunk goes back to its slab (io/slabs.ts).
+          const taken = at === chunk.length ? () => giveBack(chunk) : undefined
+          if (!stream.write(piece, taken)) { stream.once('drain', () => feed(at)); return }
         }
         callback()
       }
@@ -162,8 +165,11 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
     highWaterMark: CHUNK,
     write (chunk: Buffer, _enc, callback) {
       // A chunk that is all of its own ArrayBuffer (a file stream's reads are) is handed over as it is, not copied.
-      const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer && chunk.length >= OWN_CHUNK
+      // Not a slab's (io/slabs.ts): that is copied, and given back once copied.
+      const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer &&
+        chunk.length >= OWN_CHUNK && !inSlab(chunk)
       const b = whole ? chunk.buffer : new Uint8Array(chunk).buffer
+      if (!whole) giveBack(chunk)
       worker.postMessage({ t: 'data', b }, [b as ArrayBuffer])
       if (++inFlight < IN_FLIGHT) callback()
       else waiting = callback

@@ -8,6 +8,7 @@ import { VmapipeError } from '../errors.js'
 import type { ClusterRecord, DirtyBitmap, DiskDescription, Extent, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
 import type { ClusterSet } from '../util/cluster-set.js'
+import { SLAB_SIZE, giveBack, lend, slabSource } from './slabs.js'
 
 /** Guest bytes mapped in the first step when summing up a map, so that a fragmented one never becomes one huge array. */
 const SUM_STEP = 1 << 30
@@ -74,8 +75,10 @@ export interface DiskRecordsOptions {
   progress?: ProgressSink
 }
 
-/** Guest bytes looked at per step. */
+/** Guest bytes looked at per step: one slab (io/slabs.ts). */
 const BATCH = 16 * CLUSTER_SIZE
+/** Slabs one walk may make: its read-ahead and what the archive writer has not written yet. */
+const NEW_SLABS = 12
 const EMPTY: Buffer = Buffer.alloc(0)
 
 /**
@@ -88,6 +91,7 @@ export function diskRecords (disk: RandomAccessDisk, device: number, options: Di
   const clusters = clusterCount(disk.size)
   const extents = options.extents ?? (async (offset: number, length: number) => await disk.map(offset, length))
   const readAhead = Math.max(1, options.readAhead ?? 4)
+  const slabs = slabSource(NEW_SLABS)
   const batches: Array<Promise<ClusterRecord[]>> = []
   let next = 0
   let waiting = false
@@ -98,7 +102,7 @@ export function diskRecords (disk: RandomAccessDisk, device: number, options: Di
       const offset = first * CLUSTER_SIZE
       const length = Math.min(BATCH, disk.size - offset)
       next += Math.ceil(length / CLUSTER_SIZE)
-      const batch = recordsAt(disk, extents, device, first, offset, length, options)
+      const batch = recordsAt(disk, extents, device, first, offset, length, options, slabs)
       batch.then(() => options.progress?.add(length), () => {})
       batches.push(batch)
     }
@@ -147,7 +151,7 @@ export function dirtyRecords (disk: RandomAccessDisk, id: string, device: number
 
 async function recordsAt (
   disk: RandomAccessDisk, extents: NonNullable<DiskRecordsOptions['extents']>, device: number, first: number, offset: number, length: number,
-  options: DiskRecordsOptions
+  options: DiskRecordsOptions, slabs: () => Buffer | undefined
 ): Promise<ClusterRecord[]> {
   const count = Math.ceil(length / CLUSTER_SIZE)
   const skipped = (i: number): boolean => options.skip?.has(first + i) === true
@@ -160,7 +164,9 @@ async function recordsAt (
     wanted.fill(1, from, to)
   }
   for (let i = 0; i < count; i++) if (skipped(i)) wanted[i] = 2
-  const buf = wanted.includes(1) ? Buffer.allocUnsafe(length) : EMPTY
+  // A slab when one is free: each record's data is then a loan, which the archive writer's output gives back once written.
+  const slab = wanted.includes(1) && length <= SLAB_SIZE ? slabs() : undefined
+  const buf = slab?.subarray(0, length) ?? (wanted.includes(1) ? Buffer.allocUnsafe(length) : EMPTY)
   // One read per run of wanted clusters, all at once.
   const reads: Array<Promise<void>> = []
   for (let i = 0; i < count;) {
@@ -173,8 +179,12 @@ async function recordsAt (
   await Promise.all(reads)
   const records: ClusterRecord[] = []
   for (let i = 0; i < count; i++) {
-    if (wanted[i] === 1) records.push(clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE))))
-    else if (wanted[i] === 0 && options.skipUnread !== true) records.push(clusterRecord(device, first + i, 0, EMPTY))
+    if (wanted[i] === 1) {
+      const rec = clusterFromBytes(device, first + i, buf.subarray(i * CLUSTER_SIZE, Math.min(length, (i + 1) * CLUSTER_SIZE)))
+      records.push(clusterRecord(device, rec.cluster, rec.mask, lend(rec.data)))
+    } else if (wanted[i] === 0 && options.skipUnread !== true) records.push(clusterRecord(device, first + i, 0, EMPTY))
   }
+  // Not after a failure: the other reads may still be filling it.
+  if (slab !== undefined) giveBack(slab)
   return records
 }

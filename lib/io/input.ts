@@ -6,9 +6,12 @@ import { open, unlink } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
-import type { Readable } from 'node:stream'
+import { Socket } from 'node:net'
+import { isatty } from 'node:tty'
+import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import { runStages } from './chain.js'
+import { SLAB_SIZE, giveBack, lend, slabSource } from './slabs.js'
 
 export interface Input {
   stream: Readable
@@ -36,11 +39,64 @@ export function openInput (path: string): Input {
 
 function openStdin (): Input {
   const st = fstatSync(0)
-  if (process.stdin.isTTY) throw new VmapipeError('E_TERMINAL', 'refusing to read binary input from a terminal; pipe it in or give a path')
+  // isatty, not process.stdin.isTTY: that getter opens a stream of its own on the descriptor.
+  if (isatty(0)) throw new VmapipeError('E_TERMINAL', 'refusing to read binary input from a terminal; pipe it in or give a path')
   const size = sizeOf(st)
-  // Pipes and sockets go through process.stdin, which copes with non-blocking descriptors.
+  // Pipes and sockets are read by a socket (which copes with non-blocking descriptors) straight into reused slabs.
+  if (st.isFIFO() || st.isSocket()) return { stream: readIntoSlabs(0), name: 'stdin' }
   if (!st.isFile()) return { stream: process.stdin, name: 'stdin', ...(size !== undefined ? { size } : {}) }
   return { stream: createReadStream('', { fd: 0, highWaterMark: CHUNK, autoClose: false }), name: 'stdin', size: st.size }
+}
+
+/** A read smaller than this starts a new slab rather than fill the end of one. */
+const MIN_READ = 1 << 16
+/** New slabs one input may make (slabSource). */
+const NEW_SLABS = 8
+
+/**
+ * A pipe or socket read into slabs (slabs.ts), one after another in each, so
+ * that consecutive chunks are adjacent and a byte queue joins them. Each chunk
+ * is a loan that its consumer gives back once it no longer reads it.
+ */
+function readIntoSlabs (fd: number): Readable {
+  const nextSlab = slabSource(NEW_SLABS)
+  let slab = nextSlab()
+  let into = slab ?? Buffer.allocUnsafe(MIN_READ)
+  let used = 0
+  const space = (): Buffer => {
+    if (slab === undefined || SLAB_SIZE - used < MIN_READ) {
+      if (slab !== undefined) giveBack(slab)
+      slab = nextSlab()
+      used = 0
+      into = slab ?? Buffer.allocUnsafe(MIN_READ)
+    }
+    return into.subarray(used)
+  }
+  // onread is taken by the constructor too, though the typings list it only for connect().
+  const socket: Socket = new Socket({
+    fd,
+    readable: true,
+    writable: false,
+    onread: {
+      buffer: space,
+      callback: (n: number) => {
+        const chunk = lend(into.subarray(used, used + n))
+        used += n
+        return out.push(chunk)
+      },
+    },
+  } as ConstructorParameters<typeof Socket>[0])
+  const out: Readable = new Readable({
+    highWaterMark: CHUNK,
+    read () { socket.resume() },
+    destroy (err, callback) {
+      socket.destroy()
+      callback(err)
+    },
+  })
+  socket.on('end', () => out.push(null))
+  socket.on('error', err => out.destroy(err))
+  return out
 }
 
 /**

@@ -5,7 +5,7 @@
  * removed on abort; the temporary files of runs that died (SIGKILL, a power
  * cut) beside it are removed on the next opening. `-` is stdout.
  */
-import { createWriteStream, readFileSync, type WriteStream } from 'node:fs'
+import { WriteStream, readFileSync } from 'node:fs'
 import { link, open, readdir, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { createHash, randomBytes } from 'node:crypto'
@@ -13,6 +13,7 @@ import { hostname } from 'node:os'
 import { finished } from 'node:stream/promises'
 import { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
+import { giveBack } from './slabs.js'
 
 export interface Output {
   stream: Writable
@@ -178,8 +179,29 @@ async function linkInPlace (temp: string, path: string): Promise<void> {
   await unlink(temp)
 }
 
+/** fs.WriteStream's constructor, which its typings leave out. */
+const FileStream = WriteStream as unknown as new (path: string, options: { fd: number, highWaterMark: number, autoClose: boolean }) => WriteStream
+type Callback = (err?: Error | null) => void
+
+/** A file stream that gives each chunk back (io/slabs.ts) once it is written: the archive writer passes records' data on as it is. */
+class GivingBackStream extends FileStream {
+  override _write (chunk: Buffer, encoding: BufferEncoding, callback: Callback): void {
+    super._write(chunk, encoding, err => {
+      giveBack(chunk)
+      callback(err)
+    })
+  }
+
+  override _writev (chunks: Array<{ chunk: Buffer, encoding: BufferEncoding }>, callback: Callback): void {
+    super._writev?.(chunks, err => {
+      for (const { chunk } of chunks) giveBack(chunk)
+      callback(err)
+    })
+  }
+}
+
 function writeStreamOn (handle: FileHandle): { stream: WriteStream, close: () => Promise<void> } {
-  const stream = createWriteStream('', { fd: handle.fd, highWaterMark: 1 << 20, autoClose: false })
+  const stream = new GivingBackStream('', { fd: handle.fd, highWaterMark: 1 << 20, autoClose: false })
   let closed = false
   return {
     stream,
@@ -235,7 +257,11 @@ function stdoutWritable (): Writable {
     highWaterMark: 1 << 20,
     writev (chunks, callback) {
       const last = chunks.length - 1
-      chunks.forEach(({ chunk }, i) => process.stdout.write(chunk as Buffer, i === last ? err => { settle(err, callback) } : undefined))
+      // Each chunk is given back (io/slabs.ts) once stdout has written it.
+      chunks.forEach(({ chunk }, i) => process.stdout.write(chunk as Buffer, err => {
+        giveBack(chunk as Buffer)
+        if (i === last) settle(err, callback)
+      }))
     },
     final (callback) {
       process.stdout.off('error', onError)

@@ -50,7 +50,7 @@ export class ReorderBuffer {
     return this.memory.has(cluster) || this.spilled.has(cluster)
   }
 
-  /** Keeps a copy of `rec` until take(). May return a promise to wait on. */
+  /** Keeps a copy of `rec` until take(); its data is not held after the call. May return a promise to wait on. */
   put (rec: ClusterRecord): Promise<void> | undefined {
     if (rec.mask === 0) {
       // Nothing to store: an absent range of the sparse spill file reads as zeros.

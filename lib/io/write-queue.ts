@@ -8,6 +8,7 @@ import { writev, writevSync } from 'node:fs'
 import type { FileHandle } from 'node:fs/promises'
 import { ioError } from '../errors.js'
 import type { FileWrites } from '../contracts.js'
+import { giveBack, lend } from './slabs.js'
 
 interface WriteQueueOptions {
   /** Writes submitted at once (default 8). */
@@ -48,6 +49,8 @@ export class WriteQueue implements FileWrites {
   write (fd: number, bytes: Buffer, position: number, what: string): Promise<void> | undefined {
     if (this.failure !== undefined) throw this.failure
     if (bytes.length === 0) return undefined
+    // Bytes of a slab (io/slabs.ts) are a loan of the queue's own until written, so the writer may give its own back.
+    bytes = lend(bytes)
     if (fd === this.runFd && this.runLength + bytes.length <= this.maxRun) {
       if (position === this.runPosition + this.runLength) {
         this.run.push(bytes)
@@ -100,11 +103,14 @@ export class WriteQueue implements FileWrites {
         this.failure ??= ioError(err, what)
         throw this.failure
       }
+      for (const b of buffers) giveBack(b)
       return undefined
     }
     this.inFlight++
     writeAll(fd, buffers, position, err => {
       this.inFlight--
+      // Also after a failure: the kernel is done with them either way.
+      for (const b of buffers) giveBack(b)
       if (err !== null && this.failure === undefined) this.failure = ioError(err, what)
       const waiters = this.waiters
       this.waiters = []

@@ -5,11 +5,12 @@
 import { type Duplex, type Readable, Writable } from 'node:stream'
 import { runStages } from '../io/chain.js'
 import { VmapipeError } from '../errors.js'
-import type { ArchiveInfo, DeviceInfo, ProgressSink } from '../contracts.js'
+import type { ArchiveInfo, DeviceInfo, ProgressSink, StreamItem } from '../contracts.js'
 import { VMSTATE_NAME } from '../record.js'
 import { type Compression, createDecompressor } from '../io/compression.js'
 import { counter } from '../io/progress.js'
 import { untouchedFilePath } from '../io/input.js'
+import { giveBack } from '../io/slabs.js'
 import { type DeviceStats, VmaReader, deviceStats } from '../vma/stream.js'
 import { type ArchiveWalk, openArchiveFile, walkArchive } from '../vma/archive-index.js'
 import type { PositionalReader } from '../io/pread.js'
@@ -122,7 +123,14 @@ export async function verifyArchive (input: Readable, options: ReadOptions = {})
   }
   const decompress = createDecompressor()
   const reader = new VmaReader()
-  const discard = new Writable({ objectMode: true, highWaterMark: 64, write: (_item, _enc, cb) => { cb() } })
+  const discard = new Writable({
+    objectMode: true,
+    highWaterMark: 64,
+    write: (item: StreamItem, _enc, cb) => {
+      if (item.kind === 'cluster') giveBack(item.data)
+      cb()
+    },
+  })
   let error: VmapipeError | undefined
   try {
     await runRecordPipeline(input, decompress, reader, discard, options)

@@ -13,6 +13,7 @@ import { VmapipeError, ioError } from '../errors.js'
 import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '../contracts.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
+import { giveBack } from '../io/slabs.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { syncPath } from '../io/output.js'
@@ -118,6 +119,13 @@ export class ParallelsWriter implements DiskWriter {
   }
 
   write (rec: ClusterRecord): Promise<void> | undefined {
+    const wait = this.place(rec)
+    // A WriteQueue holds what it still has to write as loans of its own (io/slabs.ts); any other keeps the record's.
+    if (this.queue instanceof WriteQueue) giveBack(rec.data)
+    return wait
+  }
+
+  private place (rec: ClusterRecord): Promise<void> | undefined {
     // Checked before cover() gives the cluster file space: forEachRun lets a record with no data past the end through.
     if (rec.cluster >= clusterCount(this.size)) throw new VmapipeError('E_RECORD', 'cluster past the device end', { cluster: rec.cluster })
     if (this.base !== undefined) this.cover(rec.cluster)

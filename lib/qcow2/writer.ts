@@ -16,6 +16,7 @@ import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '..
 import { CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
 import { RawFileWriter } from '../raw/writer.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
+import { giveBack } from '../io/slabs.js'
 import type { Writable } from 'node:stream'
 import { drained } from '../io/drained.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
@@ -92,7 +93,10 @@ export class Qcow2FileWriter implements DiskWriter {
     }
     const host = this.nextHost++
     this.map.set(rec.cluster, host)
-    return this.queue.write(this.file.fd, expandCluster(rec, this.size), host * CLUSTER_SIZE, `writing ${this.path}`)
+    const wait = this.queue.write(this.file.fd, expandCluster(rec, this.size), host * CLUSTER_SIZE, `writing ${this.path}`)
+    // A WriteQueue holds what it still has to write as loans of its own (io/slabs.ts); any other keeps the record's.
+    if (this.queue instanceof WriteQueue) giveBack(rec.data)
+    return wait
   }
 
   async finish (): Promise<void> {

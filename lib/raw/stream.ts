@@ -7,11 +7,13 @@
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
 import type { DeviceInfo } from '../contracts.js'
-import { CLUSTER_SIZE, clusterCount, clusterFromBytes } from '../record.js'
+import { CLUSTER_SIZE, clusterCount, clusterFromBytes, clusterRecord } from '../record.js'
 import { ByteQueue } from '../util/byte-queue.js'
+import { giveBack, lend } from '../io/slabs.js'
 
 export class RawReader extends Transform {
-  private readonly queue = new ByteQueue()
+  /** Chunks lent from slabs (a pipe's, io/slabs.ts) are given back once cut up; a record's data is a loan of its own. */
+  private readonly queue = new ByteQueue({ done: giveBack })
   private cluster = 0
   private readonly clusters: number
 
@@ -28,9 +30,13 @@ export class RawReader extends Transform {
       return
     }
     for (;;) {
-      const bytes = this.queue.take(this.wanted())
+      const wanted = this.wanted()
+      const bytes = this.queue.peek(wanted)
       if (bytes === null) break
-      this.push(clusterFromBytes(this.device.id, this.cluster++, bytes))
+      const rec = clusterFromBytes(this.device.id, this.cluster++, bytes)
+      // Lent before the queue moves on, which may give the last loan of its slab back.
+      this.push(clusterRecord(rec.device, rec.cluster, rec.mask, lend(rec.data)))
+      this.queue.skip(wanted)
     }
     callback()
   }

@@ -4,7 +4,8 @@
  * on a stream (stdout), zeros included, early clusters parked in a
  * ReorderBuffer so memory stays flat whatever the order.
  */
-import { writeSync } from 'node:fs'
+import { WriteStream, writeSync } from 'node:fs'
+import { Socket } from 'node:net'
 import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
@@ -13,6 +14,7 @@ import { clusterCount, expandCluster, forEachRun } from '../record.js'
 import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
+import { giveBack } from '../io/slabs.js'
 
 /** What RawFileWriter.copyFrom reads: a disk's map, and its bytes read synchronously. */
 type CopySource = Pick<RandomAccessDisk, 'map'> & { readSync: (buf: Buffer, offset: number) => void }
@@ -39,6 +41,8 @@ export class RawFileWriter implements DiskWriter {
     forEachRun(rec, this.size, (position, bytes) => {
       wait = this.queue.write(this.file.fd, bytes, position, `writing ${this.path}`) ?? wait
     })
+    // A WriteQueue holds what it still has to write as loans of its own (io/slabs.ts); any other keeps the record's.
+    if (this.queue instanceof WriteQueue) giveBack(rec.data)
     return wait
   }
 
@@ -111,7 +115,11 @@ export class RawStreamWriter implements DiskWriter {
   private failure?: Error
   private readonly onError = (err: Error): void => { this.failure ??= ioError(err, 'writing the output stream') }
 
+  /** The output is done with a chunk when it calls back (it wrote it, not passed it on): records may be given back then. */
+  private readonly writesOut: boolean
+
   constructor (private readonly out: Writable, private readonly device: DeviceInfo, options: ReorderOptions = {}) {
+    this.writesOut = out instanceof Socket || out instanceof WriteStream || out === process.stdout
     this.clusters = clusterCount(device.size)
     this.reorder = new ReorderBuffer(device.size, options)
     out.on('error', this.onError)
@@ -128,8 +136,14 @@ export class RawStreamWriter implements DiskWriter {
     if (rec.cluster >= this.clusters) {
       throw new VmapipeError('E_RECORD', 'cluster past the device end', { device: this.device.name, cluster: rec.cluster })
     }
-    if (rec.cluster !== this.next) return this.reorder.put(rec)
-    const flowing = this.out.write(expandCluster(rec, this.device.size))
+    if (rec.cluster !== this.next) {
+      const wait = this.reorder.put(rec)
+      giveBack(rec.data)
+      return wait
+    }
+    const data = rec.data
+    const bytes = expandCluster(rec, this.device.size)
+    const flowing = this.writesOut ? this.out.write(bytes, () => giveBack(data)) : this.out.write(bytes)
     this.next++
     if (this.reorder.has(this.next)) return this.catchUp()
     return flowing ? undefined : this.drained()

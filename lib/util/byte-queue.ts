@@ -5,18 +5,50 @@
  */
 const EMPTY: Buffer = Buffer.alloc(0)
 
+interface ByteQueueOptions {
+  /**
+   * Called once for each pushed chunk when the queue is done with it (all of
+   * it taken or skipped), to give it back to its owner. The queue then also
+   * joins a chunk that continues the previous one in the same memory, so a
+   * piece that spans them needs no copy.
+   */
+  done?: (chunk: Buffer) => void
+}
+
 export class ByteQueue {
   private readonly chunks: Buffer[] = []
+  /** With `done`: the pushed chunks each queued chunk is made of. */
+  private readonly parts: Buffer[][] = []
+  private readonly done?: (chunk: Buffer) => void
   private first = 0
   /** Bytes queued and not yet taken. */
   length = 0
   /** Bytes taken since the start. */
   consumed = 0
 
+  constructor (options: ByteQueueOptions = {}) {
+    this.done = options.done
+  }
+
   push (chunk: Buffer): void {
-    if (chunk.length === 0) return
-    this.chunks.push(chunk)
+    if (chunk.length === 0) {
+      this.done?.(chunk)
+      return
+    }
     this.length += chunk.length
+    if (this.done === undefined) {
+      this.chunks.push(chunk)
+      return
+    }
+    const last = this.chunks.length - 1
+    const prev = this.chunks[last]
+    if (prev !== undefined && prev.buffer === chunk.buffer && prev.byteOffset + prev.length === chunk.byteOffset) {
+      this.chunks[last] = Buffer.from(prev.buffer, prev.byteOffset, prev.length + chunk.length)
+      this.parts[last].push(chunk)
+      return
+    }
+    this.chunks.push(chunk)
+    this.parts.push([chunk])
   }
 
   /** The next `n` bytes without taking them (a copy if they straddle), or null if fewer are queued. */
@@ -55,6 +87,7 @@ export class ByteQueue {
       }
       n -= left
       this.chunks.shift()
+      if (this.done !== undefined) for (const part of this.parts.shift() as Buffer[]) this.done(part)
       this.first = 0
     }
   }

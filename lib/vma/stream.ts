@@ -10,6 +10,7 @@ import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
 import { BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { ByteQueue } from '../util/byte-queue.js'
+import { giveBack, lend } from '../io/slabs.js'
 import {
   type ExtentHeader, EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, VMA_MAGIC,
   archiveInfo, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
@@ -71,7 +72,8 @@ export class VmaReader extends Transform {
   /** Extents read so far. */
   extents = 0
 
-  private readonly queue = new ByteQueue()
+  /** Chunks lent from slabs (a pipe's, io/slabs.ts) are given back once parsed; a record's data is a loan of its own. */
+  private readonly queue = new ByteQueue({ done: giveBack })
   private readonly select?: (devices: DeviceInfo[]) => DeviceInfo[]
   /** The devices whose records are emitted, once the header is read. */
   selected: DeviceInfo[] = []
@@ -155,9 +157,11 @@ export class VmaReader extends Transform {
           for (; this.entry < entries.length; this.entry++) {
             const e = entries[this.entry]
             const bytes = popcount16(e.mask) * BLOCK_SIZE
-            const data = bytes === 0 ? EMPTY : this.queue.take(bytes)
+            const data = bytes === 0 ? EMPTY : this.queue.peek(bytes)
             if (data === null) return
-            if ((this.devices[e.devId] as DeviceState).selected) this.push(clusterRecord(e.devId, e.cluster, e.mask, data))
+            // Lent before the queue moves on, which may give the last loan of its slab back.
+            if ((this.devices[e.devId] as DeviceState).selected) this.push(clusterRecord(e.devId, e.cluster, e.mask, lend(data)))
+            this.queue.skip(bytes)
           }
           this.phase = 'extent'
           break
