@@ -21,7 +21,7 @@ function usage (): string {
   const width = Math.max(...COMMANDS.map(c => c.name.length))
   return `Usage: vma COMMAND [options]
 
-Streams Proxmox VMA backups: .vma, .vma.zst, .vma.gz, .vma.lzo, from a file or stdin (-).
+Streams Proxmox VMA backups: .vma, .vma.zst, .vma.gz, .vma.lzo, from a file, stdin (-) or a bucket (s3://BUCKET/KEY).
 
 Commands:
 ${COMMANDS.map(c => `  ${c.name.padEnd(width)}  ${c.summary}`).join('\n')}
