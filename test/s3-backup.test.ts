@@ -53,6 +53,19 @@ function disk (dir: string, bytes: number, name = 'disk.raw'): string {
 }
 
 /** A lock object as a run on `host` writes it. */
+/** A named pipe fed `bytes` of random data, then silent: a run reading it is caught mid-upload. */
+function stalledFifo (dir: string, bytes: number): { path: string, stop: () => void } {
+  const path = join(dir, 'disk.fifo')
+  spawnSync('mkfifo', [path])
+  const feeder = spawn('sh', ['-c', `(head -c ${bytes} /dev/urandom; sleep 60) > '${path}'`], { stdio: 'ignore', detached: true })
+  return { path, stop: () => { try { process.kill(-(feeder.pid as number), 'SIGKILL') } catch {} } }
+}
+
+/** Waits (up to 20 s) until the bucket has an unfinished multipart upload. */
+async function untilUploading (store: S3Store, bucket: string): Promise<void> {
+  for (let i = 0; i < 200 && (await uploads(store, bucket)).length === 0; i++) await new Promise(resolve => setTimeout(resolve, 100))
+}
+
 function lockBody (host: string, pid: number, expires: Date): string {
   return JSON.stringify({ host, pid, start: 1, started: new Date(Date.now() - 3600_000).toISOString(), expires: expires.toISOString(), token: 'x' })
 }
@@ -185,19 +198,18 @@ t.test('S3 backup jobs', needsS3, async t => {
   await t.test('kill -9 mid-upload: nothing under the final key; the next run aborts the stale upload and completes', async t => {
     const dir = tempDir(t)
     const b = await bucket()
-    const fifo = join(dir, 'disk.fifo')
-    spawnSync('mkfifo', [fifo])
     const size = 32 << 20
-    const slow = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo, size }], target: b.target, compression: 'none' })
-    const victim = spawn(process.execPath, [VMA, 'backup', slow], { stdio: 'ignore', env: { ...process.env, NODE_OPTIONS: '', ...env } })
     // 20 MiB, then silence: the run is caught with parts sent and the upload open.
-    const feeder = spawn('sh', ['-c', `(head -c ${20 << 20} /dev/urandom; sleep 60) > '${fifo}'`], { stdio: 'ignore', detached: true })
-    for (let i = 0; i < 200 && (await uploads(store, b.name)).length === 0; i++) await new Promise(resolve => setTimeout(resolve, 100))
+    const fifo = stalledFifo(dir, 20 << 20)
+    t.teardown(fifo.stop)
+    const slow = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo.path, size }], target: b.target, compression: 'none' })
+    const victim = spawn(process.execPath, [VMA, 'backup', slow], { stdio: 'ignore', env: { ...process.env, NODE_OPTIONS: '', ...env } })
+    await untilUploading(store, b.name)
     await new Promise(resolve => setTimeout(resolve, 1000)) // a part or two on their way
     t.equal((await uploads(store, b.name)).length, 1, 'the run was uploading')
     victim.kill('SIGKILL')
     await new Promise(resolve => victim.on('close', resolve))
-    process.kill(-(feeder.pid as number), 'SIGKILL')
+    fifo.stop()
     const left = await keys(store, b.name)
     t.same(archivesIn(left), [], 'no object under the final key')
     t.ok(left.includes(LOCK), 'its lock is left behind')
@@ -216,17 +228,16 @@ t.test('S3 backup jobs', needsS3, async t => {
   await t.test('SIGTERM mid-upload: exit 143, the upload aborted, the lock released, nothing under the final key', async t => {
     const dir = tempDir(t)
     const b = await bucket()
-    const fifo = join(dir, 'disk.fifo')
-    spawnSync('mkfifo', [fifo])
-    const job = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo, size: 32 << 20 }], target: b.target, compression: 'none' })
+    const fifo = stalledFifo(dir, 20 << 20)
+    t.teardown(fifo.stop)
+    const job = writeJob(dir, { vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo.path, size: 32 << 20 }], target: b.target, compression: 'none' })
     const victim = spawn(process.execPath, [VMA, 'backup', job], { stdio: 'ignore', env: { ...process.env, NODE_OPTIONS: '', ...env } })
     const code = new Promise<number | null>(resolve => victim.on('close', resolve))
-    const feeder = spawn('sh', ['-c', `(head -c ${20 << 20} /dev/urandom; sleep 60) > '${fifo}'`], { stdio: 'ignore', detached: true })
-    for (let i = 0; i < 200 && (await uploads(store, b.name)).length === 0; i++) await new Promise(resolve => setTimeout(resolve, 100))
+    await untilUploading(store, b.name)
     t.equal((await uploads(store, b.name)).length, 1, 'the run was uploading')
     victim.kill('SIGTERM')
     t.equal(await code, 143)
-    process.kill(-(feeder.pid as number), 'SIGKILL')
+    fifo.stop()
     t.same(await uploads(store, b.name), [], 'its upload aborted')
     t.same(await keys(store, b.name), [], 'no archive, no lock')
   })
@@ -237,13 +248,11 @@ t.test('S3 backup jobs', needsS3, async t => {
     const saved = { ...process.env }
     Object.assign(process.env, env)
     t.teardown(() => { process.env = saved })
-    const fifo = join(dir, 'disk.fifo')
-    spawnSync('mkfifo', [fifo])
-    const feeder = spawn('sh', ['-c', `(head -c ${12 << 20} /dev/urandom; sleep 60) > '${fifo}'`], { stdio: 'ignore', detached: true })
-    t.teardown(() => { try { process.kill(-(feeder.pid as number), 'SIGKILL') } catch {} })
-    const run = runBackupJob(checkJob({ vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo, size: 32 << 20 }], target: b.target, compression: 'none' }),
+    const fifo = stalledFifo(dir, 12 << 20)
+    t.teardown(fifo.stop)
+    const run = runBackupJob(checkJob({ vmid: 100, disks: [{ name: 'drive-scsi0', path: fifo.path, size: 32 << 20 }], target: b.target, compression: 'none' }),
       { lockTtlMs: 1500 })
-    for (let i = 0; i < 200 && (await uploads(store, b.name)).length === 0; i++) await new Promise(resolve => setTimeout(resolve, 100))
+    await untilUploading(store, b.name)
     const other = lockBody('other-host', 4242, new Date(Date.now() + 3600_000))
     await store.client.send(new PutObjectCommand({ Bucket: b.name, Key: LOCK, Body: other }))
     await t.rejects(run, { code: 'E_LOCKED' }, 'the run stops, saying why')
