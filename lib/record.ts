@@ -70,14 +70,25 @@ export function forEachRun (rec: ClusterRecord, deviceSize: number, fn: (positio
   }
 }
 
-/** The whole cluster as bytes (zeros included), clipped to the device end. */
-export function expandCluster (rec: ClusterRecord, deviceSize: number): Buffer {
+/**
+ * The whole cluster as bytes (zeros included), clipped to the device end. A
+ * cluster without holes (all data or all zeros) is a view of the record's data
+ * or of shared zeros; one with holes is put together in `into` when it is
+ * given (at least the clipped length), else in a new buffer.
+ */
+export function expandCluster (rec: ClusterRecord, deviceSize: number, into?: Buffer): Buffer {
   const length = Math.min(CLUSTER_SIZE, deviceSize - rec.cluster * CLUSTER_SIZE)
   if (rec.mask === 0) return ZERO_CLUSTER.subarray(0, length)
   if (rec.mask === FULL_MASK) return rec.data.subarray(0, length)
-  const out = Buffer.alloc(length)
+  const out = into?.subarray(0, length) ?? Buffer.allocUnsafe(length)
   const base = rec.cluster * CLUSTER_SIZE
-  forEachRun(rec, deviceSize, (position, bytes) => { bytes.copy(out, position - base) })
+  // Only the gaps between runs are zeroed: each byte is written once.
+  let filled = 0
+  forEachRun(rec, deviceSize, (position, bytes) => {
+    out.fill(0, filled, position - base)
+    filled = position - base + bytes.copy(out, position - base)
+  })
+  out.fill(0, filled)
   return out
 }
 

@@ -198,6 +198,8 @@ export async function peek (stream: Readable, n: number): Promise<Buffer> {
   }
   take(stream.readableLength)
   const head = Buffer.concat(chunks, length)
+  // The head is a copy: whole chunks lent from slabs (io/slabs.ts) that read() gave out as they are go back now.
+  for (const chunk of chunks) giveBack(chunk)
   // Put back in the same tick: an 'end' already scheduled is skipped while bytes are buffered.
   if (length > 0) stream.unshift(head)
   return head.subarray(0, n)

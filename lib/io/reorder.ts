@@ -3,8 +3,14 @@
  * device front to back (a pipe). A bounded amount stays in memory; the rest
  * goes to an unlinked temporary file at the cluster's own offset, so the file
  * is a sparse image of what is waiting and the index is one bit per cluster.
+ *
+ * Spill writes and read-backs are synchronous: the writer has nothing else to
+ * do meanwhile, and a thread-pool round trip per write, with several writes
+ * to one file contending for its lock, cost more than the copies themselves.
+ * Memory is fixed: the in-memory clusters sit in slots made once, and what
+ * goes to the file or comes back from it lies in slabs (io/slabs.ts).
  */
-import { closeSync, openSync, read, unlinkSync } from 'node:fs'
+import { closeSync, openSync, readSync, unlinkSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
@@ -13,6 +19,7 @@ import type { ClusterRecord } from '../contracts.js'
 import { CLUSTER_SIZE, expandCluster } from '../record.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { WriteQueue } from './write-queue.js'
+import { SLAB_SIZE, giveBack, lend, scratch, takeSlab } from './slabs.js'
 
 export interface ReorderOptions {
   /**
@@ -24,25 +31,38 @@ export interface ReorderOptions {
   tmpDir?: string
 }
 
-/** Clusters read back from the spill file at once. */
-const READ_RUN = 16
-/** Read buffers kept for reuse. */
-const POOL = 4
+/** Clusters read back from the spill file at once: a slab. */
+const READ_RUN = SLAB_SIZE / CLUSTER_SIZE
+
+/**
+ * expandCluster for a writer that gives the bytes back (giveBack) once they
+ * are written: a cluster with holes is put together in a loan of a slab
+ * (scratch) instead of a new buffer per cluster.
+ */
+export function expandLent (rec: ClusterRecord, deviceSize: number): Buffer {
+  if (rec.mask === 0 || rec.mask === 0xffff) return expandCluster(rec, deviceSize)
+  // The loan itself is returned (a view of it would not be one).
+  const lent = scratch(Math.min(CLUSTER_SIZE, deviceSize - rec.cluster * CLUSTER_SIZE))
+  expandCluster(rec, deviceSize, lent)
+  return lent
+}
 
 export class ReorderBuffer {
-  private readonly memory = new Map<number, ClusterRecord>()
-  private memoryBytes = 0
+  /** Cluster -> the slot that holds its bytes. */
+  private readonly memory = new Map<number, Buffer>()
+  /** Free slots, and how many more may be made. */
+  private readonly slots: Buffer[] = []
+  private slotsLeft: number
   private readonly spilled = new ClusterSet()
-  private readonly memoryLimit: number
   private readonly tmpDir: string
-  private readonly queue = new WriteQueue({ maxInFlight: 4 })
+  /** Back-to-front clusters (a reversed disk) merge as well as front-to-back ones: one write per slab's worth. */
+  private readonly queue = new WriteQueue({ sync: true })
   private fd = -1
-  private readonly free: Buffer[] = []
   /** Bytes written to the spill file so far (for reports). */
   spilledBytes = 0
 
   constructor (private readonly deviceSize: number, options: ReorderOptions = {}) {
-    this.memoryLimit = options.memoryLimit ?? 1 << 20
+    this.slotsLeft = Math.floor((options.memoryLimit ?? 1 << 20) / CLUSTER_SIZE)
     this.tmpDir = options.tmpDir ?? tmpdir()
   }
 
@@ -50,54 +70,69 @@ export class ReorderBuffer {
     return this.memory.has(cluster) || this.spilled.has(cluster)
   }
 
-  /** Keeps a copy of `rec` until take(); its data is not held after the call. May return a promise to wait on. */
-  put (rec: ClusterRecord): Promise<void> | undefined {
+  /** Keeps a copy of `rec` until take(); its data is not held after the call. Throws when the spill file cannot be written. */
+  put (rec: ClusterRecord): void {
     if (rec.mask === 0) {
       // Nothing to store: an absent range of the sparse spill file reads as zeros.
       this.spilled.add(rec.cluster)
-      return undefined
+      return
     }
-    if (this.memoryBytes + rec.data.length <= this.memoryLimit) {
-      this.memory.set(rec.cluster, { ...rec, data: Buffer.from(rec.data) })
-      this.memoryBytes += rec.data.length
-      return undefined
+    const slot = this.slot()
+    if (slot !== undefined) {
+      const bytes = expandCluster(rec, this.deviceSize, slot)
+      if (bytes.buffer !== slot.buffer) bytes.copy(slot)
+      this.memory.set(rec.cluster, slot)
+      return
     }
     this.spilled.add(rec.cluster)
-    const bytes = expandCluster(rec, this.deviceSize)
+    const bytes = expandLent(rec, this.deviceSize)
     this.spilledBytes += bytes.length
-    return this.queue.write(this.spillFd(), bytes, rec.cluster * CLUSTER_SIZE, 'writing the spill file')
+    // The queue holds a loan of its own until the bytes are written; a synchronous one never asks to be waited for.
+    void this.queue.write(this.spillFd(), bytes, rec.cluster * CLUSTER_SIZE, 'writing the spill file')
+    giveBack(bytes)
   }
 
   /**
    * Removes and returns cluster `cluster` as whole bytes (clipped to the device),
-   * together with the spilled clusters that follow it, up to READ_RUN. Call
-   * `release` once the bytes are no longer needed: read buffers are reused, as
-   * a reversed disk would otherwise make gigabytes of garbage.
+   * together with the spilled clusters that follow it, up to a slab's worth.
+   * Call `release` once the bytes are no longer needed: their memory is reused.
    */
   async take (cluster: number): Promise<{ bytes: Buffer, clusters: number, release: () => void }> {
-    const rec = this.memory.get(cluster)
-    if (rec !== undefined) {
+    const slot = this.memory.get(cluster)
+    if (slot !== undefined) {
       this.memory.delete(cluster)
-      this.memoryBytes -= rec.data.length
-      return { bytes: expandCluster(rec, this.deviceSize), clusters: 1, release: () => {} }
+      const bytes = slot.subarray(0, Math.min(CLUSTER_SIZE, this.deviceSize - cluster * CLUSTER_SIZE))
+      return { bytes, clusters: 1, release: () => { this.slots.push(slot) } }
     }
     let clusters = 0
     while (clusters < READ_RUN && this.spilled.has(cluster + clusters)) this.spilled.delete(cluster + clusters++)
+    // A turn of the event loop first: a stream that wrote synchronously (stdout on a file) calls back only after it,
+    // and its callback is what gives the last read's slab back.
+    await new Promise(resolve => setImmediate(resolve))
     const start = cluster * CLUSTER_SIZE
-    const buffer = this.free.pop() ?? Buffer.allocUnsafe(READ_RUN * CLUSTER_SIZE)
-    const bytes = buffer.subarray(0, Math.min(clusters * CLUSTER_SIZE, this.deviceSize - start))
+    const slab = takeSlab() as Buffer
+    const bytes = lend(slab.subarray(0, Math.min(clusters * CLUSTER_SIZE, this.deviceSize - start)))
+    giveBack(slab)
     let got = 0
     if (this.fd >= 0) {
       await this.queue.drain()
-      got = await readAll(this.fd, bytes, start)
+      got = readAll(this.fd, bytes, start)
     }
     bytes.fill(0, got)
-    return { bytes, clusters, release: () => { if (this.free.length < POOL) this.free.push(buffer) } }
+    return { bytes, clusters, release: () => { giveBack(bytes) } }
   }
 
   close (): void {
     if (this.fd >= 0) closeSync(this.fd)
     this.fd = -1
+  }
+
+  /** A free slot, or a new one while the memory limit allows. */
+  private slot (): Buffer | undefined {
+    const free = this.slots.pop()
+    if (free !== undefined || this.slotsLeft === 0) return free
+    this.slotsLeft--
+    return Buffer.allocUnsafeSlow(CLUSTER_SIZE)
   }
 
   private spillFd (): number {
@@ -116,12 +151,15 @@ export class ReorderBuffer {
 }
 
 /** Reads until `bytes` is full or the file ends; returns the bytes read. */
-async function readAll (fd: number, bytes: Buffer, position: number): Promise<number> {
+function readAll (fd: number, bytes: Buffer, position: number): number {
   let done = 0
   while (done < bytes.length) {
-    const n = await new Promise<number>((resolve, reject) => {
-      read(fd, bytes, done, bytes.length - done, position + done, (err, got) => { if (err) reject(ioError(err, 'reading the spill file')); else resolve(got) })
-    })
+    let n: number
+    try {
+      n = readSync(fd, bytes, done, bytes.length - done, position + done)
+    } catch (err) {
+      throw ioError(err, 'reading the spill file')
+    }
     if (n === 0) break
     done += n
   }

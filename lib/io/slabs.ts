@@ -70,6 +70,26 @@ function lendFrom (slab: Slab, piece: Buffer): Buffer {
   return piece
 }
 
+let shared: Buffer | undefined
+let sharedUsed = 0
+
+/**
+ * Room for `n` bytes (at most SLAB_SIZE) that are needed for a while, e.g. a
+ * cluster put together until it is written: a loan cut from a slab shared by
+ * all such uses, given back by whoever is done with it. In place of a new
+ * buffer each time, which would be garbage.
+ */
+export function scratch (n: number): Buffer {
+  if (shared === undefined || SLAB_SIZE - sharedUsed < n) {
+    if (shared !== undefined) giveBack(shared)
+    shared = takeSlab() as Buffer
+    sharedUsed = 0
+  }
+  const piece = lend(shared.subarray(sharedUsed, sharedUsed + n))
+  sharedUsed += n
+  return piece
+}
+
 /**
  * Slabs for one reader: a free one when there is one, else a new one while
  * it has made fewer than `maxNew`, else undefined (read into a buffer of your

@@ -11,6 +11,7 @@ import { peek } from '../io/input.js'
 import { chain } from '../io/chain.js'
 import { counter } from '../io/progress.js'
 import { ByteQueue } from '../util/byte-queue.js'
+import { giveBack, lend } from '../io/slabs.js'
 import {
   type ParallelsHeader, HEADER_SIZE, SECTOR_SIZE,
   batEnd, batEntryAt, checkHostCluster, clusterSize, entryOffset, parseBat, parseHeader, visibleBat,
@@ -49,7 +50,8 @@ async function * streamRecords (
 ): AsyncGenerator<ClusterRecord> {
   const size = h.sectors * SECTOR_SIZE
   const perCluster = clusterSize(h) / CLUSTER_SIZE
-  const queue = new ByteQueue()
+  // Chunks lent from slabs (a pipe's, io/slabs.ts) are given back once cut up; a record's data is a loan of its own.
+  const queue = new ByteQueue({ done: giveBack })
   let next = 0
   let piece = 0
   for await (const chunk of input) {
@@ -66,9 +68,13 @@ async function * streamRecords (
       }
       const at = entryOffset(h, bat[index]) + piece * CLUSTER_SIZE
       if (queue.consumed < at) queue.skip(Math.min(queue.length, at - queue.consumed))
-      const bytes = queue.consumed === at ? queue.take(length) : null
+      const bytes = queue.consumed === at ? queue.peek(length) : null
       if (bytes === null) break
-      yield clusterFromBytes(device, cluster, bytes)
+      const rec = clusterFromBytes(device, cluster, bytes)
+      // Lent before the queue moves on, which may give the last loan of its slab back.
+      const data = lend(rec.data)
+      queue.skip(length)
+      yield clusterRecord(device, cluster, rec.mask, data)
       if (++piece === perCluster) {
         next++
         piece = 0

@@ -17,11 +17,12 @@ import { randomBytes } from 'node:crypto'
 import { Readable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ClusterRecord, DeviceInfo, StreamedImage } from '../contracts.js'
-import { CLUSTER_SIZE, clusterFromBytes } from '../record.js'
+import { CLUSTER_SIZE, clusterFromBytes, clusterRecord } from '../record.js'
 import { ByteQueue } from '../util/byte-queue.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { WriteQueue } from '../io/write-queue.js'
 import { diskRecords } from '../io/disk-records.js'
+import { giveBack, lend } from '../io/slabs.js'
 import { chain } from '../io/chain.js'
 import { peek } from '../io/input.js'
 import { counter } from '../io/progress.js'
@@ -93,7 +94,10 @@ class StreamPass {
     this.clusterSize = 2 ** header.clusterBits
   }
 
-  /** The next cluster of the image (the last may be short): its records, if its L2 entry has passed. */
+  /**
+   * The next cluster of the image (the last may be short): its records, if its L2 entry has passed. The caller
+   * holds `c` until the generator is done; each record's data is a loan of its own (io/slabs.ts).
+   */
   * cluster (c: Buffer): Generator<ClusterRecord, Promise<void> | undefined> {
     const at = this.pos
     this.pos += c.length
@@ -102,7 +106,7 @@ class StreamPass {
       yield * this.emit(c, guest)
       return undefined
     }
-    // Input chunks are never reused, so a piece of one can wait in the write queue as it is.
+    // The write queue takes a loan of its own when `c` lies in a slab.
     const written = this.queue.write(this.spill.fd, c, at, 'writing a temporary file')
     this.learnL1(c, at)
     const l1Index = this.l2At.get(at)
@@ -150,7 +154,8 @@ class StreamPass {
     for (let off = 0; off < this.clusterSize && first + off < size; off += CLUSTER_SIZE) {
       const cluster = (first + off) / CLUSTER_SIZE
       if (!this.emitted.add(cluster)) throw new VmapipeError('E_QCOW2_L2', `guest cluster ${guest} is mapped twice`, { offset: this.pos - this.clusterSize })
-      yield clusterFromBytes(this.device.id, cluster, c.subarray(off, Math.min(off + CLUSTER_SIZE, size - first)))
+      const rec = clusterFromBytes(this.device.id, cluster, c.subarray(off, Math.min(off + CLUSTER_SIZE, size - first)))
+      yield clusterRecord(rec.device, cluster, rec.mask, lend(rec.data))
     }
   }
 }
@@ -175,7 +180,8 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
   let spill: FileHandle | undefined
   try {
     spill = await open(path, 'wx+', 0o600).catch(err => { throw ioError(err, `cannot create a temporary file in ${dir}`) })
-    const bytes = new ByteQueue()
+    // Chunks lent from slabs (a pipe's, io/slabs.ts) are given back once a cluster is done with them.
+    const bytes = new ByteQueue({ done: giveBack })
     let pass: StreamPass | undefined
     for await (const chunk of input) {
       bytes.push(chunk as Buffer)
@@ -186,11 +192,13 @@ async function * records (input: Readable, device: DeviceInfo, dir: string): Asy
       }
       const clusterSize = 2 ** pass.header.clusterBits
       // yield* here (an async generator over a sync one) awaits what cluster() returns: the spill write, when it asks to be waited for.
-      for (let c = bytes.take(clusterSize); c !== null; c = bytes.take(clusterSize)) yield * pass.cluster(c)
+      for (let c = bytes.peek(clusterSize); c !== null; c = bytes.peek(clusterSize)) {
+        yield * pass.cluster(c)
+        bytes.skip(clusterSize)
+      }
     }
     if (pass === undefined) throw new VmapipeError('E_QCOW2_HEADER', 'the input ended before a qcow2 header', { offset: bytes.length })
-    const rest = bytes.take(bytes.length)
-    if (rest !== null && rest.length > 0) yield * pass.cluster(rest)
+    if (bytes.length > 0) yield * pass.cluster(bytes.peek(bytes.length) as Buffer)
     await pass.finish()
     const image = await Qcow2Image.open(path, { standalone: true })
     await unlink(path).catch(() => {})

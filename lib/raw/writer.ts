@@ -10,8 +10,8 @@ import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites, ProgressSink, RandomAccessDisk } from '../contracts.js'
-import { clusterCount, expandCluster, forEachRun } from '../record.js'
-import { ReorderBuffer, type ReorderOptions } from '../io/reorder.js'
+import { clusterCount, forEachRun } from '../record.js'
+import { ReorderBuffer, type ReorderOptions, expandLent } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
@@ -137,13 +137,13 @@ export class RawStreamWriter implements DiskWriter {
       throw new VmapipeError('E_RECORD', 'cluster past the device end', { device: this.device.name, cluster: rec.cluster })
     }
     if (rec.cluster !== this.next) {
-      const wait = this.reorder.put(rec)
+      this.reorder.put(rec)
       giveBack(rec.data)
-      return wait
+      return undefined
     }
     const data = rec.data
-    const bytes = expandCluster(rec, this.device.size)
-    const flowing = this.writesOut ? this.out.write(bytes, () => giveBack(data)) : this.out.write(bytes)
+    const bytes = expandLent(rec, this.device.size)
+    const flowing = this.writesOut ? this.out.write(bytes, () => { giveBack(data); giveBack(bytes) }) : this.out.write(bytes)
     this.next++
     if (this.reorder.has(this.next)) return this.catchUp()
     return flowing ? undefined : this.drained()
