@@ -53,7 +53,9 @@ export class ReorderBuffer {
   /** Free slots, and how many more may be made. */
   private readonly slots: Buffer[] = []
   private slotsLeft: number
+  /** Clusters in the spill file, and clusters of zeros (never written, never read: they are filled in). */
   private readonly spilled = new ClusterSet()
+  private readonly zeros = new ClusterSet()
   private readonly tmpDir: string
   /** Back-to-front clusters (a reversed disk) merge as well as front-to-back ones: one write per slab's worth. */
   private readonly queue = new WriteQueue({ sync: true })
@@ -67,14 +69,13 @@ export class ReorderBuffer {
   }
 
   has (cluster: number): boolean {
-    return this.memory.has(cluster) || this.spilled.has(cluster)
+    return this.memory.has(cluster) || this.spilled.has(cluster) || this.zeros.has(cluster)
   }
 
   /** Keeps a copy of `rec` until take(); its data is not held after the call. Throws when the spill file cannot be written. */
   put (rec: ClusterRecord): void {
     if (rec.mask === 0) {
-      // Nothing to store: an absent range of the sparse spill file reads as zeros.
-      this.spilled.add(rec.cluster)
+      this.zeros.add(rec.cluster)
       return
     }
     const slot = this.slot()
@@ -105,7 +106,7 @@ export class ReorderBuffer {
       return { bytes, clusters: 1, release: () => { this.slots.push(slot) } }
     }
     let clusters = 0
-    while (clusters < READ_RUN && this.spilled.has(cluster + clusters)) this.spilled.delete(cluster + clusters++)
+    while (clusters < READ_RUN && (this.spilled.has(cluster + clusters) || this.zeros.has(cluster + clusters))) clusters++
     // A turn of the event loop first: a stream that wrote synchronously (stdout on a file) calls back only after it,
     // and its callback is what gives the last read's slab back.
     await new Promise(resolve => setImmediate(resolve))
@@ -113,12 +114,15 @@ export class ReorderBuffer {
     const slab = takeSlab() as Buffer
     const bytes = lend(slab.subarray(0, Math.min(clusters * CLUSTER_SIZE, this.deviceSize - start)))
     giveBack(slab)
-    let got = 0
-    if (this.fd >= 0) {
-      await this.queue.drain()
-      got = readAll(this.fd, bytes, start)
+    if (this.fd >= 0) await this.queue.drain()
+    // Each stretch of spilled clusters is one read; zeros are filled in (a hole read back would cost page cache).
+    for (let i = 0; i < clusters;) {
+      const data = this.spilled.has(cluster + i)
+      const from = i
+      for (; i < clusters && this.spilled.has(cluster + i) === data; i++) (data ? this.spilled : this.zeros).delete(cluster + i)
+      const piece = bytes.subarray(from * CLUSTER_SIZE, i * CLUSTER_SIZE)
+      piece.fill(0, data ? readAll(this.fd, piece, start + from * CLUSTER_SIZE) : 0)
     }
-    bytes.fill(0, got)
     return { bytes, clusters, release: () => { giveBack(bytes) } }
   }
 
