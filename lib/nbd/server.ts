@@ -63,8 +63,12 @@ const PREFERRED_BLOCK = 4096
 const MAX_OPTION_DATA = 64 * 1024
 /** Options per connection before it is closed, as nbdkit does; NBD_OPT_LIST adds as many per export once. */
 const MAX_OPTIONS = 32
-/** Requests of one connection being served at once; the socket is not read beyond. */
-const MAX_IN_FLIGHT = 64
+/**
+ * Requests of one connection being served at once; the socket is not read beyond.
+ * qemu-nbd's 16: the read budget lets fewer than that read at once anyway, and each
+ * request waiting is garbage that lives long enough to grow the heap.
+ */
+const MAX_IN_FLIGHT = 16
 /** Reply bytes waiting in a socket before we stop reading that client's requests or options. */
 const MAX_BACKLOG = 4 * 1024 * 1024
 /**
