@@ -99,9 +99,25 @@ const MAX_DESCRIPTORS = 65536
 /**
  * A disk that can also be read by synchronous positional reads (an indexed
  * archive): a READ then costs no thread-pool round trip per run of stored
- * blocks, which was 40% of the server's busy time serving an archive.
+ * blocks, which was 40% of the server's busy time serving an archive. One
+ * whose source is read by requests (an object store) says E_NOT_SEEKABLE
+ * and is read the usual way from then on.
  */
 interface SyncReads { readSync: (buf: Buffer, offset: number) => void }
+const asyncOnly = new WeakSet<RandomAccessDisk>()
+
+async function readDisk (disk: RandomAccessDisk & Partial<SyncReads>, buf: Buffer, offset: number): Promise<void> {
+  if (disk.readSync !== undefined && !asyncOnly.has(disk)) {
+    try {
+      disk.readSync(buf, offset)
+      return
+    } catch (err) {
+      if (!(err instanceof VmapipeError) || err.code !== 'E_NOT_SEEKABLE') throw err
+      asyncOnly.add(disk)
+    }
+  }
+  await disk.read(buf, offset)
+}
 
 /** A value per range of the disk, as one metadata context sees it. */
 interface Run { offset: number, length: number, value: number }
@@ -677,13 +693,12 @@ class Connection {
   }
 
   /** A buffer of the disk's bytes, held against the budgets until `done` gives it back. */
-  private async readHeld (disk: RandomAccessDisk & Partial<SyncReads>, offset: number, length: number): Promise<Buffer> {
+  private async readHeld (disk: RandomAccessDisk, offset: number, length: number): Promise<Buffer> {
     await this.hold(BufferPool.sizeOf(length))
     const buf = this.server.buffers.take(length)
     this.reading++
     try {
-      if (disk.readSync !== undefined) disk.readSync(buf, offset)
-      else await disk.read(buf, offset)
+      await readDisk(disk, buf, offset)
     } catch (err) {
       this.done(buf)
       throw err
