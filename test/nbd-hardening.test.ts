@@ -162,11 +162,12 @@ t.test('a server that stalls: each request times out, the connection is dropped'
 
   // A slow but steady server is not a stalled one: replies within the timeout, for longer than it in all.
   const steady = join(dir, 'steady')
-  await fakeServer(t, steady, { answer: (s, req) => { setTimeout(() => honest(s, req), 100) } })
-  const client = await NbdClient.connect(`nbd+unix:///?socket=${steady}`, { timeout: 300, maxInFlight: 1 })
+  // Margins wide enough for a loaded machine: 0.25 s a reply against a timeout of 1 s (0.1 against 0.3 failed at load 11).
+  await fakeServer(t, steady, { answer: (s, req) => { setTimeout(() => honest(s, req), 250) } })
+  const client = await NbdClient.connect(`nbd+unix:///?socket=${steady}`, { timeout: 1000, maxInFlight: 1 })
   const buf = Buffer.alloc(6 * 2 * MiB)
   await client.read(buf, 0)
-  t.ok(buf.equals(pattern(0, buf.length)), 'six reads one after another, 0.6 s in all, none over 0.3 s: fine')
+  t.ok(buf.equals(pattern(0, buf.length)), 'six reads one after another, 1.5 s in all, none over 1 s: fine')
   await client.close()
 
   // Through the CLI: --nbd-timeout on pack-vma and on vma extract --to.
