@@ -10,6 +10,7 @@ import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
 import type { ArchiveInfo, ClusterRecord } from '../contracts.js'
 import { BLOCK_SIZE, popcount16 } from '../record.js'
+import { giveBack, lend } from '../io/slabs.js'
 import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
 import { WRITER_EXTENT_CLUSTERS, encodeExtentHeader, encodeHeader, parseUuid } from './format.js'
 
@@ -91,10 +92,19 @@ export class VmaWriter extends Transform {
     const records = this.pending
     this.pending = []
     this.out(encodeExtentHeader(this.uuid as Buffer, records.map(r => ({ mask: r.mask, devId: r.device, cluster: r.cluster }))))
+    // Data that lies end to end in memory (whole clusters read into one buffer) goes out as one chunk: fewer chunks, fewer writes.
+    let run: Buffer[] = []
     for (const r of records) {
-      if (r.data.length > 0) this.out(r.data)
+      if (r.data.length === 0) continue
+      const last = run[run.length - 1]
+      if (last !== undefined && (last.buffer !== r.data.buffer || last.byteOffset + last.length !== r.data.byteOffset)) {
+        this.out(joined(run))
+        run = []
+      }
+      run.push(r.data)
       this.stats.dataBlocks += r.data.length / BLOCK_SIZE
     }
+    if (run.length > 0) this.out(joined(run))
     this.stats.clusters += records.length
     this.stats.extents++
   }
@@ -103,4 +113,18 @@ export class VmaWriter extends Transform {
     this.stats.bytes += bytes.length
     this.push(bytes)
   }
+}
+
+/**
+ * One view of buffers that lie end to end in one ArrayBuffer. A view of a
+ * slab is lent (io/slabs.ts) before the pieces' loans are given back, so the
+ * slab stays held until whoever writes the view gives it back.
+ */
+function joined (pieces: Buffer[]): Buffer {
+  if (pieces.length === 1) return pieces[0]
+  const first = pieces[0]
+  const last = pieces[pieces.length - 1]
+  const view = lend(Buffer.from(first.buffer, first.byteOffset, last.byteOffset + last.length - first.byteOffset))
+  for (const p of pieces) giveBack(p)
+  return view
 }
