@@ -1,6 +1,7 @@
 /**
  * VmaWriter: a Transform from records to archive bytes. The first item in
- * must be the ArchiveInfo (its devices and configs go into the header); then
+ * must be the ArchiveInfo (its devices and configs go into the header), unless
+ * the constructor was given it; then
  * ClusterRecords in any order, any mix of devices. Clusters are grouped into
  * extents of 58 as the reference writer does. The writer refuses records that
  * would make an archive the reference reader rejects, and at the end insists
@@ -37,12 +38,14 @@ export class VmaWriter extends Transform {
   private readonly devices = new Map<number, TrackedDevice>()
   private pending: ClusterRecord[] = []
 
-  constructor () {
+  /** Given `info`, the writer starts with it (on the first record, so that its errors come out of the stream), and takes ClusterRecords only. */
+  constructor (private info?: ArchiveInfo) {
     super({ writableObjectMode: true, writableHighWaterMark: 16, readableHighWaterMark: 1 << 20 })
   }
 
   override _transform (item: ArchiveInfo | ClusterRecord, _enc: BufferEncoding, callback: TransformCallback): void {
     try {
+      this.startGiven()
       if (item.kind === 'archive') this.start(item)
       else this.add(item)
       callback()
@@ -53,6 +56,7 @@ export class VmaWriter extends Transform {
 
   override _flush (callback: TransformCallback): void {
     try {
+      this.startGiven()
       if (this.uuid === undefined) throw new VmapipeError('E_RECORD', 'the record stream ended before its ArchiveInfo')
       this.flushExtent()
       const missing = firstIncomplete(this.devices.values())
@@ -61,6 +65,13 @@ export class VmaWriter extends Transform {
     } catch (err) {
       callback(err as Error)
     }
+  }
+
+  private startGiven (): void {
+    if (this.info === undefined) return
+    const info = this.info
+    this.info = undefined
+    this.start(info)
   }
 
   private start (info: ArchiveInfo): void {
