@@ -65,9 +65,9 @@ export async function packArchive (disks: DiskSource[], output: { stream: Writab
     configs: options.configs ?? [],
     devices: disks.map((d, i) => ({ id: i + 1, name: d.name, size: vmaDeviceSize(d.size) })),
   }
-  const sources = await Promise.all(disks.map(async (d, i) => await d.records(i + 1, options.progress)))
-  // One disk needs no merging: its records go straight to the writer, one stream hop less per cluster.
-  const single = sources.length === 1
+  // One disk needs no merging: its records go straight to the writer, a batch at a time where it is read by random access.
+  const single = disks.length === 1
+  const sources = await Promise.all(disks.map(async (d, i) => await (single ? d.batches ?? d.records : d.records)(i + 1, options.progress)))
   const records = single ? sources[0] : new RecordMerger(info, sources, options.interleave !== true)
   const writer = new VmaWriter(single ? info : undefined)
   const compression = options.compression ?? 'none'

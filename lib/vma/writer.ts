@@ -1,8 +1,8 @@
 /**
  * VmaWriter: a Transform from records to archive bytes. The first item in
  * must be the ArchiveInfo (its devices and configs go into the header), unless
- * the constructor was given it; then
- * ClusterRecords in any order, any mix of devices. Clusters are grouped into
+ * the constructor was given it; then ClusterRecords, one by one or in
+ * arrays, in any order, any mix of devices. Clusters are grouped into
  * extents of 58 as the reference writer does. The writer refuses records that
  * would make an archive the reference reader rejects, and at the end insists
  * that every cluster of every device came exactly once.
@@ -43,10 +43,11 @@ export class VmaWriter extends Transform {
     super({ writableObjectMode: true, writableHighWaterMark: 16, readableHighWaterMark: 1 << 20 })
   }
 
-  override _transform (item: ArchiveInfo | ClusterRecord, _enc: BufferEncoding, callback: TransformCallback): void {
+  override _transform (item: ArchiveInfo | ClusterRecord | ClusterRecord[], _enc: BufferEncoding, callback: TransformCallback): void {
     try {
       this.startGiven()
-      if (item.kind === 'archive') this.start(item)
+      if (Array.isArray(item)) for (const rec of item) this.add(rec)
+      else if (item.kind === 'archive') this.start(item)
       else this.add(item)
       callback()
     } catch (err) {
