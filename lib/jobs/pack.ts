@@ -67,9 +67,10 @@ export async function packArchive (disks: DiskSource[], output: { stream: Writab
   }
   // One disk needs no merging: its records go straight to the writer, a batch at a time where it is read by random access.
   const single = disks.length === 1
-  const sources = await Promise.all(disks.map(async (d, i) => await (single ? d.batches ?? d.records : d.records)(i + 1, options.progress)))
+  const batched = single && disks[0].batches !== undefined
+  const sources = await Promise.all(disks.map(async (d, i) => await (batched ? d.batches ?? d.records : d.records)(i + 1, options.progress)))
   const records = single ? sources[0] : new RecordMerger(info, sources, options.interleave !== true)
-  const writer = new VmaWriter(single ? info : undefined)
+  const writer = new VmaWriter(single ? info : undefined, batched)
   const compression = options.compression ?? 'none'
   const direct = output.fd !== undefined && compressesToFd(compression)
   const tail: Stage[] = direct

@@ -38,9 +38,13 @@ export class VmaWriter extends Transform {
   private readonly devices = new Map<number, TrackedDevice>()
   private pending: ClusterRecord[] = []
 
-  /** Given `info`, the writer starts with it (on the first record, so that its errors come out of the stream), and takes ClusterRecords only. */
-  constructor (private info?: ArchiveInfo) {
-    super({ writableObjectMode: true, writableHighWaterMark: 16, readableHighWaterMark: 1 << 20 })
+  /**
+   * Given `info`, the writer starts with it (on the first record, so that its
+   * errors come out of the stream), and takes ClusterRecords only. `batches`:
+   * they come in arrays, so that one item waiting is as much as 16 records.
+   */
+  constructor (private info?: ArchiveInfo, batches = false) {
+    super({ writableObjectMode: true, writableHighWaterMark: batches ? 1 : 16, readableHighWaterMark: 1 << 20 })
   }
 
   override _transform (item: ArchiveInfo | ClusterRecord | ClusterRecord[], _enc: BufferEncoding, callback: TransformCallback): void {
