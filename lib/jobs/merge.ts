@@ -19,10 +19,13 @@ export class RecordMerger extends Readable {
   constructor (private readonly info: ArchiveInfo, private readonly sources: Readable[], private readonly sequential = false) {
     super({ objectMode: true, highWaterMark: 16 })
     this.done = sources.map(() => false)
+    // Sequential: a disk is listened to (and so starts filling its buffers) only once the one before it has ended.
+    const listen = (i: number): void => { sources[i]?.on('readable', () => this.fill()) }
     sources.forEach((source, i) => {
-      source.on('readable', () => this.fill())
+      if (!sequential || i === 0) listen(i)
       source.on('end', () => {
         this.done[i] = true
+        if (sequential) listen(i + 1)
         if (++this.ended === this.sources.length) this.push(null)
         else this.fill()
       })

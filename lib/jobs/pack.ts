@@ -65,9 +65,12 @@ export async function packArchive (disks: DiskSource[], output: { stream: Writab
     configs: options.configs ?? [],
     devices: disks.map((d, i) => ({ id: i + 1, name: d.name, size: vmaDeviceSize(d.size) })),
   }
-  const sources = await Promise.all(disks.map(async (d, i) => await d.records(i + 1, options.progress)))
-  const merger = new RecordMerger(info, sources, options.interleave !== true)
-  const writer = new VmaWriter()
+  // One disk needs no merging: its records go straight to the writer, a batch at a time where it is read by random access.
+  const single = disks.length === 1
+  const batched = single && disks[0].batches !== undefined
+  const sources = await Promise.all(disks.map(async (d, i) => await (batched ? d.batches ?? d.records : d.records)(i + 1, options.progress)))
+  const records = single ? sources[0] : new RecordMerger(info, sources, options.interleave !== true)
+  const writer = new VmaWriter(single ? info : undefined, batched)
   const compression = options.compression ?? 'none'
   const direct = output.fd !== undefined && compressesToFd(compression)
   const tail: Stage[] = direct
@@ -76,7 +79,7 @@ export async function packArchive (disks: DiskSource[], output: { stream: Writab
         ...(compression === 'none' ? [] : [{ stream: createCompressor(compression), what: `compressing with ${compression}` }]),
         { stream: output.stream, what: 'writing the archive' },
       ]
-  await runStages([{ stream: merger, what: 'reading a disk' }, { stream: writer, what: 'building the archive' }, ...tail], options.signal)
+  await runStages([{ stream: records, what: 'reading a disk' }, { stream: writer, what: 'building the archive' }, ...tail], options.signal)
   if (direct) await new Promise<void>(resolve => output.stream.end(resolve))
   return { info, stats: writer.stats }
 }

@@ -48,8 +48,10 @@ export interface DiskSource {
    * on the previous backup takes, not what a complete archive needs.
    */
   incremental?: boolean
-  /** The disk as records for device id `device`; call once. */
+  /** The disk as records for device id `device`; call once (this or batches). */
   records: (device: number, progress?: ProgressSink) => Promise<Readable>
+  /** Where the disk is read by random access: the same records in arrays, a batch at a time (io/disk-records.ts `batched`). */
+  batches?: (device: number, progress?: ProgressSink) => Promise<Readable>
   /** Releases the input if records() is never called. */
   close: () => void
 }
@@ -177,6 +179,7 @@ function imageSource (spec: DiskSpec, format: FormatDescriptor, disk: RandomAcce
     format: format.name as FormatName,
     size: disk.size,
     records: async (device, progress) => diskRecords(disk, device, progress !== undefined ? { progress } : {}),
+    batches: async (device, progress) => diskRecords(disk, device, { batched: true, ...(progress !== undefined ? { progress } : {}) }),
     close: () => { disk.close().catch(() => {}) },
   }
 }

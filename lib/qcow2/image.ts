@@ -59,6 +59,8 @@ export class Qcow2Image implements RandomAccessDisk {
   private readonly entries: number
   private readonly l2Cache = new Map<number, Buffer>()
   private inflated?: { host: number, bytes: Buffer }
+  /** The L2 table looked up last. */
+  private lastL2?: { offset: number, table: Buffer }
 
   /** Use Qcow2Image.open(). */
   constructor (
@@ -135,33 +137,43 @@ export class Qcow2Image implements RandomAccessDisk {
     })
   }
 
-  /** Calls `fn` for each stretch of [offset, offset+length) stored one way, in order; data pieces adjacent on disk are merged. */
+  /**
+   * Calls `fn` for each stretch of [offset, offset+length) stored one way, in
+   * order; data pieces adjacent on disk are merged. Only a table not yet in
+   * memory and `fn` are waited for: a cluster whose table is cached costs no
+   * promise, as each cluster of a disk being packed would otherwise.
+   */
   private async walk (offset: number, length: number, fn: (piece: Piece, at: number, len: number) => Promise<void>): Promise<void> {
     let pending: { piece: Piece, at: number, len: number } | undefined
-    const flush = async (): Promise<void> => { if (pending) await fn(pending.piece, pending.at, pending.len); pending = undefined }
-    const add = async (piece: Piece, pieceAt: number, len: number): Promise<void> => {
-      if (pending && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) pending.len += len
-      else { await flush(); pending = { piece, at: pieceAt, len } }
-    }
     const span = this.entries * this.clusterSize
     for (let at = offset; at < offset + length;) {
       const l1Index = Math.floor(at / span)
+      let pieces: Array<[Piece, number, number]>
+      let base: number
+      let end: number
       if (this.l2Offsets[l1Index] === 0) {
         // No L2 table: its whole span is one piece, so work follows the tables, not the virtual size.
-        const end = Math.min(offset + length, (l1Index + 1) * span)
-        await add(this.unallocated(), at, end - at)
-        at = end
-        continue
+        end = Math.min(offset + length, (l1Index + 1) * span)
+        base = at
+        pieces = [[this.unallocated(), 0, end - at]]
+      } else {
+        const cluster = Math.floor(at / this.clusterSize)
+        base = cluster * this.clusterSize
+        end = Math.min(offset + length, base + this.clusterSize)
+        pieces = this.pieces(this.cachedEntry(cluster) ?? await this.entry(cluster), at - base, end - base)
       }
-      const cluster = Math.floor(at / this.clusterSize)
-      const inCluster = at - cluster * this.clusterSize
-      const end = Math.min(offset + length, (cluster + 1) * this.clusterSize)
-      for (const [piece, from, to] of this.pieces(await this.entry(cluster), inCluster, end - cluster * this.clusterSize)) {
-        await add(piece, cluster * this.clusterSize + from, to - from)
+      for (const [piece, from, to] of pieces) {
+        const pieceAt = base + from
+        if (pending !== undefined && pending.at + pending.len === pieceAt && sameRun(pending.piece, piece, pending.len)) {
+          pending.len += to - from
+          continue
+        }
+        if (pending !== undefined) await fn(pending.piece, pending.at, pending.len)
+        pending = { piece, at: pieceAt, len: to - from }
       }
       at = end
     }
-    await flush()
+    if (pending !== undefined) await fn(pending.piece, pending.at, pending.len)
   }
 
   /** The stretches of one cluster between `from` and `to` (bytes within the cluster). */
@@ -204,7 +216,20 @@ export class Qcow2Image implements RandomAccessDisk {
     return readL2Entry(this.header, await this.l2Table(l2Offset), cluster % this.entries, l2Offset, cluster, this.file.size)
   }
 
+  /** The L2 entry of `cluster` when its table is the one used last (each table serves many clusters in a row); else undefined. */
+  private cachedEntry (cluster: number): L2Entry | undefined {
+    const l2Offset = this.l2Offsets[Math.floor(cluster / this.entries)]
+    if (l2Offset === 0 || this.lastL2?.offset !== l2Offset) return undefined
+    return readL2Entry(this.header, this.lastL2.table, cluster % this.entries, l2Offset, cluster, this.file.size)
+  }
+
   private async l2Table (offset: number): Promise<Buffer> {
+    const table = await this.loadL2Table(offset)
+    this.lastL2 = { offset, table }
+    return table
+  }
+
+  private async loadL2Table (offset: number): Promise<Buffer> {
     const cached = this.l2Cache.get(offset)
     if (cached !== undefined) {
       // Refresh its place: the Map's order is the eviction order.

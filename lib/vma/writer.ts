@@ -1,7 +1,8 @@
 /**
  * VmaWriter: a Transform from records to archive bytes. The first item in
- * must be the ArchiveInfo (its devices and configs go into the header); then
- * ClusterRecords in any order, any mix of devices. Clusters are grouped into
+ * must be the ArchiveInfo (its devices and configs go into the header), unless
+ * the constructor was given it; then ClusterRecords, one by one or in
+ * arrays, in any order, any mix of devices. Clusters are grouped into
  * extents of 58 as the reference writer does. The writer refuses records that
  * would make an archive the reference reader rejects, and at the end insists
  * that every cluster of every device came exactly once.
@@ -10,6 +11,7 @@ import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
 import type { ArchiveInfo, ClusterRecord } from '../contracts.js'
 import { BLOCK_SIZE, popcount16 } from '../record.js'
+import { giveBack, lend } from '../io/slabs.js'
 import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
 import { WRITER_EXTENT_CLUSTERS, encodeExtentHeader, encodeHeader, parseUuid } from './format.js'
 
@@ -36,13 +38,20 @@ export class VmaWriter extends Transform {
   private readonly devices = new Map<number, TrackedDevice>()
   private pending: ClusterRecord[] = []
 
-  constructor () {
-    super({ writableObjectMode: true, writableHighWaterMark: 16, readableHighWaterMark: 1 << 20 })
+  /**
+   * Given `info`, the writer starts with it (on the first record, so that its
+   * errors come out of the stream), and takes ClusterRecords only. `batches`:
+   * they come in arrays, so that one item waiting is as much as 16 records.
+   */
+  constructor (private info?: ArchiveInfo, batches = false) {
+    super({ writableObjectMode: true, writableHighWaterMark: batches ? 1 : 16, readableHighWaterMark: 1 << 20 })
   }
 
-  override _transform (item: ArchiveInfo | ClusterRecord, _enc: BufferEncoding, callback: TransformCallback): void {
+  override _transform (item: ArchiveInfo | ClusterRecord | ClusterRecord[], _enc: BufferEncoding, callback: TransformCallback): void {
     try {
-      if (item.kind === 'archive') this.start(item)
+      this.startGiven()
+      if (Array.isArray(item)) for (const rec of item) this.add(rec)
+      else if (item.kind === 'archive') this.start(item)
       else this.add(item)
       callback()
     } catch (err) {
@@ -52,6 +61,7 @@ export class VmaWriter extends Transform {
 
   override _flush (callback: TransformCallback): void {
     try {
+      this.startGiven()
       if (this.uuid === undefined) throw new VmapipeError('E_RECORD', 'the record stream ended before its ArchiveInfo')
       this.flushExtent()
       const missing = firstIncomplete(this.devices.values())
@@ -60,6 +70,13 @@ export class VmaWriter extends Transform {
     } catch (err) {
       callback(err as Error)
     }
+  }
+
+  private startGiven (): void {
+    if (this.info === undefined) return
+    const info = this.info
+    this.info = undefined
+    this.start(info)
   }
 
   private start (info: ArchiveInfo): void {
@@ -91,10 +108,19 @@ export class VmaWriter extends Transform {
     const records = this.pending
     this.pending = []
     this.out(encodeExtentHeader(this.uuid as Buffer, records.map(r => ({ mask: r.mask, devId: r.device, cluster: r.cluster }))))
+    // Data that lies end to end in memory (whole clusters read into one buffer) goes out as one chunk: fewer chunks, fewer writes.
+    let run: Buffer[] = []
     for (const r of records) {
-      if (r.data.length > 0) this.out(r.data)
+      if (r.data.length === 0) continue
+      const last = run[run.length - 1]
+      if (last !== undefined && (last.buffer !== r.data.buffer || last.byteOffset + last.length !== r.data.byteOffset)) {
+        this.out(joined(run))
+        run = []
+      }
+      run.push(r.data)
       this.stats.dataBlocks += r.data.length / BLOCK_SIZE
     }
+    if (run.length > 0) this.out(joined(run))
     this.stats.clusters += records.length
     this.stats.extents++
   }
@@ -103,4 +129,18 @@ export class VmaWriter extends Transform {
     this.stats.bytes += bytes.length
     this.push(bytes)
   }
+}
+
+/**
+ * One view of buffers that lie end to end in one ArrayBuffer. A view of a
+ * slab is lent (io/slabs.ts) before the pieces' loans are given back, so the
+ * slab stays held until whoever writes the view gives it back.
+ */
+function joined (pieces: Buffer[]): Buffer {
+  if (pieces.length === 1) return pieces[0]
+  const first = pieces[0]
+  const last = pieces[pieces.length - 1]
+  const view = lend(Buffer.from(first.buffer, first.byteOffset, last.byteOffset + last.length - first.byteOffset))
+  for (const p of pieces) giveBack(p)
+  return view
 }
