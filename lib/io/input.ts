@@ -117,18 +117,18 @@ function readIntoSlabs (fd: number): Readable {
 }
 
 /**
- * `input` itself, or, where it is a file stream not read from yet
- * (untouchedFilePath), the same file read into slabs instead, `input`
+ * `input` itself, or, where it is a stream of a regular file not read from
+ * yet (untouchedFilePath), the same file read into slabs instead, `input`
  * destroyed: a file stream reads into a fresh buffer each time, garbage at
- * the speed of the data, which V8 frees only some 32 MiB later.
+ * the speed of the data, which V8 frees only some 32 MiB later. (Not a named
+ * pipe: between two readers its writer could find none.)
  */
 export function inSlabs (input: Readable): Readable {
   const path = untouchedFilePath(input)
-  if (path === undefined) return input
+  if (path === undefined || !isFile(path)) return input
   input.destroy()
   const slabs = slabFiller()
   let fd = -1
-  let position = 0
   /** Set while a read is out: the descriptor is closed only after it, never under it. */
   let reading = false
   let closeAfterRead: (() => void) | undefined
@@ -138,15 +138,12 @@ export function inSlabs (input: Readable): Readable {
     read () {
       const into = slabs.space()
       reading = true
-      fsRead(fd, into, 0, into.length, position, (err, n) => {
+      fsRead(fd, into, 0, into.length, null, (err, n) => {
         reading = false
         if (closeAfterRead !== undefined) closeAfterRead()
         else if (err !== null) out.destroy(err)
         else if (n === 0) out.push(null)
-        else {
-          position += n
-          out.push(slabs.filled(n))
-        }
+        else out.push(slabs.filled(n))
       })
     },
     destroy (err, callback) {
@@ -160,6 +157,14 @@ export function inSlabs (input: Readable): Readable {
     },
   })
   return out
+}
+
+function isFile (path: string): boolean {
+  try {
+    return statSync(path).isFile()
+  } catch {
+    return false
+  }
 }
 
 /**
