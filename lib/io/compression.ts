@@ -2,11 +2,12 @@
  * Compression as Proxmox applies it around VMA: zstd, gzip or lzop over the
  * whole archive. Recognised by magic bytes only. Nothing outside npm is
  * needed: zstd is decoded in this thread by zstd-napi (libzstd built from its
- * bundled sources) straight into slabs, or by node:zlib where only this Node
- * has it (22.15+), and compressed in a worker thread; lzop is our own LZO1X
- * code (lzo.ts), in a worker thread; gzip is node:zlib, which works on libuv's
- * thread pool. VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and `lzop`
- * programs instead, as before.
+ * bundled sources) straight into slabs, else by node:zlib where this Node has
+ * zstd (22.15+), and compressed by node:zlib there, else by zstd-napi in a
+ * worker thread; lzop is our own LZO1X code (lzo.ts), in a worker thread;
+ * gzip is node:zlib, which works on libuv's thread pool.
+ * VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and `lzop` programs
+ * instead, as before.
  */
 import { spawn } from 'node:child_process'
 import { createRequire } from 'node:module'
