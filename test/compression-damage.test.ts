@@ -6,7 +6,7 @@
  */
 import t from 'tap'
 import { spawn } from 'node:child_process'
-import { readFileSync, statSync, writeFileSync } from 'node:fs'
+import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { Duplex } from 'node:stream'
 import { VMA, exits, q, run, sh, tempDir } from './helpers/run.js'
@@ -66,25 +66,32 @@ function bytesRead (pid: number): number {
 }
 
 /**
- * Starts `vma verify ARCHIVE` in a process group of its own and, once it is
- * busy reading, sends ^C to the group as a terminal does: a `zstd` child gets
- * it too, and its death must not read as damaged data.
+ * Starts `vma verify -` in a process group of its own, feeds it the first
+ * half of ARCHIVE and, once it is busy with that, sends ^C to the group as a
+ * terminal does: a `zstd` child gets it too, and its death must not read as
+ * damaged data. The rest is held back, so verify cannot have finished first,
+ * however fast it reads.
  */
 async function interrupt (archive: string, env: NodeJS.ProcessEnv): Promise<{ code: number | null, stderr: string }> {
-  const child = spawn(process.execPath, [VMA, 'verify', archive], { stdio: ['ignore', 'ignore', 'pipe'], detached: true, env: { ...process.env, NODE_OPTIONS: '', ...env } })
+  const child = spawn(process.execPath, [VMA, 'verify', '-'], { stdio: ['pipe', 'ignore', 'pipe'], detached: true, env: { ...process.env, NODE_OPTIONS: '', ...env } })
   let stderr = ''
   child.stderr.on('data', (b: Buffer) => { stderr += b.toString() })
   let exited = false
   const closed = new Promise<number | null>(resolve => child.on('close', code => { exited = true; resolve(code) }))
-  const busy = statSync(archive).size / 4
+  const bytes = readFileSync(archive)
+  child.stdin.on('error', () => {})
+  child.stdin.write(bytes.subarray(0, bytes.length / 2))
+  const busy = bytes.length / 4
   while (!exited && bytesRead(child.pid as number) < busy) await new Promise(resolve => setTimeout(resolve, 5))
   process.kill(-(child.pid as number), 'SIGINT')
-  return { code: await closed, stderr }
+  const code = await closed
+  child.stdin.destroy()
+  return { code, stderr }
 }
 
 t.test('SIGINT during verify of a .zst exits 130, with our engine and with the zstd program', async t => {
   const dir = tempDir(t)
-  // 64 MiB that compresses about 2:1, so verify is still busy when ^C comes.
+  // 64 MiB that compresses about 2:1; interrupt() feeds verify half of its archive.
   const disk = join(dir, 'disk.raw')
   const data = new Rng(35).fill(Buffer.alloc(64 << 20))
   for (let i = 0; i < data.length; i++) data[i] &= 15

@@ -1,6 +1,6 @@
 /**
- * A worker thread that runs one compression job (zstd or lzop, either way) so
- * the parser and the codec use a core each. Talks to lib/io/compression.ts
+ * A worker thread that runs one compression job (zstd compression, lzop
+ * either way) so the codec and the rest of the job use a core each. Talks to lib/io/compression.ts
  * through messages with credits both ways, so neither side buffers more than
  * a few chunks:
  *   in:  {t:'data', b} (an ArrayBuffer, transferred), {t:'end'}, {t:'credit'} (one output chunk taken)
@@ -8,16 +8,14 @@
  */
 import { createRequire } from 'node:module'
 import { parentPort, workerData } from 'node:worker_threads'
-import { OUTPUT_CREDITS, type WorkerOptions, ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
+import { OUTPUT_CREDITS, type WorkerOptions } from './codec-protocol.js'
 import { LZOP_BLOCK, LZOP_END, LzoError, LzopDecoder, lzo1xBound, lzopBlock, lzopHeader } from './lzo.js'
 
 const OUT = 1 << 20
 
 /** The part of zstd-napi's binding used here, declared locally: the package is optional, and the build must not need it. */
 interface Binding {
-  DCtx: new () => { setParameter: (p: number, v: number) => void, decompressStream: (dst: Uint8Array, src: Uint8Array) => [number, number, number] }
   CCtx: new () => { setParameter: (p: number, v: number) => void, compressStream2: (dst: Uint8Array, src: Uint8Array, end: number) => [number, number, number] }
-  DParameter: { windowLogMax: number }
   CParameter: { compressionLevel: number, nbWorkers: number }
   EndDirective: { continue: number, end: number }
 }
@@ -31,39 +29,6 @@ interface Engine {
 
 class CodecError extends Error {
   constructor (message: string, readonly at?: number) { super(message) }
-}
-
-function zstdDecoder (zstd: Binding): Engine {
-  const dctx = new zstd.DCtx()
-  dctx.setParameter(zstd.DParameter.windowLogMax, ZSTD_WINDOW_LOG_MAX)
-  let inFrame = false
-  let consumedBefore = 0
-  return {
-    async write (chunk, emit) {
-      let src = chunk
-      while (true) {
-        const dst = Buffer.allocUnsafeSlow(OUT)
-        let result: [number, number, number]
-        try {
-          result = dctx.decompressStream(dst, src)
-        } catch (err) {
-          throw new CodecError(`zstd: ${(err as Error).message}`, consumedBefore + chunk.length - src.length)
-        }
-        const [ret, produced, consumed] = result
-        src = src.subarray(consumed)
-        if (produced > 0) await emit(dst.subarray(0, produced), true)
-        // Done with this chunk once it is all taken and zstd has no more output waiting.
-        if (src.length === 0 && (produced < dst.length || ret === 0)) {
-          inFrame = ret !== 0
-          break
-        }
-      }
-      consumedBefore += chunk.length
-    },
-    async end () {
-      if (inFrame) throw new CodecError('zstd: the stream is cut off inside a frame', consumedBefore)
-    },
-  }
 }
 
 function zstdEncoder (zstd: Binding, level: number, threads: number): Engine {
@@ -148,7 +113,7 @@ function engineFor (options: WorkerOptions): Engine {
   if (options.job === 'lzo-d') return lzopDecoder()
   if (options.job === 'lzo-c') return lzopEncoder()
   const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as Binding
-  return options.job === 'zstd-d' ? zstdDecoder(zstd) : zstdEncoder(zstd, options.level ?? 3, options.threads ?? 1)
+  return zstdEncoder(zstd, options.level ?? 3, options.threads ?? 1)
 }
 
 if (parentPort !== null) {

@@ -1,12 +1,13 @@
 /**
  * Compression as Proxmox applies it around VMA: zstd, gzip or lzop over the
  * whole archive. Recognised by magic bytes only. Nothing outside npm is
- * needed: zstd runs in node:zlib where this Node has it (22.15+), else
- * zstd-napi (libzstd built from its bundled sources), in a worker thread;
- * lzop is our own LZO1X code (lzo.ts), in a worker thread; gzip is
- * node:zlib, which works on libuv's thread pool. Either way the codec runs
- * beside the parser. VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and
- * `lzop` programs instead, as before.
+ * needed: zstd is decoded in this thread by zstd-napi (libzstd built from its
+ * bundled sources) straight into slabs, else by node:zlib where this Node has
+ * zstd (22.15+), and compressed by node:zlib there, else by zstd-napi in a
+ * worker thread; lzop is our own LZO1X code (lzo.ts), in a worker thread;
+ * gzip is node:zlib, which works on libuv's thread pool.
+ * VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and `lzop` programs
+ * instead, as before.
  */
 import { spawn } from 'node:child_process'
 import { createRequire } from 'node:module'
@@ -16,7 +17,7 @@ import { Worker } from 'node:worker_threads'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
 import { type WorkerOptions, ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
-import { giveBack, inSlab } from './slabs.js'
+import { SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
 
 export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
 export type Compression = typeof COMPRESSIONS[number]
@@ -123,11 +124,8 @@ interface ZlibZstd {
 const zlibZstd = zlib as unknown as ZlibZstd
 
 let zstdNapi: boolean | undefined
-/**
- * zstd-napi is an optional dependency: where it could not be built at install
- * (no C compiler) and Node has no zstd of its own, say what to do rather than fail later.
- */
-function needZstdNapi (): void {
+/** Whether zstd-napi, an optional dependency, was built at install and loads. */
+function zstdNapiLoads (): boolean {
   if (zstdNapi === undefined) {
     try {
       createRequire(import.meta.url)('zstd-napi/binding.js')
@@ -136,10 +134,13 @@ function needZstdNapi (): void {
       zstdNapi = false
     }
   }
-  if (!zstdNapi) {
-    throw new VmapipeError('E_TOOL_MISSING', 'zstd needs Node 22.15 or later, or the zstd-napi package built at install (npm ci with a C compiler), ' +
-      'or the zstd program with VMAPIPE_EXTERNAL_COMPRESSION=1')
-  }
+  return zstdNapi
+}
+
+/** Where zstd-napi could not be built (no C compiler) and Node has no zstd of its own: what to do, rather than fail later. */
+function noZstd (): VmapipeError {
+  return new VmapipeError('E_TOOL_MISSING', 'zstd needs Node 22.15 or later, or the zstd-napi package built at install (npm ci with a C compiler), ' +
+    'or the zstd program with VMAPIPE_EXTERNAL_COMPRESSION=1')
 }
 
 /** Chunks at least this large are never slices of Buffer's shared pool (8 KiB), so one that fills its ArrayBuffer owns it. */
@@ -204,14 +205,134 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
   return { input, output, done, stop: () => { void worker.terminate() } }
 }
 
+/** Output space below this starts a new slab rather than fill the end of one. */
+const MIN_OUT = 1 << 16
+/** New slabs one decoder may make (slabSource): about what the stages after it hold while they flow. */
+const NEW_SLABS = 4
+
+/** The part of zstd-napi's binding used in this thread, declared locally: the package is optional, and the build must not need it. */
+interface ZstdBinding {
+  DCtx: new () => ZstdDCtx
+  DParameter: { windowLogMax: number }
+}
+export interface ZstdDCtx {
+  /** Decodes from src into dst: [0 once a frame is complete, bytes produced, bytes consumed]; throws on bad data. */
+  decompressStream: (dst: Uint8Array, src: Uint8Array) => [number, number, number]
+  setParameter: (p: number, v: number) => void
+}
+
+/** A zstd-napi decompression context that refuses frames asking for more than zstd's default window. Throws where zstd-napi is not built. */
+export function zstdDecoder (): ZstdDCtx {
+  const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding
+  const dctx = new zstd.DCtx()
+  dctx.setParameter(zstd.DParameter.windowLogMax, ZSTD_WINDOW_LOG_MAX)
+  return dctx
+}
+
+/**
+ * zstd decoded in this thread with zstd-napi, a step at a time, straight into
+ * slabs (io/slabs.ts): each step fills the free end of the current slab, and
+ * what it produced is lent on, so consecutive outputs lie next to each other
+ * (the reader's byte queue joins them, no record is copied) and the slabs go
+ * round once the reader and the writers give their loans back. Measured
+ * against a worker thread (README, Performance), this costs less CPU and
+ * memory: libzstd is fast next to the cost of handing each output to
+ * another thread, and a worker's isolate alone is some 13 MiB.
+ */
+function zstdInline (): Filter {
+  const dctx = zstdDecoder()
+  const nextSlab = slabSource(NEW_SLABS)
+  let slab: Buffer | undefined
+  let into: Buffer = Buffer.alloc(0)
+  let used = 0
+  /** Compressed bytes consumed before the chunk being decoded. */
+  let consumedBefore = 0
+  let inFrame = false
+  let stopped = false
+  /** Decoding that waits for the reader to take what is out already. */
+  let blocked: (() => void) | undefined
+  let settle!: { resolve: () => void, reject: (err: Error) => void }
+  const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
+  const fail = (message: string, at: number): void => {
+    stopped = true
+    settle.reject(new VmapipeError('E_COMPRESSED_DATA', `zstd: ${message} (compressed byte ${at})`))
+  }
+  const output = new Readable({
+    highWaterMark: CHUNK,
+    read () {
+      const resume = blocked
+      blocked = undefined
+      resume?.()
+    },
+  })
+  /** Where the next step writes: the rest of this slab, or a new one. */
+  const space = (): Buffer => {
+    if (into.length - used < MIN_OUT) {
+      if (slab !== undefined) giveBack(slab)
+      slab = nextSlab()
+      into = slab ?? Buffer.allocUnsafeSlow(SLAB_SIZE)
+      used = 0
+    }
+    return into.subarray(used)
+  }
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      let src = chunk
+      const decode = (): void => {
+        while (!stopped) {
+          const dst = space()
+          let result: [number, number, number]
+          try {
+            result = dctx.decompressStream(dst, src)
+          } catch (err) {
+            fail((err as Error).message, consumedBefore + chunk.length - src.length)
+            return
+          }
+          const [ret, produced, consumed] = result
+          src = src.subarray(consumed)
+          let room = true
+          if (produced > 0) {
+            // Lent while this decoder still holds its own loan of the slab.
+            room = output.push(lend(into.subarray(used, used + produced)))
+            used += produced
+          }
+          // Done with this chunk once it is all taken and zstd has no more output waiting.
+          if (src.length === 0 && (produced < dst.length || ret === 0)) {
+            inFrame = ret !== 0
+            consumedBefore += chunk.length
+            giveBack(chunk)
+            callback()
+            return
+          }
+          if (!room) { blocked = decode; return }
+        }
+      }
+      decode()
+    },
+    final (callback) {
+      if (stopped) return
+      if (inFrame) {
+        fail('the stream is cut off inside a frame', consumedBefore)
+        return
+      }
+      if (slab !== undefined) giveBack(slab)
+      output.push(null)
+      settle.resolve()
+      callback()
+    },
+  })
+  return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
+}
+
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
+  if (zstdNapiLoads()) return zstdInline()
   if (zlibZstd.createZstdDecompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
   }
-  needZstdNapi()
-  return workerFilter({ job: 'zstd-d' }, 'E_COMPRESSED_DATA')
+  throw noZstd()
 }
 
 function decompressor (kind: Compression): Filter | null {
@@ -238,7 +359,7 @@ function zstdCompressor (level = ZSTD_LEVEL): Filter {
     const params = { [c.ZSTD_c_compressionLevel]: level, ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}) }
     return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
   }
-  needZstdNapi()
+  if (!zstdNapiLoads()) throw noZstd()
   return workerFilter({ job: 'zstd-c', level, threads }, 'E_IO')
 }
 
@@ -321,6 +442,8 @@ class FilterStream extends Duplex {
 
   private start (): Buffer {
     const head = Buffer.concat(this.head)
+    // A copy: chunks lent from slabs (io/slabs.ts) go back now.
+    for (const chunk of this.head) giveBack(chunk)
     this.head = []
     const filter = this.choose(head)
     this.inner = filter

@@ -224,11 +224,26 @@ export function lzo1xBound (n: number): number {
   return n + (n >> 4) + 64 + 3
 }
 
+/**
+ * Adler-32, 16 bytes a step: b gains 16a and each byte weighted by how many
+ * of the step's sums it enters, a the bytes; half the time of a byte at a
+ * time, which was most of lzop reading's CPU. The sums stay exact (far below
+ * 2^53) for the 5536 bytes (zlib's 5552, a multiple of 16) between modulos.
+ */
 export function adler32 (data: Uint8Array, start = 1): number {
   let a = start & 0xffff
   let b = start >>> 16
   for (let i = 0; i < data.length;) {
-    const stop = Math.min(i + 5552, data.length)
+    const stop = Math.min(i + 5536, data.length)
+    for (const steps = stop - ((stop - i) & 15); i < steps; i += 16) {
+      const d0 = data[i]; const d1 = data[i + 1]; const d2 = data[i + 2]; const d3 = data[i + 3]
+      const d4 = data[i + 4]; const d5 = data[i + 5]; const d6 = data[i + 6]; const d7 = data[i + 7]
+      const d8 = data[i + 8]; const d9 = data[i + 9]; const d10 = data[i + 10]; const d11 = data[i + 11]
+      const d12 = data[i + 12]; const d13 = data[i + 13]; const d14 = data[i + 14]; const d15 = data[i + 15]
+      b += 16 * (a + d0) + 15 * d1 + 14 * d2 + 13 * d3 + 12 * d4 + 11 * d5 + 10 * d6 + 9 * d7 +
+        8 * d8 + 7 * d9 + 6 * d10 + 5 * d11 + 4 * d12 + 3 * d13 + 2 * d14 + d15
+      a += d0 + d1 + d2 + d3 + d4 + d5 + d6 + d7 + d8 + d9 + d10 + d11 + d12 + d13 + d14 + d15
+    }
     for (; i < stop; i++) { a += data[i]; b += a }
     a %= 65521
     b %= 65521

@@ -1,15 +1,7 @@
 import { closeSync, fstatSync, openSync, readSync } from 'node:fs'
-import { createRequire } from 'node:module'
 import type { ArchiveInfo } from '../contracts.js'
-import { type Compression, detectCompression } from '../io/compression.js'
-import { ZSTD_WINDOW_LOG_MAX } from '../io/codec-protocol.js'
+import { type Compression, detectCompression, zstdDecoder } from '../io/compression.js'
 import { HEADER_PREFIX_SIZE, MAX_HEADER_SIZE, archiveInfo, parseHeader, readHeaderSize } from '../vma/format.js'
-
-/** The part of zstd-napi's binding used here, declared locally: the package is optional, and the build must not need it. */
-interface ZstdBinding {
-  DCtx: new () => { setParameter: (p: number, v: number) => void, decompressStream: (dst: Uint8Array, src: Uint8Array) => [number, number, number] }
-  DParameter: { windowLogMax: number }
-}
 
 /** Bytes of the file read at a time, and at most in all, for its header. */
 const READ = 64 * 1024
@@ -45,9 +37,7 @@ export function headerOfFile (path: string): { info: ArchiveInfo, compression: C
     if (compression === 'none') {
       feed = src => { filled += src.copy(decoded, filled) }
     } else {
-      const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdBinding
-      const dctx = new zstd.DCtx()
-      dctx.setParameter(zstd.DParameter.windowLogMax, ZSTD_WINDOW_LOG_MAX)
+      const dctx = zstdDecoder()
       feed = src => {
         while (src.length > 0 && filled < decoded.length) {
           const [, produced, consumed] = dctx.decompressStream(decoded.subarray(filled), src)

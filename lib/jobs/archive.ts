@@ -9,7 +9,7 @@ import type { ArchiveInfo, DeviceInfo, ProgressSink, StreamItem } from '../contr
 import { VMSTATE_NAME } from '../record.js'
 import { type Compression, createDecompressor } from '../io/compression.js'
 import { counter } from '../io/progress.js'
-import { untouchedFilePath } from '../io/input.js'
+import { inSlabs, untouchedFilePath } from '../io/input.js'
 import { giveBack } from '../io/slabs.js'
 import { type DeviceStats, VmaReader, deviceStats } from '../vma/stream.js'
 import { type ArchiveWalk, openArchiveFile, walkArchive } from '../vma/archive-index.js'
@@ -31,7 +31,7 @@ export interface ReadOptions {
 export async function runRecordPipeline (input: Readable, decompress: Duplex, reader: VmaReader, sink: Writable, options: ReadOptions = {}): Promise<void> {
   try {
     await runStages([
-      { stream: input, what: 'reading the archive' },
+      { stream: inSlabs(input), what: 'reading the archive' },
       ...(options.progress !== undefined ? [{ stream: await counter(options.progress), what: 'counting' }] : []),
       { stream: decompress, what: 'decompressing' },
       { stream: reader, what: 'reading the archive' },
