@@ -10,13 +10,14 @@
 import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '../contracts.js'
+import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites, ProgressSink } from '../contracts.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { syncPath } from '../io/output.js'
+import { type CopySource, copyDataRuns, writeFullySync } from '../util/data-runs.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
@@ -147,11 +148,42 @@ export class ParallelsWriter implements DiskWriter {
     return wait
   }
 
+  /**
+   * Writes the data of `disk` (of this writer's size) instead of records:
+   * each run of data clusters read into one reused buffer and written with
+   * one synchronous write per stretch whose image clusters lie one after
+   * another in the file (all of a run, as the clusters come in order). A 64
+   * KiB cluster with nothing stored stays unwritten, and an image cluster
+   * with nothing stored unallocated. Not for a snapshot.
+   * Call finish() after.
+   */
+  async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    if (this.base !== undefined) throw new Error('copyFrom writes no snapshot')
+    await copyDataRuns(disk, (first, bytes) => {
+      const start = first * CLUSTER_SIZE
+      const end = start + bytes.length
+      let from = start
+      let fromHost = this.hostOffset(start)
+      for (let at = (Math.floor(start / this.clusterBytes) + 1) * this.clusterBytes; at < end; at += this.clusterBytes) {
+        const host = this.hostOffset(at)
+        if (host === fromHost + at - from) continue
+        writeFullySync(this.file.fd, bytes.subarray(from - start, at - start), fromHost, this.path)
+        from = at
+        fromHost = host
+      }
+      writeFullySync(this.file.fd, bytes.subarray(from - start), fromHost, this.path)
+    }, progress, signal)
+  }
+
+  /** Where guest byte `position` lies in the file, its image cluster given the next free file cluster if it has none. */
+  private hostOffset (position: number): number {
+    const index = Math.floor(position / this.clusterBytes)
+    return this.hostCluster(index) * this.clusterBytes + position - index * this.clusterBytes
+  }
+
   /** Writes guest bytes at `position`, giving their image cluster the next free file cluster if it has none. */
   private put (bytes: Buffer, position: number): Promise<void> | undefined {
-    const index = Math.floor(position / this.clusterBytes)
-    const at = this.hostCluster(index) * this.clusterBytes + position - index * this.clusterBytes
-    return this.queue.write(this.file.fd, bytes, at, `writing ${this.path}`)
+    return this.queue.write(this.file.fd, bytes, this.hostOffset(position), `writing ${this.path}`)
   }
 
   /** The file cluster of image cluster `index`, the next free one if it has none yet. */
@@ -290,6 +322,10 @@ export class ParallelsBundleWriter implements DiskWriter {
 
   write (rec: ClusterRecord): Promise<void> | undefined {
     return this.image.write(rec)
+  }
+
+  async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    await this.image.copyFrom(disk, progress, signal)
   }
 
   async finish (): Promise<void> {
