@@ -17,7 +17,7 @@ import { giveBack } from '../io/slabs.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { syncPath } from '../io/output.js'
-import { type CopySource, copyDataRuns, writeFullySync } from '../util/data-runs.js'
+import { type CopySource, copyDataRuns } from '../util/data-runs.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
@@ -150,8 +150,8 @@ export class ParallelsWriter implements DiskWriter {
 
   /**
    * Writes the data of `disk` (of this writer's size) instead of records:
-   * each run of data clusters read into one reused buffer and written with
-   * one synchronous write per stretch whose image clusters lie one after
+   * each run of data clusters read into a reused buffer and written with
+   * one write per stretch whose image clusters lie one after
    * another in the file (all of a run, as the clusters come in order). A 64
    * KiB cluster with nothing stored stays unwritten, and an image cluster
    * with nothing stored unallocated. Not for a snapshot.
@@ -159,7 +159,7 @@ export class ParallelsWriter implements DiskWriter {
    */
   async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     if (this.base !== undefined) throw new Error('copyFrom writes no snapshot')
-    await copyDataRuns(disk, (first, bytes) => {
+    await copyDataRuns(disk, { fd: this.file.fd, path: this.path }, (first, bytes, write) => {
       const start = first * CLUSTER_SIZE
       const end = start + bytes.length
       let from = start
@@ -167,11 +167,11 @@ export class ParallelsWriter implements DiskWriter {
       for (let at = (Math.floor(start / this.clusterBytes) + 1) * this.clusterBytes; at < end; at += this.clusterBytes) {
         const host = this.hostOffset(at)
         if (host === fromHost + at - from) continue
-        writeFullySync(this.file.fd, bytes.subarray(from - start, at - start), fromHost, this.path)
+        write(bytes.subarray(from - start, at - start), fromHost)
         from = at
         fromHost = host
       }
-      writeFullySync(this.file.fd, bytes.subarray(from - start), fromHost, this.path)
+      write(bytes.subarray(from - start), fromHost)
     }, progress, signal)
   }
 

@@ -19,7 +19,7 @@ import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
 import type { Writable } from 'node:stream'
 import { drained } from '../io/drained.js'
-import { type CopySource, copyDataRuns, writeFullySync } from '../util/data-runs.js'
+import { type CopySource, copyDataRuns } from '../util/data-runs.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
 const CLUSTER_BITS = 16
@@ -103,8 +103,8 @@ export class Qcow2FileWriter implements DiskWriter {
 
   /**
    * Writes the data of `disk` (of this writer's size) instead of records: each
-   * run of data clusters read into one reused buffer and written at the next
-   * host clusters with one synchronous write (holes inside a cluster read as
+   * run of data clusters read into a reused buffer and written at the next
+   * host clusters with one write (holes inside a cluster read as
    * zeros, all-zero clusters left unallocated). Not for an overlay, whose zero
    * clusters must hide the backing file. Call finish() after.
    */
@@ -114,10 +114,9 @@ export class Qcow2FileWriter implements DiskWriter {
       await this.data.copyFrom(disk, progress, signal)
       return
     }
-    await copyDataRuns(disk, (first, bytes) => {
-      const host = this.nextHost
+    await copyDataRuns(disk, { fd: this.file.fd, path: this.path }, (first, bytes, write) => {
+      write(bytes, this.nextHost * CLUSTER_SIZE)
       for (let c = 0; c * CLUSTER_SIZE < bytes.length; c++) this.map.set(first + c, this.nextHost++)
-      writeFullySync(this.file.fd, bytes, host * CLUSTER_SIZE, this.path)
     }, progress, signal)
   }
 

@@ -1,9 +1,9 @@
 /**
  * Copying a disk by position into an image file: the 64 KiB clusters that
- * hold data, as runs of neighbours read into one reused buffer and written
- * with one positional write each (the qcow2 and Parallels writers' copyFrom).
+ * hold data, as runs of neighbours read into reused buffers and written
+ * with a positional write each (the qcow2 and Parallels writers' copyFrom).
  */
-import { writeSync } from 'node:fs'
+import { fdatasync, write } from 'node:fs'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { CLUSTER_SIZE } from '../record.js'
@@ -15,6 +15,8 @@ export type CopySource = Pick<RandomAccessDisk, 'map' | 'size'> & { readSync: (b
 export const COPY_CLUSTERS = 16
 /** The map is asked for this much of the disk at a time, so that a fragmented disk's extents never pile up. */
 const MAP_WINDOW = 256 << 20
+/** Bytes written between background syncs. */
+const FLUSH_EVERY = 64 << 20
 
 /**
  * Calls `fn` for each run of neighbouring 64 KiB clusters of `disk` that hold
@@ -52,41 +54,81 @@ export async function forEachDataRun (
   await flush()
 }
 
+/** Places a run: writes its bytes (or pieces of them) where they go in the image. */
+export type Place = (first: number, bytes: Buffer, write: (piece: Buffer, position: number) => void) => void
+
+/** Buffers a copy reads into: one being read while the other's writes are under way (reading from the page cache is the quicker side). */
+const BUFFERS = 2
+
 /**
- * Copies the data clusters of `disk` through one reused buffer: `place` is
- * given each run (first cluster, bytes read, whole clusters zero-filled where
- * nothing is stored, clipped to the disk's end) to write. The event loop gets
- * a turn after every COPY_CLUSTERS of bytes; stops with E_INTERRUPTED when
- * `signal` is aborted. Reports the stored bytes read to `progress`.
+ * Copies the data clusters of `disk` into `file`: each run (whole
+ * clusters, zero-filled where nothing is stored, clipped to the disk's end)
+ * read synchronously into one of two reused buffers (cheap from the page
+ * cache) and given to `place`, whose writes go to the thread pool while the
+ * next run is read: on two cores the copies overlap. Every FLUSH_EVERY bytes
+ * an fdatasync starts in the background, so that the file's final sync finds
+ * little left to write back. Stops with E_INTERRUPTED when `signal` is
+ * aborted. Reports the stored bytes read to `progress`.
  */
 export async function copyDataRuns (
-  disk: CopySource, place: (first: number, bytes: Buffer) => void, progress?: ProgressSink, signal?: AbortSignal
+  disk: CopySource, file: { fd: number, path: string }, place: Place, progress?: ProgressSink, signal?: AbortSignal
 ): Promise<void> {
-  const buf = Buffer.allocUnsafeSlow(COPY_CLUSTERS * CLUSTER_SIZE)
-  let sinceTurn = 0
-  await forEachDataRun(disk, COPY_CLUSTERS, async (first, count, stored) => {
-    const bytes = buf.subarray(0, Math.min(count * CLUSTER_SIZE, disk.size - first * CLUSTER_SIZE))
-    disk.readSync(bytes, first * CLUSTER_SIZE)
-    place(first, bytes)
-    progress?.add(stored)
-    sinceTurn += bytes.length
-    if (sinceTurn < buf.length) return
-    sinceTurn = 0
-    await new Promise(resolve => setImmediate(resolve))
-    if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
-  })
+  const free: Buffer[] = Array.from({ length: BUFFERS }, () => Buffer.allocUnsafeSlow(COPY_CLUSTERS * CLUSTER_SIZE))
+  let busy = 0
+  let failure: Error | undefined
+  let wake = (): void => {}
+  const settle = (err: Error | null): void => {
+    if (err !== null) failure ??= ioError(err, `writing ${file.path}`)
+    busy--
+    wake()
+  }
+  const until = async (done: () => boolean): Promise<void> => {
+    while (!done()) await new Promise<void>(resolve => { wake = resolve })
+  }
+  let sinceFlush = 0
+  let flushing = false
+  const flushSome = (): void => {
+    if (sinceFlush < FLUSH_EVERY || flushing) return
+    sinceFlush = 0
+    flushing = true
+    busy++
+    fdatasync(file.fd, err => { flushing = false; settle(err) })
+  }
+  try {
+    await forEachDataRun(disk, COPY_CLUSTERS, async (first, count, stored) => {
+      await until(() => free.length > 0 || failure !== undefined)
+      if (failure !== undefined) throw failure
+      if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
+      const buf = free.pop() as Buffer
+      const bytes = buf.subarray(0, Math.min(count * CLUSTER_SIZE, disk.size - first * CLUSTER_SIZE))
+      disk.readSync(bytes, first * CLUSTER_SIZE)
+      // The buffer is free again once every write of it has ended.
+      let pending = 1
+      const release = (): void => { if (--pending === 0) free.push(buf) }
+      place(first, bytes, (piece, position) => {
+        pending++
+        busy++
+        writeFully(file.fd, piece, position, err => { release(); settle(err) })
+      })
+      release()
+      progress?.add(stored)
+      sinceFlush += bytes.length
+      flushSome()
+      // A turn of the event loop per run, even where every write is done at once (signals, timers).
+      if (free.length > 0) await new Promise(resolve => setImmediate(resolve))
+    })
+  } finally {
+    await until(() => busy === 0)
+  }
+  if (failure !== undefined) throw failure
 }
 
-/** pwrite until every byte is written, synchronously. */
-export function writeFullySync (fd: number, bytes: Buffer, position: number, path: string): void {
-  for (let done = 0; done < bytes.length;) {
-    let n: number
-    try {
-      n = writeSync(fd, bytes, done, bytes.length - done, position + done)
-    } catch (err) {
-      throw ioError(err, `writing ${path}`)
-    }
-    if (n === 0) throw new VmapipeError('E_IO', `writing ${path} made no progress`)
-    done += n
-  }
+/** write until every byte is written (regular files may take less than asked). */
+function writeFully (fd: number, bytes: Buffer, position: number, done: (err: Error | null) => void): void {
+  write(fd, bytes, 0, bytes.length, position, (err, n) => {
+    if (err !== null) done(err)
+    else if (n === bytes.length) done(null)
+    else if (n === 0) done(new Error('the write made no progress'))
+    else writeFully(fd, bytes.subarray(n), position + n, done)
+  })
 }
