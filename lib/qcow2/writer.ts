@@ -13,13 +13,13 @@
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites, ProgressSink } from '../contracts.js'
-import { CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
+import { CLUSTER_SIZE, clusterCount } from '../record.js'
 import { RawFileWriter } from '../raw/writer.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
 import type { Writable } from 'node:stream'
 import { drained } from '../io/drained.js'
-import { type CopySource, copyDataRuns } from '../util/data-runs.js'
+import { type CopySource, clusterPieces, copyDataRuns } from '../util/data-runs.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
 const CLUSTER_BITS = 16
@@ -93,9 +93,13 @@ export class Qcow2FileWriter implements DiskWriter {
       if (this.options.backing !== undefined) this.map.set(rec.cluster, ZERO)
       return undefined
     }
+    const pieces = clusterPieces(rec, this.size)
     const host = this.nextHost++
     this.map.set(rec.cluster, host)
-    const wait = this.queue.write(this.file.fd, expandCluster(rec, this.size), host * CLUSTER_SIZE, `writing ${this.path}`)
+    // A partly zero cluster as its data runs and shared zeros (nothing copied); the queue merges them and the clusters around into one writev.
+    let wait: Promise<void> | undefined
+    const shift = host * CLUSTER_SIZE - rec.cluster * CLUSTER_SIZE
+    for (const [position, bytes] of pieces) wait = this.queue.write(this.file.fd, bytes, position + shift, `writing ${this.path}`) ?? wait
     // A WriteQueue holds what it still has to write as loans of its own (io/slabs.ts); any other keeps the record's.
     if (this.queue instanceof WriteQueue) giveBack(rec.data)
     return wait

@@ -5,8 +5,8 @@
  */
 import { fdatasync, write } from 'node:fs'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ProgressSink, RandomAccessDisk } from '../contracts.js'
-import { CLUSTER_SIZE } from '../record.js'
+import type { ClusterRecord, ProgressSink, RandomAccessDisk } from '../contracts.js'
+import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 
 /** What a copy reads: a disk's map, and its bytes read synchronously (cheap from the page cache). */
 export type CopySource = Pick<RandomAccessDisk, 'map' | 'size'> & { readSync: (buf: Buffer, offset: number) => void }
@@ -135,4 +135,24 @@ function writeFully (fd: number, bytes: Buffer, position: number, done: (err: Er
     else if (n === 0) done(new Error('the write made no progress'))
     else writeFully(fd, bytes.subarray(n), position + n, done)
   })
+}
+
+/**
+ * The pieces that make record `rec`'s whole cluster, clipped to a device of
+ * `deviceSize` bytes, in order as [position, bytes]: its data runs, and the
+ * gaps between them as views of shared zeros (nothing copied), so that a
+ * queue that merges neighbours writes the cluster, and clusters written next
+ * to it, in one writev. Checks the record as forEachRun does.
+ */
+export function clusterPieces (rec: ClusterRecord, deviceSize: number): Array<[number, Buffer]> {
+  const pieces: Array<[number, Buffer]> = []
+  let at = rec.cluster * CLUSTER_SIZE
+  forEachRun(rec, deviceSize, (position, bytes) => {
+    if (position > at) pieces.push([at, ZERO_CLUSTER.subarray(0, position - at)])
+    pieces.push([position, bytes])
+    at = position + bytes.length
+  })
+  const end = Math.min(rec.cluster * CLUSTER_SIZE + CLUSTER_SIZE, deviceSize)
+  if (end > at) pieces.push([at, ZERO_CLUSTER.subarray(0, end - at)])
+  return pieces
 }
