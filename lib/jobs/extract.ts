@@ -11,10 +11,10 @@ import type { Readable, Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ArchiveInfo, DeviceInfo, DiskOutput, DiskWriter, ProgressSink } from '../contracts.js'
 import { DeviceRouter } from './router.js'
-import { RawFileWriter, RawStreamWriter } from '../raw/writer.js'
+import { RawStreamWriter } from '../raw/writer.js'
 import { NbdDiskWriter, type NbdWriteStats } from '../nbd/writer.js'
 import type { NbdAddress } from '../nbd/client.js'
-import { type OutputOptions, diskOutput } from './targets.js'
+import { type OutputOptions, canCopy, copiesByPosition, diskOutput } from './targets.js'
 import { WriteQueue } from '../io/write-queue.js'
 import { ownerOf, ownerState, ownerTag, syncPath } from '../io/output.js'
 import { drained } from '../io/drained.js'
@@ -70,9 +70,8 @@ export async function extractToDirectory (
       }
       for (const d of disks) add(d.device.id, await d.output.create(stagingDir, queue))
     }
-    // Raw files from an uncompressed archive file are copied by position, in large pieces; anything else takes the records.
-    const raw = (options.format ?? 'raw') === 'raw' && options.dataFile !== true
-    const file = raw ? await openUntouched(input) : undefined
+    // Raw files and images from an uncompressed archive file are copied by position, in large pieces; anything else takes the records.
+    const file = copiesByPosition(options) ? await openUntouched(input) : undefined
     let done: { info: ArchiveInfo, archiveBytes: number }
     if (file !== undefined) {
       done = await copyToDirectory(file, select, plan, create, options)
@@ -125,7 +124,7 @@ async function indexChecked (file: PositionalReader, options: ExtractOptions, ch
   }
 }
 
-/** extractToDirectory from an archive file in raw: each disk's data copied by position (RawFileWriter.copyFrom). */
+/** extractToDirectory from an archive file in raw, qcow2 or Parallels: each disk's data copied by position (the writer's copyFrom). */
 async function copyToDirectory (
   file: PositionalReader,
   select: ((devices: DeviceInfo[]) => DeviceInfo[]) | undefined,
@@ -147,7 +146,7 @@ async function copyToDirectory (
     let counted = 0
     const progress: ProgressSink = { add: n => { counted += n; options.progress?.add(n) } }
     for (const { device, writer } of writers) {
-      if (!(writer instanceof RawFileWriter)) throw new Error(`the raw output of ${device.name} is not a RawFileWriter`)
+      if (!canCopy(writer)) throw new Error(`the writer of ${device.name} cannot copy by position`)
       const disk = index.disk(device)
       try {
         await writer.copyFrom(disk, progress, options.signal)

@@ -10,13 +10,14 @@
 import { mkdir, open, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, join } from 'node:path'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '../contracts.js'
-import { CLUSTER_SIZE, ZERO_CLUSTER, clusterCount, forEachRun } from '../record.js'
+import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites, ProgressSink } from '../contracts.js'
+import { CLUSTER_SIZE, ZERO_CLUSTER, clusterCount } from '../record.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { syncPath } from '../io/output.js'
+import { type CopySource, clusterPieces, copyDataRuns } from '../util/data-runs.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,
@@ -129,29 +130,50 @@ export class ParallelsWriter implements DiskWriter {
     // Checked before cover() gives the cluster file space: forEachRun lets a record with no data past the end through.
     if (rec.cluster >= clusterCount(this.size)) throw new VmapipeError('E_RECORD', 'cluster past the device end', { cluster: rec.cluster })
     if (this.base !== undefined) this.cover(rec.cluster)
-    const runs: Array<[number, Buffer]> = []
-    forEachRun(rec, this.size, (position, bytes) => { runs.push([position, bytes]) })
+    const pieces = clusterPieces(rec, this.size)
     // Nothing but zeros: no write, and an image cluster nothing else touches stays unallocated.
     if (rec.data.equals(ZERO_CLUSTER.subarray(0, rec.data.length))) return undefined
-    // The whole 64 KiB in place, the gaps between data runs from the shared zeros (no copy): one writev per run of
-    // clusters instead of one write per data run, each of which costs a hand-off to a thread.
+    // The whole 64 KiB in place: one writev per run of clusters instead of one write per data run, each of which costs a hand-off to a thread.
     let wait: Promise<void> | undefined
-    let at = rec.cluster * CLUSTER_SIZE
-    for (const [position, bytes] of runs) {
-      if (position > at) wait = this.put(ZERO_CLUSTER.subarray(0, position - at), at) ?? wait
-      wait = this.put(bytes, position) ?? wait
-      at = position + bytes.length
-    }
-    const end = Math.min(rec.cluster * CLUSTER_SIZE + CLUSTER_SIZE, this.size)
-    if (end > at) wait = this.put(ZERO_CLUSTER.subarray(0, end - at), at) ?? wait
+    for (const [position, bytes] of pieces) wait = this.put(bytes, position) ?? wait
     return wait
+  }
+
+  /**
+   * Writes the data of `disk` (of this writer's size) instead of records:
+   * each run of data clusters read into a reused buffer and written with one
+   * write per stretch whose image clusters lie one after another in the file
+   * (all of a run, as image clusters are given file space in guest order). A
+   * 64 KiB cluster with nothing stored stays unwritten, an image cluster with
+   * nothing stored unallocated. Not for a snapshot. Call finish() after.
+   */
+  async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    if (this.base !== undefined) throw new Error('copyFrom writes no snapshot')
+    await copyDataRuns(disk, { fd: this.file.fd, path: this.path }, (first, bytes, write) => {
+      const start = first * CLUSTER_SIZE
+      const end = start + bytes.length
+      let from = start
+      let fromHost = this.hostOffset(start)
+      for (let at = (Math.floor(start / this.clusterBytes) + 1) * this.clusterBytes; at < end; at += this.clusterBytes) {
+        const host = this.hostOffset(at)
+        if (host === fromHost + at - from) continue
+        write(bytes.subarray(from - start, at - start), fromHost)
+        from = at
+        fromHost = host
+      }
+      write(bytes.subarray(from - start), fromHost)
+    }, progress, signal)
+  }
+
+  /** Where guest byte `position` lies in the file, its image cluster given the next free file cluster if it has none. */
+  private hostOffset (position: number): number {
+    const index = Math.floor(position / this.clusterBytes)
+    return this.hostCluster(index) * this.clusterBytes + position - index * this.clusterBytes
   }
 
   /** Writes guest bytes at `position`, giving their image cluster the next free file cluster if it has none. */
   private put (bytes: Buffer, position: number): Promise<void> | undefined {
-    const index = Math.floor(position / this.clusterBytes)
-    const at = this.hostCluster(index) * this.clusterBytes + position - index * this.clusterBytes
-    return this.queue.write(this.file.fd, bytes, at, `writing ${this.path}`)
+    return this.queue.write(this.file.fd, bytes, this.hostOffset(position), `writing ${this.path}`)
   }
 
   /** The file cluster of image cluster `index`, the next free one if it has none yet. */
@@ -290,6 +312,10 @@ export class ParallelsBundleWriter implements DiskWriter {
 
   write (rec: ClusterRecord): Promise<void> | undefined {
     return this.image.write(rec)
+  }
+
+  async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    await this.image.copyFrom(disk, progress, signal)
   }
 
   async finish (): Promise<void> {

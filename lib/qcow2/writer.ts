@@ -12,19 +12,21 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites } from '../contracts.js'
-import { CLUSTER_SIZE, clusterCount, expandCluster } from '../record.js'
+import type { ClusterRecord, DiskWriter, RandomAccessDisk, FileWrites, ProgressSink } from '../contracts.js'
+import { CLUSTER_SIZE, clusterCount } from '../record.js'
 import { RawFileWriter } from '../raw/writer.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
 import type { Writable } from 'node:stream'
 import { drained } from '../io/drained.js'
+import { type CopySource, clusterPieces, copyDataRuns } from '../util/data-runs.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
 const CLUSTER_BITS = 16
 const ENTRIES = l2Entries(CLUSTER_BITS, false)
 /** In the guest -> host map: a cluster that reads as zeros (overlays only). */
 const ZERO = 0xffffffff
+const REFCOUNT_ONE = Buffer.from([0, 1])
 
 export interface Qcow2WriterOptions {
   /** Keep guest data in this raw file; `name` is how the header refers to it (relative to the image). */
@@ -91,12 +93,35 @@ export class Qcow2FileWriter implements DiskWriter {
       if (this.options.backing !== undefined) this.map.set(rec.cluster, ZERO)
       return undefined
     }
+    const pieces = clusterPieces(rec, this.size)
     const host = this.nextHost++
     this.map.set(rec.cluster, host)
-    const wait = this.queue.write(this.file.fd, expandCluster(rec, this.size), host * CLUSTER_SIZE, `writing ${this.path}`)
+    // A partly zero cluster as its data runs and shared zeros (nothing copied); the queue merges them and the clusters around into one writev.
+    let wait: Promise<void> | undefined
+    const shift = host * CLUSTER_SIZE - rec.cluster * CLUSTER_SIZE
+    for (const [position, bytes] of pieces) wait = this.queue.write(this.file.fd, bytes, position + shift, `writing ${this.path}`) ?? wait
     // A WriteQueue holds what it still has to write as loans of its own (io/slabs.ts); any other keeps the record's.
     if (this.queue instanceof WriteQueue) giveBack(rec.data)
     return wait
+  }
+
+  /**
+   * Writes the data of `disk` (of this writer's size) instead of records: each
+   * run of data clusters read into a reused buffer and written at the next
+   * host clusters with one write (holes inside a cluster read as
+   * zeros, all-zero clusters left unallocated). Not for an overlay, whose zero
+   * clusters must hide the backing file. Call finish() after.
+   */
+  async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
+    if (this.options.backing !== undefined) throw new Error('copyFrom writes no overlay')
+    if (this.data !== undefined) {
+      await this.data.copyFrom(disk, progress, signal)
+      return
+    }
+    await copyDataRuns(disk, { fd: this.file.fd, path: this.path }, (first, bytes, write) => {
+      write(bytes, this.nextHost * CLUSTER_SIZE)
+      for (let c = 0; c * CLUSTER_SIZE < bytes.length; c++) this.map.set(first + c, this.nextHost++)
+    }, progress, signal)
   }
 
   async finish (): Promise<void> {
@@ -179,7 +204,8 @@ function metadata (spec: MetadataSpec): { l1: Buffer, blocks: Buffer, table: Buf
   const l1 = Buffer.alloc(l1Clusters * CLUSTER_SIZE)
   for (const [index, host] of spec.l2Tables) writeEntry(l1, index * 8, host * CLUSTER_SIZE, COPIED)
   const blocks = Buffer.alloc(spec.refs.blocks * CLUSTER_SIZE)
-  for (let c = 0; c < spec.refs.total; c++) blocks.writeUInt16BE(1, c * 2)
+  // A refcount of 1 (big-endian) for every cluster in use.
+  blocks.fill(REFCOUNT_ONE, 0, spec.refs.total * 2)
   const table = Buffer.alloc(spec.refs.tableClusters * CLUSTER_SIZE)
   for (let b = 0; b < spec.refs.blocks; b++) writeEntry(table, b * 8, (spec.blocksStart + b) * CLUSTER_SIZE)
   const header = encodeHeader({
