@@ -15,6 +15,7 @@ import { ReorderBuffer, type ReorderOptions, expandLent } from '../io/reorder.js
 import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
+import { MAP_WINDOW } from '../util/data-runs.js'
 
 /** What RawFileWriter.copyFrom reads: a disk's map, and its bytes read synchronously. */
 type CopySource = Pick<RandomAccessDisk, 'map'> & { readSync: (buf: Buffer, offset: number) => void }
@@ -58,8 +59,8 @@ export class RawFileWriter implements DiskWriter {
   async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     const buf = Buffer.allocUnsafeSlow(COPY_CHUNK)
     let sinceTurn = 0
-    for (let at = 0; at < this.size; at += COPY_WINDOW) {
-      for (const e of await disk.map(at, Math.min(COPY_WINDOW, this.size - at))) {
+    for (let at = 0; at < this.size; at += MAP_WINDOW) {
+      for (const e of await disk.map(at, Math.min(MAP_WINDOW, this.size - at))) {
         if (!e.data) continue
         for (let done = 0; done < e.length;) {
           const n = Math.min(COPY_CHUNK, e.length - done)
@@ -91,8 +92,6 @@ export class RawFileWriter implements DiskWriter {
 
 /** copyFrom's pieces: large, so that each costs one read and one write. */
 const COPY_CHUNK = 1 << 20
-/** The map is asked for this much of the disk at a time, so that a fragmented disk's extents never pile up. */
-const COPY_WINDOW = 256 << 20
 
 /** pwrite until every byte is written, synchronously. */
 function writeFullySync (fd: number, bytes: Buffer, position: number, path: string): void {

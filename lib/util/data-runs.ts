@@ -18,7 +18,7 @@ export const COPY_CLUSTERS = 16
  * young, where those of 256 MiB lived through collections and made V8 double
  * its young generation (4 MiB more RSS at 1 GiB).
  */
-const MAP_WINDOW = 8 << 20
+export const MAP_WINDOW = 8 << 20
 /** Bytes written between background syncs. */
 const FLUSH_EVERY = 64 << 20
 
