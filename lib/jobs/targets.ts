@@ -44,7 +44,7 @@ export function copiesByPosition (options: OutputOptions): boolean {
 }
 
 /** A writer that can take a disk by position (raw, qcow2, Parallels: copyFrom, then finish). */
-export type CopyingWriter = DiskWriter & { copyFrom: (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal) => Promise<void> }
+type CopyingWriter = DiskWriter & { copyFrom: (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal) => Promise<void> }
 
 export function canCopy (writer: DiskWriter): writer is CopyingWriter {
   return typeof (writer as Partial<CopyingWriter>).copyFrom === 'function'

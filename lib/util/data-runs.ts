@@ -12,7 +12,7 @@ import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 export type CopySource = Pick<RandomAccessDisk, 'map' | 'size'> & { readSync: (buf: Buffer, offset: number) => void }
 
 /** Clusters read and written at once: 1 MiB. */
-export const COPY_CLUSTERS = 16
+const COPY_CLUSTERS = 16
 /**
  * The map is asked for this much of the disk at a time: its extents die
  * young, where those of 256 MiB lived through collections and made V8 double
@@ -28,7 +28,7 @@ const FLUSH_EVERY = 64 << 20
  * clusters: the first cluster, the count, and the stored bytes in the piece
  * (for progress; they add up to the disk's stored bytes).
  */
-export async function forEachDataRun (
+async function forEachDataRun (
   disk: Pick<RandomAccessDisk, 'map' | 'size'>, most: number, fn: (first: number, count: number, stored: number) => void | Promise<void>
 ): Promise<void> {
   let first = 0
@@ -59,7 +59,7 @@ export async function forEachDataRun (
 }
 
 /** Places a run: writes its bytes (or pieces of them) where they go in the image. */
-export type Place = (first: number, bytes: Buffer, write: (piece: Buffer, position: number) => void) => void
+type Place = (first: number, bytes: Buffer, write: (piece: Buffer, position: number) => void) => void
 
 /** Buffers a copy reads into: one being read while the other's writes are under way (reading from the page cache is the quicker side). */
 const BUFFERS = 2
