@@ -12,7 +12,7 @@ import { VmapipeError } from '../errors.js'
 import type { FormatDescriptor, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { type Input, openInput, peek, readHead, sizeOf, spillToFile } from '../io/input.js'
 import { TAIL_BYTES, refuseForeign } from './foreign.js'
-import { diskRecords, dirtyRecords } from '../io/disk-records.js'
+import { type DiskRecordsOptions, diskRecords, dirtyRecords } from '../io/disk-records.js'
 import { isNbdUri, openNbdDisk } from '../nbd/client.js'
 import { RawImage, raw } from '../raw/index.js'
 import { type FormatName, FORMATS, detectFormat, formatNamed } from './registry.js'
@@ -58,8 +58,13 @@ export interface DiskSource {
 
 /** Bytes enough to recognise every format we read. */
 const DETECT_BYTES = 512
-/** Batches an NBD source reads at once, so that several requests are in flight. */
-const NBD_READ_AHEAD = 8
+/**
+ * Batches an NBD source reads at once, so that several requests are in flight.
+ * More would outrun the slabs a walk may make (io/disk-records.ts NEW_SLABS,
+ * with what the archive writer still holds): each batch past them is a fresh
+ * MiB of garbage, which took pack-vma from an NBD export to 120 MiB RSS.
+ */
+const NBD_READ_AHEAD = 4
 
 /**
  * The format a file's first bytes announce; raw when none does. A format that
@@ -197,11 +202,19 @@ async function openNbdSource (spec: DiskSpec): Promise<DiskSource> {
     size: disk.size,
     ...(bitmap !== undefined ? { incremental: true } : {}),
     records: async (device, progress) => {
-      const options = { readAhead: NBD_READ_AHEAD, ...(progress !== undefined ? { progress } : {}) }
+      const options = nbdReadOptions(progress)
       return bitmap === undefined ? diskRecords(disk, device, options) : dirtyRecords(disk, bitmap, device, options)
     },
+    // A whole disk is read by random access like an image file, so it goes to the archive writer a batch at a time too.
+    ...(bitmap === undefined
+      ? { batches: async (device: number, progress?: ProgressSink) => diskRecords(disk, device, { ...nbdReadOptions(progress), batched: true }) }
+      : {}),
     close: () => { disk.close().catch(() => {}) },
   }
+}
+
+function nbdReadOptions (progress?: ProgressSink): DiskRecordsOptions {
+  return { readAhead: NBD_READ_AHEAD, ...(progress !== undefined ? { progress } : {}) }
 }
 
 async function openRaw (spec: DiskSpec, input: Input): Promise<DiskSource> {
