@@ -27,7 +27,7 @@ export async function readUpTo (file: FileHandle, buf: Buffer, position: number,
 }
 
 /** readUpTo by synchronous reads of a file descriptor. */
-function readUpToSync (fd: number, buf: Buffer, position: number, where: string): number {
+export function readUpToSync (fd: number, buf: Buffer, position: number, where: string): number {
   let done = 0
   while (done < buf.length) {
     let n: number

@@ -10,7 +10,7 @@
  * Memory is fixed: the in-memory clusters sit in slots made once, and what
  * goes to the file or comes back from it lies in slabs (io/slabs.ts).
  */
-import { closeSync, openSync, readSync, unlinkSync } from 'node:fs'
+import { closeSync, openSync, unlinkSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { randomBytes } from 'node:crypto'
@@ -19,6 +19,7 @@ import type { ClusterRecord } from '../contracts.js'
 import { CLUSTER_SIZE, expandCluster } from '../record.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { WriteQueue } from './write-queue.js'
+import { readUpToSync } from './pread.js'
 import { SLAB_SIZE, giveBack, lend, scratch, takeSlab } from './slabs.js'
 
 export interface ReorderOptions {
@@ -121,7 +122,7 @@ export class ReorderBuffer {
       const from = i
       for (; i < clusters && this.spilled.has(cluster + i) === data; i++) (data ? this.spilled : this.zeros).delete(cluster + i)
       const piece = bytes.subarray(from * CLUSTER_SIZE, i * CLUSTER_SIZE)
-      piece.fill(0, data ? readAll(this.fd, piece, start + from * CLUSTER_SIZE) : 0)
+      piece.fill(0, data ? readUpToSync(this.fd, piece, start + from * CLUSTER_SIZE, 'the spill file') : 0)
     }
     return { bytes, clusters, release: () => { giveBack(bytes) } }
   }
@@ -152,20 +153,4 @@ export class ReorderBuffer {
     }
     return this.fd
   }
-}
-
-/** Reads until `bytes` is full or the file ends; returns the bytes read. */
-function readAll (fd: number, bytes: Buffer, position: number): number {
-  let done = 0
-  while (done < bytes.length) {
-    let n: number
-    try {
-      n = readSync(fd, bytes, done, bytes.length - done, position + done)
-    } catch (err) {
-      throw ioError(err, 'reading the spill file')
-    }
-    if (n === 0) break
-    done += n
-  }
-  return done
 }

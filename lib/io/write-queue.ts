@@ -121,7 +121,7 @@ export class WriteQueue implements FileWrites {
 }
 
 /** writevSync until every byte is written. */
-function writeAllSync (fd: number, buffers: Buffer[], position: number): void {
+export function writeAllSync (fd: number, buffers: Buffer[], position: number): void {
   let rest = buffers
   while (rest.length > 0) {
     const written = writevSync(fd, rest, position)
@@ -136,7 +136,7 @@ function writeAllSync (fd: number, buffers: Buffer[], position: number): void {
 }
 
 /** writev until every byte is written (regular files may take less than asked). */
-function writeAll (fd: number, buffers: Buffer[], position: number, done: (err: Error | null) => void): void {
+export function writeAll (fd: number, buffers: Buffer[], position: number, done: (err: Error | null) => void): void {
   writev(fd, buffers, position, (err, written) => {
     if (err !== null) { done(err); return }
     let rest = written

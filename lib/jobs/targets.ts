@@ -4,7 +4,7 @@
  * state is always raw vmstate.bin.
  */
 import type { DeviceInfo, DiskOutput, DiskWriter, OutputOptions as FormatOptions, ProgressSink } from '../contracts.js'
-import type { CopySource } from '../util/data-runs.js'
+import type { CopySource } from '../io/data-runs.js'
 import { VmapipeError } from '../errors.js'
 import { VMSTATE_NAME } from '../record.js'
 import { rawOutput } from '../raw/index.js'

@@ -17,7 +17,7 @@ import { giveBack } from '../io/slabs.js'
 import { isUuid } from '../util/uuid.js'
 import { ClusterSet } from '../util/cluster-set.js'
 import { syncPath } from '../io/output.js'
-import { type CopySource, clusterPieces, copyDataRuns } from '../util/data-runs.js'
+import { type CopySource, clusterPieces, copyDataRuns } from '../io/data-runs.js'
 import {
   type BitmapFeature, type ParallelsHeader, CLOSED, DEFAULT_CLUSTER_SIZE, HEADER_SIZE, IN_USE, MAGIC_CLUSTERS, MAX_BAT_ENTRIES, SECTOR_SIZE,
   batEnd, encodeBat, encodeFormatExtension, encodeHeader, geometry,

@@ -19,7 +19,7 @@ import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
 import type { Writable } from 'node:stream'
 import { drained } from '../io/drained.js'
-import { type CopySource, clusterPieces, copyDataRuns } from '../util/data-runs.js'
+import { type CopySource, clusterPieces, copyDataRuns } from '../io/data-runs.js'
 import { COPIED, type RefcountLayout, ZERO_FLAG, encodeHeader, l2Entries, refcountLayout, writeEntry } from './format.js'
 
 const CLUSTER_BITS = 16

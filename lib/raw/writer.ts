@@ -4,7 +4,7 @@
  * on a stream (stdout), zeros included, early clusters parked in a
  * ReorderBuffer so memory stays flat whatever the order.
  */
-import { WriteStream, writeSync } from 'node:fs'
+import { WriteStream } from 'node:fs'
 import { Socket } from 'node:net'
 import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
@@ -13,9 +13,9 @@ import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites, ProgressSink, R
 import { clusterCount, forEachRun } from '../record.js'
 import { ReorderBuffer, type ReorderOptions, expandLent } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
-import { WriteQueue, abandonFile, completeFile } from '../io/write-queue.js'
+import { WriteQueue, abandonFile, completeFile, writeAllSync } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
-import { MAP_WINDOW } from '../util/data-runs.js'
+import { MAP_WINDOW } from '../io/data-runs.js'
 
 /** What RawFileWriter.copyFrom reads: a disk's map, and its bytes read synchronously. */
 type CopySource = Pick<RandomAccessDisk, 'map'> & { readSync: (buf: Buffer, offset: number) => void }
@@ -67,7 +67,11 @@ export class RawFileWriter implements DiskWriter {
           const piece = buf.subarray(0, n)
           const position = e.offset + done
           disk.readSync(piece, position)
-          writeFullySync(this.file.fd, piece, position, this.path)
+          try {
+            writeAllSync(this.file.fd, [piece], position)
+          } catch (err) {
+            throw ioError(err, `writing ${this.path}`)
+          }
           progress?.add(n)
           done += n
           sinceTurn += n
@@ -92,20 +96,6 @@ export class RawFileWriter implements DiskWriter {
 
 /** copyFrom's pieces: large, so that each costs one read and one write. */
 const COPY_CHUNK = 1 << 20
-
-/** pwrite until every byte is written, synchronously. */
-function writeFullySync (fd: number, bytes: Buffer, position: number, path: string): void {
-  for (let done = 0; done < bytes.length;) {
-    let n: number
-    try {
-      n = writeSync(fd, bytes, done, bytes.length - done, position + done)
-    } catch (err) {
-      throw ioError(err, `writing ${path}`)
-    }
-    if (n === 0) throw new VmapipeError('E_IO', `writing ${path} made no progress`)
-    done += n
-  }
-}
 
 export class RawStreamWriter implements DiskWriter {
   private next = 0

@@ -3,10 +3,11 @@
  * hold data, as runs of neighbours read into reused buffers and written
  * with a positional write each (the qcow2 and Parallels writers' copyFrom).
  */
-import { fdatasync, write } from 'node:fs'
+import { fdatasync } from 'node:fs'
 import { VmapipeError, ioError } from '../errors.js'
 import type { ClusterRecord, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
+import { writeAll } from './write-queue.js'
 
 /** What a copy reads: a disk's map, and its bytes read synchronously (cheap from the page cache). */
 export type CopySource = Pick<RandomAccessDisk, 'map' | 'size'> & { readSync: (buf: Buffer, offset: number) => void }
@@ -112,7 +113,7 @@ export async function copyDataRuns (
       place(first, bytes, (piece, position) => {
         pending++
         busy++
-        writeFully(file.fd, piece, position, err => { release(); settle(err) })
+        writeAll(file.fd, [piece], position, err => { release(); settle(err) })
       })
       release()
       progress?.add(stored)
@@ -125,16 +126,6 @@ export async function copyDataRuns (
     await until(() => busy === 0)
   }
   if (failure !== undefined) throw failure
-}
-
-/** write until every byte is written (regular files may take less than asked). */
-function writeFully (fd: number, bytes: Buffer, position: number, done: (err: Error | null) => void): void {
-  write(fd, bytes, 0, bytes.length, position, (err, n) => {
-    if (err !== null) done(err)
-    else if (n === bytes.length) done(null)
-    else if (n === 0) done(new Error('the write made no progress'))
-    else writeFully(fd, bytes.subarray(n), position + n, done)
-  })
 }
 
 /**
