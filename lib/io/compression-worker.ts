@@ -1,6 +1,6 @@
 /**
- * A worker thread that runs one compression job (zstd compression, lzop
- * either way) so the codec and the rest of the job use a core each. Talks to lib/io/compression.ts
+ * A worker thread that runs one compression job (zstd or lzop compression)
+ * so the codec and the rest of the job use a core each. Talks to lib/io/compression.ts
  * through messages with credits both ways, so neither side buffers more than
  * a few chunks:
  *   in:  {t:'data', b} (an ArrayBuffer, transferred), {t:'end'}, {t:'credit'} (one output chunk taken)
@@ -9,7 +9,7 @@
 import { createRequire } from 'node:module'
 import { parentPort, workerData } from 'node:worker_threads'
 import { OUTPUT_CREDITS, type WorkerOptions } from './codec-protocol.js'
-import { LZOP_BLOCK, LZOP_END, LzoError, LzopDecoder, lzo1xBound, lzopBlock, lzopHeader } from './lzo.js'
+import { LZOP_BLOCK, LZOP_END, lzo1xBound, lzopBlock, lzopHeader } from './lzo.js'
 
 const OUT = 1 << 20
 
@@ -25,10 +25,6 @@ interface Engine {
   /** Takes one input chunk; the error offset counts compressed bytes. */
   write: (chunk: Buffer, emit: Emit) => Promise<void>
   end: (emit: Emit) => Promise<void>
-}
-
-class CodecError extends Error {
-  constructor (message: string, readonly at?: number) { super(message) }
 }
 
 function zstdEncoder (zstd: Binding, level: number, threads: number): Engine {
@@ -47,34 +43,6 @@ function zstdEncoder (zstd: Binding, level: number, threads: number): Engine {
   return {
     write: async (chunk, emit) => { await run(chunk, zstd.EndDirective.continue, emit) },
     end: async emit => { await run(Buffer.alloc(0), zstd.EndDirective.end, emit) },
-  }
-}
-
-function lzopDecoder (): Engine {
-  const decoder = new LzopDecoder()
-  const drain = async (emit: Emit): Promise<void> => {
-    try {
-      for (let block = decoder.next(); block !== null; block = decoder.next()) {
-        // lzop's own blocks (256 KiB) go as they are; a larger one (up to 64 MiB) in copies of 1 MiB, so the credits bound memory.
-        if (block.length <= OUT) await emit(block, true)
-        else for (let at = 0; at < block.length; at += OUT) await emit(block.subarray(at, at + OUT))
-      }
-    } catch (err) {
-      if (err instanceof LzoError) throw new CodecError(`lzop: ${err.message}`, err.at)
-      throw err
-    }
-  }
-  return {
-    async write (chunk, emit) {
-      decoder.push(chunk)
-      await drain(emit)
-    },
-    async end () {
-      try { decoder.end() } catch (err) {
-        if (err instanceof LzoError) throw new CodecError(`lzop: ${err.message}`, err.at)
-        throw err
-      }
-    },
   }
 }
 
@@ -110,7 +78,6 @@ function lzopEncoder (): Engine {
 }
 
 function engineFor (options: WorkerOptions): Engine {
-  if (options.job === 'lzo-d') return lzopDecoder()
   if (options.job === 'lzo-c') return lzopEncoder()
   const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as Binding
   return zstdEncoder(zstd, options.level ?? 3, options.threads ?? 1)
@@ -152,7 +119,6 @@ if (parentPort !== null) {
     await engine.end(emit)
     port.postMessage({ t: 'end' })
   } catch (err) {
-    const at = err instanceof CodecError ? err.at : undefined
-    port.postMessage({ t: 'error', message: (err as Error).message, ...(at !== undefined ? { at } : {}) })
+    port.postMessage({ t: 'error', message: (err as Error).message })
   }
 }

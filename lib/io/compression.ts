@@ -17,6 +17,7 @@ import { Worker } from 'node:worker_threads'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
 import { type WorkerOptions, ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
+import { type BlockOut, DataError, LzopDecoder } from './lzo.js'
 import { SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
 
 export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
@@ -181,7 +182,7 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
     },
   })
   const done = new Promise<void>((resolve, reject) => {
-    worker.on('message', (m: { t: 'ack' } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number } | { t: 'error', message: string, at?: number }) => {
+    worker.on('message', (m: { t: 'ack' } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number } | { t: 'error', message: string }) => {
       if (m.t === 'ack') {
         inFlight--
         const resume = waiting
@@ -195,7 +196,7 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
         resolve()
         void worker.terminate()
       } else {
-        reject(new VmapipeError(failure, m.at === undefined ? m.message : `${m.message} (compressed byte ${m.at})`))
+        reject(new VmapipeError(failure, m.message))
         void worker.terminate()
       }
     })
@@ -229,33 +230,40 @@ export function zstdDecoder (): ZstdDCtx {
   return dctx
 }
 
+/** A decoder run in this thread by slabDecoder(); bad data is a DataError (lzo.ts), at a byte of the compressed stream. */
+interface InlineDecoder {
+  /** The next compressed chunk, for next() to work through. */
+  push: (chunk: Buffer) => void
+  /** One step, its output put in `out`: false once the chunk is all taken and no longer needed. */
+  next: (out: BlockOut) => boolean
+  /** Throws unless the stream ended where it may. */
+  end: () => void
+}
+
 /**
- * zstd decoded in this thread with zstd-napi, a step at a time, straight into
- * slabs (io/slabs.ts): each step fills the free end of the current slab, and
- * what it produced is lent on, so consecutive outputs lie next to each other
- * (the reader's byte queue joins them, no record is copied) and the slabs go
- * round once the reader and the writers give their loans back. Measured
- * against a worker thread (README, Performance), this costs less CPU and
- * memory: libzstd is fast next to the cost of handing each output to
- * another thread, and a worker's isolate alone is some 13 MiB.
+ * A decoder run in this thread, a step at a time, straight into slabs
+ * (io/slabs.ts): each step fills the free end of the current slab, and what
+ * it produced is lent on, so consecutive outputs lie next to each other (the
+ * reader's byte queue joins them, no record is copied) and the slabs go round
+ * once the reader and the writers give their loans back. Measured against a
+ * worker thread (README, Performance), this costs less CPU and memory for
+ * zstd and lzop: handing each output to another thread costs more than the
+ * codec saves, and a worker's isolate alone is some 13 MiB.
  */
-function zstdInline (): Filter {
-  const dctx = zstdDecoder()
+function slabDecoder (name: string, decoder: InlineDecoder): Filter {
   const nextSlab = slabSource(NEW_SLABS)
   let slab: Buffer | undefined
   let into: Buffer = Buffer.alloc(0)
   let used = 0
-  /** Compressed bytes consumed before the chunk being decoded. */
-  let consumedBefore = 0
-  let inFrame = false
+  let room = true
   let stopped = false
   /** Decoding that waits for the reader to take what is out already. */
   let blocked: (() => void) | undefined
   let settle!: { resolve: () => void, reject: (err: Error) => void }
   const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
-  const fail = (message: string, at: number): void => {
+  const fail = (err: unknown): void => {
     stopped = true
-    settle.reject(new VmapipeError('E_COMPRESSED_DATA', `zstd: ${message} (compressed byte ${at})`))
+    settle.reject(err instanceof DataError ? new VmapipeError('E_COMPRESSED_DATA', `${name}: ${err.message} (compressed byte ${err.at})`) : err as Error)
   }
   const output = new Readable({
     highWaterMark: CHUNK,
@@ -265,42 +273,38 @@ function zstdInline (): Filter {
       resume?.()
     },
   })
-  /** Where the next step writes: the rest of this slab, or a new one. */
-  const space = (): Buffer => {
-    if (into.length - used < MIN_OUT) {
-      if (slab !== undefined) giveBack(slab)
-      slab = nextSlab()
-      into = slab ?? Buffer.allocUnsafeSlow(SLAB_SIZE)
-      used = 0
-    }
-    return into.subarray(used)
+  const out: BlockOut = {
+    space (n) {
+      if (into.length - used < n) {
+        if (slab !== undefined) giveBack(slab)
+        // More than a slab (an lzop block of up to 64 MiB, as the decoder bounds it): a buffer of its own.
+        slab = n <= SLAB_SIZE ? nextSlab() : undefined
+        into = slab ?? Buffer.allocUnsafeSlow(Math.max(n, SLAB_SIZE))
+        used = 0
+      }
+      return into.subarray(used)
+    },
+    emit (n) {
+      // Lent while this decoder still holds its own loan of the slab.
+      room = output.push(lend(into.subarray(used, used + n)))
+      used += n
+    },
   }
   const input = new Writable({
     highWaterMark: CHUNK,
     write (chunk: Buffer, _enc, callback) {
-      let src = chunk
+      decoder.push(chunk)
       const decode = (): void => {
         while (!stopped) {
-          const dst = space()
-          let result: [number, number, number]
+          room = true
+          let more: boolean
           try {
-            result = dctx.decompressStream(dst, src)
+            more = decoder.next(out)
           } catch (err) {
-            fail((err as Error).message, consumedBefore + chunk.length - src.length)
+            fail(err)
             return
           }
-          const [ret, produced, consumed] = result
-          src = src.subarray(consumed)
-          let room = true
-          if (produced > 0) {
-            // Lent while this decoder still holds its own loan of the slab.
-            room = output.push(lend(into.subarray(used, used + produced)))
-            used += produced
-          }
-          // Done with this chunk once it is all taken and zstd has no more output waiting.
-          if (src.length === 0 && (produced < dst.length || ret === 0)) {
-            inFrame = ret !== 0
-            consumedBefore += chunk.length
+          if (!more) {
             giveBack(chunk)
             callback()
             return
@@ -312,8 +316,10 @@ function zstdInline (): Filter {
     },
     final (callback) {
       if (stopped) return
-      if (inFrame) {
-        fail('the stream is cut off inside a frame', consumedBefore)
+      try {
+        decoder.end()
+      } catch (err) {
+        fail(err)
         return
       }
       if (slab !== undefined) giveBack(slab)
@@ -325,9 +331,44 @@ function zstdInline (): Filter {
   return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
 }
 
+/** zstd-napi's steps for slabDecoder(). */
+function zstdSteps (): InlineDecoder {
+  const dctx = zstdDecoder()
+  let chunk: Buffer = Buffer.alloc(0)
+  let src = chunk
+  /** Compressed bytes consumed before the chunk being decoded. */
+  let consumedBefore = 0
+  let inFrame = false
+  return {
+    push (c) { chunk = src = c },
+    next (out) {
+      const dst = out.space(MIN_OUT)
+      let result: [number, number, number]
+      try {
+        result = dctx.decompressStream(dst, src)
+      } catch (err) {
+        throw new DataError((err as Error).message, consumedBefore + chunk.length - src.length)
+      }
+      const [ret, produced, consumed] = result
+      src = src.subarray(consumed)
+      if (produced > 0) out.emit(produced)
+      // Done with this chunk once it is all taken and zstd has no more output waiting.
+      if (src.length === 0 && (produced < dst.length || ret === 0)) {
+        inFrame = ret !== 0
+        consumedBefore += chunk.length
+        return false
+      }
+      return true
+    },
+    end () {
+      if (inFrame) throw new DataError('the stream is cut off inside a frame', consumedBefore)
+    },
+  }
+}
+
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
-  if (zstdNapiLoads()) return zstdInline()
+  if (zstdNapiLoads()) return slabDecoder('zstd', zstdSteps())
   if (zlibZstd.createZstdDecompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
@@ -339,7 +380,7 @@ function decompressor (kind: Compression): Filter | null {
   switch (kind) {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
-    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : workerFilter({ job: 'lzo-d' }, 'E_COMPRESSED_DATA')
+    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabDecoder('lzop', new LzopDecoder())
     case 'gzip': return zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
   }
 }

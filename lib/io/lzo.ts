@@ -7,8 +7,8 @@
  */
 import { crc32 } from 'node:zlib'
 
-/** A problem in the stream; `at` is the byte of the compressed input where it was found. */
-export class LzoError extends Error {
+/** A problem in a compressed stream (LZO's, or zstd's in compression.ts); `at` is the byte of the compressed input where it was found. */
+export class DataError extends Error {
   constructor (message: string, readonly at: number) { super(message) }
 }
 
@@ -17,7 +17,7 @@ const M3_MAX_OFFSET = 0x4000
 const M4_MAX_OFFSET = 0xbfff
 
 function fail (what: string, at: number): never {
-  throw new LzoError(`LZO1X data ${what}`, at)
+  throw new DataError(`LZO1X data ${what}`, at)
 }
 
 /** Where the last longLength() ended in the input (module state, so the decoder's locals stay in registers). */
@@ -38,7 +38,7 @@ function longLength (src: Uint8Array, ip: number, base: number, limit: number): 
 /**
  * Decompresses one LZO1X block into `out`, which must be exactly the size
  * the container promised. Every read and copy is bounds-checked, so hostile
- * input ends in an LzoError, never in reading or writing outside the buffers.
+ * input ends in an DataError, never in reading or writing outside the buffers.
  * The states follow lzo1x_d.ch: a literal run, then matches, each followed by
  * 0-3 literals (low bits of its offset) or a new literal run.
  */
@@ -268,71 +268,110 @@ const LZOP_MAX_BLOCK = 64 << 20
 /** lzop's own block size. */
 export const LZOP_BLOCK = 256 << 10
 
+/** Where LzopDecoder puts a block: `space(n)` is room for at least n bytes, `emit(n)` hands on the first n of them, checked. */
+export interface BlockOut {
+  space: (n: number) => Buffer
+  emit: (n: number) => void
+}
+
+/** What the carried part of a unit starts at: a whole block of lzop's own size, with its sizes and checksums. */
+const CARRY = LZOP_BLOCK + 24
+
 /**
- * Reads an lzop stream fed in pieces of any size: `push` compressed bytes,
- * then take whole decompressed blocks with `next` until it returns null.
+ * Reads an lzop stream fed in chunks of any size: `push` a chunk, then call
+ * `next` until it returns false, each block decoded straight into the space
+ * `out` gives. A block that lies in one chunk is decoded from there; only a
+ * unit cut by a chunk's end is copied, into a carry buffer that is reused.
  * Memory is bounded by one block of at most 64 MiB (and its compressed form),
  * whatever sizes the stream claims.
  */
 export class LzopDecoder {
-  private buf: Buffer = Buffer.alloc(0)
-  /** Compressed bytes consumed before `buf`. */
+  /** The chunk being read, and how much of it has been. */
+  private chunk: Buffer = Buffer.alloc(0)
+  private at = 0
+  /** The start of a unit (header or block) cut by the end of a chunk, put together until it is whole. */
+  private carry: Buffer = Buffer.alloc(0)
+  private carried = 0
+  /** Bytes the unit being read needs before it can be read further. */
+  private need = 0
+  /** Compressed bytes before the unit being read. */
   private consumed = 0
   private flags = -1
   private finished = false
 
-  /** Input not yet joined to `buf`: joined only once the unit waiting for it is complete, so a large block costs one copy. */
-  private pending: Buffer[] = []
-  private pendingBytes = 0
-  /** Bytes `buf` must hold before the unit at its start can be read. */
-  private need = 0
-
+  /** The next chunk of compressed input, read by next(). */
   push (chunk: Buffer): void {
-    this.pending.push(chunk)
-    this.pendingBytes += chunk.length
+    this.chunk = chunk
+    this.at = 0
   }
 
-  /** The next decompressed block, or null until more input arrives. */
-  next (): Buffer | null {
-    if (this.pendingBytes > 0 && this.buf.length + this.pendingBytes >= this.need) {
-      this.buf = Buffer.concat([this.buf, ...this.pending])
-      this.pending = []
-      this.pendingBytes = 0
+  /**
+   * Reads what it can of the next unit: the header, a block (decoded into
+   * `out` and emitted) or the end. False once the chunk is all read; what of
+   * it an unfinished unit needs is copied, so the chunk may then be reused.
+   */
+  next (out: BlockOut): boolean {
+    const rest = this.chunk.length - this.at
+    let b: Buffer
+    if (this.carried > 0) {
+      // No more than the unit's next check needs: what is carried never reaches past the unit.
+      this.carryIn(Math.min(rest, this.need - this.carried))
+      if (this.carried < this.need) return false
+      b = this.carry.subarray(0, this.carried)
+    } else {
+      if (rest === 0) return false
+      b = this.chunk.subarray(this.at)
     }
-    if (this.finished) {
-      if (this.buf.length > 0) this.fail(0, 'there are bytes after the end of the lzop stream')
-      return null
+    if (this.finished) this.fail(0, 'there are bytes after the end of the lzop stream')
+    const used = this.flags < 0 ? this.header(b) : this.block(b, out)
+    if (used < 0) {
+      if (this.carried === 0) this.carryIn(rest)
+      return this.at < this.chunk.length
     }
-    if (this.flags < 0 && !this.header()) return null
-    return this.flags < 0 ? null : this.block()
+    // A unit read from the carry is all of it (see above).
+    this.consumed += used
+    if (this.carried > 0) this.carried = 0
+    else this.at += used
+    return true
   }
 
-  /** Says whether the stream ended where it should. */
+  /** Says whether the stream ended where it should (once next() has returned false). */
   end (): void {
-    if (!this.finished) this.fail(this.buf.length + this.pendingBytes, this.flags < 0 ? 'the lzop header is cut off' : 'the lzop stream is cut off')
+    if (!this.finished) this.fail(this.carried, this.flags < 0 ? 'the lzop header is cut off' : 'the lzop stream is cut off')
   }
 
   private fail (at: number, message: string): never {
-    throw new LzoError(message, this.consumed + at)
+    throw new DataError(message, this.consumed + at)
   }
 
-  private take (n: number): void {
-    this.buf = this.buf.subarray(n)
-    this.consumed += n
-    this.need = 0
+  /** The unit is incomplete until it has `n` bytes (more than it has). */
+  private needs (n: number): number {
+    this.need = n
+    return -1
   }
 
-  private block (): Buffer | null {
-    const b = this.buf
-    if (b.length < 4) return null
+  /** Moves `n` bytes of the chunk to the carry, which grows to what the unit needs (bounded by the checks that set `need`). */
+  private carryIn (n: number): void {
+    if (this.carry.length < this.need) {
+      const grown = Buffer.allocUnsafeSlow(Math.max(this.need, CARRY))
+      this.carry.copy(grown, 0, 0, this.carried)
+      this.carry = grown
+    }
+    this.chunk.copy(this.carry, this.carried, this.at, this.at + n)
+    this.carried += n
+    this.at += n
+  }
+
+  /** Reads the block at the start of `b`: the bytes it took, or -1 (needs()) while it is incomplete. */
+  private block (b: Buffer, out: BlockOut): number {
+    if (b.length < 4) return this.needs(4)
     const dstLen = b.readUInt32BE(0)
     if (dstLen === 0) {
-      this.take(4)
       this.finished = true
-      return this.next()
+      return 4
     }
     if (dstLen > LZOP_MAX_BLOCK) this.fail(0, `an lzop block claims ${dstLen} bytes, more than lzop's limit of ${LZOP_MAX_BLOCK}`)
-    if (b.length < 8) return null
+    if (b.length < 8) return this.needs(8)
     const srcLen = b.readUInt32BE(4)
     if (srcLen === 0 || srcLen > dstLen) this.fail(4, `an lzop block claims ${srcLen} compressed bytes for ${dstLen}`)
     const compressed = srcLen < dstLen
@@ -340,7 +379,7 @@ export class LzopDecoder {
     const dSums = (f & F_ADLER32_D ? 4 : 0) + (f & F_CRC32_D ? 4 : 0)
     const cSums = compressed ? (f & F_ADLER32_C ? 4 : 0) + (f & F_CRC32_C ? 4 : 0) : 0
     const start = 8 + dSums + cSums
-    if (b.length < start + srcLen) { this.need = start + srcLen; return null }
+    if (b.length < start + srcLen) return this.needs(start + srcLen)
     let at = 8
     const dAdler = f & F_ADLER32_D ? b.readUInt32BE((at += 4) - 4) : undefined
     const dCrc = f & F_CRC32_D ? b.readUInt32BE((at += 4) - 4) : undefined
@@ -349,13 +388,12 @@ export class LzopDecoder {
     const data = b.subarray(start, start + srcLen)
     if (cAdler !== undefined && adler32(data) !== cAdler) this.fail(start, 'an lzop block fails its Adler-32 check (compressed)')
     if (cCrc !== undefined && crc32(data) !== cCrc) this.fail(start, 'an lzop block fails its CRC-32 check (compressed)')
-    // A buffer of its own (not from Buffer's shared pool), so it can be handed to another thread.
-    const block = Buffer.allocUnsafeSlow(dstLen)
+    const block = out.space(dstLen).subarray(0, dstLen)
     if (compressed) {
       try {
         lzo1xDecompress(data, block)
       } catch (err) {
-        if (err instanceof LzoError) this.fail(start + err.at, err.message)
+        if (err instanceof DataError) this.fail(start + err.at, err.message)
         throw err
       }
     } else {
@@ -363,42 +401,41 @@ export class LzopDecoder {
     }
     if (dAdler !== undefined && adler32(block) !== dAdler) this.fail(start, 'an lzop block fails its Adler-32 check')
     if (dCrc !== undefined && crc32(block) !== dCrc) this.fail(start, 'an lzop block fails its CRC-32 check')
-    this.take(start + srcLen)
-    return block
+    out.emit(dstLen)
+    return start + srcLen
   }
 
-  private header (): boolean {
-    const b = this.buf
+  /** Reads the header at the start of `b`: the bytes it took, or -1 (needs()) while it is incomplete. */
+  private header (b: Buffer): number {
     // Fixed part up to the name's length, then name, checksum and maybe an extra field.
-    if (b.length < LZOP_MAGIC.length + 2) return false
+    if (b.length < LZOP_MAGIC.length + 2) return this.needs(LZOP_MAGIC.length + 2)
     if (!b.subarray(0, LZOP_MAGIC.length).equals(LZOP_MAGIC)) this.fail(0, 'not an lzop stream')
     const version = b.readUInt16BE(9)
     const modern = version >= 0x0940
     let at = 9 + 2 + 2 + (modern ? 2 : 0) + 1 + (modern ? 1 : 0)
-    if (b.length < at + 4) return false
+    if (b.length < at + 4) return this.needs(at + 4)
     const flags = b.readUInt32BE(at)
     at += 4
     if (flags & F_H_FILTER) this.fail(at - 4, 'lzop streams with a filter (lzop --filter) are not supported')
     if (flags & F_MULTIPART) this.fail(at - 4, 'multi-part lzop streams are not supported')
     at += 4 + 4 + (modern ? 4 : 0) // mode, mtime low, mtime high
-    if (b.length < at + 1) return false
+    if (b.length < at + 1) return this.needs(at + 1)
     at += 1 + b[at] // name
-    if (b.length < at + 4) return false
+    if (b.length < at + 4) return this.needs(at + 4)
     const sum = flags & F_H_CRC32 ? crc32(b.subarray(9, at)) : adler32(b.subarray(9, at))
     if (sum !== b.readUInt32BE(at)) this.fail(at, 'the lzop header fails its checksum')
     at += 4
     if (flags & F_H_EXTRA_FIELD) {
-      if (b.length < at + 4) return false
+      if (b.length < at + 4) return this.needs(at + 4)
       const len = b.readUInt32BE(at)
       if (len > 1 << 16) this.fail(at, `the lzop header's extra field claims ${len} bytes`)
       at += 4 + len + 4
-      if (b.length < at) return false
+      if (b.length < at) return this.needs(at)
     }
     const method = b[9 + 2 + 2 + (modern ? 2 : 0)]
     if (method < 1 || method > 3) this.fail(15, `lzop method ${method} is not LZO1X`)
     this.flags = flags
-    this.take(at)
-    return true
+    return at
   }
 }
 
