@@ -4,8 +4,9 @@
  * needed: zstd is decoded in this thread by zstd-napi (libzstd built from its
  * bundled sources) straight into slabs, else by node:zlib where this Node has
  * zstd (22.15+), and compressed by node:zlib there, else by zstd-napi in a
- * worker thread; lzop is our own LZO1X code (lzo.ts), in a worker thread;
- * gzip is node:zlib, which works on libuv's thread pool.
+ * worker thread; lzop is our own LZO1X code (lzo.ts), decoded in this
+ * thread into slabs as well, compressed in a worker thread; gzip is
+ * node:zlib, which works on libuv's thread pool.
  * VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and `lzop` programs
  * instead, as before.
  */
@@ -246,9 +247,9 @@ interface InlineDecoder {
  * it produced is lent on, so consecutive outputs lie next to each other (the
  * reader's byte queue joins them, no record is copied) and the slabs go round
  * once the reader and the writers give their loans back. Measured against a
- * worker thread (README, Performance), this costs less CPU and memory for
- * zstd and lzop: handing each output to another thread costs more than the
- * codec saves, and a worker's isolate alone is some 13 MiB.
+ * worker thread (README, Performance), this costs less CPU and half the
+ * memory for zstd and lzop: no output is handed to another thread as a fresh
+ * buffer (garbage), and there is no worker's isolate (some 13 MiB).
  */
 function slabDecoder (name: string, decoder: InlineDecoder): Filter {
   const nextSlab = slabSource(NEW_SLABS)

@@ -274,7 +274,7 @@ export interface BlockOut {
   emit: (n: number) => void
 }
 
-/** What the carried part of a unit starts at: a whole block of lzop's own size, with its sizes and checksums. */
+/** The carry buffer's first size: a whole block of lzop's own size with its sizes and checksums; larger units grow it. */
 const CARRY = LZOP_BLOCK + 24
 
 /**
