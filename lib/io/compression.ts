@@ -155,23 +155,35 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
   const IN_FLIGHT = 4
   let inFlight = 0
   let waiting: (() => void) | undefined
-  let owed = 0
+  /** Input buffers the worker sent back, to copy the next chunks into. */
+  const spare: ArrayBuffer[] = []
+  /** Credits owed to the worker once the reader wants more, each with the buffer to send back if any. */
+  const owed: Array<ArrayBuffer | undefined> = []
+  const credit = (b: ArrayBuffer | undefined): void => {
+    if (b === undefined) worker.postMessage({ t: 'credit' })
+    else worker.postMessage({ t: 'credit', b }, [b])
+  }
+  const nextSlab = slabSource(NEW_SLABS)
   const output = new Readable({
     highWaterMark: CHUNK,
     read () {
-      for (; owed > 0; owed--) worker.postMessage({ t: 'credit' })
+      for (const b of owed.splice(0)) credit(b)
     },
   })
   const input = new Writable({
     highWaterMark: CHUNK,
     write (chunk: Buffer, _enc, callback) {
       // A chunk that is all of its own ArrayBuffer (a file stream's reads are) is handed over as it is, not copied.
-      // Not a slab's (io/slabs.ts): that is copied, and given back once copied.
+      // Not a slab's (io/slabs.ts): that is copied, into a buffer the worker sent back where there is one, and given back once copied.
       const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer &&
         chunk.length >= OWN_CHUNK && !inSlab(chunk)
-      const b = whole ? chunk.buffer : new Uint8Array(chunk).buffer
-      if (!whole) giveBack(chunk)
-      worker.postMessage({ t: 'data', b }, [b as ArrayBuffer])
+      let b = whole ? chunk.buffer as ArrayBuffer : spare.pop()
+      if (b === undefined || !whole) {
+        if (b === undefined || b.byteLength < chunk.length) b = new ArrayBuffer(Math.max(CHUNK, chunk.length))
+        new Uint8Array(b).set(chunk)
+        giveBack(chunk)
+      }
+      worker.postMessage({ t: 'data', b, n: chunk.length }, [b])
       if (++inFlight < IN_FLIGHT) callback()
       else waiting = callback
     },
@@ -180,16 +192,31 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
       callback()
     },
   })
+  type Message = { t: 'ack', b?: ArrayBuffer } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number, back: boolean } |
+    { t: 'error', message: string, at?: number }
   const done = new Promise<void>((resolve, reject) => {
-    worker.on('message', (m: { t: 'ack' } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number } | { t: 'error', message: string, at?: number }) => {
+    worker.on('message', (m: Message) => {
       if (m.t === 'ack') {
+        if (m.b !== undefined && spare.length < IN_FLIGHT) spare.push(m.b)
         inFlight--
         const resume = waiting
         waiting = undefined
         resume?.()
       } else if (m.t === 'data') {
-        if (output.push(Buffer.from(m.b, 0, m.n))) worker.postMessage({ t: 'credit' })
-        else owed++
+        // A buffer the worker wants back is copied into a slab, which the file writer gives back once written.
+        const slab = m.back ? nextSlab() : undefined
+        let back: ArrayBuffer | undefined
+        let data: Buffer
+        if (slab !== undefined && m.n <= slab.length) {
+          slab.set(new Uint8Array(m.b, 0, m.n))
+          data = lend(slab.subarray(0, m.n))
+          back = m.b
+        } else {
+          data = Buffer.from(m.b, 0, m.n)
+        }
+        if (slab !== undefined) giveBack(slab)
+        if (output.push(data)) credit(back)
+        else owed.push(back)
       } else if (m.t === 'end') {
         output.push(null)
         resolve()
@@ -351,16 +378,119 @@ const COMPRESS_COMMANDS = {
 /** zstd's level when none is given, as for the `zstd` program. */
 const ZSTD_LEVEL = 3
 
+/** The part of zstd-napi's binding that compresses, declared locally as ZstdBinding is. */
+interface ZstdCBinding {
+  CCtx: new () => {
+    setParameter: (p: number, v: number) => void
+    /** Encodes from src into dst: [bytes still to flush (0 once all is out at the end), bytes produced, bytes consumed]. */
+    compressStream2: (dst: Uint8Array, src: Uint8Array, end: number) => [number, number, number]
+  }
+  CParameter: { compressionLevel: number, nbWorkers: number, jobSize: number }
+  EndDirective: { continue: number, end: number }
+}
+
+/**
+ * libzstd's job size with worker threads. Its default at level 3 is 8 MiB,
+ * and it holds some 4 jobs of input and output per worker (71 MiB for
+ * `zstd -T2 -3`); at 2 MiB that is 23 MiB, for output 1% larger on
+ * incompressible data (README, Compression engines).
+ */
+const ZSTD_JOB = 2 << 20
+
+/**
+ * zstd compressed with zstd-napi in this thread, into slabs (io/slabs.ts) that
+ * the file writer gives back once written. libzstd's own worker threads
+ * (nbWorkers) do the compressing on the other cores; a call here only copies
+ * the input into libzstd's buffers, collects finished output, and waits when
+ * every job is busy. No worker thread of ours: its isolate, and the copies
+ * to and from it, were most of the memory this took (README).
+ */
+function zstdDeflateInline (level: number, threads: number): Filter {
+  const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdCBinding
+  const cctx = new zstd.CCtx()
+  cctx.setParameter(zstd.CParameter.compressionLevel, level)
+  if (threads > 1) {
+    cctx.setParameter(zstd.CParameter.nbWorkers, threads)
+    cctx.setParameter(zstd.CParameter.jobSize, ZSTD_JOB)
+  }
+  const nextSlab = slabSource(NEW_SLABS)
+  let slab: Buffer | undefined
+  let into: Buffer = Buffer.alloc(0)
+  let used = 0
+  let stopped = false
+  /** Encoding that waits for the reader to take what is out already. */
+  let blocked: (() => void) | undefined
+  let settle!: { resolve: () => void, reject: (err: Error) => void }
+  const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
+  const output = new Readable({
+    highWaterMark: CHUNK,
+    read () {
+      const resume = blocked
+      blocked = undefined
+      resume?.()
+    },
+  })
+  /** Feeds `src` with `directive`, then calls `next` once it is all in (and, at the end, all out). */
+  const encode = (src: Buffer, directive: number, next: () => void): void => {
+    while (!stopped) {
+      if (into.length - used < MIN_OUT) {
+        if (slab !== undefined) giveBack(slab)
+        slab = nextSlab()
+        into = slab ?? Buffer.allocUnsafeSlow(SLAB_SIZE)
+        used = 0
+      }
+      let result: [number, number, number]
+      try {
+        result = cctx.compressStream2(into.subarray(used), src, directive)
+      } catch (err) {
+        stopped = true
+        settle.reject(new VmapipeError('E_IO', `zstd: ${(err as Error).message}`))
+        return
+      }
+      const [left, produced, consumed] = result
+      src = src.subarray(consumed)
+      let room = true
+      if (produced > 0) {
+        // Lent while this encoder still holds its own loan of the slab.
+        room = output.push(lend(into.subarray(used, used + produced)))
+        used += produced
+      }
+      if (src.length === 0 && (directive === zstd.EndDirective.continue || left === 0)) { next(); return }
+      if (!room) { blocked = () => encode(src, directive, next); return }
+    }
+  }
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      // libzstd has copied the chunk once it is all consumed.
+      encode(chunk, zstd.EndDirective.continue, () => { giveBack(chunk); callback() })
+    },
+    final (callback) {
+      encode(Buffer.alloc(0), zstd.EndDirective.end, () => {
+        if (slab !== undefined) giveBack(slab)
+        output.push(null)
+        settle.resolve()
+        callback()
+      })
+    },
+  })
+  return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
+}
+
 function zstdCompressor (level = ZSTD_LEVEL): Filter {
   // All cores, as `zstd -T0`.
   const threads = availableParallelism()
+  if (zstdNapiLoads()) return zstdDeflateInline(level, threads)
   if (zlibZstd.createZstdCompress !== undefined) {
     const c = zlibZstd.constants
-    const params = { [c.ZSTD_c_compressionLevel]: level, ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}) }
+    const params = {
+      [c.ZSTD_c_compressionLevel]: level,
+      ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}),
+      ...(threads > 1 && c.ZSTD_c_jobSize !== undefined ? { [c.ZSTD_c_jobSize]: ZSTD_JOB } : {}),
+    }
     return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
   }
-  if (!zstdNapiLoads()) throw noZstd()
-  return workerFilter({ job: 'zstd-c', level, threads }, 'E_IO')
+  throw noZstd()
 }
 
 function compressor (kind: Compression, level?: number, outputFd?: number): Filter | null {
