@@ -391,11 +391,11 @@ interface ZstdCBinding {
 
 /**
  * libzstd's job size with worker threads. Its default at level 3 is 8 MiB,
- * and it holds some 4 jobs of input and output per worker (71 MiB for
- * `zstd -T2 -3`); at 2 MiB that is 23 MiB, for output 1% larger on
- * incompressible data (README, Compression engines).
+ * and it holds a few jobs of input and output per worker: `zstd -T2 -3`
+ * peaks at 71 MiB, with 1 MiB jobs (`-B1M`) at 16 MiB, for output 2-5%
+ * larger (README, Compression engines).
  */
-const ZSTD_JOB = 2 << 20
+const ZSTD_JOB = 1 << 20
 
 /**
  * zstd compressed with zstd-napi in this thread, into slabs (io/slabs.ts) that
