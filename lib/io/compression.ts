@@ -392,11 +392,11 @@ interface ZstdCBinding {
 /**
  * libzstd's job size with worker threads. Its default at level 3 is 8 MiB,
  * and it holds a few jobs of input and output per worker: `zstd -T2 -3`
- * peaks at 71 MiB, with 1 MiB jobs (`-B1M`) at 16 MiB. Each job starts
+ * peaks at 70 MiB, with 1 MiB jobs (`-B1M`) at 15 MiB. Each job starts
  * from the last ZSTD_OVERLAP_LOG-th of the window before it (8: half of
  * level 3's 2 MiB): with jobs this small the default (an eighth) made the
  * output 4% larger than `zstd -T0 -3`'s, half the window makes it 1%
- * smaller, for 8% more CPU (README, Compression engines).
+ * smaller, for some 8% more CPU (README, Compression engines).
  */
 const ZSTD_JOB = 1 << 20
 const ZSTD_OVERLAP_LOG = 8
