@@ -177,9 +177,11 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
       // Not a slab's (io/slabs.ts): that is copied, into a buffer the worker sent back where there is one, and given back once copied.
       const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer &&
         chunk.length >= OWN_CHUNK && !inSlab(chunk)
-      let b = whole ? chunk.buffer as ArrayBuffer : spare.pop()
-      if (b === undefined || !whole) {
-        if (b === undefined || b.byteLength < chunk.length) b = new ArrayBuffer(Math.max(CHUNK, chunk.length))
+      let b: ArrayBuffer
+      if (whole) b = chunk.buffer as ArrayBuffer
+      else {
+        const back = spare.pop()
+        b = back !== undefined && back.byteLength >= chunk.length ? back : new ArrayBuffer(Math.max(CHUNK, chunk.length))
         new Uint8Array(b).set(chunk)
         giveBack(chunk)
       }
