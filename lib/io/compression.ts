@@ -1,12 +1,12 @@
 /**
  * Compression as Proxmox applies it around VMA: zstd, gzip or lzop over the
  * whole archive. Recognised by magic bytes only. Nothing outside npm is
- * needed: zstd is decoded in this thread by zstd-napi (libzstd built from its
- * bundled sources) straight into slabs, else by node:zlib where this Node has
- * zstd (22.15+), and compressed by node:zlib there, else by zstd-napi in a
- * worker thread; lzop is our own LZO1X code (lzo.ts), decoded in this
- * thread into slabs as well, compressed in a worker thread; gzip is
- * node:zlib, which works on libuv's thread pool.
+ * needed: zstd is decoded and compressed in this thread by zstd-napi (libzstd
+ * built from its bundled sources) straight into slabs, compressing on
+ * libzstd's own worker threads, else by node:zlib where this Node has zstd
+ * (22.15+); lzop is our own LZO1X code (lzo.ts), decoded in this thread into
+ * slabs as well, compressed in a worker thread; gzip is node:zlib, which
+ * works on libuv's thread pool.
  * VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and `lzop` programs
  * instead, as before.
  */
@@ -17,7 +17,7 @@ import { Duplex, Readable, Writable } from 'node:stream'
 import { Worker } from 'node:worker_threads'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
-import { type WorkerOptions, ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
+import { ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
 import { type BlockOut, DataError, LzopDecoder } from './lzo.js'
 import { SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
 
@@ -148,32 +148,46 @@ function noZstd (): VmapipeError {
 /** Chunks at least this large are never slices of Buffer's shared pool (8 KiB), so one that fills its ArrayBuffer owns it. */
 const OWN_CHUNK = 1 << 16
 
-/** A job run in a worker thread, with credits both ways (see compression-worker.ts). */
-function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
+/** lzop compression run in a worker thread, with credits both ways (see compression-worker.ts). */
+function lzopCompressor (): Filter {
   // The worker is a file: flags only meant for a main script given as text (node --input-type -e) would stop it loading.
   const execArgv = process.execArgv.filter(a => !a.startsWith('--input-type'))
-  const worker = new Worker(new URL('./compression-worker.js', import.meta.url), { workerData: options, execArgv })
+  const worker = new Worker(new URL('./compression-worker.js', import.meta.url), { execArgv })
   /** Input chunks sent and not yet consumed; at most this many are in flight. */
   const IN_FLIGHT = 4
   let inFlight = 0
   let waiting: (() => void) | undefined
-  let owed = 0
+  /** Input buffers the worker sent back, to copy the next chunks into. */
+  const spare: ArrayBuffer[] = []
+  /** Credits owed to the worker once the reader wants more, each with the buffer to send back if any. */
+  const owed: Array<ArrayBuffer | undefined> = []
+  const credit = (b: ArrayBuffer | undefined): void => {
+    if (b === undefined) worker.postMessage({ t: 'credit' })
+    else worker.postMessage({ t: 'credit', b }, [b])
+  }
+  const nextSlab = slabSource(NEW_SLABS)
   const output = new Readable({
     highWaterMark: CHUNK,
     read () {
-      for (; owed > 0; owed--) worker.postMessage({ t: 'credit' })
+      for (const b of owed.splice(0)) credit(b)
     },
   })
   const input = new Writable({
     highWaterMark: CHUNK,
     write (chunk: Buffer, _enc, callback) {
       // A chunk that is all of its own ArrayBuffer (a file stream's reads are) is handed over as it is, not copied.
-      // Not a slab's (io/slabs.ts): that is copied, and given back once copied.
+      // Not a slab's (io/slabs.ts): that is copied, into a buffer the worker sent back where there is one, and given back once copied.
       const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer &&
         chunk.length >= OWN_CHUNK && !inSlab(chunk)
-      const b = whole ? chunk.buffer : new Uint8Array(chunk).buffer
-      if (!whole) giveBack(chunk)
-      worker.postMessage({ t: 'data', b }, [b as ArrayBuffer])
+      let b: ArrayBuffer
+      if (whole) b = chunk.buffer as ArrayBuffer
+      else {
+        const back = spare.pop()
+        b = back !== undefined && back.byteLength >= chunk.length ? back : new ArrayBuffer(Math.max(CHUNK, chunk.length))
+        new Uint8Array(b).set(chunk)
+        giveBack(chunk)
+      }
+      worker.postMessage({ t: 'data', b, n: chunk.length }, [b])
       if (++inFlight < IN_FLIGHT) callback()
       else waiting = callback
     },
@@ -182,27 +196,42 @@ function workerFilter (options: WorkerOptions, failure: ErrorCode): Filter {
       callback()
     },
   })
+  type Message = { t: 'ack', b?: ArrayBuffer } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number, back: boolean } |
+    { t: 'error', message: string }
   const done = new Promise<void>((resolve, reject) => {
-    worker.on('message', (m: { t: 'ack' } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number } | { t: 'error', message: string }) => {
+    worker.on('message', (m: Message) => {
       if (m.t === 'ack') {
+        if (m.b !== undefined && spare.length < IN_FLIGHT) spare.push(m.b)
         inFlight--
         const resume = waiting
         waiting = undefined
         resume?.()
       } else if (m.t === 'data') {
-        if (output.push(Buffer.from(m.b, 0, m.n))) worker.postMessage({ t: 'credit' })
-        else owed++
+        // A buffer the worker wants back is copied into a slab, which the file writer gives back once written.
+        const slab = m.back ? nextSlab() : undefined
+        let back: ArrayBuffer | undefined
+        let data: Buffer
+        if (slab !== undefined && m.n <= slab.length) {
+          slab.set(new Uint8Array(m.b, 0, m.n))
+          data = lend(slab.subarray(0, m.n))
+          back = m.b
+        } else {
+          data = Buffer.from(m.b, 0, m.n)
+        }
+        if (slab !== undefined) giveBack(slab)
+        if (output.push(data)) credit(back)
+        else owed.push(back)
       } else if (m.t === 'end') {
         output.push(null)
         resolve()
         void worker.terminate()
       } else {
-        reject(new VmapipeError(failure, m.message))
+        reject(new VmapipeError('E_IO', m.message))
         void worker.terminate()
       }
     })
-    worker.on('error', err => reject(new VmapipeError(failure, `${options.job}: ${err.message}`, { cause: err })))
-    worker.on('exit', code => reject(new VmapipeError(failure, `the ${options.job} worker stopped (exit ${code})`)))
+    worker.on('error', err => reject(new VmapipeError('E_IO', `lzop: ${err.message}`, { cause: err })))
+    worker.on('exit', code => reject(new VmapipeError('E_IO', `the lzop worker stopped (exit ${code})`)))
   })
   return { input, output, done, stop: () => { void worker.terminate() } }
 }
@@ -393,16 +422,124 @@ const COMPRESS_COMMANDS = {
 /** zstd's level when none is given, as for the `zstd` program. */
 const ZSTD_LEVEL = 3
 
+/** The part of zstd-napi's binding that compresses, declared locally as ZstdBinding is. */
+interface ZstdCBinding {
+  CCtx: new () => {
+    setParameter: (p: number, v: number) => void
+    /** Encodes from src into dst: [bytes still to flush (0 once all is out at the end), bytes produced, bytes consumed]. */
+    compressStream2: (dst: Uint8Array, src: Uint8Array, end: number) => [number, number, number]
+  }
+  CParameter: { compressionLevel: number, nbWorkers: number, jobSize: number, overlapLog: number }
+  EndDirective: { continue: number, end: number }
+}
+
+/**
+ * libzstd's job size with worker threads. Its default at level 3 is 8 MiB,
+ * and it holds a few jobs of input and output per worker: `zstd -T2 -3`
+ * peaks at 70 MiB, with 1 MiB jobs (`-B1M`) at 15 MiB. Each job starts
+ * from the last ZSTD_OVERLAP_LOG-th of the window before it (8: half of
+ * level 3's 2 MiB): with jobs this small the default (an eighth) made the
+ * output 4% larger than `zstd -T0 -3`'s, half the window makes it 1%
+ * smaller, for some 8% more CPU (README, Compression engines).
+ */
+const ZSTD_JOB = 1 << 20
+const ZSTD_OVERLAP_LOG = 8
+
+/**
+ * zstd compressed with zstd-napi in this thread, into slabs (io/slabs.ts) that
+ * the file writer gives back once written. libzstd's own worker threads
+ * (nbWorkers) do the compressing on the other cores; a call here only copies
+ * the input into libzstd's buffers, collects finished output, and waits when
+ * every job is busy. No worker thread of ours: its isolate, and the copies
+ * to and from it, were most of the memory this took (README).
+ */
+function zstdDeflateInline (level: number, threads: number): Filter {
+  const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdCBinding
+  const cctx = new zstd.CCtx()
+  cctx.setParameter(zstd.CParameter.compressionLevel, level)
+  if (threads > 1) {
+    cctx.setParameter(zstd.CParameter.nbWorkers, threads)
+    cctx.setParameter(zstd.CParameter.jobSize, ZSTD_JOB)
+    cctx.setParameter(zstd.CParameter.overlapLog, ZSTD_OVERLAP_LOG)
+  }
+  const nextSlab = slabSource(NEW_SLABS)
+  let slab: Buffer | undefined
+  let into: Buffer = Buffer.alloc(0)
+  let used = 0
+  let stopped = false
+  /** Encoding that waits for the reader to take what is out already. */
+  let blocked: (() => void) | undefined
+  let settle!: { resolve: () => void, reject: (err: Error) => void }
+  const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
+  const output = new Readable({
+    highWaterMark: CHUNK,
+    read () {
+      const resume = blocked
+      blocked = undefined
+      resume?.()
+    },
+  })
+  /** Feeds `src` with `directive`, then calls `next` once it is all in (and, at the end, all out). */
+  const encode = (src: Buffer, directive: number, next: () => void): void => {
+    while (!stopped) {
+      if (into.length - used < MIN_OUT) {
+        if (slab !== undefined) giveBack(slab)
+        slab = nextSlab()
+        into = slab ?? Buffer.allocUnsafeSlow(SLAB_SIZE)
+        used = 0
+      }
+      let result: [number, number, number]
+      try {
+        result = cctx.compressStream2(into.subarray(used), src, directive)
+      } catch (err) {
+        stopped = true
+        settle.reject(new VmapipeError('E_IO', `zstd: ${(err as Error).message}`))
+        return
+      }
+      const [left, produced, consumed] = result
+      src = src.subarray(consumed)
+      let room = true
+      if (produced > 0) {
+        // Lent while this encoder still holds its own loan of the slab.
+        room = output.push(lend(into.subarray(used, used + produced)))
+        used += produced
+      }
+      if (src.length === 0 && (directive === zstd.EndDirective.continue || left === 0)) { next(); return }
+      if (!room) { blocked = () => encode(src, directive, next); return }
+    }
+  }
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      // libzstd has copied the chunk once it is all consumed.
+      encode(chunk, zstd.EndDirective.continue, () => { giveBack(chunk); callback() })
+    },
+    final (callback) {
+      encode(Buffer.alloc(0), zstd.EndDirective.end, () => {
+        if (slab !== undefined) giveBack(slab)
+        output.push(null)
+        settle.resolve()
+        callback()
+      })
+    },
+  })
+  return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
+}
+
 function zstdCompressor (level = ZSTD_LEVEL): Filter {
   // All cores, as `zstd -T0`.
   const threads = availableParallelism()
+  if (zstdNapiLoads()) return zstdDeflateInline(level, threads)
   if (zlibZstd.createZstdCompress !== undefined) {
     const c = zlibZstd.constants
-    const params = { [c.ZSTD_c_compressionLevel]: level, ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}) }
+    const params = {
+      [c.ZSTD_c_compressionLevel]: level,
+      ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}),
+      ...(threads > 1 && c.ZSTD_c_jobSize !== undefined ? { [c.ZSTD_c_jobSize]: ZSTD_JOB, [c.ZSTD_c_overlapLog]: ZSTD_OVERLAP_LOG } : {}),
+    }
     return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
   }
-  if (!zstdNapiLoads()) throw noZstd()
-  return workerFilter({ job: 'zstd-c', level, threads }, 'E_IO')
+  throw noZstd()
 }
 
 function compressor (kind: Compression, level?: number, outputFd?: number): Filter | null {
@@ -414,7 +551,7 @@ function compressor (kind: Compression, level?: number, outputFd?: number): Filt
     case 'none': return null
     case 'gzip': return zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...(level === undefined ? {} : { level }) }), 'gzip', 'E_IO')
     case 'zstd': return zstdCompressor(level)
-    case 'lzo': return workerFilter({ job: 'lzo-c' }, 'E_IO')
+    case 'lzo': return lzopCompressor()
   }
 }
 

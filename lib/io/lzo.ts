@@ -458,17 +458,27 @@ export function lzopHeader (mtime = Math.floor(Date.now() / 1000)): Buffer {
   return h
 }
 
-/** One lzop block of `data` (at most LZOP_BLOCK bytes): stored as is where LZO1X would not shrink it, as lzop does. */
-export function lzopBlock (data: Uint8Array, scratch: Uint8Array, dict: Int32Array): Buffer {
+/** The most one lzop block takes: its header (sizes and checksum) and the data stored as is. */
+export const LZOP_BLOCK_MAX = 12 + LZOP_BLOCK
+
+/**
+ * One lzop block of `data` (at most LZOP_BLOCK bytes) written into `out` at
+ * `at`; returns where it ends. Stored as is where LZO1X would not shrink it, as lzop does.
+ */
+export function lzopBlockInto (data: Uint8Array, scratch: Uint8Array, dict: Int32Array, out: Buffer, at: number): number {
   const packed = lzo1xCompress(data, scratch, dict)
-  const stored = packed.length >= data.length
-  const body = stored ? data : packed
-  const out = Buffer.allocUnsafeSlow(12 + body.length)
-  out.writeUInt32BE(data.length, 0)
-  out.writeUInt32BE(body.length, 4)
-  out.writeUInt32BE(adler32(data), 8)
-  out.set(body, 12)
-  return out
+  const body = packed.length >= data.length ? data : packed
+  out.writeUInt32BE(data.length, at)
+  out.writeUInt32BE(body.length, at + 4)
+  out.writeUInt32BE(adler32(data), at + 8)
+  out.set(body, at + 12)
+  return at + 12 + body.length
+}
+
+/** One lzop block of `data` in a buffer of its own. */
+export function lzopBlock (data: Uint8Array, scratch: Uint8Array, dict: Int32Array): Buffer {
+  const out = Buffer.allocUnsafeSlow(LZOP_BLOCK_MAX)
+  return out.subarray(0, lzopBlockInto(data, scratch, dict, out, 0))
 }
 
 /** The end of an lzop stream: a block of size zero. */
