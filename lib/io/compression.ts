@@ -260,12 +260,14 @@ export function zstdDecoder (): ZstdDCtx {
   return dctx
 }
 
-/** A decoder run in this thread by slabDecoder(); bad data is a DataError (lzo.ts), at a byte of the compressed stream. */
-interface InlineDecoder {
-  /** The next compressed chunk, for next() to work through. */
+/** A codec run in this thread by slabCoder(); bad data is a DataError (lzo.ts), at a byte of the compressed stream. */
+interface InlineCoder {
+  /** The next input chunk, for next() to work through. */
   push: (chunk: Buffer) => void
   /** One step, its output put in `out`: false once the chunk is all taken and no longer needed. */
   next: (out: BlockOut) => boolean
+  /** After the last chunk, one step of output still held back (an encoder's last frame): false once there is none. */
+  flush?: (out: BlockOut) => boolean
   /** Throws unless the stream ended where it may. */
   end: () => void
 }
@@ -280,14 +282,14 @@ interface InlineDecoder {
  * memory for zstd and lzop: no output is handed to another thread as a fresh
  * buffer (garbage), and there is no worker's isolate (some 13 MiB).
  */
-function slabDecoder (name: string, decoder: InlineDecoder): Filter {
+function slabCoder (name: string, coder: InlineCoder): Filter {
   const nextSlab = slabSource(NEW_SLABS)
   let slab: Buffer | undefined
   let into: Buffer = Buffer.alloc(0)
   let used = 0
   let room = true
   let stopped = false
-  /** Decoding that waits for the reader to take what is out already. */
+  /** Work that waits for the reader to take what is out already. */
   let blocked: (() => void) | undefined
   let settle!: { resolve: () => void, reject: (err: Error) => void }
   const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
@@ -315,54 +317,50 @@ function slabDecoder (name: string, decoder: InlineDecoder): Filter {
       return into.subarray(used)
     },
     emit (n) {
-      // Lent while this decoder still holds its own loan of the slab.
+      // Lent while this coder still holds its own loan of the slab.
       room = output.push(lend(into.subarray(used, used + n)))
       used += n
     },
   }
-  const input = new Writable({
-    highWaterMark: CHUNK,
-    write (chunk: Buffer, _enc, callback) {
-      decoder.push(chunk)
-      const decode = (): void => {
-        while (!stopped) {
-          room = true
-          let more: boolean
-          try {
-            more = decoder.next(out)
-          } catch (err) {
-            fail(err)
-            return
-          }
-          if (!more) {
-            giveBack(chunk)
-            callback()
-            return
-          }
-          if (!room) { blocked = decode; return }
-        }
-      }
-      decode()
-    },
-    final (callback) {
-      if (stopped) return
+  /** Takes steps until one says it is done, then calls `then`; pauses while the reader has enough. */
+  const run = (step: () => boolean, then: () => void): void => {
+    while (!stopped) {
+      room = true
+      let more: boolean
       try {
-        decoder.end()
+        more = step()
       } catch (err) {
         fail(err)
         return
       }
-      if (slab !== undefined) giveBack(slab)
-      output.push(null)
-      settle.resolve()
-      callback()
+      if (!more) { then(); return }
+      if (!room) { blocked = () => run(step, then); return }
+    }
+  }
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      coder.push(chunk)
+      run(() => coder.next(out), () => { giveBack(chunk); callback() })
+    },
+    final (callback) {
+      run(() => {
+        if (coder.flush?.(out) === true) return true
+        coder.end()
+        return false
+      }, () => {
+        if (slab !== undefined) giveBack(slab)
+        output.push(null)
+        settle.resolve()
+        callback()
+      })
     },
   })
   return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
 }
 
-/** zstd-napi's steps for slabDecoder(). */
-function zstdSteps (): InlineDecoder {
+/** zstd-napi's decoding steps for slabCoder(). */
+function zstdSteps (): InlineCoder {
   const dctx = zstdDecoder()
   let chunk: Buffer = Buffer.alloc(0)
   let src = chunk
@@ -398,7 +396,7 @@ function zstdSteps (): InlineDecoder {
 
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
-  if (zstdNapiLoads()) return slabDecoder('zstd', zstdSteps())
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps())
   if (zlibZstd.createZstdDecompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
@@ -410,7 +408,7 @@ function decompressor (kind: Compression): Filter | null {
   switch (kind) {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
-    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabDecoder('lzop', new LzopDecoder())
+    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder())
     case 'gzip': return zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
   }
 }
@@ -446,14 +444,14 @@ const ZSTD_JOB = 1 << 20
 const ZSTD_OVERLAP_LOG = 8
 
 /**
- * zstd compressed with zstd-napi in this thread, into slabs (io/slabs.ts) that
- * the file writer gives back once written. libzstd's own worker threads
+ * zstd compressed with zstd-napi in this thread, by slabCoder() into slabs
+ * that the file writer gives back once written. libzstd's own worker threads
  * (nbWorkers) do the compressing on the other cores; a call here only copies
  * the input into libzstd's buffers, collects finished output, and waits when
  * every job is busy. No worker thread of ours: its isolate, and the copies
  * to and from it, were most of the memory this took (README).
  */
-function zstdDeflateInline (level: number, threads: number): Filter {
+function zstdEncodeSteps (level: number, threads: number): InlineCoder {
   const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdCBinding
   const cctx = new zstd.CCtx()
   cctx.setParameter(zstd.CParameter.compressionLevel, level)
@@ -462,74 +460,33 @@ function zstdDeflateInline (level: number, threads: number): Filter {
     cctx.setParameter(zstd.CParameter.jobSize, ZSTD_JOB)
     cctx.setParameter(zstd.CParameter.overlapLog, ZSTD_OVERLAP_LOG)
   }
-  const nextSlab = slabSource(NEW_SLABS)
-  let slab: Buffer | undefined
-  let into: Buffer = Buffer.alloc(0)
-  let used = 0
-  let stopped = false
-  /** Encoding that waits for the reader to take what is out already. */
-  let blocked: (() => void) | undefined
-  let settle!: { resolve: () => void, reject: (err: Error) => void }
-  const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
-  const output = new Readable({
-    highWaterMark: CHUNK,
-    read () {
-      const resume = blocked
-      blocked = undefined
-      resume?.()
-    },
-  })
-  /** Feeds `src` with `directive`, then calls `next` once it is all in (and, at the end, all out). */
-  const encode = (src: Buffer, directive: number, next: () => void): void => {
-    while (!stopped) {
-      if (into.length - used < MIN_OUT) {
-        if (slab !== undefined) giveBack(slab)
-        slab = nextSlab()
-        into = slab ?? Buffer.allocUnsafeSlow(SLAB_SIZE)
-        used = 0
-      }
-      let result: [number, number, number]
-      try {
-        result = cctx.compressStream2(into.subarray(used), src, directive)
-      } catch (err) {
-        stopped = true
-        settle.reject(new VmapipeError('E_IO', `zstd: ${(err as Error).message}`))
-        return
-      }
-      const [left, produced, consumed] = result
-      src = src.subarray(consumed)
-      let room = true
-      if (produced > 0) {
-        // Lent while this encoder still holds its own loan of the slab.
-        room = output.push(lend(into.subarray(used, used + produced)))
-        used += produced
-      }
-      if (src.length === 0 && (directive === zstd.EndDirective.continue || left === 0)) { next(); return }
-      if (!room) { blocked = () => encode(src, directive, next); return }
+  let src: Buffer = Buffer.alloc(0)
+  /** Feeds what is left of `src` with `directive`: false once it is all in (and, at the end, all out); libzstd has copied it by then. */
+  const step = (out: BlockOut, directive: number): boolean => {
+    const dst = out.space(MIN_OUT)
+    let result: [number, number, number]
+    try {
+      result = cctx.compressStream2(dst, src, directive)
+    } catch (err) {
+      throw new VmapipeError('E_IO', `zstd: ${(err as Error).message}`)
     }
+    const [left, produced, consumed] = result
+    src = src.subarray(consumed)
+    if (produced > 0) out.emit(produced)
+    return !(src.length === 0 && (directive === zstd.EndDirective.continue || left === 0))
   }
-  const input = new Writable({
-    highWaterMark: CHUNK,
-    write (chunk: Buffer, _enc, callback) {
-      // libzstd has copied the chunk once it is all consumed.
-      encode(chunk, zstd.EndDirective.continue, () => { giveBack(chunk); callback() })
-    },
-    final (callback) {
-      encode(Buffer.alloc(0), zstd.EndDirective.end, () => {
-        if (slab !== undefined) giveBack(slab)
-        output.push(null)
-        settle.resolve()
-        callback()
-      })
-    },
-  })
-  return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
+  return {
+    push (chunk) { src = chunk },
+    next: out => step(out, zstd.EndDirective.continue),
+    flush: out => step(out, zstd.EndDirective.end),
+    end () {},
+  }
 }
 
 function zstdCompressor (level = ZSTD_LEVEL): Filter {
   // All cores, as `zstd -T0`.
   const threads = availableParallelism()
-  if (zstdNapiLoads()) return zstdDeflateInline(level, threads)
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdEncodeSteps(level, threads))
   if (zlibZstd.createZstdCompress !== undefined) {
     const c = zlibZstd.constants
     const params = {
