@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=1 --no-allocation-site-pretenuring
+#!/usr/bin/env node
 import { runCommand } from '../lib/cli/main.js'
 import { pack } from '../lib/cli/create.js'
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=1 --no-allocation-site-pretenuring
+#!/usr/bin/env node
 import { main } from '../lib/cli/main.js'
 
 const code = await main(process.argv.slice(2))

@@ -60,7 +60,7 @@ export interface Served extends Peer {
 
 /** `vma serve ARGS`, once its "serving" line is logged. */
 export async function startServe (t: Teardown, args: string[]): Promise<Served> {
-  // The bin itself, as users run it: its shebang's V8 flags apply.
+  // The bin itself, as users run it (npm links it; the build makes it executable).
   const peer = start(t, VMA, ['serve', ...args])
   const logs = (): Array<Record<string, unknown>> => peer.stderr().split('\n').filter(l => l.startsWith('{')).map(l => JSON.parse(l) as Record<string, unknown>)
   for (;;) {
