@@ -1,9 +1,10 @@
 /**
  * vma serve of an archive to clients whose reads change size on one server:
- * nbdcopy's 256 KiB requests, then qemu-img convert's larger ones (1 MiB
- * pieces), then nbdcopy's 64 KiB. The server keeps read buffers for reuse
- * and lets those of the old sizes go as the sizes change; every copy must
- * still be the disk's bytes.
+ * four nbdcopy at once with 256 KiB requests (pieces cut at holes fill the
+ * pool of read buffers with 64-256 KiB ones), then four at once with 1 MiB
+ * requests (the pool lets the small ones go to keep 1 MiB ones), then
+ * qemu-img convert and nbdcopy of 64 KiB requests. Every copy must still be
+ * the disk's bytes: a buffer kept or let go is never one still being sent.
  */
 import t from 'tap'
 import { writeFileSync } from 'node:fs'
@@ -21,16 +22,17 @@ t.test('copies of different request sizes from one server are byte-identical to 
   exits(t, await sh(`cat ${q(disk)} | ${q(PACK_VMA)} -q --size ${size} - > ${q(archive)}`), 0, 'packed')
   const served = await startServe(t, [archive, '--socket', join(dir, 'serve.sock')])
   const uri = served.uri('drive-scsi0')
-  const copies: Array<[string, string[]]> = [
-    ['nbdcopy', [uri, join(dir, 'a.raw')]],
-    ['qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, join(dir, 'b.raw')]],
-    ['nbdcopy', ['--request-size=65536', uri, join(dir, 'c.raw')]],
-    ['qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, join(dir, 'd.raw')]],
-  ]
-  for (const [tool, args] of copies) {
-    const out = args[args.length - 1]
-    exits(t, await run(tool, args), 0, `${tool} ${args.slice(0, -2).join(' ')}`)
-    t.ok(cmp(disk, out), `${tool} ${args.slice(0, -2).join(' ')}: the disk's bytes`)
+  const copies = async (label: string, tool: string, args: (out: string) => string[], n: number): Promise<void> => {
+    const outs = Array.from({ length: n }, (_, i) => join(dir, `${label}-${i}.raw`))
+    const results = await Promise.all(outs.map(async out => await run(tool, args(out))))
+    for (const [i, r] of results.entries()) {
+      exits(t, r, 0, `${label} ${i}`)
+      t.ok(cmp(disk, outs[i]), `${label} ${i}: the disk's bytes`)
+    }
   }
+  await copies('nbdcopy 256k', 'nbdcopy', out => ['-C', '4', '-T', '4', uri, out], 4)
+  await copies('nbdcopy 1M', 'nbdcopy', out => ['-C', '4', '-T', '4', '--request-size=1048576', uri, out], 4)
+  await copies('qemu-img convert', 'qemu-img', out => ['convert', '-f', 'raw', '-O', 'raw', uri, out], 1)
+  await copies('nbdcopy 64k', 'nbdcopy', out => ['--request-size=65536', uri, out], 1)
   t.equal(served.child.exitCode, null, 'the server is still serving')
 })
