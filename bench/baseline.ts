@@ -7,7 +7,7 @@
 import { rmSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { writeBenchArchive, writeBenchDisk } from './archives.js'
-import { GIB, Table, pair, q, shell, vma as ours } from './lib.js'
+import { GIB, Table, binCommand, pair, q, shell, vma as ours } from './lib.js'
 
 export async function benchBaseline (dir: string, gib: number): Promise<void> {
   const base = process.env.BENCH_BASELINE
@@ -15,7 +15,7 @@ export async function benchBaseline (dir: string, gib: number): Promise<void> {
     process.stdout.write('\nbaseline: skipped (BENCH_BASELINE names a built checkout to compare with)\n')
     return
   }
-  const theirs = `${q(process.execPath)} ${q(join(base, 'dist/bin/vma.js'))}`
+  const theirs = binCommand(join(base, 'dist/bin/vma.js'))
   const archive = join(dir, 'a.vma')
   const disk = join(dir, 'disk.raw')
   process.stderr.write(`generating a ${gib} GiB archive and disk\n`)

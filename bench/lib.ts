@@ -4,15 +4,28 @@
  * RSS of the whole pipeline, printed as tables and kept for the JSON file.
  */
 import { spawn } from 'node:child_process'
-import { existsSync, readFileSync, rmSync } from 'node:fs'
+import { accessSync, constants, existsSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '../..')
 export const q = (s: string): string => `'${s.replace(/'/g, "'\\''")}'`
-export const vma = `${q(process.execPath)} ${q(join(root, 'dist/bin/vma.js'))}`
-export const packVma = `${q(process.execPath)} ${q(join(root, 'dist/bin/pack-vma.js'))}`
+/**
+ * How a bin is run: the file itself, as a user's shell or npm's link runs it, so that its
+ * shebang's node flags apply; by node where it is not executable (a checkout built before
+ * the build made it so, as BENCH_BASELINE may be).
+ */
+export function binCommand (path: string): string {
+  try {
+    accessSync(path, constants.X_OK)
+    return q(path)
+  } catch {
+    return `${q(process.execPath)} ${q(path)}`
+  }
+}
+export const vma = binCommand(join(root, 'dist/bin/vma.js'))
+export const packVma = binCommand(join(root, 'dist/bin/pack-vma.js'))
 export const GIB = 2 ** 30
 export const MB = 1e6
 /** Proxmox's own vma: $PVE_VMA, else ../shared/tools/pve-vma beside the checkout; undefined where neither is. */

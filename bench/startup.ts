@@ -4,7 +4,7 @@
  */
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { Table, pair, packVma, q, vma } from './lib.js'
+import { Table, binCommand, pair, packVma, q, vma } from './lib.js'
 
 const RUNS = 10
 const demo = fileURLToPath(new URL('../../examples/demo.vma.zst', import.meta.url))
@@ -13,7 +13,7 @@ export async function benchStartup (): Promise<void> {
   const table = new Table('startup', '')
   const base = process.env.BENCH_BASELINE
   const node = `${q(process.execPath)} -e 0`
-  const baseline = (bin: string): string => `${q(process.execPath)} ${q(join(base ?? '', 'dist/bin', bin))}`
+  const baseline = (bin: string): string => binCommand(join(base ?? '', 'dist/bin', bin))
   const jobs: Array<[string, (vmaCmd: string, packCmd: string) => string]> = [
     ['vma --help', v => `${v} --help > /dev/null`],
     ['vma list examples/demo.vma.zst', v => `${v} list ${q(demo)} > /dev/null`],

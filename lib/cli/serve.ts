@@ -1,4 +1,5 @@
 import { once } from 'node:events'
+import { setFlagsFromString } from 'node:v8'
 import { VmapipeError } from '../errors.js'
 import { EXIT, exitStatus } from './exit.js'
 import { openExports } from '../jobs/exports.js'
@@ -104,6 +105,10 @@ Examples:
     })
     try {
       const bound = await server.listen(address)
+      // A server runs for hours, and V8 doubles its young generation (up to 32 MiB) as survivors add up over
+      // collections: peak RSS 81-83 MiB after 6 copies, 71-73 held here. Set once everything is loaded: any
+      // V8 flag set earlier makes node compile the built-in modules it loads after without their code cache.
+      setFlagsFromString('--semi-space-growth-factor=1')
       ctx.log.info({ ...bound, exports: opened.exports.map(e => ({ name: e.name, size: e.disk.size })) }, 'serving')
       if (!signal.aborted) await once(signal, 'abort')
       await server.close()

@@ -12,7 +12,7 @@ import { disksOf } from './archive.js'
 import { DETECT_BYTES, detectCompression } from '../io/compression.js'
 import { type Input, openInput, readHead } from '../io/input.js'
 import type { PositionalReader } from '../io/pread.js'
-import { type LiveArchive, type LiveOptions, openLiveArchive } from './live.js'
+import type { LiveArchive, LiveOptions } from './live.js'
 import { openImageFile } from './sources.js'
 import { openArchiveIndex } from '../vma/archive-index.js'
 import { VMA_MAGIC } from '../vma/format.js'
@@ -150,6 +150,8 @@ async function openLive (path: string, live: LiveOptions, passes: LiveArchive[],
     throw new VmapipeError('E_OPTION', 'one archive at a time can be restored into a directory', { option: 'keepDir' })
   }
   const input = opened ?? openInput(path)
+  // Loaded here: a live pass brings the stream reader and the extract targets, which serving a file by position never uses.
+  const { openLiveArchive } = await import('./live.js')
   const archive = await openLiveArchive(input, live)
   passes.push(archive)
   return archive.disks.map(disk => ({ name: disk.device.name, description: `${disk.device.name} of ${input.name} (${archive.info.uuid}), live`, disk }))

@@ -212,13 +212,29 @@ class BufferPool {
     return Buffer.from(memory, 0, length)
   }
 
+  /**
+   * Keeps a buffer whose reply has gone out, letting free ones of other
+   * sizes go to make room: a client's reads change size (qemu-img's 1 MiB
+   * pieces after nbdcopy's 256 KiB), and a pool full of the old sizes left
+   * every new buffer as garbage, one per READ (measured, nbdcopy then
+   * qemu-img convert from one server: its peak 70-71 MiB, 74-76 before).
+   */
   give (buf: Buffer): void {
     const memory = buf.buffer as ArrayBuffer
-    if (this.bytes + memory.byteLength > this.limit) return
-    const list = this.free.get(memory.byteLength)
-    if (list === undefined) this.free.set(memory.byteLength, [memory])
+    const size = memory.byteLength
+    for (const [other, list] of this.free) {
+      if (this.bytes + size <= this.limit) break
+      if (other === size) continue
+      while (list.length > 0 && this.bytes + size > this.limit) {
+        list.pop()
+        this.bytes -= other
+      }
+    }
+    if (this.bytes + size > this.limit) return
+    const list = this.free.get(size)
+    if (list === undefined) this.free.set(size, [memory])
     else list.push(memory)
-    this.bytes += memory.byteLength
+    this.bytes += size
   }
 }
 

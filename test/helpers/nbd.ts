@@ -60,7 +60,8 @@ export interface Served extends Peer {
 
 /** `vma serve ARGS`, once its "serving" line is logged. */
 export async function startServe (t: Teardown, args: string[]): Promise<Served> {
-  const peer = start(t, process.execPath, [VMA, 'serve', ...args])
+  // The bin itself, as users run it (npm links it; the build makes it executable).
+  const peer = start(t, VMA, ['serve', ...args])
   const logs = (): Array<Record<string, unknown>> => peer.stderr().split('\n').filter(l => l.startsWith('{')).map(l => JSON.parse(l) as Record<string, unknown>)
   for (;;) {
     const serving = logs().find(l => l.msg === 'serving')
