@@ -115,6 +115,56 @@ function zlibFilter (stream: Duplex, what: string, failure: ErrorCode): Filter {
   return { input, output: stream, done, stop: () => stream.destroy() }
 }
 
+/** node:zlib's native handle as Node 20 to 24 have it (`_handle`, `_writeState`): internal, so looked for before use. */
+interface ZlibHandle {
+  /** Runs zlib on in[inOff, +inLen] into out[outOff, +outLen]; leaves [output room, input] left in the write state; bad data calls onerror. */
+  writeSync: (flush: number, input: Buffer, inOff: number, inLen: number, out: Buffer, outOff: number, outLen: number) => void
+  onerror: (message: string) => void
+}
+
+/** The handle behind a node:zlib stream and its write state, or undefined where this Node's zlib differs from what we drive. */
+export function zlibHandle (engine: object): { handle: ZlibHandle, state: Uint32Array } | undefined {
+  const { _handle: handle, _writeState: state } = engine as { _handle?: Partial<ZlibHandle>, _writeState?: unknown }
+  if (typeof handle?.writeSync !== 'function' || typeof handle.onerror !== 'function' || !(state instanceof Uint32Array) || state.length !== 2) {
+    return undefined
+  }
+  return { handle: handle as ZlibHandle, state }
+}
+
+/**
+ * gzip decoded in this thread straight into slabs (slabDecoder), through
+ * node:zlib's own handle: node:zlib's stream makes a new buffer per output
+ * chunk, garbage that V8 frees only after some 32 MiB of it (README,
+ * Performance). Undefined where this Node has not the handle we know; then
+ * the stream is used. Memory stays bounded against a bomb: each step fills
+ * at most the free end of one slab, and decoding waits while the reader is
+ * behind.
+ */
+function gunzipInline (): Filter | undefined {
+  // Its own output buffer is never used: the smallest there is.
+  const engine = zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK })
+  const native = zlibHandle(engine)
+  if (native === undefined) {
+    engine.close()
+    return undefined
+  }
+  const { handle, state } = native
+  let error: string | undefined
+  handle.onerror = (message: string) => { error = message }
+  let ended = false
+  return slabDecoder('gzip', (dst, src, last) => {
+    if (ended) return [0, src.length, true]
+    handle.writeSync(last ? zlib.constants.Z_FINISH : zlib.constants.Z_NO_FLUSH, src, 0, src.length, dst, 0, dst.length)
+    if (error !== undefined) throw new Error(error)
+    const outLeft = state[0] as number
+    const inLeft = state[1] as number
+    // Room and input both left: the last member has ended and zeros follow (zlib tries any other byte as a member),
+    // which gzip ignores too.
+    ended = inLeft > 0 && outLeft > 0
+    return [dst.length - outLeft, ended ? src.length : src.length - inLeft, outLeft > 0]
+  }, () => engine.close())
+}
+
 /** node:zlib's zstd (Node 22.15 and later), which @types/node 20 does not describe. */
 interface ZlibZstd {
   createZstdDecompress?: (options: object) => Duplex
@@ -325,6 +375,108 @@ function zstdInline (): Filter {
   return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
 }
 
+/**
+ * One step of a decoder run by slabDecoder: decodes what it can of `src` into
+ * `dst` (with `last`, no input follows: the decoder finishes). Returns the
+ * bytes produced and consumed, and whether it is settled: it holds back no
+ * output that more room would bring out. Throws on bad data.
+ */
+type DecodeStep = (dst: Buffer, src: Buffer, last: boolean) => [produced: number, consumed: number, settled: boolean]
+
+/**
+ * A decoder run in this thread straight into slabs (io/slabs.ts), as
+ * zstdInline: each step fills the free end of the current slab, and what it
+ * produced is lent on, so the slabs go round once the reader and writers
+ * give their loans back. `release` frees the decoder once it is done or
+ * stopped. Written for gzip; zstdInline has the same shape and could use it.
+ */
+function slabDecoder (what: string, step: DecodeStep, release: () => void): Filter {
+  const nextSlab = slabSource(NEW_SLABS)
+  let slab: Buffer | undefined
+  let into: Buffer = Buffer.alloc(0)
+  let used = 0
+  /** Compressed bytes consumed before the chunk being decoded. */
+  let consumedBefore = 0
+  let stopped = false
+  /** Decoding that waits for the reader to take what is out already. */
+  let blocked: (() => void) | undefined
+  let settle!: { resolve: () => void, reject: (err: Error) => void }
+  const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
+  const stop = (): void => {
+    if (stopped) return
+    stopped = true
+    blocked = undefined
+    release()
+  }
+  const output = new Readable({
+    highWaterMark: CHUNK,
+    read () {
+      const resume = blocked
+      blocked = undefined
+      resume?.()
+    },
+  })
+  /** Where the next step writes: the rest of this slab, or a new one. */
+  const space = (): Buffer => {
+    if (into.length - used < MIN_OUT) {
+      if (slab !== undefined) giveBack(slab)
+      slab = nextSlab()
+      into = slab ?? Buffer.allocUnsafeSlow(SLAB_SIZE)
+      used = 0
+    }
+    return into.subarray(used)
+  }
+  /** Decodes all of `chunk` and what it releases, waiting while the reader is behind, then calls `next`. */
+  const run = (chunk: Buffer, last: boolean, next: () => void): void => {
+    let src = chunk
+    const decode = (): void => {
+      while (!stopped) {
+        const dst = space()
+        let result: [number, number, boolean]
+        try {
+          result = step(dst, src, last)
+        } catch (err) {
+          stop()
+          const at = consumedBefore + chunk.length - src.length
+          settle.reject(new VmapipeError('E_COMPRESSED_DATA', `${what}: ${(err as Error).message} (compressed byte ${at})`))
+          return
+        }
+        const [produced, consumed, settled] = result
+        src = src.subarray(consumed)
+        let room = true
+        if (produced > 0) {
+          // Lent while this decoder still holds its own loan of the slab.
+          room = output.push(lend(into.subarray(used, used + produced)))
+          used += produced
+        }
+        if (src.length === 0 && settled) {
+          consumedBefore += chunk.length
+          next()
+          return
+        }
+        if (!room) { blocked = decode; return }
+      }
+    }
+    decode()
+  }
+  const input = new Writable({
+    highWaterMark: CHUNK,
+    write (chunk: Buffer, _enc, callback) {
+      run(chunk, false, () => { giveBack(chunk); callback() })
+    },
+    final (callback) {
+      run(Buffer.alloc(0), true, () => {
+        if (slab !== undefined) giveBack(slab)
+        stop()
+        output.push(null)
+        settle.resolve()
+        callback()
+      })
+    },
+  })
+  return { input, output, done, stop }
+}
+
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
   if (zstdNapiLoads()) return zstdInline()
@@ -340,7 +492,7 @@ function decompressor (kind: Compression): Filter | null {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
     case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : workerFilter({ job: 'lzo-d' }, 'E_COMPRESSED_DATA')
-    case 'gzip': return zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
+    case 'gzip': return gunzipInline() ?? zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
   }
 }
 
