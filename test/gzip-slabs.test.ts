@@ -2,7 +2,8 @@
  * gzip decoded in this thread into slabs through node:zlib's handle
  * (lib/io/compression.ts): the bytes are gzip's, the output buffers go round,
  * a bomb behind a stalled reader holds a few MiB, damaged and cut-off input is
- * E_COMPRESSED_DATA, and a Node without that handle decodes through the stream.
+ * E_COMPRESSED_DATA, compressing uses the same slabs, and a Node without that
+ * handle goes through node:zlib's stream.
  */
 import t from 'tap'
 import { createHash } from 'node:crypto'
@@ -10,7 +11,7 @@ import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { createRequire, syncBuiltinESMExports } from 'node:module'
 import { join } from 'node:path'
 import * as zlib from 'node:zlib'
-import { createDecompressor, zlibHandle } from '../lib/io/compression.js'
+import { createCompressor, createDecompressor, zlibHandle } from '../lib/io/compression.js'
 import { giveBack, inSlab } from '../lib/io/slabs.js'
 import { cmp, exits, q, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
 import { lastLog } from './helpers/compression.js'
@@ -26,9 +27,8 @@ function compressible (): Buffer {
   return data
 }
 
-/** Feeds `pieces` to a decompressor, each a write of its own (1 MiB at most); calls `take` with each output chunk, in order. */
-async function decode (pieces: Buffer[], take: (chunk: Buffer) => void): Promise<void> {
-  const d = createDecompressor()
+/** Feeds `pieces` to a decompressor (or `d`), each a write of its own (1 MiB at most); calls `take` with each output chunk, in order. */
+async function decode (pieces: Buffer[], take: (chunk: Buffer) => void, d = createDecompressor()): Promise<void> {
   const ended = new Promise<void>((resolve, reject) => { d.on('end', resolve); d.on('error', reject) })
   d.on('data', take)
   for (const piece of pieces) {
@@ -73,6 +73,17 @@ t.test('slabs go round when loans come back, and are never reused while one is o
   const kept: Buffer[] = []
   await decode([gz], chunk => { kept.push(chunk) })
   t.equal(sha(Buffer.concat(kept)), want, 'kept, none given back: every chunk still holds its bytes')
+
+  // Compressing: the same slabs, and what comes out is gzip that zlib reads back.
+  const packed: Buffer[] = []
+  outside = 0
+  await decode([data], chunk => {
+    if (!inSlab(chunk)) outside++
+    packed.push(Buffer.from(chunk))
+    giveBack(chunk)
+  }, createCompressor('gzip', 1))
+  t.equal(outside, 0, 'compressed: every chunk lies in a slab')
+  t.equal(sha(zlib.gunzipSync(Buffer.concat(packed))), want, 'compressed: gunzip gives the original')
 })
 
 t.test('members one after another, split where a write ends, then zeros: all members, as gzip -d', async t => {
@@ -161,22 +172,24 @@ t.test('a .vma.gz extracts byte for byte as the plain archive; damaged or cut of
   }
 })
 
-t.test('a Node without the zlib handle we drive: gzip decodes through node:zlib\'s stream, the same bytes', async t => {
+t.test('a Node without the zlib handle we drive: gzip goes through node:zlib\'s stream, the same bytes both ways', async t => {
   const data = compressible().subarray(0, 6 << 20)
   const gz = zlib.gzipSync(data)
   const cjs = createRequire(import.meta.url)('node:zlib') as typeof zlib
-  const original = Object.getOwnPropertyDescriptor(cjs, 'createGunzip') as PropertyDescriptor
   // Read-only but configurable: redefined for this test, with the ESM bindings that compression.ts reads.
-  const replace = (createGunzip: unknown): void => {
-    Object.defineProperty(cjs, 'createGunzip', { ...original, value: createGunzip })
-    syncBuiltinESMExports()
+  for (const name of ['createGunzip', 'createGzip'] as const) {
+    const original = Object.getOwnPropertyDescriptor(cjs, name) as PropertyDescriptor
+    const replace = (value: unknown): void => {
+      Object.defineProperty(cjs, name, { ...original, value })
+      syncBuiltinESMExports()
+    }
+    replace((options?: zlib.ZlibOptions) => {
+      const engine = (original.value as typeof zlib.createGzip)(options)
+      Object.defineProperty((engine as unknown as { _handle: object })._handle, 'writeSync', { value: undefined })
+      return engine
+    })
+    t.teardown(() => replace(original.value))
   }
-  replace((options?: zlib.ZlibOptions) => {
-    const engine = (original.value as typeof zlib.createGunzip)(options)
-    Object.defineProperty((engine as unknown as { _handle: object })._handle, 'writeSync', { value: undefined })
-    return engine
-  })
-  t.teardown(() => replace(original.value))
   const out: Buffer[] = []
   let slabs = 0
   await decode([gz], chunk => { if (inSlab(chunk)) slabs++; out.push(chunk) })
@@ -186,4 +199,9 @@ t.test('a Node without the zlib handle we drive: gzip decodes through node:zlib\
   damaged[gz.length - 8] ^= 1
   const err = await decode([damaged], () => {}).then(() => undefined, (e: { code?: string }) => e)
   t.equal(err?.code, 'E_COMPRESSED_DATA', 'damaged: E_COMPRESSED_DATA from the stream too')
+  const packed: Buffer[] = []
+  slabs = 0
+  await decode([data], chunk => { if (inSlab(chunk)) slabs++; packed.push(chunk) }, createCompressor('gzip'))
+  t.equal(slabs, 0, 'compressed by the stream')
+  t.equal(sha(zlib.gunzipSync(Buffer.concat(packed))), sha(data), 'compressed: gunzip gives the original')
 })

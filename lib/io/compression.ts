@@ -132,17 +132,15 @@ export function zlibHandle (engine: object): { handle: ZlibHandle, state: Uint32
 }
 
 /**
- * gzip decoded in this thread straight into slabs (slabDecoder), through
- * node:zlib's own handle: node:zlib's stream makes a new buffer per output
- * chunk, garbage that V8 frees only after some 32 MiB of it (README,
- * Performance). Undefined where this Node has not the handle we know; then
- * the stream is used. Memory stays bounded against a bomb: each step fills
- * at most the free end of one slab, and decoding waits while the reader is
- * behind.
+ * gzip run in this thread straight into slabs (slabFilter), through
+ * node:zlib's own handle behind `engine` (a Gunzip or a Gzip, closed once
+ * done): node:zlib's stream makes a new buffer per output chunk, garbage that
+ * V8 frees only after some 32 MiB of it (README, Performance). Undefined
+ * where this Node has not the handle we know; then the stream is used.
+ * Memory stays bounded against a bomb: each step fills at most the free end
+ * of one slab, and the filter waits while its reader is behind.
  */
-function gunzipInline (): Filter | undefined {
-  // Its own output buffer is never used: the smallest there is.
-  const engine = zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK })
+function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filter | undefined {
   const native = zlibHandle(engine)
   if (native === undefined) {
     engine.close()
@@ -152,14 +150,14 @@ function gunzipInline (): Filter | undefined {
   let error: string | undefined
   handle.onerror = (message: string) => { error = message }
   let ended = false
-  return slabDecoder('gzip', (dst, src, last) => {
+  return slabFilter('gzip', failure, (dst, src, last) => {
     if (ended) return [0, src.length, true]
     handle.writeSync(last ? zlib.constants.Z_FINISH : zlib.constants.Z_NO_FLUSH, src, 0, src.length, dst, 0, dst.length)
     if (error !== undefined) throw new Error(error)
     const outLeft = state[0] as number
     const inLeft = state[1] as number
-    // Room and input both left: the last member has ended and zeros follow (zlib tries any other byte as a member),
-    // which gzip ignores too.
+    // Room and input both left (only ever inflating): the last member has ended and zeros follow (zlib tries any other
+    // byte as a member), which gzip ignores too.
     ended = inLeft > 0 && outLeft > 0
     return [dst.length - outLeft, ended ? src.length : src.length - inLeft, outLeft > 0]
   }, () => engine.close())
@@ -376,21 +374,22 @@ function zstdInline (): Filter {
 }
 
 /**
- * One step of a decoder run by slabDecoder: decodes what it can of `src` into
- * `dst` (with `last`, no input follows: the decoder finishes). Returns the
+ * One step of a filter run by slabFilter: codes what it can of `src` into
+ * `dst` (with `last`, no input follows: the coder finishes). Returns the
  * bytes produced and consumed, and whether it is settled: it holds back no
  * output that more room would bring out. Throws on bad data.
  */
-type DecodeStep = (dst: Buffer, src: Buffer, last: boolean) => [produced: number, consumed: number, settled: boolean]
+type FilterStep = (dst: Buffer, src: Buffer, last: boolean) => [produced: number, consumed: number, settled: boolean]
 
 /**
- * A decoder run in this thread straight into slabs (io/slabs.ts), as
+ * A coder run in this thread straight into slabs (io/slabs.ts), as
  * zstdInline: each step fills the free end of the current slab, and what it
  * produced is lent on, so the slabs go round once the reader and writers
- * give their loans back. `release` frees the decoder once it is done or
- * stopped. Written for gzip; zstdInline has the same shape and could use it.
+ * give their loans back. `release` frees the coder once it is done or
+ * stopped. Written for gzip both ways; zstdInline has the same shape and
+ * could use it.
  */
-function slabDecoder (what: string, step: DecodeStep, release: () => void): Filter {
+function slabFilter (what: string, failure: ErrorCode, step: FilterStep, release: () => void): Filter {
   const nextSlab = slabSource(NEW_SLABS)
   let slab: Buffer | undefined
   let into: Buffer = Buffer.alloc(0)
@@ -438,7 +437,7 @@ function slabDecoder (what: string, step: DecodeStep, release: () => void): Filt
         } catch (err) {
           stop()
           const at = consumedBefore + chunk.length - src.length
-          settle.reject(new VmapipeError('E_COMPRESSED_DATA', `${what}: ${(err as Error).message} (compressed byte ${at})`))
+          settle.reject(new VmapipeError(failure, `${what}: ${(err as Error).message} (input byte ${at})`))
           return
         }
         const [produced, consumed, settled] = result
@@ -492,7 +491,9 @@ function decompressor (kind: Compression): Filter | null {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
     case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : workerFilter({ job: 'lzo-d' }, 'E_COMPRESSED_DATA')
-    case 'gzip': return gunzipInline() ?? zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
+    // Its own output buffer is never used: the smallest there is.
+    case 'gzip': return zlibInline(zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK }), 'E_COMPRESSED_DATA') ??
+      zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
   }
 }
 
@@ -522,7 +523,11 @@ function compressor (kind: Compression, level?: number, outputFd?: number): Filt
   }
   switch (kind) {
     case 'none': return null
-    case 'gzip': return zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...(level === undefined ? {} : { level }) }), 'gzip', 'E_IO')
+    case 'gzip': {
+      const options = level === undefined ? {} : { level }
+      return zlibInline(zlib.createGzip({ chunkSize: zlib.constants.Z_MIN_CHUNK, ...options }), 'E_IO') ??
+        zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...options }), 'gzip', 'E_IO')
+    }
     case 'zstd': return zstdCompressor(level)
     case 'lzo': return workerFilter({ job: 'lzo-c' }, 'E_IO')
   }
