@@ -152,14 +152,17 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
   let ended = false
   return slabFilter('gzip', failure, (dst, src, last) => {
     if (ended) return [0, src.length, true]
-    handle.writeSync(last ? zlib.constants.Z_FINISH : zlib.constants.Z_NO_FLUSH, src, 0, src.length, dst, 0, dst.length)
+    // A piece at a time: deflate (level 9 above all) then holds the thread for a piece, not a whole chunk.
+    const take = Math.min(src.length, ZLIB_PIECE)
+    const flush = last && take === src.length ? zlib.constants.Z_FINISH : zlib.constants.Z_NO_FLUSH
+    handle.writeSync(flush, src, 0, take, dst, 0, dst.length)
     if (error !== undefined) throw new Error(error)
     const outLeft = state[0] as number
     const inLeft = state[1] as number
     // Room and input both left (only ever inflating): the last member has ended and zeros follow (zlib tries any other
     // byte as a member), which gzip ignores too.
     ended = inLeft > 0 && outLeft > 0
-    return [dst.length - outLeft, ended ? src.length : src.length - inLeft, outLeft > 0]
+    return [dst.length - outLeft, ended ? src.length : take - inLeft, outLeft > 0]
   }, () => engine.close())
 }
 
