@@ -86,7 +86,7 @@ function childFilter (command: string, args: string[], failure: ErrorCode, outpu
   return { input, output: child.stdout as Readable, done, stop: () => { stopped = true; child.kill('SIGKILL') } }
 }
 
-/** Larger inputs are fed to zlib in pieces of this size, so one piece of a compression bomb cannot inflate past ~1 GiB. */
+/** Larger inputs are fed to zlib in pieces of this size, so one piece of a compression bomb cannot inflate past ~64 MiB (deflate shrinks 1032:1 at most). */
 const ZLIB_PIECE = 1 << 16
 
 function zlibFilter (stream: Duplex, what: string, failure: ErrorCode): Filter {
@@ -397,10 +397,10 @@ function slabFilter (what: string, failure: ErrorCode, step: FilterStep, release
   let slab: Buffer | undefined
   let into: Buffer = Buffer.alloc(0)
   let used = 0
-  /** Compressed bytes consumed before the chunk being decoded. */
+  /** Input bytes consumed before the chunk being coded. */
   let consumedBefore = 0
   let stopped = false
-  /** Decoding that waits for the reader to take what is out already. */
+  /** Coding that waits for the reader to take what is out already. */
   let blocked: (() => void) | undefined
   let settle!: { resolve: () => void, reject: (err: Error) => void }
   const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
@@ -428,10 +428,10 @@ function slabFilter (what: string, failure: ErrorCode, step: FilterStep, release
     }
     return into.subarray(used)
   }
-  /** Decodes all of `chunk` and what it releases, waiting while the reader is behind, then calls `next`. */
+  /** Codes all of `chunk` and what it releases, waiting while the reader is behind, then calls `next`. */
   const run = (chunk: Buffer, last: boolean, next: () => void): void => {
     let src = chunk
-    const decode = (): void => {
+    const code = (): void => {
       while (!stopped) {
         const dst = space()
         let result: [number, number, boolean]
@@ -447,7 +447,7 @@ function slabFilter (what: string, failure: ErrorCode, step: FilterStep, release
         src = src.subarray(consumed)
         let room = true
         if (produced > 0) {
-          // Lent while this decoder still holds its own loan of the slab.
+          // Lent while this filter still holds its own loan of the slab.
           room = output.push(lend(into.subarray(used, used + produced)))
           used += produced
         }
@@ -456,10 +456,10 @@ function slabFilter (what: string, failure: ErrorCode, step: FilterStep, release
           next()
           return
         }
-        if (!room) { blocked = decode; return }
+        if (!room) { blocked = code; return }
       }
     }
-    decode()
+    code()
   }
   const input = new Writable({
     highWaterMark: CHUNK,
