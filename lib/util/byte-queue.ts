@@ -51,13 +51,13 @@ export class ByteQueue {
     this.parts.push([chunk])
   }
 
-  /** The next `n` bytes without taking them (a copy if they straddle), or null if fewer are queued. */
-  peek (n: number): Buffer | null {
+  /** The next `n` bytes without taking them (a copy into `room(n)` if they straddle), or null if fewer are queued. */
+  peek (n: number, room: (n: number) => Buffer = Buffer.allocUnsafe): Buffer | null {
     if (this.length < n) return null
     if (n === 0) return EMPTY
     const head = this.chunks[0]
     if (head.length - this.first >= n) return head.subarray(this.first, this.first + n)
-    const out = Buffer.allocUnsafe(n)
+    const out = room(n)
     let filled = 0
     let pos = this.first
     for (let i = 0; filled < n; i++, pos = 0) {

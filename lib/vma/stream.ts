@@ -10,7 +10,7 @@ import type { ArchiveInfo, DeviceInfo } from '../contracts.js'
 import { BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
 import { type TrackedDevice, firstIncomplete, trackDevice, trackExtent } from './tracker.js'
 import { ByteQueue } from '../util/byte-queue.js'
-import { giveBack, lend } from '../io/slabs.js'
+import { giveBack, lend, scratch } from '../io/slabs.js'
 import {
   type ExtentHeader, EXTENT_HEADER_SIZE, HEADER_PREFIX_SIZE, VMA_MAGIC,
   archiveInfo, checkMagic, parseExtentHeader, parseHeader, readHeaderSize,
@@ -157,10 +157,12 @@ export class VmaReader extends Transform {
           for (; this.entry < entries.length; this.entry++) {
             const e = entries[this.entry]
             const bytes = popcount16(e.mask) * BLOCK_SIZE
-            const data = bytes === 0 ? EMPTY : this.queue.peek(bytes)
+            // Data that straddles two chunks is copied into scratch room, not a fresh buffer (garbage, a MiB in 16 from slabs).
+            const data = bytes === 0 ? EMPTY : this.queue.peek(bytes, scratch)
             if (data === null) return
-            // Lent before the queue moves on, which may give the last loan of its slab back.
+            // Lent before the queue moves on, which may give the last loan of its slab back; a copy's own loan ends here.
             if ((this.devices[e.devId] as DeviceState).selected) this.push(clusterRecord(e.devId, e.cluster, e.mask, lend(data)))
+            giveBack(data)
             this.queue.skip(bytes)
           }
           this.phase = 'extent'
