@@ -601,9 +601,11 @@ class FilterStream extends Duplex {
   }
 
   private start (): Buffer {
-    const head = Buffer.concat(this.head)
-    // A copy: chunks lent from slabs (io/slabs.ts) go back now.
-    for (const chunk of this.head) giveBack(chunk)
+    // One chunk lent from a slab (io/slabs.ts; a file's first read) goes on as it is, for the filter to give back. Else a copy,
+    // and lent chunks go back now: a caller's own buffer may be handed to a worker (workerFilter), which takes it away.
+    const single = this.head.length === 1 && inSlab(this.head[0] as Buffer)
+    const head = single ? this.head[0] as Buffer : Buffer.concat(this.head)
+    if (!single) for (const chunk of this.head) giveBack(chunk)
     this.head = []
     const filter = this.choose(head)
     this.inner = filter
