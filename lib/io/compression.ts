@@ -88,7 +88,7 @@ function childFilter (command: string, args: string[], failure: ErrorCode, outpu
   return { input, output: child.stdout as Readable, done, stop: () => { stopped = true; child.kill('SIGKILL') } }
 }
 
-/** Larger inputs are fed to zlib in pieces of this size, so one piece of a compression bomb cannot inflate past ~1 GiB. */
+/** Larger inputs are fed to zlib in pieces of this size, so one piece of a compression bomb cannot inflate past ~64 MiB (deflate shrinks 1032:1 at most). */
 const ZLIB_PIECE = 1 << 16
 
 function zlibFilter (stream: Duplex, what: string, failure: ErrorCode): Filter {
@@ -115,6 +115,78 @@ function zlibFilter (stream: Duplex, what: string, failure: ErrorCode): Filter {
     final (callback) { stream.end(); callback() },
   })
   return { input, output: stream, done, stop: () => stream.destroy() }
+}
+
+/** node:zlib's native handle as Node 20 to 24 have it (`_handle`, `_writeState`): internal, so looked for before use. */
+interface ZlibHandle {
+  /** Runs zlib on in[inOff, +inLen] into out[outOff, +outLen]; leaves [output room, input] left in the write state; bad data calls onerror. */
+  writeSync: (flush: number, input: Buffer, inOff: number, inLen: number, out: Buffer, outOff: number, outLen: number) => void
+  onerror: (message: string) => void
+}
+
+/** The handle behind a node:zlib stream and its write state, or undefined where this Node's zlib differs from what we drive. */
+export function zlibHandle (engine: object): { handle: ZlibHandle, state: Uint32Array } | undefined {
+  const { _handle: handle, _writeState: state } = engine as { _handle?: Partial<ZlibHandle>, _writeState?: unknown }
+  if (typeof handle?.writeSync !== 'function' || typeof handle.onerror !== 'function' || !(state instanceof Uint32Array) || state.length !== 2) {
+    return undefined
+  }
+  return { handle: handle as ZlibHandle, state }
+}
+
+/**
+ * gzip run in this thread straight into slabs (slabCoder), through
+ * node:zlib's own handle behind `engine` (a Gunzip or a Gzip, closed once
+ * done): node:zlib's stream makes a new buffer per output chunk, garbage that
+ * V8 frees only after some 32 MiB of it (README, Performance). Undefined
+ * where this Node has not the handle we know; then the stream is used.
+ * Memory stays bounded against a bomb: each step fills at most the free end
+ * of one slab, and the coder waits while its reader is behind.
+ */
+function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filter | undefined {
+  const native = zlibHandle(engine)
+  if (native === undefined) {
+    engine.close()
+    return undefined
+  }
+  const { handle, state } = native
+  let error: string | undefined
+  handle.onerror = (message: string) => { error = message }
+  let ended = false
+  let chunk: Buffer = Buffer.alloc(0)
+  let src = chunk
+  /** Input bytes consumed before the chunk being coded. */
+  let consumedBefore = 0
+  /** Codes a piece of `src`: false once it is all taken and zlib holds back no output that more room would bring out. */
+  const step = (out: BlockOut, last: boolean): boolean => {
+    if (ended) { src = src.subarray(src.length); return false }
+    const dst = out.space(MIN_OUT)
+    // A piece at a time: deflate (level 9 above all) then holds the thread for a piece, not a whole chunk.
+    const take = Math.min(src.length, ZLIB_PIECE)
+    const flush = last && take === src.length ? zlib.constants.Z_FINISH : zlib.constants.Z_NO_FLUSH
+    handle.writeSync(flush, src, 0, take, dst, 0, dst.length)
+    if (error !== undefined) {
+      const at = consumedBefore + chunk.length - src.length
+      throw failure === 'E_COMPRESSED_DATA' ? new DataError(error, at) : new VmapipeError(failure, `gzip: ${error}`)
+    }
+    const outLeft = state[0] as number
+    const inLeft = state[1] as number
+    // Room and input both left (only ever inflating): the last member has ended and zeros follow (zlib tries any other
+    // byte as a member), which gzip ignores too.
+    ended = inLeft > 0 && outLeft > 0
+    if (outLeft < dst.length) out.emit(dst.length - outLeft)
+    src = src.subarray(ended ? src.length : take - inLeft)
+    return !(src.length === 0 && outLeft > 0)
+  }
+  return slabCoder('gzip', {
+    push (c) {
+      consumedBefore += chunk.length
+      chunk = src = c
+    },
+    next: out => step(out, false),
+    flush: out => step(out, true),
+    end () {},
+    close: () => engine.close(),
+  })
 }
 
 /** node:zlib's zstd (Node 22.15 and later), which @types/node 20 does not describe. */
@@ -270,6 +342,8 @@ interface InlineCoder {
   flush?: (out: BlockOut) => boolean
   /** Throws unless the stream ended where it may. */
   end: () => void
+  /** Frees what the coder holds, once done or stopped. */
+  close?: () => void
 }
 
 /**
@@ -293,8 +367,14 @@ function slabCoder (name: string, coder: InlineCoder): Filter {
   let blocked: (() => void) | undefined
   let settle!: { resolve: () => void, reject: (err: Error) => void }
   const done = new Promise<void>((resolve, reject) => { settle = { resolve, reject } })
-  const fail = (err: unknown): void => {
+  const stop = (): void => {
+    if (stopped) return
     stopped = true
+    blocked = undefined
+    coder.close?.()
+  }
+  const fail = (err: unknown): void => {
+    stop()
     settle.reject(err instanceof DataError ? new VmapipeError('E_COMPRESSED_DATA', `${name}: ${err.message} (compressed byte ${err.at})`) : err as Error)
   }
   const output = new Readable({
@@ -350,13 +430,14 @@ function slabCoder (name: string, coder: InlineCoder): Filter {
         return false
       }, () => {
         if (slab !== undefined) giveBack(slab)
+        stop()
         output.push(null)
         settle.resolve()
         callback()
       })
     },
   })
-  return { input, output, done, stop: () => { stopped = true; blocked = undefined } }
+  return { input, output, done, stop }
 }
 
 /** zstd-napi's decoding steps for slabCoder(). */
@@ -409,7 +490,9 @@ function decompressor (kind: Compression): Filter | null {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
     case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder())
-    case 'gzip': return zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
+    // Its own output buffer is never used: the smallest there is.
+    case 'gzip': return zlibInline(zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK }), 'E_COMPRESSED_DATA') ??
+      zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
   }
 }
 
@@ -506,7 +589,11 @@ function compressor (kind: Compression, level?: number, outputFd?: number): Filt
   }
   switch (kind) {
     case 'none': return null
-    case 'gzip': return zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...(level === undefined ? {} : { level }) }), 'gzip', 'E_IO')
+    case 'gzip': {
+      const options = level === undefined ? {} : { level }
+      return zlibInline(zlib.createGzip({ chunkSize: zlib.constants.Z_MIN_CHUNK, ...options }), 'E_IO') ??
+        zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...options }), 'gzip', 'E_IO')
+    }
     case 'zstd': return zstdCompressor(level)
     case 'lzo': return lzopCompressor()
   }
@@ -577,9 +664,11 @@ class FilterStream extends Duplex {
   }
 
   private start (): Buffer {
-    const head = Buffer.concat(this.head)
-    // A copy: chunks lent from slabs (io/slabs.ts) go back now.
-    for (const chunk of this.head) giveBack(chunk)
+    // One chunk lent from a slab (io/slabs.ts; a file's first read) goes on as it is, for the filter to give back. Else a copy,
+    // and lent chunks go back now: a caller's own buffer may be handed to a worker (workerFilter), which takes it away.
+    const single = this.head.length === 1 && inSlab(this.head[0] as Buffer)
+    const head = single ? this.head[0] as Buffer : Buffer.concat(this.head)
+    if (!single) for (const chunk of this.head) giveBack(chunk)
     this.head = []
     const filter = this.choose(head)
     this.inner = filter
