@@ -38,7 +38,7 @@ function longLength (src: Uint8Array, ip: number, base: number, limit: number): 
 /**
  * Decompresses one LZO1X block into `out`, which must be exactly the size
  * the container promised. Every read and copy is bounds-checked, so hostile
- * input ends in an DataError, never in reading or writing outside the buffers.
+ * input ends in a DataError, never in reading or writing outside the buffers.
  * The states follow lzo1x_d.ch: a literal run, then matches, each followed by
  * 0-3 literals (low bits of its offset) or a new literal run.
  */
