@@ -21,6 +21,7 @@ import { createDecompressor } from '../io/compression.js'
 import type { Input } from '../io/input.js'
 import { syncPath } from '../io/output.js'
 import { formatBytes } from '../io/progress.js'
+import { giveBack } from '../io/slabs.js'
 import type { ArchiveInfo, ClusterRecord, DeviceInfo, ProgressSink, StreamItem } from '../contracts.js'
 import { VMSTATE_NAME } from '../record.js'
 import { VmaReader } from '../vma/stream.js'
@@ -348,9 +349,14 @@ class LiveSink extends Writable {
       }
       const disk = this.byId.get(item.device)
       if (disk !== undefined) records.push({ disk, rec: item })
+      else giveBack(item.data)
     }
     await Promise.all(mergedWrites(records).map(async w => await writeAll(w.disk, w.buffers, w.position)))
-    for (const { disk, rec } of records) disk.passed(rec.cluster, rec.mask)
+    // The data is in the file now: its slabs go round again (io/slabs.ts) instead of being garbage at the speed of the pass.
+    for (const { disk, rec } of records) {
+      giveBack(rec.data)
+      disk.passed(rec.cluster, rec.mask)
+    }
   }
 }
 
