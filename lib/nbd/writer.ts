@@ -10,6 +10,7 @@
  */
 import { VmapipeError } from '../errors.js'
 import type { ClusterRecord, DeviceInfo, DiskWriter } from '../contracts.js'
+import { giveBack, lend } from '../io/slabs.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 import { type NbdAddress, type NbdClientOptions, NbdClient, NbdReplyError } from './client.js'
 import { COMMAND_FLAG, ERRNO, TRANSMISSION_FLAG } from './protocol.js'
@@ -78,9 +79,11 @@ export class NbdDiskWriter implements DiskWriter {
     let wait: Promise<void> | undefined
     forEachRun(rec, this.device.size, (position, bytes) => {
       if (position > cursor) wait = this.zero(cursor, position - cursor) ?? wait
-      wait = this.add(false, position, bytes.length, bytes) ?? wait
+      // Each piece a loan of its own, given back once its WRITE is answered: a record can end up in two requests.
+      wait = this.add(false, position, bytes.length, lend(bytes)) ?? wait
       cursor = position + bytes.length
     })
+    giveBack(rec.data)
     if (end > cursor) wait = this.zero(cursor, end - cursor) ?? wait
     return wait
   }
@@ -95,6 +98,7 @@ export class NbdDiskWriter implements DiskWriter {
 
   async abort (): Promise<void> {
     this.run = undefined
+    // Not given back: a request still in flight may hold them, and the garbage collector takes them as it would any buffer.
     this.client.destroy()
   }
 
@@ -124,7 +128,8 @@ export class NbdDiskWriter implements DiskWriter {
     let request: Promise<void>
     if (!run.zero) {
       this.stats.dataBytes += run.length
-      request = this.client.write(run.offset, run.buffers)
+      // Given back when answered, not before: the slab must not be refilled while the socket may still send from it.
+      request = this.client.write(run.offset, run.buffers).finally(() => { for (const b of run.buffers) giveBack(b) })
     } else if (this.can(TRANSMISSION_FLAG.SEND_WRITE_ZEROES)) {
       request = this.client.writeZeroes(run.offset, run.length)
     } else {
