@@ -6,7 +6,6 @@
  * handle goes through node:zlib's stream.
  */
 import t from 'tap'
-import { createHash } from 'node:crypto'
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { createRequire, syncBuiltinESMExports } from 'node:module'
 import { join } from 'node:path'
@@ -14,33 +13,13 @@ import * as zlib from 'node:zlib'
 import { createCompressor, createDecompressor, zlibHandle } from '../lib/io/compression.js'
 import { giveBack, inSlab } from '../lib/io/slabs.js'
 import { cmp, exits, q, sh, tempDir, vma, vmaCmd } from './helpers/run.js'
-import { lastLog } from './helpers/compression.js'
+import { compressible, decode, decodeGivingBack, lastLog, sha256 as sha } from './helpers/compression.js'
 import { multiDeviceSpec, writeFixture } from './helpers/fixtures.js'
 import { Rng } from './helpers/random.js'
 import { scatter } from './helpers/vma-builder.js'
 
-/** 24 MiB that gzip shrinks about 2:1 (bytes of 4 bits), with runs of zeros: many slabs' worth of output. */
-function compressible (): Buffer {
-  const data = new Rng(51).fill(Buffer.alloc(24 << 20))
-  for (let i = 0; i < data.length; i++) data[i] &= 15
-  for (let at = 0; at < data.length; at += 5 << 20) data.fill(0, at, at + (1 << 20))
-  return data
-}
-
-/** Feeds `pieces` to a decompressor (or `d`), each a write of its own (1 MiB at most); calls `take` with each output chunk, in order. */
-async function decode (pieces: Buffer[], take: (chunk: Buffer) => void, d = createDecompressor()): Promise<void> {
-  const ended = new Promise<void>((resolve, reject) => { d.on('end', resolve); d.on('error', reject) })
-  d.on('data', take)
-  for (const piece of pieces) {
-    for (let at = 0; at < piece.length; at += 1 << 20) {
-      if (!d.write(piece.subarray(at, at + (1 << 20)))) await new Promise(resolve => d.once('drain', resolve))
-    }
-  }
-  d.end()
-  await ended
-}
-
-const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex')
+/** 24 MiB, many slabs' worth of gzip output. */
+const gzipInput = (): Buffer => compressible(24, 51)
 
 t.test('this Node has the zlib handle that gzip is decoded through; anything else is not taken for one', async t => {
   const engine = zlib.createGunzip()
@@ -51,24 +30,14 @@ t.test('this Node has the zlib handle that gzip is decoded through; anything els
 })
 
 t.test('slabs go round when loans come back, and are never reused while one is out', async t => {
-  const data = compressible()
+  const data = gzipInput()
   const gz = zlib.gzipSync(data, { level: 1 })
   const want = sha(data)
-  const hash = createHash('sha256')
-  const buffers = new Set<ArrayBufferLike>()
-  let chunks = 0
-  let outside = 0
-  await decode([gz], chunk => {
-    if (!inSlab(chunk)) outside++
-    hash.update(chunk)
-    buffers.add(chunk.buffer)
-    chunks++
-    giveBack(chunk)
-  })
-  t.equal(hash.digest('hex'), want, 'given back at once: the bytes are the original')
-  t.ok(chunks > 24, `${chunks} chunks`)
-  t.equal(outside, 0, 'every chunk lies in a slab')
-  t.ok(buffers.size <= 8, `given back at once: ${buffers.size} buffers carried 24 MiB`)
+  const once = await decodeGivingBack([gz])
+  t.equal(once.sha, want, 'given back at once: the bytes are the original')
+  t.ok(once.chunks > 24, `${once.chunks} chunks`)
+  t.equal(once.outside, 0, 'every chunk lies in a slab')
+  t.ok(once.buffers <= 8, `given back at once: ${once.buffers} buffers carried 24 MiB`)
 
   const kept: Buffer[] = []
   await decode([gz], chunk => { kept.push(chunk) })
@@ -76,7 +45,7 @@ t.test('slabs go round when loans come back, and are never reused while one is o
 
   // Compressing: the same slabs, and what comes out is gzip that zlib reads back.
   const packed: Buffer[] = []
-  outside = 0
+  let outside = 0
   await decode([data], chunk => {
     if (!inSlab(chunk)) outside++
     packed.push(Buffer.from(chunk))
@@ -173,7 +142,7 @@ t.test('a .vma.gz extracts byte for byte as the plain archive; damaged or cut of
 })
 
 t.test('a Node without the zlib handle we drive: gzip goes through node:zlib\'s stream, the same bytes both ways', async t => {
-  const data = compressible().subarray(0, 6 << 20)
+  const data = gzipInput().subarray(0, 6 << 20)
   const gz = zlib.gzipSync(data)
   const cjs = createRequire(import.meta.url)('node:zlib') as typeof zlib
   // Read-only but configurable: redefined for this test, with the ESM bindings that compression.ts reads.

@@ -8,37 +8,17 @@ import t from 'tap'
 import { createHash } from 'node:crypto'
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { createDecompressor } from '../lib/io/compression.js'
 import { giveBack } from '../lib/io/slabs.js'
 import { exits, q, sh, tempDir, vma } from './helpers/run.js'
-import { lastLog } from './helpers/compression.js'
+import { compressible, decode, decodeGivingBack, lastLog } from './helpers/compression.js'
 import { writeFixture } from './helpers/fixtures.js'
 import { Rng } from './helpers/random.js'
 import { scatter } from './helpers/vma-builder.js'
 
-/** 48 MiB that zstd shrinks about 2:1 (bytes of 4 bits), with runs of zeros: many slabs' worth of output. */
-function compressible (): Buffer {
-  const data = new Rng(41).fill(Buffer.alloc(48 << 20))
-  for (let i = 0; i < data.length; i++) data[i] &= 15
-  for (let at = 0; at < data.length; at += 5 << 20) data.fill(0, at, at + (1 << 20))
-  return data
-}
-
-/** Feeds `input` to a decompressor in 1 MiB writes; calls `take` with each output chunk, in order. */
-async function decode (input: Buffer, take: (chunk: Buffer) => void): Promise<void> {
-  const d = createDecompressor()
-  const ended = new Promise<void>((resolve, reject) => { d.on('end', resolve); d.on('error', reject) })
-  d.on('data', take)
-  for (let at = 0; at < input.length; at += 1 << 20) {
-    if (!d.write(input.subarray(at, at + (1 << 20)))) await new Promise(resolve => d.once('drain', resolve))
-  }
-  d.end()
-  await ended
-}
-
 t.test('slabs go round when loans come back, and are never reused while one is out', async t => {
   const dir = tempDir(t)
-  const data = compressible()
+  // 48 MiB, many slabs' worth of zstd output.
+  const data = compressible(48, 41)
   const raw = join(dir, 'data')
   writeFileSync(raw, data)
   exits(t, await sh(`zstd -q -c ${q(raw)} > ${q(raw)}.zst`), 0)
@@ -46,28 +26,20 @@ t.test('slabs go round when loans come back, and are never reused while one is o
   const want = createHash('sha256').update(data).digest('hex')
 
   // A consumer that hashes each chunk and gives it back at once: a few buffers carry all 48 MiB.
-  const hash = createHash('sha256')
-  const buffers = new Set<ArrayBufferLike>()
-  let chunks = 0
-  await decode(zst, chunk => {
-    hash.update(chunk)
-    buffers.add(chunk.buffer)
-    chunks++
-    giveBack(chunk)
-  })
-  t.equal(hash.digest('hex'), want, 'given back at once: the bytes are the original')
-  t.ok(chunks > 48, `${chunks} chunks`)
-  t.ok(buffers.size <= 8, `given back at once: ${buffers.size} buffers carried 48 MiB`)
+  const once = await decodeGivingBack([zst])
+  t.equal(once.sha, want, 'given back at once: the bytes are the original')
+  t.ok(once.chunks > 48, `${once.chunks} chunks`)
+  t.ok(once.buffers <= 8, `given back at once: ${once.buffers} buffers carried 48 MiB`)
 
   // A consumer that keeps every chunk and gives back none: nothing it holds is overwritten.
   const kept: Buffer[] = []
-  await decode(zst, chunk => { kept.push(chunk) })
+  await decode([zst], chunk => { kept.push(chunk) })
   t.equal(createHash('sha256').update(Buffer.concat(kept)).digest('hex'), want, 'kept: every chunk still holds its bytes')
 
   // Loans given back late, in bursts, out of order: still the original.
   const held: Buffer[] = []
   const late = createHash('sha256')
-  await decode(zst, chunk => {
+  await decode([zst], chunk => {
     late.update(chunk)
     held.push(chunk)
     if (held.length === 7) for (const b of held.splice(0).reverse()) giveBack(b)
