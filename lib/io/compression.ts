@@ -17,7 +17,6 @@ import { Duplex, Readable, Writable } from 'node:stream'
 import { Worker } from 'node:worker_threads'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
-import { ZSTD_WINDOW_LOG_MAX } from './codec-protocol.js'
 import { type BlockOut, DataError, LzopDecoder } from './lzo.js'
 import { SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
 
@@ -32,6 +31,8 @@ const MAGICS: Array<[Exclude<Compression, 'none'>, Buffer]> = [
 /** Enough bytes to tell every magic apart. */
 export const DETECT_BYTES = 9
 const CHUNK = 1 << 20
+/** zstd's default limit (and the `zstd` program's): frames asking for a larger window are refused, not allocated. */
+const ZSTD_WINDOW_LOG_MAX = 27
 
 export function detectCompression (head: Buffer): Compression {
   for (const [kind, magic] of MAGICS) {
