@@ -2,8 +2,8 @@
  * vma serve of an archive to clients whose reads change size on one server:
  * four nbdcopy at once with 256 KiB requests (pieces cut at holes fill the
  * pool of read buffers with 64-256 KiB ones), then four at once with 1 MiB
- * requests (the pool lets the small ones go to keep 1 MiB ones), then
- * qemu-img convert and nbdcopy of 64 KiB requests. Every copy must still be
+ * requests (sent in pieces of 256 KiB), then qemu-img convert and nbdcopy
+ * of 64 KiB requests (the pool lets the 256 KiB ones go to keep 64 KiB ones). Every copy must still be
  * the disk's bytes: a buffer kept or let go is never one still being sent.
  */
 import t from 'tap'
