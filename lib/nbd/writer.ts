@@ -39,11 +39,11 @@ interface Run { zero: boolean, offset: number, length: number, buffers: Buffer[]
 export class NbdDiskWriter implements DiskWriter {
   readonly stats: NbdWriteStats = { dataBytes: 0, prezeroed: false }
   private run?: Run
-  /** Requests sent and not yet answered, and the WRITE payload bytes among them. */
+  /** Requests sent and not yet answered, and the data bytes among them (zeros written as bytes hold no slab). */
   private requests = 0
   private bytes = 0
-  /** Resolves the promise write() or finish() returned, once there is room (or nothing is in flight). */
-  private room?: () => void
+  /** Woken at each answer: whoever waits for room (write()'s promises) or for the end (finish()). */
+  private waiters: Array<() => void> = []
   private failure?: Error
 
   private constructor (readonly client: NbdClient, private readonly device: DeviceInfo) {}
@@ -101,7 +101,7 @@ export class NbdDiskWriter implements DiskWriter {
 
   async finish (): Promise<void> {
     void this.submit()
-    while (this.requests > 0) await new Promise<void>(resolve => { this.room = resolve })
+    while (this.requests > 0) await this.answer()
     if (this.failure !== undefined) throw this.failure
     if (this.can(TRANSMISSION_FLAG.SEND_FLUSH)) await this.client.flush()
     await this.client.close()
@@ -133,7 +133,7 @@ export class NbdDiskWriter implements DiskWriter {
 
   /**
    * Sends the pending run; returns a promise when the client has as many
-   * requests in flight as it takes, or MAX_BYTES_IN_FLIGHT of payload is.
+   * requests in flight as it takes, or MAX_BYTES_IN_FLIGHT of data is.
    */
   private submit (): Promise<void> | undefined {
     const run = this.run
@@ -159,9 +159,9 @@ export class NbdDiskWriter implements DiskWriter {
       if (bytes > 0) for (const b of run.buffers) giveBack(b)
       this.requests--
       this.bytes -= bytes
-      const room = this.room
-      this.room = undefined
-      room?.()
+      const waiters = this.waiters
+      this.waiters = []
+      for (const w of waiters) w()
     }
     request.then(answered, (err: Error) => { this.failure ??= err; answered() })
     if (this.bytes < MAX_BYTES_IN_FLIGHT) return this.client.ready()
@@ -170,6 +170,11 @@ export class NbdDiskWriter implements DiskWriter {
 
   /** Resolves once the payload in flight is below MAX_BYTES_IN_FLIGHT. */
   private async whenRoom (): Promise<void> {
-    while (this.bytes >= MAX_BYTES_IN_FLIGHT) await new Promise<void>(resolve => { this.room = resolve })
+    while (this.bytes >= MAX_BYTES_IN_FLIGHT) await this.answer()
+  }
+
+  /** Resolves at the next answer. */
+  private async answer (): Promise<void> {
+    await new Promise<void>(resolve => this.waiters.push(resolve))
   }
 }
