@@ -31,6 +31,7 @@ const MAGICS: Array<[Exclude<Compression, 'none'>, Buffer]> = [
 /** Enough bytes to tell every magic apart. */
 export const DETECT_BYTES = 9
 const CHUNK = 1 << 20
+const EMPTY: Buffer = Buffer.alloc(0)
 /** zstd's default limit (and the `zstd` program's): frames asking for a larger window are refused, not allocated. */
 const ZSTD_WINDOW_LOG_MAX = 27
 
@@ -178,6 +179,7 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
     src = src.subarray(ended ? src.length : take - inLeft)
     return !(src.length === 0 && outLeft > 0)
   }
+  // Paced when inflating (the failure a decoder reports), as every decoder is.
   return slabCoder('gzip', {
     push (c) {
       consumedBefore += chunk.length
@@ -187,7 +189,7 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
     flush: out => step(out, true),
     end () {},
     close: () => engine.close(),
-  })
+  }, failure === 'E_COMPRESSED_DATA')
 }
 
 /** node:zlib's zstd (Node 22.15 and later), which @types/node 20 does not describe. */
@@ -356,11 +358,18 @@ interface InlineCoder {
  * worker thread (README, Performance), this costs less CPU and half the
  * memory for zstd and lzop: no output is handed to another thread as a fresh
  * buffer (garbage), and there is no worker's isolate (some 13 MiB).
+ *
+ * With `pace` (decoders), the event loop gets a turn whenever a slab is full.
+ * The output runs down the line synchronously, and a writer that gives its
+ * loans back from a stream's callback (stdout on a file or a pipe: called on
+ * the next tick even where the bytes went out at once) could not do so before
+ * the whole burst was decoded: every chunk queued before the decoder, some
+ * 14 MiB of output, was out at once, in fresh buffers once NEW_SLABS were made.
  */
-function slabCoder (name: string, coder: InlineCoder): Filter {
+function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
   const nextSlab = slabSource(NEW_SLABS)
   let slab: Buffer | undefined
-  let into: Buffer = Buffer.alloc(0)
+  let into = EMPTY
   let used = 0
   let room = true
   let stopped = false
@@ -416,6 +425,14 @@ function slabCoder (name: string, coder: InlineCoder): Filter {
       }
       if (!more) { then(); return }
       if (!room) { blocked = () => run(step, then); return }
+      if (pace && slab !== undefined && into.length - used < MIN_OUT) {
+        // The slab is full: our loan goes back now, so that once the writers have given theirs back it is the next one taken.
+        giveBack(slab)
+        slab = undefined
+        into = EMPTY
+        setImmediate(() => run(step, then))
+        return
+      }
     }
   }
   const input = new Writable({
@@ -478,7 +495,7 @@ function zstdSteps (): InlineCoder {
 
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
-  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps())
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps(), true)
   if (zlibZstd.createZstdDecompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
@@ -490,7 +507,7 @@ function decompressor (kind: Compression): Filter | null {
   switch (kind) {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
-    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder())
+    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder(), true)
     // Its own output buffer is never used: the smallest there is.
     case 'gzip': return zlibInline(zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK }), 'E_COMPRESSED_DATA') ??
       zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
