@@ -119,8 +119,8 @@ export class VmaReader extends Transform {
 
   override _read (size: number): void {
     if (this.waiting !== undefined) this.parseOn()
-    // Done with the chunk: Transform's own _read then lets the next one in (it holds a chunk's callback back while the
-    // reading side is full, until a read; this is that read, and no other may come while it is under way).
+    // Done with the chunk: Transform's own _read lets the next one in, whose callback it may just have put aside (the
+    // reading side was full). Now, not at a later _read: a _read that pushed nothing leaves Readable asking for no other.
     if (this.waiting === undefined) super._read(size)
   }
 
