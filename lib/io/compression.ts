@@ -31,6 +31,7 @@ const MAGICS: Array<[Exclude<Compression, 'none'>, Buffer]> = [
 /** Enough bytes to tell every magic apart. */
 export const DETECT_BYTES = 9
 const CHUNK = 1 << 20
+const EMPTY: Buffer = Buffer.alloc(0)
 /** zstd's default limit (and the `zstd` program's): frames asking for a larger window are refused, not allocated. */
 const ZSTD_WINDOW_LOG_MAX = 27
 
@@ -178,6 +179,7 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
     src = src.subarray(ended ? src.length : take - inLeft)
     return !(src.length === 0 && outLeft > 0)
   }
+  // Paced when inflating (the failure a decoder reports), as every decoder is.
   return slabCoder('gzip', {
     push (c) {
       consumedBefore += chunk.length
@@ -187,7 +189,7 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
     flush: out => step(out, true),
     end () {},
     close: () => engine.close(),
-  })
+  }, failure === 'E_COMPRESSED_DATA')
 }
 
 /** node:zlib's zstd (Node 22.15 and later), which @types/node 20 does not describe. */
@@ -311,6 +313,8 @@ function lzopCompressor (): Filter {
 
 /** Output space below this starts a new slab rather than fill the end of one. */
 const MIN_OUT = 1 << 16
+/** A paced decoder's largest step, and the output it lets wait (slabCoder). */
+const PACED_STEP = 1 << 17
 /** New slabs one decoder may make (slabSource): about what the stages after it hold while they flow. */
 const NEW_SLABS = 4
 
@@ -356,11 +360,21 @@ interface InlineCoder {
  * worker thread (README, Performance), this costs less CPU and half the
  * memory for zstd and lzop: no output is handed to another thread as a fresh
  * buffer (garbage), and there is no worker's isolate (some 13 MiB).
+ *
+ * With `pace` (decoders), the event loop gets a turn whenever a slab is full,
+ * and output goes out in steps of at most PACED_STEP, little of it waiting.
+ * The output runs down the line synchronously, and a writer that gives its
+ * loans back from a stream's callback (called on the next tick even where the
+ * bytes went out at once) could not do so before the whole burst was decoded:
+ * every chunk queued before the decoder, some 14 MiB of output, was out at
+ * once, in fresh buffers once NEW_SLABS were made. Output waiting in a stage
+ * buys nothing here (every stage after the decoder runs in this thread), but
+ * holds its slab.
  */
-function slabCoder (name: string, coder: InlineCoder): Filter {
+function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
   const nextSlab = slabSource(NEW_SLABS)
   let slab: Buffer | undefined
-  let into: Buffer = Buffer.alloc(0)
+  let into = EMPTY
   let used = 0
   let room = true
   let stopped = false
@@ -379,7 +393,7 @@ function slabCoder (name: string, coder: InlineCoder): Filter {
     settle.reject(err instanceof DataError ? new VmapipeError('E_COMPRESSED_DATA', `${name}: ${err.message} (compressed byte ${err.at})`) : err as Error)
   }
   const output = new Readable({
-    highWaterMark: CHUNK,
+    highWaterMark: pace ? PACED_STEP : CHUNK,
     read () {
       const resume = blocked
       blocked = undefined
@@ -395,7 +409,7 @@ function slabCoder (name: string, coder: InlineCoder): Filter {
         into = slab ?? Buffer.allocUnsafeSlow(Math.max(n, SLAB_SIZE))
         used = 0
       }
-      return into.subarray(used)
+      return into.subarray(used, pace ? used + Math.max(n, PACED_STEP) : into.length)
     },
     emit (n) {
       // Lent while this coder still holds its own loan of the slab.
@@ -406,6 +420,14 @@ function slabCoder (name: string, coder: InlineCoder): Filter {
   /** Takes steps until one says it is done, then calls `then`; pauses while the reader has enough. */
   const run = (step: () => boolean, then: () => void): void => {
     while (!stopped) {
+      if (pace && slab !== undefined && into.length - used < MIN_OUT) {
+        // The slab is full: our loan goes back now, so that once the writers have given theirs back it is the next one taken.
+        giveBack(slab)
+        slab = undefined
+        into = EMPTY
+        setImmediate(() => run(step, then))
+        return
+      }
       room = true
       let more: boolean
       try {
@@ -478,7 +500,7 @@ function zstdSteps (): InlineCoder {
 
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
-  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps())
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps(), true)
   if (zlibZstd.createZstdDecompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
@@ -490,7 +512,7 @@ function decompressor (kind: Compression): Filter | null {
   switch (kind) {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
-    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder())
+    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder(), true)
     // Its own output buffer is never used: the smallest there is.
     case 'gzip': return zlibInline(zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK }), 'E_COMPRESSED_DATA') ??
       zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
@@ -612,8 +634,8 @@ class FilterStream extends Duplex {
   private inner?: Filter | null
   private waitingWrite?: () => void
 
-  constructor (private readonly choose: (head: Buffer) => Filter | null, private readonly headBytes: number) {
-    super({ readableHighWaterMark: CHUNK, writableHighWaterMark: CHUNK })
+  constructor (private readonly choose: (head: Buffer) => Filter | null, private readonly headBytes: number, readableHighWaterMark = CHUNK) {
+    super({ readableHighWaterMark, writableHighWaterMark: CHUNK })
   }
 
   /** Which filter was chosen, once data has arrived. */
@@ -699,10 +721,11 @@ class FilterStream extends Duplex {
 
 /** Bytes in, decompressed bytes out: zstd, gzip, lzop or plain, told apart by magic. */
 export function createDecompressor (): Duplex & { chosen?: Compression } {
+  // Little decoded output waits here: what reads it (VmaReader) runs in this thread and keeps up (slabCoder, pace).
   const stream: FilterStream = new FilterStream(head => {
     stream.chosen = detectCompression(head)
     return decompressor(stream.chosen)
-  }, DETECT_BYTES)
+  }, DETECT_BYTES, PACED_STEP)
   return stream
 }
 

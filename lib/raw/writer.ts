@@ -132,7 +132,7 @@ export class RawStreamWriter implements DiskWriter {
     }
     const data = rec.data
     const bytes = expandLent(rec, this.device.size)
-    const flowing = this.writesOut ? this.out.write(bytes, () => { giveBack(data); giveBack(bytes) }) : this.out.write(bytes)
+    const flowing = this.writesOut ? this.send(bytes, () => { giveBack(data); giveBack(bytes) }) : this.out.write(bytes)
     this.next++
     if (this.reorder.has(this.next)) return this.catchUp()
     return flowing ? undefined : this.drained()
@@ -159,9 +159,25 @@ export class RawStreamWriter implements DiskWriter {
     while (this.reorder.has(this.next)) {
       const { bytes, clusters, release } = await this.reorder.take(this.next)
       this.next += clusters
-      if (!this.out.write(bytes, release)) await this.drained()
+      if (!(this.writesOut ? this.send(bytes, release) : this.out.write(bytes, release))) await this.drained()
       if (this.failure !== undefined) throw this.failure
     }
+  }
+
+  /**
+   * Writes `bytes` to an output that is done with a chunk when it calls back, and calls `done` once, when it is: at once
+   * where the stream wrote them at once (stdout on a file, a pipe with room), whose callback would come only on the next
+   * tick, after the rest of the records that arrive in the same turn, every one of them holding its slab till then.
+   */
+  private send (bytes: Buffer, done: () => void): boolean {
+    let pending = true
+    const once = (): void => {
+      if (pending) done()
+      pending = false
+    }
+    const flowing = this.out.write(bytes, once)
+    if (this.out.writableLength === 0) once()
+    return flowing
   }
 
   private async drained (): Promise<void> {

@@ -59,6 +59,13 @@ export function deviceStats (devices: ReadonlyArray<TrackedDevice | undefined>):
 }
 
 const EMPTY: Buffer = Buffer.alloc(0)
+/**
+ * Records waiting to be taken, and archive bytes waiting to be parsed. Small:
+ * parsing is quick and done in this thread, so more waiting would not make
+ * the writer busier, only hold more slabs (io/slabs.ts).
+ */
+const RECORDS_OUT = 4
+const BYTES_IN = 1 << 16
 
 interface DeviceState extends TrackedDevice {
   selected: boolean
@@ -87,8 +94,11 @@ export class VmaReader extends Transform {
   private extentOffset = 0
   private entry = 0
 
+  /** The callback of the chunk being parsed, while parsing waits for the records to be taken (_read). */
+  private waiting?: TransformCallback
+
   constructor (options: VmaReaderOptions = {}) {
-    super({ readableObjectMode: true, readableHighWaterMark: 16, writableHighWaterMark: 1 << 20 })
+    super({ readableObjectMode: true, readableHighWaterMark: RECORDS_OUT, writableHighWaterMark: BYTES_IN })
     this.select = options.select
     this.requireComplete = options.requireComplete ?? true
   }
@@ -103,12 +113,29 @@ export class VmaReader extends Transform {
 
   override _transform (chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
     this.queue.push(chunk)
+    this.waiting = callback
+    this.parseOn()
+  }
+
+  override _read (size: number): void {
+    if (this.waiting !== undefined) this.parseOn()
+    // Done with the chunk: Transform's own _read lets the next one in, whose callback it may just have put aside (the
+    // reading side was full). Now, not at a later _read: a _read that pushed nothing leaves Readable asking for no other.
+    if (this.waiting === undefined) super._read(size)
+  }
+
+  /** Parses on; the chunk is done with once all of it is parsed, not while the records wait to be taken. */
+  private parseOn (): void {
+    const callback = this.waiting as TransformCallback
     try {
-      this.parse()
-      callback()
+      if (!this.parse()) return
     } catch (err) {
+      this.waiting = undefined
       callback(err as Error)
+      return
     }
+    this.waiting = undefined
+    callback()
   }
 
   override _flush (callback: TransformCallback): void {
@@ -120,7 +147,12 @@ export class VmaReader extends Transform {
     }
   }
 
-  private parse (): void {
+  /**
+   * Parses what is queued: true once it needs more bytes, false when a record was pushed that the reading side has no
+   * room for (then _read resumes it). Each record is a loan of a slab: records pushed regardless of room kept a whole
+   * chunk's worth (up to a slab's, 16 records) waiting beyond the high-water mark, their slabs with them.
+   */
+  private parse (): boolean {
     for (;;) {
       switch (this.phase) {
         case 'prefix': {
@@ -128,7 +160,7 @@ export class VmaReader extends Transform {
           const magic = this.queue.peek(VMA_MAGIC.length)
           if (magic !== null) checkMagic(magic)
           const prefix = this.queue.take(HEADER_PREFIX_SIZE)
-          if (prefix === null) return
+          if (prefix === null) return true
           this.headerSize = readHeaderSize(prefix)
           this.prefix = Buffer.from(prefix)
           this.phase = 'header'
@@ -136,7 +168,7 @@ export class VmaReader extends Transform {
         }
         case 'header': {
           const rest = this.queue.take(this.headerSize - HEADER_PREFIX_SIZE)
-          if (rest === null) return
+          if (rest === null) return true
           this.startArchive(Buffer.concat([this.prefix, rest]))
           this.phase = 'extent'
           break
@@ -144,7 +176,7 @@ export class VmaReader extends Transform {
         case 'extent': {
           this.extentOffset = this.queue.consumed
           const head = this.queue.take(EXTENT_HEADER_SIZE)
-          if (head === null) return
+          if (head === null) return true
           this.extent = parseExtentHeader(head, this.uuid, this.extentOffset)
           trackExtent(this.devices, this.extent, this.extentOffset)
           this.extents++
@@ -154,16 +186,18 @@ export class VmaReader extends Transform {
         }
         case 'data': {
           const entries = (this.extent as ExtentHeader).entries
-          for (; this.entry < entries.length; this.entry++) {
+          while (this.entry < entries.length) {
             const e = entries[this.entry]
             const bytes = popcount16(e.mask) * BLOCK_SIZE
             // Data that straddles two chunks (once per slab) is put together in shared scratch slabs, not a buffer of its own per record.
             const data = bytes === 0 ? EMPTY : this.queue.peek(bytes, scratch)
-            if (data === null) return
+            if (data === null) return true
             // Lent before the queue moves on, which may give the last loan of its slab back; then the scratch loan, if any, ends.
-            if ((this.devices[e.devId] as DeviceState).selected) this.push(clusterRecord(e.devId, e.cluster, e.mask, lend(data)))
+            const room = !(this.devices[e.devId] as DeviceState).selected || this.push(clusterRecord(e.devId, e.cluster, e.mask, lend(data)))
             giveBack(data)
             this.queue.skip(bytes)
+            this.entry++
+            if (!room) return false
           }
           this.phase = 'extent'
           break
