@@ -182,8 +182,13 @@ export function lzo1xCompress (src: Uint8Array, scratch: Uint8Array, dict: Int32
         while (rest > 255) { rest -= 255; scratch[op++] = 0 }
         scratch[op++] = rest
       }
-      scratch.set(src.subarray(lit, litEnd), op)
-      op += count
+      // A short run byte by byte: a subarray per run would be garbage at the rate of the matches (a scavenge every few MiB).
+      if (count < 64) {
+        for (let i = lit; i < litEnd; i++) scratch[op++] = src[i]
+      } else {
+        scratch.set(src.subarray(lit, litEnd), op)
+        op += count
+      }
     }
     if (len === 0) break
     misses = 0
