@@ -424,11 +424,11 @@ interface ZstdCBinding {
 /**
  * zstd compressed with zstd-napi in this thread, by slabCoder() into slabs
  * that the file writer gives back once written. Single-threaded (no
- * nbWorkers): libzstd's worker threads held some 10 MiB of jobs, input and
- * output (1 MiB jobs, two workers), and their window overlaps (each job
- * re-reads part of the window before it) cost 25-30% more CPU, for no
- * wall-clock gain on 2 cores, where the rest of the job needs one; the
- * reads and writes still run on libuv's threads meanwhile.
+ * nbWorkers): two libzstd workers with 1 MiB jobs held 8 MiB more (jobs'
+ * input and output, a context each), and the window each job re-reads
+ * cost 25-30% more CPU. They shortened the job only on an idle machine
+ * (busiest thread 0.6 s against this thread's 1.3 s for 512 MiB); with
+ * the cores shared, as where this was measured, not at all.
  */
 function zstdEncodeSteps (level: number): InlineCoder {
   const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdCBinding
@@ -462,8 +462,8 @@ function zstdEncodeSteps (level: number): InlineCoder {
  * block of LZOP_BLOCK bytes straight into a slab. A block that lies whole in
  * the chunk is packed from there; the rest is gathered in a buffer of its
  * own. A worker thread did this before: its isolate and the buffers going to
- * and fro cost 14 MiB more and 15% more CPU than this, and on 2 cores, where
- * the rest of the job needs one, it saved little time.
+ * and fro cost 17 MiB more and 25% more CPU, and its LZO1X (2.0 s for
+ * 512 MiB) took longer than this whole thread does now (1.7 s).
  */
 function lzopEncodeSteps (): InlineCoder {
   const pending = Buffer.allocUnsafeSlow(LZOP_BLOCK)
