@@ -462,8 +462,8 @@ function zstdEncodeSteps (level: number): InlineCoder {
  * block of LZOP_BLOCK bytes straight into a slab. A block that lies whole in
  * the chunk is packed from there; the rest is gathered in a buffer of its
  * own. A worker thread did this before: its isolate and the buffers going to
- * and fro cost 17 MiB more and 25% more CPU, and its LZO1X (2.0 s for
- * 512 MiB) took longer than this whole thread does now (1.7 s).
+ * and fro cost 20 MiB more and 20% more CPU, and its thread (1.6 s for
+ * 512 MiB) took about as long as this whole thread does now (1.7 s).
  */
 function lzopEncodeSteps (): InlineCoder {
   const pending = Buffer.allocUnsafeSlow(LZOP_BLOCK)
