@@ -24,8 +24,6 @@ const LIB = join(root, 'lib')
  * flag of vma or pack-vma. Each entry is file and the literal's text.
  */
 const FLAG_EXCEPTIONS: Array<[string, string, string]> = [
-  // Node's own option, filtered out of the execArgv a worker inherits.
-  ['lib/io/compression.ts', '--input-type', 'a flag of node, not ours'],
   // lzop's option named in the message about a stream written with it.
   ['lib/io/lzo.ts', 'lzop streams with a filter (lzop --filter) are not supported', 'a flag of lzop, not ours'],
 ]

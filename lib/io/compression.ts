@@ -2,22 +2,19 @@
  * Compression as Proxmox applies it around VMA: zstd, gzip or lzop over the
  * whole archive. Recognised by magic bytes only. Nothing outside npm is
  * needed: zstd is decoded and compressed in this thread by zstd-napi (libzstd
- * built from its bundled sources) straight into slabs, compressing on
- * libzstd's own worker threads, else by node:zlib where this Node has zstd
- * (22.15+); lzop is our own LZO1X code (lzo.ts), decoded in this thread into
- * slabs as well, compressed in a worker thread; gzip is node:zlib, which
- * works on libuv's thread pool.
+ * built from its bundled sources) straight into slabs, else by node:zlib
+ * where this Node has zstd (22.15+); lzop is our own LZO1X code (lzo.ts),
+ * decoded and compressed in this thread into slabs as well; gzip is
+ * node:zlib's deflate, driven in this thread the same way.
  * VMAPIPE_EXTERNAL_COMPRESSION=1 runs the `zstd` and `lzop` programs
  * instead, as before.
  */
 import { spawn } from 'node:child_process'
 import { createRequire } from 'node:module'
-import { availableParallelism } from 'node:os'
 import { Duplex, Readable, Writable } from 'node:stream'
-import { Worker } from 'node:worker_threads'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
-import { type BlockOut, DataError, LzopDecoder } from './lzo.js'
+import { type BlockOut, DataError, LZOP_BLOCK, LZOP_BLOCK_MAX, LZOP_END, LzopDecoder, lzo1xBound, lzopBlockInto, lzopHeader } from './lzo.js'
 import { SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
 
 export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
@@ -218,97 +215,6 @@ function zstdNapiLoads (): boolean {
 function noZstd (): VmapipeError {
   return new VmapipeError('E_TOOL_MISSING', 'zstd needs Node 22.15 or later, or the zstd-napi package built at install (npm ci with a C compiler), ' +
     'or the zstd program with VMAPIPE_EXTERNAL_COMPRESSION=1')
-}
-
-/** Chunks at least this large are never slices of Buffer's shared pool (8 KiB), so one that fills its ArrayBuffer owns it. */
-const OWN_CHUNK = 1 << 16
-
-/** lzop compression run in a worker thread, with credits both ways (see compression-worker.ts). */
-function lzopCompressor (): Filter {
-  // The worker is a file: flags only meant for a main script given as text (node --input-type -e) would stop it loading.
-  const execArgv = process.execArgv.filter(a => !a.startsWith('--input-type'))
-  const worker = new Worker(new URL('./compression-worker.js', import.meta.url), { execArgv })
-  /** Input chunks sent and not yet consumed; at most this many are in flight. */
-  const IN_FLIGHT = 4
-  let inFlight = 0
-  let waiting: (() => void) | undefined
-  /** Input buffers the worker sent back, to copy the next chunks into. */
-  const spare: ArrayBuffer[] = []
-  /** Credits owed to the worker once the reader wants more, each with the buffer to send back if any. */
-  const owed: Array<ArrayBuffer | undefined> = []
-  const credit = (b: ArrayBuffer | undefined): void => {
-    if (b === undefined) worker.postMessage({ t: 'credit' })
-    else worker.postMessage({ t: 'credit', b }, [b])
-  }
-  const nextSlab = slabSource(NEW_SLABS)
-  const output = new Readable({
-    highWaterMark: CHUNK,
-    read () {
-      for (const b of owed.splice(0)) credit(b)
-    },
-  })
-  const input = new Writable({
-    highWaterMark: CHUNK,
-    write (chunk: Buffer, _enc, callback) {
-      // A chunk that is all of its own ArrayBuffer (a file stream's reads are) is handed over as it is, not copied.
-      // Not a slab's (io/slabs.ts): that is copied, into a buffer the worker sent back where there is one, and given back once copied.
-      const whole = chunk.byteOffset === 0 && chunk.length === chunk.buffer.byteLength && chunk.buffer instanceof ArrayBuffer &&
-        chunk.length >= OWN_CHUNK && !inSlab(chunk)
-      let b: ArrayBuffer
-      if (whole) b = chunk.buffer as ArrayBuffer
-      else {
-        const back = spare.pop()
-        b = back !== undefined && back.byteLength >= chunk.length ? back : new ArrayBuffer(Math.max(CHUNK, chunk.length))
-        new Uint8Array(b).set(chunk)
-        giveBack(chunk)
-      }
-      worker.postMessage({ t: 'data', b, n: chunk.length }, [b])
-      if (++inFlight < IN_FLIGHT) callback()
-      else waiting = callback
-    },
-    final (callback) {
-      worker.postMessage({ t: 'end' })
-      callback()
-    },
-  })
-  type Message = { t: 'ack', b?: ArrayBuffer } | { t: 'end' } | { t: 'data', b: ArrayBuffer, n: number, back: boolean } |
-    { t: 'error', message: string }
-  const done = new Promise<void>((resolve, reject) => {
-    worker.on('message', (m: Message) => {
-      if (m.t === 'ack') {
-        if (m.b !== undefined && spare.length < IN_FLIGHT) spare.push(m.b)
-        inFlight--
-        const resume = waiting
-        waiting = undefined
-        resume?.()
-      } else if (m.t === 'data') {
-        // A buffer the worker wants back is copied into a slab, which the file writer gives back once written.
-        const slab = m.back ? nextSlab() : undefined
-        let back: ArrayBuffer | undefined
-        let data: Buffer
-        if (slab !== undefined && m.n <= slab.length) {
-          slab.set(new Uint8Array(m.b, 0, m.n))
-          data = lend(slab.subarray(0, m.n))
-          back = m.b
-        } else {
-          data = Buffer.from(m.b, 0, m.n)
-        }
-        if (slab !== undefined) giveBack(slab)
-        if (output.push(data)) credit(back)
-        else owed.push(back)
-      } else if (m.t === 'end') {
-        output.push(null)
-        resolve()
-        void worker.terminate()
-      } else {
-        reject(new VmapipeError('E_IO', m.message))
-        void worker.terminate()
-      }
-    })
-    worker.on('error', err => reject(new VmapipeError('E_IO', `lzop: ${err.message}`, { cause: err })))
-    worker.on('exit', code => reject(new VmapipeError('E_IO', `the lzop worker stopped (exit ${code})`)))
-  })
-  return { input, output, done, stop: () => { void worker.terminate() } }
 }
 
 /** Output space below this starts a new slab rather than fill the end of one. */
@@ -533,39 +439,23 @@ interface ZstdCBinding {
     /** Encodes from src into dst: [bytes still to flush (0 once all is out at the end), bytes produced, bytes consumed]. */
     compressStream2: (dst: Uint8Array, src: Uint8Array, end: number) => [number, number, number]
   }
-  CParameter: { compressionLevel: number, nbWorkers: number, jobSize: number, overlapLog: number }
+  CParameter: { compressionLevel: number }
   EndDirective: { continue: number, end: number }
 }
 
 /**
- * libzstd's job size with worker threads. Its default at level 3 is 8 MiB,
- * and it holds a few jobs of input and output per worker: `zstd -T2 -3`
- * peaks at 70 MiB, with 1 MiB jobs (`-B1M`) at 15 MiB. Each job starts
- * from the last ZSTD_OVERLAP_LOG-th of the window before it (8: half of
- * level 3's 2 MiB): with jobs this small the default (an eighth) made the
- * output 4% larger than `zstd -T0 -3`'s, half the window makes it 1%
- * smaller, for some 8% more CPU (README, Compression engines).
- */
-const ZSTD_JOB = 1 << 20
-const ZSTD_OVERLAP_LOG = 8
-
-/**
  * zstd compressed with zstd-napi in this thread, by slabCoder() into slabs
- * that the file writer gives back once written. libzstd's own worker threads
- * (nbWorkers) do the compressing on the other cores; a call here only copies
- * the input into libzstd's buffers, collects finished output, and waits when
- * every job is busy. No worker thread of ours: its isolate, and the copies
- * to and from it, were most of the memory this took (README).
+ * that the file writer gives back once written. Single-threaded (no
+ * nbWorkers): two libzstd workers with 1 MiB jobs held 8 MiB more (jobs'
+ * input and output, a context each), and the window each job re-reads
+ * cost 25-30% more CPU. They shortened the job only on an idle machine
+ * (busiest thread 0.6 s against this thread's 1.3 s for 512 MiB); with
+ * the cores shared, as where this was measured, not at all.
  */
-function zstdEncodeSteps (level: number, threads: number): InlineCoder {
+function zstdEncodeSteps (level: number): InlineCoder {
   const zstd = createRequire(import.meta.url)('zstd-napi/binding.js') as ZstdCBinding
   const cctx = new zstd.CCtx()
   cctx.setParameter(zstd.CParameter.compressionLevel, level)
-  if (threads > 1) {
-    cctx.setParameter(zstd.CParameter.nbWorkers, threads)
-    cctx.setParameter(zstd.CParameter.jobSize, ZSTD_JOB)
-    cctx.setParameter(zstd.CParameter.overlapLog, ZSTD_OVERLAP_LOG)
-  }
   let src: Buffer = Buffer.alloc(0)
   /** Feeds what is left of `src` with `directive`: false once it is all in (and, at the end, all out); libzstd has copied it by then. */
   const step = (out: BlockOut, directive: number): boolean => {
@@ -589,17 +479,67 @@ function zstdEncodeSteps (level: number, threads: number): InlineCoder {
   }
 }
 
+/**
+ * lzop compression for slabCoder(), in this thread: each step packs one
+ * block of LZOP_BLOCK bytes straight into a slab. A block that lies whole in
+ * the chunk is packed from there; the rest is gathered in a buffer of its
+ * own. A worker thread did this before: its isolate and the buffers going to
+ * and fro cost 20 MiB more and 20% more CPU, and its thread (1.6 s for
+ * 512 MiB) took about as long as this whole thread does now (1.7 s).
+ */
+function lzopEncodeSteps (): InlineCoder {
+  const pending = Buffer.allocUnsafeSlow(LZOP_BLOCK)
+  let filled = 0
+  const scratch = new Uint8Array(lzo1xBound(LZOP_BLOCK))
+  const dict = new Int32Array(1 << 14)
+  let header: Buffer | undefined = lzopHeader()
+  let src: Buffer = Buffer.alloc(0)
+  /** Room for `n` bytes after the stream's header, which goes first: [the slab's free end, where the bytes go]. */
+  const room = (out: BlockOut, n: number): [Buffer, number] => {
+    const into = out.space(n + (header?.length ?? 0))
+    const at = header?.copy(into) ?? 0
+    header = undefined
+    return [into, at]
+  }
+  const block = (out: BlockOut, data: Buffer): void => {
+    const [into, at] = room(out, LZOP_BLOCK_MAX)
+    out.emit(lzopBlockInto(data, scratch, dict, into, at))
+  }
+  return {
+    push (chunk) { src = chunk },
+    next (out) {
+      if (filled === 0 && src.length >= LZOP_BLOCK) {
+        block(out, src.subarray(0, LZOP_BLOCK))
+        src = src.subarray(LZOP_BLOCK)
+      } else {
+        const n = src.copy(pending, filled)
+        filled += n
+        src = src.subarray(n)
+        if (filled === LZOP_BLOCK) {
+          block(out, pending)
+          filled = 0
+        }
+      }
+      return src.length > 0
+    },
+    flush (out) {
+      if (filled > 0) {
+        block(out, pending.subarray(0, filled))
+        filled = 0
+        return true
+      }
+      const [into, at] = room(out, LZOP_END.length)
+      out.emit(at + LZOP_END.copy(into, at))
+      return false
+    },
+    end () {},
+  }
+}
+
 function zstdCompressor (level = ZSTD_LEVEL): Filter {
-  // All cores, as `zstd -T0`.
-  const threads = availableParallelism()
-  if (zstdNapiLoads()) return slabCoder('zstd', zstdEncodeSteps(level, threads))
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdEncodeSteps(level))
   if (zlibZstd.createZstdCompress !== undefined) {
-    const c = zlibZstd.constants
-    const params = {
-      [c.ZSTD_c_compressionLevel]: level,
-      ...(threads > 1 ? { [c.ZSTD_c_nbWorkers]: threads } : {}),
-      ...(threads > 1 && c.ZSTD_c_jobSize !== undefined ? { [c.ZSTD_c_jobSize]: ZSTD_JOB, [c.ZSTD_c_overlapLog]: ZSTD_OVERLAP_LOG } : {}),
-    }
+    const params = { [zlibZstd.constants.ZSTD_c_compressionLevel]: level }
     return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
   }
   throw noZstd()
@@ -618,7 +558,7 @@ function compressor (kind: Compression, level?: number, outputFd?: number): Filt
         zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...options }), 'gzip', 'E_IO')
     }
     case 'zstd': return zstdCompressor(level)
-    case 'lzo': return lzopCompressor()
+    case 'lzo': return slabCoder('lzop', lzopEncodeSteps())
   }
 }
 
@@ -688,7 +628,7 @@ class FilterStream extends Duplex {
 
   private start (): Buffer {
     // One chunk lent from a slab (io/slabs.ts; a file's first read) goes on as it is, for the filter to give back. Else a copy,
-    // and lent chunks go back now: a caller's own buffer may be handed to a worker (workerFilter), which takes it away.
+    // and lent chunks go back now.
     const single = this.head.length === 1 && inSlab(this.head[0] as Buffer)
     const head = single ? this.head[0] as Buffer : Buffer.concat(this.head)
     if (!single) for (const chunk of this.head) giveBack(chunk)
