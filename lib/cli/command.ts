@@ -11,7 +11,7 @@ export interface Command {
   help: string
   options: OptionSpec
   run: (positionals: string[], values: Record<string, unknown>, ctx: CliContext) => Promise<number>
-  /** run() imports its jobs itself and then calls capYoungGeneration() (context.ts); otherwise the runner calls it before run(). */
+  /** run() calls capYoungGeneration() (context.ts) itself, before it imports its jobs; otherwise the runner calls it before run(). */
   capsYoungGeneration?: boolean
 }
 
