@@ -76,6 +76,10 @@ export function createLogger (command: string, level: LevelWithSilent, destinati
   return pino({ name: 'vma', level, base: { cmd: command }, timestamp: pino.stdTimeFunctions.isoTime }, destination)
 }
 
+/** The built-in modules the extract and pack jobs import, for capYoungGeneration. */
+export const JOB_BUILTINS = ['node:child_process', 'node:worker_threads', 'node:zlib', 'node:os', 'node:fs', 'node:fs/promises', 'node:crypto', 'node:net',
+  'node:tty', 'node:stream', 'node:stream/promises']
+
 /**
  * Keeps V8's young generation at the size it has once a command's modules are loaded (the runner calls this
  * before run(), or a command that imports its jobs when it runs, before it does): V8 doubles it, up to 16 MiB

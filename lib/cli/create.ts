@@ -5,7 +5,7 @@ import { INPUT_FORMATS } from '../jobs/registry.js'
 import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals, parseSeconds, parseSize } from './command.js'
-import { type CliContext, capYoungGeneration, refuseTerminal } from './context.js'
+import { type CliContext, JOB_BUILTINS, capYoungGeneration, refuseTerminal } from './context.js'
 import { formatBytes } from '../io/progress.js'
 import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 
@@ -211,14 +211,10 @@ function parseCtime (value: unknown): number | undefined {
   return Math.floor(seconds)
 }
 
-/** The built-in modules the pack jobs import (for capYoungGeneration). */
-const PACK_BUILTINS = ['node:child_process', 'node:worker_threads', 'node:zlib', 'node:os', 'node:fs/promises', 'node:crypto', 'node:net', 'node:tty',
-  'node:stream', 'node:stream/promises']
-
 async function runPack (ctx: CliContext, out: string, given: DiskSpec[], values: Record<string, unknown>): Promise<number> {
   const signal = ctx.signal // from here a signal removes what was written
   // Capped before the jobs load, which alone doubled it (pack-vma of 1 GiB: 1.5-2 MiB less at the peak, no more CPU).
-  await capYoungGeneration(PACK_BUILTINS)
+  await capYoungGeneration(JOB_BUILTINS)
   // Loaded only now, so that --help and usage errors do not load the jobs and every format.
   const [{ COMPRESSIONS, compressionForName }, { openArchiveOutput }, { packArchive, readConfigFiles }, { closeDisks, openDisks }] = await Promise.all([
     import('../io/compression.js'), import('../jobs/s3.js'), import('../jobs/pack.js'), import('../jobs/sources.js'),
