@@ -11,6 +11,8 @@ export interface Command {
   help: string
   options: OptionSpec
   run: (positionals: string[], values: Record<string, unknown>, ctx: CliContext) => Promise<number>
+  /** run() calls capYoungGeneration() (context.ts) itself, before it imports its jobs; otherwise the runner calls it before run(). */
+  capsYoungGeneration?: boolean
 }
 
 /** Options every command takes (here, not in context.ts, so that parsing and help load no logger). */

@@ -1,14 +1,10 @@
 import { basename } from 'node:path'
-import { extractToDirectory, extractToNbd, extractToStream } from '../jobs/extract.js'
 import { formatBytes } from '../io/progress.js'
-import { openArchiveInput, openS3Reader } from '../jobs/s3.js'
 import { VmapipeError } from '../errors.js'
 import { EXIT } from './exit.js'
 import { type Command, expectPositionals, listOption, parseSeconds, parseSize } from './command.js'
 import { OUTPUT_FORMATS, formatNamed } from '../jobs/registry.js'
-import { checkClusterSize } from '../parallels/writer.js'
-import { isNbdUri } from '../nbd/client.js'
-import { refuseTerminal } from './context.js'
+import { JOB_BUILTINS, capYoungGeneration, refuseTerminal } from './context.js'
 import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
 import { isS3Url } from '../s3/url.js'
 
@@ -91,7 +87,13 @@ Examples:
     'nbd-timeout': { type: 'string' },
     ...S3_OPTIONS,
   },
+  capsYoungGeneration: true,
   async run (positionals, values, ctx) {
+    await capYoungGeneration(JOB_BUILTINS)
+    // Loaded only now, after the cap (their loading alone doubled the young generation), and not for --help.
+    const [{ extractToDirectory, extractToNbd, extractToStream }, { openArchiveInput, openS3Reader }, { checkClusterSize }, { isNbdUri }] = await Promise.all([
+      import('../jobs/extract.js'), import('../jobs/s3.js'), import('../parallels/writer.js'), import('../nbd/client.js'),
+    ])
     const to = values.to as string | undefined
     if (values.readmap !== undefined) {
       throw new VmapipeError('E_USAGE', `-r ${String(values.readmap)}: a restore map (qmrestore's FIFO) is not supported; write a disk where it belongs with ` +

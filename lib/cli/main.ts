@@ -76,7 +76,7 @@ export async function runCommand (command: Command, args: string[], program: str
     return EXIT.OK
   }
   // The logger (pino) is loaded only for a command that runs, not for its --help.
-  const { CliContext } = await import('./context.js')
+  const { CliContext, capYoungGeneration } = await import('./context.js')
   let ctx: CliContext
   try {
     ctx = new CliContext(command.name, parsed.values as CommonOptions, program)
@@ -85,6 +85,7 @@ export async function runCommand (command: Command, args: string[], program: str
     return EXIT.USAGE
   }
   if (ctx.debugging) ctx.log.debug({ args }, 'starting')
+  if (command.capsYoungGeneration !== true) await capYoungGeneration()
   try {
     return await command.run(parsed.positionals, parsed.values, ctx)
   } catch (err) {

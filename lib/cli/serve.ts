@@ -1,11 +1,11 @@
 import { once } from 'node:events'
-import { setFlagsFromString } from 'node:v8'
 import { VmapipeError } from '../errors.js'
 import { EXIT, exitStatus } from './exit.js'
 import { openExports } from '../jobs/exports.js'
 import { type ListenAddress, NbdServer } from '../nbd/server.js'
 import { type Command, listOption, parseSeconds } from './command.js'
 import { S3_HELP, S3_OPTIONS, s3Access } from './s3-flags.js'
+import { capYoungGeneration } from './context.js'
 
 export const serve: Command = {
   name: 'serve',
@@ -75,6 +75,7 @@ Examples:
     keep: { type: 'string' },
     ...S3_OPTIONS,
   },
+  capsYoungGeneration: true,
   async run (positionals, values, ctx) {
     if (positionals.length === 0) throw new VmapipeError('E_USAGE', 'missing SOURCE')
     const signal = ctx.signal // from here a signal closes the server and the exports
@@ -108,7 +109,7 @@ Examples:
       // A server runs for hours, and V8 doubles its young generation (up to 32 MiB) as survivors add up over
       // collections: peak RSS 81-83 MiB after 6 copies, 71-73 held here. Set once everything is loaded: any
       // V8 flag set earlier makes node compile the built-in modules it loads after without their code cache.
-      setFlagsFromString('--semi-space-growth-factor=1')
+      await capYoungGeneration()
       ctx.log.info({ ...bound, exports: opened.exports.map(e => ({ name: e.name, size: e.disk.size })) }, 'serving')
       if (!signal.aborted) await once(signal, 'abort')
       await server.close()
