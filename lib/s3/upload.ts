@@ -16,6 +16,7 @@ import {
   UploadPartCommand, type CompletedPart, type S3Client,
 } from '@aws-sdk/client-s3'
 import { VmapipeError } from '../errors.js'
+import { giveBack } from '../io/slabs.js'
 import { type S3Checksum, checksumOf } from './client.js'
 import { backoff, isNetworkError, s3Error } from './fail.js'
 import { type S3Log, rate } from './log.js'
@@ -65,6 +66,11 @@ export class S3Upload extends Writable {
   /** The part being filled: incoming bytes are copied straight in, so no chunk is held and no part is copied twice. */
   private current: Buffer | undefined
   private filled = 0
+  /**
+   * Part buffers whose upload succeeded, filled again: a fresh 8 MiB buffer per part is freed only when the GC runs, so
+   * dead parts were held beside the live ones.
+   */
+  private readonly spare: Buffer[] = []
   private uploadId: Promise<string> | undefined
   private readonly inFlight = new Set<Promise<void>>()
   private readonly done: CompletedPart[] = []
@@ -95,7 +101,8 @@ export class S3Upload extends Writable {
 
   override _write (chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
     this.stats.bytes += chunk.length
-    this.fill(chunk).then(() => callback(), callback)
+    // Copied into parts, a chunk lent from a slab (the VMA writer's) goes back to be filled again, not to the GC.
+    this.fill(chunk).then(() => { giveBack(chunk); callback() }, callback)
   }
 
   override _final (callback: (error?: Error | null) => void): void {
@@ -105,6 +112,7 @@ export class S3Upload extends Writable {
   override _destroy (error: Error | null, callback: (error?: Error | null) => void): void {
     this.options.signal?.removeEventListener('abort', this.onAbort)
     this.current = undefined
+    this.spare.length = 0
     if (this.completed) { callback(error); return }
     this.failure ??= error ?? new VmapipeError('E_INTERRUPTED', `${this.where}: upload stopped`)
     this.requests.abort()
@@ -114,12 +122,27 @@ export class S3Upload extends Writable {
   /** Copies `chunk` into parts, sending each one full; waits while maxInFlight parts are on their way (the stream's backpressure). */
   private async fill (chunk: Buffer): Promise<void> {
     for (let at = 0; at < chunk.length;) {
-      this.current ??= Buffer.allocUnsafe(this.partSize(this.stats.parts + 1))
+      this.current ??= this.partBuffer(this.partSize(this.stats.parts + 1))
       const n = chunk.copy(this.current, this.filled, at)
       at += n
       this.filled += n
       if (this.filled === this.current.length) await this.sendPart(this.take())
     }
+  }
+
+  /** A buffer for a part of `size` bytes: a spare one of that size, else a new one. */
+  private partBuffer (size: number): Buffer {
+    while (this.spare.length > 0) {
+      const buf = this.spare.pop() as Buffer
+      // Spares of the size before a doubling are dropped.
+      if (buf.length === size) return buf
+    }
+    return Buffer.allocUnsafe(size)
+  }
+
+  /** `body` (a whole part buffer, once its upload has succeeded: no request reads it any more) to be filled again. */
+  private recycle (body: Buffer): void {
+    if (body.byteOffset === 0 && body.length === body.buffer.byteLength && this.spare.length < this.maxInFlight) this.spare.push(body)
   }
 
   /** The bytes of the part being filled, which is then empty. */
@@ -142,7 +165,7 @@ export class S3Upload extends Writable {
     this.uploadId ??= this.createUpload()
     const uploadId = await this.uploadId
     const sent: Promise<void> = this.uploadPart(uploadId, number, body)
-      .then(part => { this.done.push(part) }, (err: Error) => { this.failure ??= err })
+      .then(part => { this.done.push(part); this.recycle(body) }, (err: Error) => { this.failure ??= err })
       .finally(() => this.inFlight.delete(sent))
     this.inFlight.add(sent)
     while (this.inFlight.size >= this.maxInFlight) await Promise.race(this.inFlight)
