@@ -164,6 +164,8 @@ export class S3Upload extends Writable {
     if (number > MAX_PARTS) throw new VmapipeError('E_LIMIT', `${this.where}: more than ${MAX_PARTS} parts`)
     this.uploadId ??= this.createUpload()
     const uploadId = await this.uploadId
+    // Destroyed while the upload was being started: no part after the abort has begun.
+    this.check()
     const sent: Promise<void> = this.uploadPart(uploadId, number, body)
       .then(part => { this.done.push(part); this.recycle(body) }, (err: Error) => { this.failure ??= err })
       .finally(() => this.inFlight.delete(sent))
@@ -172,13 +174,17 @@ export class S3Upload extends Writable {
     this.check()
   }
 
+  /**
+   * Not stopped with the other requests: a store may have made the upload before its answer is in, and only with its
+   * id can abortUpload abort it (Ctrl-C in that moment left the upload open).
+   */
   private async createUpload (): Promise<string> {
     const created = await this.client.send(new CreateMultipartUploadCommand({
       Bucket: this.bucket,
       Key: this.key,
       ContentType: this.options.contentType,
       ChecksumAlgorithm: this.checksum === 'crc32' ? 'CRC32' : undefined,
-    }), { abortSignal: this.requests.signal }).catch(err => { throw s3Error(err, `starting the upload of ${this.where}`) })
+    })).catch(err => { throw s3Error(err, `starting the upload of ${this.where}`) })
     if (created.UploadId === undefined) throw new VmapipeError('E_S3_REQUEST', `${this.where}: the store gave no upload id`)
     this.options.log?.debug?.({ url: this.where, uploadId: created.UploadId }, 'multipart upload started')
     return created.UploadId
