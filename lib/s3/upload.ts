@@ -2,9 +2,9 @@
  * Writing an object as a stream: a multipart upload written by hand on the
  * SDK's commands (not lib-storage's Upload, whose part size is fixed: a
  * 5 TiB stream in 10,000 parts would need 525 MiB parts, times the queue,
- * in memory). Parts start at 8 MiB and double every 1,000 parts, so 10,000
- * parts hold 8 TiB while an archive of a few GiB never holds more than a few
- * 8 MiB parts. The object appears under its key only with
+ * in memory). Parts start at 6 MiB and double every 1,000 parts, so 10,000
+ * parts hold 5.8 TiB (more than S3's largest object, 5 TiB) while an archive
+ * of a few GiB never holds more than a few 6 MiB parts. The object appears under its key only with
  * CompleteMultipartUpload after the last byte; any failure, destroy() or
  * abort aborts the upload, so nothing half-written is ever visible.
  */
@@ -27,11 +27,16 @@ const MiB = 1024 * 1024
 const MIN_PART = 5 * MiB
 const MAX_PART = 5 * 1024 * MiB
 const MAX_PARTS = 10_000
+/**
+ * The first parts' size: memory is about (parts in flight + 1) × this. 8 MiB parts peaked 10 MiB higher than 5 MiB
+ * ones at the same speed on loopback; 6 MiB keeps 10,000 parts above 5 TiB.
+ */
+const FIRST_PART = 6 * MiB
 
 export interface S3UploadOptions {
   /** Default the client's (`s3Client`'s `checksum`, 'crc32'). */
   checksum?: S3Checksum
-  /** Bytes of the first parts (default 8 MiB, at least 5 MiB). */
+  /** Bytes of the first parts (default 6 MiB, at least 5 MiB). */
   partSize?: number
   /** Parts after which the part size doubles (default 1,000). */
   partsPerStep?: number
@@ -86,7 +91,7 @@ export class S3Upload extends Writable {
     super({ highWaterMark: MiB })
     this.where = formatS3Url({ bucket, key })
     this.checksum = options.checksum ?? checksumOf(client)
-    this.firstPart = Math.max(MIN_PART, options.partSize ?? 8 * MiB)
+    this.firstPart = Math.max(MIN_PART, options.partSize ?? FIRST_PART)
     this.partsPerStep = Math.max(1, options.partsPerStep ?? 1000)
     this.maxInFlight = Math.max(1, options.maxInFlight ?? 4)
     this.partAttempts = Math.max(1, options.partAttempts ?? 5)
