@@ -103,7 +103,8 @@ t.test('vma create and extract through a faulty connection', needsS3, async t =>
   const url = `s3://${bucket}/dump/vzdump-qemu-100-2024_01_31-02_00_01.vma`
   const env = { VMAPIPE_S3_ENDPOINT: proxy.endpoint }
 
-  proxy.rules.dropPart = { afterBytes: MiB, times: 2 }
+  // Cut early: the first two parts to arrive may include the archive's last, small one.
+  proxy.rules.dropPart = { afterBytes: 64 * 1024, times: 2 }
   const created = await vma(['create', url, ...args], { env })
   exits(t, created, 0, 'create completes though two parts were cut')
   t.equal(proxy.counts.droppedParts, 2)
