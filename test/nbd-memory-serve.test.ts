@@ -10,21 +10,18 @@
  */
 import t from 'tap'
 import { join } from 'node:path'
-import { cmp, exits, run, tempDir } from './helpers/run.js'
+import { cmp, exits, run, tempDir, writeBenchFilesApart } from './helpers/run.js'
 import { openExports } from '../lib/jobs/exports.js'
 import { NbdServer } from '../lib/nbd/server.js'
 
 const SIZE = 64 * 1048576
 const MIB = 1048576
-const BENCH_ARCHIVES = new URL('../bench/archives.js', import.meta.url).href
 
 t.test('serving an archive to nbdcopy and qemu-img convert holds under 4 MiB of read buffers', async t => {
   const dir = tempDir(t)
   const archive = join(dir, 'a.vma')
   const original = join(dir, 'disk.raw')
-  // Made in another process: its garbage would count here.
-  const made = await run(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(BENCH_ARCHIVES)})
-await m.writeBenchArchive(${JSON.stringify(archive)}, ${SIZE}, 'forward'); await m.writeBenchDisk(${JSON.stringify(original)}, ${SIZE})`])
+  const made = await writeBenchFilesApart(archive, original, SIZE)
   t.equal(made.code, 0, made.stderr)
 
   const opened = await openExports([archive])

@@ -10,21 +10,18 @@ import { createWriteStream } from 'node:fs'
 import { open } from 'node:fs/promises'
 import { join } from 'node:path'
 import { once } from 'node:events'
-import { cmp, q, run, sh, tempDir } from './helpers/run.js'
+import { cmp, q, sh, tempDir, writeBenchFilesApart } from './helpers/run.js'
 import { openInput } from '../lib/io/input.js'
 import { openLiveArchive } from '../lib/jobs/live.js'
 
 const SIZE = 256 * 1048576
 const MIB = 1048576
-const BENCH_ARCHIVES = new URL('../bench/archives.js', import.meta.url).href
 
 t.test('a zstd archive served while its pass runs: the bytes equal the disk, array buffers stay bounded', async t => {
   const dir = tempDir(t)
   const archive = join(dir, 'a.vma')
   const original = join(dir, 'disk.raw')
-  // Made in another process: its garbage would count here.
-  const made = await run(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(BENCH_ARCHIVES)})
-await m.writeBenchArchive(${JSON.stringify(archive)}, ${SIZE}, 'forward'); await m.writeBenchDisk(${JSON.stringify(original)}, ${SIZE})`])
+  const made = await writeBenchFilesApart(archive, original, SIZE)
   t.equal(made.code, 0, made.stderr)
   t.equal((await sh(`zstd -q -1 --rm ${q(archive)}`)).code, 0, 'compressed')
 

@@ -95,3 +95,14 @@ export function smallFileSystem (t: Test, dir: string, size: string): string | u
   t.teardown(() => { spawnSync('umount', [mnt]) })
   return mnt
 }
+
+const BENCH_ARCHIVES = new URL('../../bench/archives.js', import.meta.url).href
+
+/**
+ * The bench's archive of a `size`-byte disk (clusters in order) and that disk, made in another
+ * process: a test that measures its own memory must not count their making.
+ */
+export async function writeBenchFilesApart (archive: string, disk: string, size: number): Promise<RunResult> {
+  return await run(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(BENCH_ARCHIVES)})
+await m.writeBenchArchive(${JSON.stringify(archive)}, ${size}, 'forward'); await m.writeBenchDisk(${JSON.stringify(disk)}, ${size})`])
+}
