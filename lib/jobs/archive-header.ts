@@ -9,8 +9,8 @@ const MAX_READ = 4 * 1024 * 1024
 
 /**
  * The header of an uncompressed or zstd archive file, read and decoded in
- * this thread: the streaming line (a zstd worker thread, the reader) costs
- * more to start than a header costs to read. Undefined for anything else, and
+ * this thread: the streaming line (input, decompressor and reader as
+ * streams) costs more to start than a header costs to read. Undefined for anything else, and
  * wherever this path meets a problem: the streaming path then reads the
  * header, and says what is wrong as it always has.
  */
