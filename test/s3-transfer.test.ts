@@ -52,7 +52,9 @@ t.test('uploads and reads through the store', needsS3, async t => {
   await t.test('by position: ranged reads through a bounded cache', async t => {
     const data = randomBytes(9 * MiB + 100)
     await pipeline(pieces(data), createS3Upload(client, bucket, 'ranged.bin'))
-    const reader = await openS3Ranged(client, bucket, 'ranged.bin', { cacheBytes: 2 * MiB })
+    const lines: Record<string, string[]> = { debug: [], info: [], warn: [] }
+    const note = (level: string) => (_: unknown, message: string): void => { lines[level].push(message) }
+    const reader = await openS3Ranged(client, bucket, 'ranged.bin', { cacheBytes: 2 * MiB, log: { debug: note('debug'), info: note('info'), warn: note('warn') } })
     t.equal(reader.size, data.length)
     // Far apart, as an index reads extent headers: one 64 KiB block each, nothing ahead.
     for (let at = 100; at < data.length; at += 3 * MiB) {
@@ -70,6 +72,8 @@ t.test('uploads and reads through the store', needsS3, async t => {
     t.ok(whole.equals(data), 'read in order: identical')
     t.ok(reader.stats.gets < 20, `${reader.stats.gets} GETs for ${data.length} bytes`)
     t.ok(reader.stats.hits > 50, 'most reads from the cache')
+    t.same(lines.info, [], 'no info line per GET')
+    t.ok(lines.debug.includes('downloaded'), 'each GET logged at debug')
     const tail = Buffer.alloc(1000)
     t.equal(await reader.read(tail, data.length - 10), 10, 'short at the end')
     t.equal(await reader.read(tail, data.length + 10), 0, 'nothing past it')

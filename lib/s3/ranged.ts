@@ -60,6 +60,11 @@ export async function openS3Ranged (client: S3Client, bucket: string, key: strin
    */
   const spare: Buffer[] = []
   const stats: S3RangedStats = { gets: 0, bytes: 0, hits: 0 }
+  // A server makes a GET per few blocks: each one's "downloaded" line at debug, its resumes still warnings.
+  const log = options.log
+  const getLog: S3Log | undefined = log === undefined
+    ? undefined
+    : { info: (fields, message) => log.debug?.(fields, message), warn: (fields, message) => log.warn(fields, message) }
   const stop = new AbortController()
   /** The block after the last one read: a read that starts there is in order. */
   let next = -1
@@ -78,7 +83,7 @@ export async function openS3Ranged (client: S3Client, bucket: string, key: strin
     }
     const filled = (async () => {
       let at = 0
-      for await (const chunk of openS3Read(client, bucket, key, { start, end, etag, signal: stop.signal, log: options.log })) {
+      for await (const chunk of openS3Read(client, bucket, key, { start, end, etag, signal: stop.signal, log: getLog })) {
         for (let from = 0; from < (chunk as Buffer).length;) {
           const copied = (chunk as Buffer).copy(run[Math.floor(at / blockSize)].buf, at % blockSize, from)
           from += copied
