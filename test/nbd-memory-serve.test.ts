@@ -10,7 +10,7 @@
  */
 import t from 'tap'
 import { join } from 'node:path'
-import { cmp, exits, run, tempDir, writeBenchFilesApart } from './helpers/run.js'
+import { benchFilesApart, cmp, exits, run } from './helpers/run.js'
 import { openExports } from '../lib/jobs/exports.js'
 import { NbdServer } from '../lib/nbd/server.js'
 
@@ -18,11 +18,7 @@ const SIZE = 64 * 1048576
 const MIB = 1048576
 
 t.test('serving an archive to nbdcopy and qemu-img convert holds under 4 MiB of read buffers', async t => {
-  const dir = tempDir(t)
-  const archive = join(dir, 'a.vma')
-  const original = join(dir, 'disk.raw')
-  const made = await writeBenchFilesApart(archive, original, SIZE)
-  t.equal(made.code, 0, made.stderr)
+  const { dir, archive, disk: original } = await benchFilesApart(t, SIZE)
 
   const opened = await openExports([archive])
   const server = new NbdServer(opened.exports)

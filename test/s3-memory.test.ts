@@ -5,9 +5,9 @@ import t from 'tap'
 import { createHash, randomBytes } from 'node:crypto'
 import { Readable } from 'node:stream'
 import { pipeline } from 'node:stream/promises'
-import { createS3Upload, openS3Ranged, openS3Read, s3Client } from '../lib/s3/index.js'
+import { createS3Upload, openS3Ranged, openS3Read } from '../lib/s3/index.js'
 import { SLAB_SIZE, takeSlab } from '../lib/io/slabs.js'
-import { collectBytes, needsS3, s3Store } from './helpers/s3.js'
+import { collectBytes, needsS3, s3Session } from './helpers/s3.js'
 import { sha256 } from './helpers/run.js'
 import { Rng } from './helpers/random.js'
 
@@ -15,11 +15,7 @@ const MiB = 1024 * 1024
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true'
 
 t.test('upload memory', needsS3, async t => {
-  const store = await s3Store(t)
-  Object.assign(process.env, store.env)
-  const client = s3Client()
-  t.teardown(() => client.destroy())
-  const bucket = await store.bucket()
+  const { client, bucket } = await s3Session(t)
 
   await t.test('part buffers are reused, not one per part', async t => {
     const data = randomBytes(8 * 5 * MiB + 12345)

@@ -11,7 +11,7 @@ import {
   putObjectBytes, s3Client,
 } from '../lib/s3/index.js'
 import { VmapipeError } from '../lib/errors.js'
-import { collectBytes, needsS3, s3Store } from './helpers/s3.js'
+import { collectBytes, needsS3, s3Session } from './helpers/s3.js'
 import { sha256 } from './helpers/run.js'
 
 const MiB = 1024 * 1024
@@ -33,11 +33,7 @@ t.test('s3:// URLs', async t => {
 })
 
 t.test('uploads and reads through the store', needsS3, async t => {
-  const store = await s3Store(t)
-  Object.assign(process.env, store.env)
-  const client = s3Client()
-  t.teardown(() => client.destroy())
-  const bucket = await store.bucket()
+  const { store, client, bucket } = await s3Session(t)
 
   await t.test('a stream smaller than a part is one PUT', async t => {
     const data = randomBytes(300_000)

@@ -2,18 +2,14 @@
 // then left the upload open: the answer was dropped with the other requests, and with it the id to abort).
 import t from 'tap'
 import { ListMultipartUploadsCommand } from '@aws-sdk/client-s3'
-import { createS3Upload, headObject, s3Client } from '../lib/s3/index.js'
-import { needsS3, s3Store } from './helpers/s3.js'
+import { createS3Upload, headObject } from '../lib/s3/index.js'
+import { needsS3, s3Session } from './helpers/s3.js'
 
 const MiB = 1024 * 1024
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED = 'true'
 
 t.test('destroyed while the upload is being started: the upload is aborted all the same', needsS3, async t => {
-  const store = await s3Store(t)
-  Object.assign(process.env, store.env)
-  const client = s3Client()
-  t.teardown(() => client.destroy())
-  const bucket = await store.bucket()
+  const { store, client, bucket } = await s3Session(t)
   const upload = createS3Upload(client, bucket, 'started.bin', { partSize: 5 * MiB })
   let made = false
   // The store answers CreateMultipartUpload, and the upload is destroyed before that answer is in: a request given the

@@ -10,7 +10,7 @@ import { createWriteStream } from 'node:fs'
 import { open } from 'node:fs/promises'
 import { join } from 'node:path'
 import { once } from 'node:events'
-import { cmp, q, sh, tempDir, writeBenchFilesApart } from './helpers/run.js'
+import { benchFilesApart, cmp, q, sh } from './helpers/run.js'
 import { openInput } from '../lib/io/input.js'
 import { openLiveArchive } from '../lib/jobs/live.js'
 
@@ -18,11 +18,7 @@ const SIZE = 256 * 1048576
 const MIB = 1048576
 
 t.test('a zstd archive served while its pass runs: the bytes equal the disk, array buffers stay bounded', async t => {
-  const dir = tempDir(t)
-  const archive = join(dir, 'a.vma')
-  const original = join(dir, 'disk.raw')
-  const made = await writeBenchFilesApart(archive, original, SIZE)
-  t.equal(made.code, 0, made.stderr)
+  const { dir, archive, disk: original } = await benchFilesApart(t, SIZE)
   t.equal((await sh(`zstd -q -1 --rm ${q(archive)}`)).code, 0, 'compressed')
 
   t.comment(`before: ${(process.memoryUsage().arrayBuffers / MIB).toFixed(1)} MiB`)

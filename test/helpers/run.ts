@@ -99,10 +99,14 @@ export function smallFileSystem (t: Test, dir: string, size: string): string | u
 const BENCH_ARCHIVES = new URL('../../bench/archives.js', import.meta.url).href
 
 /**
- * The bench's archive of a `size`-byte disk (clusters in order) and that disk, made in another
- * process: a test that measures its own memory must not count their making.
+ * In a new temporary directory, the bench's archive of a `size`-byte disk (clusters in order), a.vma, and that
+ * disk, disk.raw, made in another process: a test that measures its own memory must not count their making.
  */
-export async function writeBenchFilesApart (archive: string, disk: string, size: number): Promise<RunResult> {
-  return await run(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(BENCH_ARCHIVES)})
-await m.writeBenchArchive(${JSON.stringify(archive)}, ${size}, 'forward'); await m.writeBenchDisk(${JSON.stringify(disk)}, ${size})`])
+export async function benchFilesApart (t: Test, size: number): Promise<{ dir: string, archive: string, disk: string }> {
+  const dir = tempDir(t)
+  const archive = join(dir, 'a.vma')
+  const disk = join(dir, 'disk.raw')
+  exits(t, await run(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(BENCH_ARCHIVES)})
+await m.writeBenchArchive(${JSON.stringify(archive)}, ${size}, 'forward'); await m.writeBenchDisk(${JSON.stringify(disk)}, ${size})`]), 0, 'bench files made')
+  return { dir, archive, disk }
 }

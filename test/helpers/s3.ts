@@ -15,6 +15,7 @@ import { fileURLToPath } from 'node:url'
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3'
 import type { Readable } from 'node:stream'
 import type { Test } from 'tap'
+import { s3Client } from '../../lib/s3/index.js'
 
 const script = resolve(dirname(fileURLToPath(import.meta.url)), '../../../test/helpers/ceph-rgw.sh')
 const shared = process.env.VMAPIPE_TEST_S3_ENDPOINT
@@ -88,6 +89,18 @@ export async function s3Store (t: Test): Promise<S3Store> {
     return name
   }
   return { endpoint, env, client, bucket }
+}
+
+/**
+ * A test's way into the store as vmapipe goes in: the store's environment set for this process, a client of
+ * vmapipe's own (`s3Client`, destroyed at teardown) and a fresh bucket.
+ */
+export async function s3Session (t: Test): Promise<{ store: S3Store, client: S3Client, bucket: string }> {
+  const store = await s3Store(t)
+  Object.assign(process.env, store.env)
+  const client = s3Client()
+  t.teardown(() => client.destroy())
+  return { store, client, bucket: await store.bucket() }
 }
 
 /** A byte stream's whole content. */
