@@ -77,7 +77,7 @@ export function createLogger (command: string, level: LevelWithSilent, destinati
 }
 
 /** The built-in modules the extract and pack jobs import, for capYoungGeneration. */
-export const JOB_BUILTINS = ['node:child_process', 'node:worker_threads', 'node:zlib', 'node:os', 'node:fs', 'node:fs/promises', 'node:crypto', 'node:net',
+export const JOB_BUILTINS = ['node:child_process', 'node:zlib', 'node:os', 'node:fs', 'node:fs/promises', 'node:crypto', 'node:net',
   'node:tty', 'node:stream', 'node:stream/promises']
 
 /**
