@@ -5,7 +5,7 @@
  * removed on abort; the temporary files of runs that died (SIGKILL, a power
  * cut) beside it are removed on the next opening. `-` is stdout.
  */
-import { WriteStream, readFileSync } from 'node:fs'
+import { WriteStream, fstatSync, readFileSync } from 'node:fs'
 import { link, open, readdir, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises'
 import { basename, dirname, join } from 'node:path'
 import { createHash, randomBytes } from 'node:crypto'
@@ -20,6 +20,12 @@ export interface Output {
   /** The descriptor behind `stream`, for programs that write there themselves. */
   fd: number
   name: string
+  /**
+   * Where `fd`'s offset stands when it is a regular file that may be written
+   * directly, front to back and by position (not opened to append): a writer
+   * that does so only ends `stream`.
+   */
+  fileOffset?: number
   /** The temporary file being written, until commit (absent for stdout). */
   partial?: string
   /** After the stream has finished: sync and give the file its name. */
@@ -129,7 +135,12 @@ export async function removeStalePartials (dir: string, belongs: (finalName: str
 }
 
 export async function openOutput (path: string, options: { force?: boolean } = {}): Promise<Output> {
-  if (path === '-') return { stream: stdoutWritable(), fd: 1, name: 'stdout', commit: async () => {}, abort: async () => {}, removedStale: [] }
+  if (path === '-') {
+    const fileOffset = regularFileOffset(1)
+    return {
+      stream: stdoutWritable(), fd: 1, name: 'stdout', ...(fileOffset !== undefined ? { fileOffset } : {}), commit: async () => {}, abort: async () => {}, removedStale: [],
+    }
+  }
   const existing = await stat(path).catch(() => undefined)
   // A character device or FIFO (/dev/null, a pipe) is a stream: written in place, never replaced by a file.
   if (existing !== undefined && (existing.isCharacterDevice() || existing.isFIFO())) return await openInPlace(path)
@@ -157,7 +168,7 @@ export async function openOutput (path: string, options: { force?: boolean } = {
       throw ioError(err, `writing ${path}`)
     }
   }
-  return { stream, fd: handle.fd, name: path, partial: temp, commit, abort, removedStale }
+  return { stream, fd: handle.fd, name: path, fileOffset: 0, partial: temp, commit, abort, removedStale }
 }
 
 /**
@@ -268,6 +279,26 @@ function stdoutWritable (): Writable {
       settle(null, callback)
     },
   })
+}
+
+const O_APPEND = 0o2000
+
+/**
+ * The offset of descriptor `fd` when it is a regular file not opened to
+ * append (where a positioned write would go to the end instead), from
+ * /proc/self/fdinfo; undefined otherwise, or where /proc cannot tell.
+ */
+function regularFileOffset (fd: number): number | undefined {
+  try {
+    if (!fstatSync(fd).isFile()) return undefined
+    const info = readFileSync(`/proc/self/fdinfo/${fd}`, 'latin1')
+    const pos = /^pos:\s*(\d+)$/m.exec(info)
+    const flags = /^flags:\s*([0-7]+)$/m.exec(info)
+    if (pos === null || flags === null || (parseInt(flags[1], 8) & O_APPEND) !== 0) return undefined
+    return Number(pos[1])
+  } catch {
+    return undefined
+  }
 }
 
 /** fsync by path: a file, or a directory so that the names made in it last. */

@@ -120,18 +120,67 @@ export class WriteQueue implements FileWrites {
   }
 }
 
-/** writevSync until every byte is written. */
-export function writeAllSync (fd: number, buffers: Buffer[], position: number): void {
+/** writevSync until every byte is written; at `position`, or null: where the descriptor's offset stands (which moves on). */
+export function writeAllSync (fd: number, buffers: Buffer[], position: number | null): void {
   let rest = buffers
   while (rest.length > 0) {
-    const written = writevSync(fd, rest, position)
+    const written = position === null ? writevSync(fd, rest) : writevSync(fd, rest, position)
     if (written === 0) throw new Error('the write made no progress')
-    position += written
+    if (position !== null) position += written
     let left = written
     let i = 0
     while (i < rest.length && left >= rest[i].length) left -= rest[i++].length
     rest = rest.slice(i)
     if (rest.length > 0) rest[0] = rest[0].subarray(left)
+  }
+}
+
+/**
+ * A regular file written front to back on this thread, from where its
+ * descriptor's offset stands (`start`): appended pieces gathered into writes
+ * of up to `maxRun` bytes, and bytes written back into room appended before.
+ * Synchronous, as each write is a copy into the page cache, made while the
+ * thread pool reads the input: no slab waits in a write in flight.
+ */
+export class FileAppender {
+  private run: Buffer[] = []
+  private runLength = 0
+
+  constructor (private readonly fd: number, private readonly start: number, private readonly what: string, private readonly maxRun = 1 << 20) {}
+
+  /** Queues `bytes` after those before; a piece of a slab is a loan of the appender's own until written (io/slabs.ts). */
+  append (bytes: Buffer): void {
+    if (bytes.length === 0) return
+    this.run.push(lend(bytes))
+    this.runLength += bytes.length
+    if (this.runLength >= this.maxRun) this.flush()
+  }
+
+  /** Writes `bytes` at `offset` from `start`, after what was appended. */
+  rewrite (bytes: Buffer, offset: number): void {
+    this.flush()
+    this.attempt(() => { writeAllSync(this.fd, [bytes], this.start + offset) })
+  }
+
+  /** Writes what was appended. */
+  flush (): void {
+    if (this.runLength === 0) return
+    const run = this.run
+    this.run = []
+    this.runLength = 0
+    try {
+      this.attempt(() => { writeAllSync(this.fd, run, null) })
+    } finally {
+      for (const b of run) giveBack(b)
+    }
+  }
+
+  private attempt (write: () => void): void {
+    try {
+      write()
+    } catch (err) {
+      throw ioError(err, this.what)
+    }
   }
 }
 

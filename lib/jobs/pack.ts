@@ -14,6 +14,7 @@ import { type Compression, compressesToFd, createCompressingSink, createCompress
 import { RecordMerger } from './merge.js'
 import type { DiskSource } from './sources.js'
 import { VmaWriter, type WriterStats, vmaDeviceSize } from '../vma/writer.js'
+import { FileAppender } from '../io/write-queue.js'
 
 export interface PackOptions {
   configs?: ConfigBlob[]
@@ -51,9 +52,11 @@ export interface PackResult {
 /**
  * Writes the archive to `output`; resolves once it has all been handed over.
  * Given the descriptor behind `output` (`fd`), zstd and lzop write there
- * directly, and `output` is only ended.
+ * directly, and `output` is only ended; so does the archive writer when
+ * `fd` is a regular file (`fileOffset`, io/output.ts), leaving room for each
+ * extent's header instead of holding the extent until it is complete.
  */
-export async function packArchive (disks: DiskSource[], output: { stream: Writable, fd?: number }, options: PackOptions = {}): Promise<PackResult> {
+export async function packArchive (disks: DiskSource[], output: { stream: Writable, fd?: number, fileOffset?: number }, options: PackOptions = {}): Promise<PackResult> {
   const partial = disks.find(d => d.incremental === true)
   if (partial !== undefined) {
     throw new VmapipeError('E_OPTION', `${partial.name} is an incremental source (dirty clusters only); a VMA archive needs every cluster`)
@@ -70,8 +73,10 @@ export async function packArchive (disks: DiskSource[], output: { stream: Writab
   const batched = single && disks[0].batches !== undefined
   const sources = await Promise.all(disks.map(async (d, i) => await (batched ? d.batches ?? d.records : d.records)(i + 1, options.progress)))
   const records = single ? sources[0] : new RecordMerger(info, sources, options.interleave !== true)
-  const writer = new VmaWriter(single ? info : undefined, batched)
   const compression = options.compression ?? 'none'
+  const inFile = compression === 'none' && output.fd !== undefined && output.fileOffset !== undefined
+  const writer = new VmaWriter(single ? info : undefined, batched,
+    inFile ? new FileAppender(output.fd as number, output.fileOffset as number, 'writing the archive') : undefined)
   const direct = output.fd !== undefined && compressesToFd(compression)
   const tail: Stage[] = direct
     ? [{ stream: createCompressingSink(compression, output.fd as number), what: `compressing with ${compression}` }]

@@ -6,14 +6,20 @@
  * extents of 58 as the reference writer does. The writer refuses records that
  * would make an archive the reference reader rejects, and at the end insists
  * that every cluster of every device came exactly once.
+ *
+ * Given a file to write itself (`target`), the writer pushes nothing: each
+ * cluster's data goes to the file as it comes, after room for its extent's
+ * header, which the format puts before the data but which names every
+ * cluster in it; the header is written into that room once the extent is
+ * complete. The bytes are the same, and no extent waits in memory.
  */
 import { Transform, type TransformCallback } from 'node:stream'
 import { VmapipeError } from '../errors.js'
 import type { ArchiveInfo, ClusterRecord } from '../contracts.js'
-import { BLOCK_SIZE, popcount16 } from '../record.js'
+import { BLOCK_SIZE, clusterRecord, popcount16 } from '../record.js'
 import { giveBack, lend } from '../io/slabs.js'
 import { type TrackedDevice, firstIncomplete, trackCluster, trackDevice } from './tracker.js'
-import { WRITER_EXTENT_CLUSTERS, encodeExtentHeader, encodeHeader, parseUuid } from './format.js'
+import { EXTENT_HEADER_SIZE, WRITER_EXTENT_CLUSTERS, encodeExtentHeader, encodeHeader, parseUuid } from './format.js'
 
 export interface WriterStats {
   extents: number
@@ -32,18 +38,30 @@ export function vmaDeviceSize (size: number): number {
   return Math.ceil(size / 512) * 512
 }
 
+/** A file written front to back (io/write-queue.ts FileAppender), which can also write bytes into room left before. */
+export interface WriterTarget {
+  /** Writes `bytes` after those before; the writer gives its loan (io/slabs.ts) back after the call. */
+  append: (bytes: Buffer) => void
+  /** Writes `bytes` at `offset` from where the first append went. */
+  rewrite: (bytes: Buffer, offset: number) => void
+  /** Everything appended is written. */
+  flush: () => void
+}
+
 export class VmaWriter extends Transform {
   readonly stats: WriterStats = { extents: 0, clusters: 0, dataBlocks: 0, bytes: 0 }
   private uuid?: Buffer
   private readonly devices = new Map<number, TrackedDevice>()
   private pending: ClusterRecord[] = []
+  /** With a target: where the current extent's header goes. */
+  private extentAt = 0
 
   /**
    * Given `info`, the writer starts with it (on the first record, so that its
    * errors come out of the stream), and takes ClusterRecords only. `batches`:
    * they come in arrays, so that one item waiting is as much as 16 records.
    */
-  constructor (private info?: ArchiveInfo, batches = false) {
+  constructor (private info?: ArchiveInfo, batches = false, private readonly target?: WriterTarget) {
     super({ writableObjectMode: true, writableHighWaterMark: batches ? 1 : 16, readableHighWaterMark: 1 << 20 })
   }
 
@@ -66,6 +84,7 @@ export class VmaWriter extends Transform {
       this.flushExtent()
       const missing = firstIncomplete(this.devices.values())
       if (missing !== undefined) throw new VmapipeError('E_RECORD', `the records stopped short: ${missing.message}`, { device: missing.dev.info.name })
+      this.target?.flush()
       callback()
     } catch (err) {
       callback(err as Error)
@@ -99,6 +118,16 @@ export class VmaWriter extends Transform {
     }
     const broken = trackCluster(d, rec.cluster, rec.mask)
     if (broken !== undefined) throw new VmapipeError('E_RECORD', broken.message, place)
+    if (this.target !== undefined) {
+      if (this.pending.length === 0) {
+        this.extentAt = this.stats.bytes
+        this.out(HEADER_ROOM)
+      }
+      this.out(rec.data)
+      giveBack(rec.data)
+      this.stats.dataBlocks += rec.data.length / BLOCK_SIZE
+      rec = clusterRecord(rec.device, rec.cluster, rec.mask, EMPTY)
+    }
     this.pending.push(rec)
     if (this.pending.length === WRITER_EXTENT_CLUSTERS) this.flushExtent()
   }
@@ -107,7 +136,14 @@ export class VmaWriter extends Transform {
     if (this.pending.length === 0) return
     const records = this.pending
     this.pending = []
-    this.out(encodeExtentHeader(this.uuid as Buffer, records.map(r => ({ mask: r.mask, devId: r.device, cluster: r.cluster }))))
+    const header = encodeExtentHeader(this.uuid as Buffer, records.map(r => ({ mask: r.mask, devId: r.device, cluster: r.cluster })))
+    if (this.target !== undefined) {
+      this.target.rewrite(header, this.extentAt)
+      this.stats.clusters += records.length
+      this.stats.extents++
+      return
+    }
+    this.out(header)
     // Data that lies end to end in memory (whole clusters read into one buffer) goes out as one chunk: fewer chunks, fewer writes.
     let run: Buffer[] = []
     for (const r of records) {
@@ -125,11 +161,17 @@ export class VmaWriter extends Transform {
     this.stats.extents++
   }
 
+  /** Bytes after those before: pushed, or written to the target. */
   private out (bytes: Buffer): void {
     this.stats.bytes += bytes.length
-    this.push(bytes)
+    if (this.target === undefined) this.push(bytes)
+    else this.target.append(bytes)
   }
 }
+
+const EMPTY: Buffer = Buffer.alloc(0)
+/** Room for an extent header, written before the header is known. */
+const HEADER_ROOM: Buffer = Buffer.alloc(EXTENT_HEADER_SIZE)
 
 /**
  * One view of buffers that lie end to end in one ArrayBuffer. A view of a
