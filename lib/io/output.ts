@@ -138,7 +138,13 @@ export async function openOutput (path: string, options: { force?: boolean } = {
   if (path === '-') {
     const fileOffset = regularFileOffset(1)
     return {
-      stream: stdoutWritable(), fd: 1, name: 'stdout', ...(fileOffset !== undefined ? { fileOffset } : {}), commit: async () => {}, abort: async () => {}, removedStale: [],
+      stream: stdoutWritable(),
+      fd: 1,
+      name: 'stdout',
+      ...(fileOffset !== undefined ? { fileOffset } : {}),
+      commit: async () => {},
+      abort: async () => {},
+      removedStale: [],
     }
   }
   const existing = await stat(path).catch(() => undefined)

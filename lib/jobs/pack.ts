@@ -56,7 +56,9 @@ export interface PackResult {
  * `fd` is a regular file (`fileOffset`, io/output.ts), leaving room for each
  * extent's header instead of holding the extent until it is complete.
  */
-export async function packArchive (disks: DiskSource[], output: { stream: Writable, fd?: number, fileOffset?: number }, options: PackOptions = {}): Promise<PackResult> {
+export async function packArchive (
+  disks: DiskSource[], output: { stream: Writable, fd?: number, fileOffset?: number }, options: PackOptions = {}
+): Promise<PackResult> {
   const partial = disks.find(d => d.incremental === true)
   if (partial !== undefined) {
     throw new VmapipeError('E_OPTION', `${partial.name} is an incremental source (dirty clusters only); a VMA archive needs every cluster`)
