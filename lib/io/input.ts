@@ -47,7 +47,8 @@ function openStdin (): Input {
   // Pipes and sockets are read by a socket (which copes with non-blocking descriptors) straight into reused slabs.
   if (st.isFIFO() || st.isSocket()) return { stream: readIntoSlabs(0), name: 'stdin' }
   if (!st.isFile()) return { stream: process.stdin, name: 'stdin', ...(size !== undefined ? { size } : {}) }
-  return { stream: createReadStream('', { fd: 0, highWaterMark: CHUNK, autoClose: false }), name: 'stdin', size: st.size }
+  // Read into slabs too: a file stream reads into a fresh buffer each time (pack-vma < disk.raw: 92 MiB peak, against 62 from a pipe).
+  return { stream: fileIntoSlabs(0), name: 'stdin', size: st.size }
 }
 
 /** A read smaller than this starts a new slab rather than fill the end of one. */
@@ -133,14 +134,22 @@ export function inSlabs (input: Readable): Readable {
   const path = untouchedFilePath(input)
   if (path === undefined || !isFile(path)) return input
   input.destroy()
+  return fileIntoSlabs(path)
+}
+
+/** A regular file read into slabs from where its offset stands: a path opened (and closed) here, or a descriptor left open. */
+function fileIntoSlabs (file: string | number): Readable {
   const slabs = slabFiller()
-  let fd = -1
+  let fd = typeof file === 'number' ? file : -1
   /** Set while a read is out: the descriptor is closed only after it, never under it. */
   let reading = false
   let closeAfterRead: (() => void) | undefined
   const out: Readable = new Readable({
     highWaterMark: CHUNK,
-    construct (callback) { fsOpen(path, 'r', (err, opened) => { fd = opened; callback(err) }) },
+    construct (callback) {
+      if (typeof file === 'number') callback()
+      else fsOpen(file, 'r', (err, opened) => { fd = opened; callback(err) })
+    },
     read () {
       const into = slabs.space()
       reading = true
@@ -155,7 +164,7 @@ export function inSlabs (input: Readable): Readable {
     destroy (err, callback) {
       const close = (): void => {
         slabs.release()
-        if (fd < 0) callback(err)
+        if (fd < 0 || typeof file === 'number') callback(err)
         else fsClose(fd, () => callback(err))
       }
       if (reading) closeAfterRead = close
