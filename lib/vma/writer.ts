@@ -68,8 +68,11 @@ export class VmaWriter extends Transform {
   override _transform (item: ArchiveInfo | ClusterRecord | ClusterRecord[], _enc: BufferEncoding, callback: TransformCallback): void {
     try {
       this.startGiven()
-      if (Array.isArray(item)) for (const rec of item) this.add(rec)
-      else if (item.kind === 'archive') this.start(item)
+      if (Array.isArray(item)) {
+        for (const rec of item) this.add(rec)
+        // A batch is a slab's worth: written now, its slab is free again when the next batch is read.
+        this.target?.flush()
+      } else if (item.kind === 'archive') this.start(item)
       else this.add(item)
       callback()
     } catch (err) {
