@@ -13,7 +13,7 @@ import type { ArchiveInfo, ConfigBlob, ProgressSink } from '../contracts.js'
 import { type Compression, compressesToFd, createCompressingSink, createCompressor } from '../io/compression.js'
 import { RecordMerger } from './merge.js'
 import type { DiskSource } from './sources.js'
-import { VmaWriter, type WriterStats, vmaDeviceSize } from '../vma/writer.js'
+import { VmaWriter, type WriterStats, type WriterTarget, vmaDeviceSize } from '../vma/writer.js'
 import { FileAppender } from '../io/write-queue.js'
 
 export interface PackOptions {
@@ -76,9 +76,10 @@ export async function packArchive (
   const sources = await Promise.all(disks.map(async (d, i) => await (batched ? d.batches ?? d.records : d.records)(i + 1, options.progress)))
   const records = single ? sources[0] : new RecordMerger(info, sources, options.interleave !== true)
   const compression = options.compression ?? 'none'
-  const inFile = compression === 'none' && output.fd !== undefined && output.fileOffset !== undefined
-  const writer = new VmaWriter(single ? info : undefined, batched,
-    inFile ? new FileAppender(output.fd as number, output.fileOffset as number, 'writing the archive') : undefined)
+  const inFile: WriterTarget | undefined = compression === 'none' && output.fd !== undefined && output.fileOffset !== undefined
+    ? new FileAppender(output.fd, output.fileOffset, 'writing the archive')
+    : undefined
+  const writer = new VmaWriter(single ? info : undefined, batched, inFile)
   const direct = output.fd !== undefined && compressesToFd(compression)
   const tail: Stage[] = direct
     ? [{ stream: createCompressingSink(compression, output.fd as number), what: `compressing with ${compression}` }]

@@ -59,10 +59,11 @@ export class VmaWriter extends Transform {
   /**
    * Given `info`, the writer starts with it (on the first record, so that its
    * errors come out of the stream), and takes ClusterRecords only. `batches`:
-   * they come in arrays, so that one item waiting is as much as 16 records.
+   * they come in arrays, so that one item waiting is as much as 16 records;
+   * else 4 records wait (the extent gathered holds up to 58 already).
    */
   constructor (private info?: ArchiveInfo, batches = false, private readonly target?: WriterTarget) {
-    super({ writableObjectMode: true, writableHighWaterMark: batches ? 1 : 16, readableHighWaterMark: 1 << 20 })
+    super({ writableObjectMode: true, writableHighWaterMark: batches ? 1 : 4, readableHighWaterMark: 1 << 20 })
   }
 
   override _transform (item: ArchiveInfo | ClusterRecord | ClusterRecord[], _enc: BufferEncoding, callback: TransformCallback): void {
