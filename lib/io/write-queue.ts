@@ -139,8 +139,9 @@ export function writeAllSync (fd: number, buffers: Buffer[], position: number | 
  * A regular file written front to back on this thread, from where its
  * descriptor's offset stands (`start`): appended pieces gathered into writes
  * of up to `maxRun` bytes, and bytes written back into room appended before.
- * Synchronous, as each write is a copy into the page cache, made while the
- * thread pool reads the input: no slab waits in a write in flight.
+ * Synchronous, as each write is a copy into the page cache: no slab waits in
+ * a write in flight (vma create of 1 GiB: the same CPU and wall time as the
+ * file stream's writes on the thread pool).
  */
 export class FileAppender {
   private run: Buffer[] = []

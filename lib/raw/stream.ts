@@ -19,7 +19,7 @@ export class RawReader extends Transform {
 
   constructor (private readonly device: DeviceInfo) {
     // Little queued on either side: the archive writer holds an extent of 58 clusters anyway, and what waits here are slabs
-    // held (pack-vma from a pipe to a pipe: 2 MiB less at the peak with 4 records and 64 KiB than with 16 and 1 MiB).
+    // held (pack-vma from a pipe to a pipe: 1-2 MiB less at the peak with 4 records and 64 KiB than with 16 and 1 MiB).
     super({ readableObjectMode: true, readableHighWaterMark: 4, writableHighWaterMark: 1 << 16 })
     this.clusters = clusterCount(device.size)
   }
