@@ -96,6 +96,7 @@ export class DirectoryStore implements BackupStore {
     return {
       stream: output.stream,
       fd: output.fd,
+      ...(output.fileOffset !== undefined ? { fileOffset: output.fileOffset } : {}),
       readBack: async () => createReadStream(partial, { highWaterMark: 1 << 20 }),
       commit: async () => {
         bytes = (await stat(partial)).size
