@@ -361,7 +361,12 @@ function slabCoder (name: string, coder: InlineCoder, slabs: Output): Filter {
         fail(err)
         return
       }
-      if (!more) { then(); return }
+      // Done with this input, but the reader has enough: the next input (the caller's callback) only once it reads on.
+      if (!more) {
+        if (room) then()
+        else blocked = then
+        return
+      }
       if (!room) { blocked = () => run(step, then); return }
     }
   }
