@@ -14,8 +14,8 @@ import { createRequire } from 'node:module'
 import { Duplex, Readable, Writable } from 'node:stream'
 import * as zlib from 'node:zlib'
 import { type ErrorCode, VmapipeError, ioError } from '../errors.js'
-import { type BlockOut, DataError, LZOP_BLOCK, LZOP_BLOCK_MAX, LZOP_END, LzopDecoder, lzo1xBound, lzopBlockInto, lzopHeader } from './lzo.js'
-import { SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
+import { type BlockOut, DataError, LZOP_BLOCK, LZOP_BLOCK_HEAD, LZOP_END, LzopDecoder, lzo1xBound, lzopBlockParts, lzopHeader } from './lzo.js'
+import { SLAB_SIZE, SMALL_SLAB_SIZE, giveBack, inSlab, lend, slabSource } from './slabs.js'
 
 export const COMPRESSIONS = ['zstd', 'gzip', 'lzo', 'none'] as const
 export type Compression = typeof COMPRESSIONS[number]
@@ -176,7 +176,7 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
     src = src.subarray(ended ? src.length : take - inLeft)
     return !(src.length === 0 && outLeft > 0)
   }
-  // Paced when inflating (the failure a decoder reports), as every decoder is.
+  // Inflating is decoding (the failure a decoder reports).
   return slabCoder('gzip', {
     push (c) {
       consumedBefore += chunk.length
@@ -186,7 +186,7 @@ function zlibInline (engine: zlib.Gzip | zlib.Gunzip, failure: ErrorCode): Filte
     flush: out => step(out, true),
     end () {},
     close: () => engine.close(),
-  }, failure === 'E_COMPRESSED_DATA')
+  }, failure === 'E_COMPRESSED_DATA' ? DECODED : ENCODED)
 }
 
 /** node:zlib's zstd (Node 22.15 and later), which @types/node 20 does not describe. */
@@ -219,10 +219,27 @@ function noZstd (): VmapipeError {
 
 /** Output space below this starts a new slab rather than fill the end of one. */
 const MIN_OUT = 1 << 16
-/** A paced decoder's largest step, and the output it lets wait (slabCoder). */
+/** A coder's largest step, and the output it lets wait (slabCoder). */
 const PACED_STEP = 1 << 17
-/** New slabs one decoder may make (slabSource): about what the stages after it hold while they flow. */
-const NEW_SLABS = 4
+/** What a coder puts out into: slabs of `size`, of which it may make `made` new (slabSource), beyond them fresh buffers. */
+interface Output { size: number, made: number }
+/**
+ * A decoder's: half a MiB, and up to 4 MiB of them, about what the stages
+ * after it hold while they flow. The extract writers held three or four
+ * slabs of any size (one filling, the last one's records being written), so
+ * 1.5-2 MiB rather than 3-4 with whole MiB slabs. The reader cuts records
+ * from them, and a record cut by a slab's end is copied (io/slabs.ts,
+ * scratch): 64 KiB more copied per half MiB, which measured no dearer.
+ */
+const DECODED: Output = { size: SLAB_SIZE / 2, made: 8 }
+/**
+ * An encoder's: small slabs, as many as the file writer holds (its 1 MiB
+ * buffered and a write of as much in flight) and the slab being filled; the
+ * bytes go no further, and little of a large slab would be in use.
+ */
+const ENCODED: Output = { size: SMALL_SLAB_SIZE, made: 12 }
+/** Bytes a coder's stages let wait in front of it: none beyond the chunk it works on (it runs in this thread, and keeps up). */
+const INPUT_WAITING = 0
 
 /** The part of zstd-napi's binding used in this thread, declared locally: the package is optional, and the build must not need it. */
 interface ZstdBinding {
@@ -258,8 +275,8 @@ interface InlineCoder {
 }
 
 /**
- * A decoder run in this thread, a step at a time, straight into slabs
- * (io/slabs.ts): each step fills the free end of the current slab, and what
+ * A coder run in this thread, a step at a time, straight into slabs
+ * (io/slabs.ts; `slabs` says which): each step fills the free end of the current slab, and what
  * it produced is lent on, so consecutive outputs lie next to each other (the
  * reader's byte queue joins them, no record is copied) and the slabs go round
  * once the reader and the writers give their loans back. Measured against a
@@ -267,18 +284,20 @@ interface InlineCoder {
  * memory for zstd and lzop: no output is handed to another thread as a fresh
  * buffer (garbage), and there is no worker's isolate (some 13 MiB).
  *
- * With `pace` (decoders), the event loop gets a turn whenever a slab is full,
- * and output goes out in steps of at most PACED_STEP, little of it waiting.
- * The output runs down the line synchronously, and a writer that gives its
- * loans back from a stream's callback (called on the next tick even where the
- * bytes went out at once) could not do so before the whole burst was decoded:
- * every chunk queued before the decoder, some 14 MiB of output, was out at
- * once, in fresh buffers once NEW_SLABS were made. Output waiting in a stage
- * buys nothing here (every stage after the decoder runs in this thread), but
- * holds its slab.
+ * The event loop gets a turn whenever a slab is full, and output goes out
+ * in steps of at most PACED_STEP, little of it waiting. The output runs
+ * down the line synchronously, and a writer that gives its loans back from
+ * a stream's callback (called on the next tick even where the bytes went
+ * out at once) could not do so before the whole burst was coded: every
+ * chunk queued before a decoder, some 14 MiB of output, was out at once, in
+ * fresh buffers once its slabs were made. Output waiting in a stage buys
+ * nothing here (every stage after the coder runs in this thread, and the
+ * file writer has a buffer of its own), but holds its slab: vma create
+ * --compress lzo of 1 GiB held 11 MiB of slabs with its encoder unpaced,
+ * 7 MiB paced into small slabs.
  */
-function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
-  const nextSlab = slabSource(NEW_SLABS)
+function slabCoder (name: string, coder: InlineCoder, slabs: Output): Filter {
+  const nextSlab = slabSource(slabs.made, slabs.size)
   let slab: Buffer | undefined
   let into = EMPTY
   let used = 0
@@ -299,7 +318,7 @@ function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
     settle.reject(err instanceof DataError ? new VmapipeError('E_COMPRESSED_DATA', `${name}: ${err.message} (compressed byte ${err.at})`) : err as Error)
   }
   const output = new Readable({
-    highWaterMark: pace ? PACED_STEP : CHUNK,
+    highWaterMark: PACED_STEP,
     read () {
       const resume = blocked
       blocked = undefined
@@ -311,11 +330,11 @@ function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
       if (into.length - used < n) {
         if (slab !== undefined) giveBack(slab)
         // More than a slab (an lzop block of up to 64 MiB, as the decoder bounds it): a buffer of its own.
-        slab = n <= SLAB_SIZE ? nextSlab() : undefined
-        into = slab ?? Buffer.allocUnsafeSlow(Math.max(n, SLAB_SIZE))
+        slab = n <= slabs.size ? nextSlab() : undefined
+        into = slab ?? Buffer.allocUnsafeSlow(Math.max(n, slabs.size))
         used = 0
       }
-      return into.subarray(used, pace ? used + Math.max(n, PACED_STEP) : into.length)
+      return into.subarray(used, used + Math.max(n, PACED_STEP))
     },
     emit (n) {
       // Lent while this coder still holds its own loan of the slab.
@@ -326,7 +345,7 @@ function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
   /** Takes steps until one says it is done, then calls `then`; pauses while the reader has enough. */
   const run = (step: () => boolean, then: () => void): void => {
     while (!stopped) {
-      if (pace && slab !== undefined && into.length - used < MIN_OUT) {
+      if (slab !== undefined && into.length - used < MIN_OUT) {
         // The slab is full: our loan goes back now, so that once the writers have given theirs back it is the next one taken.
         giveBack(slab)
         slab = undefined
@@ -342,12 +361,17 @@ function slabCoder (name: string, coder: InlineCoder, pace = false): Filter {
         fail(err)
         return
       }
-      if (!more) { then(); return }
+      // Done with this input, but the reader has enough: the next input (the caller's callback) only once it reads on.
+      if (!more) {
+        if (room) then()
+        else blocked = then
+        return
+      }
       if (!room) { blocked = () => run(step, then); return }
     }
   }
   const input = new Writable({
-    highWaterMark: CHUNK,
+    highWaterMark: INPUT_WAITING,
     write (chunk: Buffer, _enc, callback) {
       coder.push(chunk)
       run(() => coder.next(out), () => { giveBack(chunk); callback() })
@@ -406,7 +430,7 @@ function zstdSteps (): InlineCoder {
 
 function zstdDecompressor (): Filter {
   if (externalPrograms()) return childFilter('zstd', ['-d', '-c', '-q'], 'E_COMPRESSED_DATA')
-  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps(), true)
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdSteps(), DECODED)
   if (zlibZstd.createZstdDecompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_d_windowLogMax]: ZSTD_WINDOW_LOG_MAX }
     return zlibFilter(zlibZstd.createZstdDecompress({ chunkSize: CHUNK, params }), 'zstd', 'E_COMPRESSED_DATA')
@@ -418,7 +442,7 @@ function decompressor (kind: Compression): Filter | null {
   switch (kind) {
     case 'none': return null
     case 'zstd': return zstdDecompressor()
-    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder(), true)
+    case 'lzo': return externalPrograms() ? childFilter('lzop', ['-d', '-c'], 'E_COMPRESSED_DATA') : slabCoder('lzop', new LzopDecoder(), DECODED)
     // Its own output buffer is never used: the smallest there is.
     case 'gzip': return zlibInline(zlib.createGunzip({ chunkSize: zlib.constants.Z_MIN_CHUNK }), 'E_COMPRESSED_DATA') ??
       zlibFilter(zlib.createGunzip({ chunkSize: CHUNK }), 'gzip', 'E_COMPRESSED_DATA')
@@ -479,31 +503,45 @@ function zstdEncodeSteps (level: number): InlineCoder {
   }
 }
 
+/** Copies `bytes` to `out`, across as many slabs as it takes. */
+function put (out: BlockOut, bytes: Uint8Array): void {
+  for (let at = 0; at < bytes.length;) {
+    const into = out.space(1)
+    const n = Math.min(into.length, bytes.length - at)
+    into.set(bytes.subarray(at, at + n))
+    out.emit(n)
+    at += n
+  }
+}
+
 /**
  * lzop compression for slabCoder(), in this thread: each step packs one
- * block of LZOP_BLOCK bytes straight into a slab. A block that lies whole in
- * the chunk is packed from there; the rest is gathered in a buffer of its
- * own. A worker thread did this before: its isolate and the buffers going to
- * and fro cost 20 MiB more and 20% more CPU, and its thread (1.6 s for
- * 512 MiB) took about as long as this whole thread does now (1.7 s).
+ * block of LZOP_BLOCK bytes and copies it into the slabs (it is packed into a
+ * scratch buffer first, as stored blocks of data that does not shrink are
+ * as is). A block that lies whole in the chunk is packed from there; the
+ * rest is gathered in a buffer of its own. A worker thread did this before:
+ * its isolate and the buffers going to and fro cost 20 MiB more and 20% more
+ * CPU, and its thread (1.6 s for 512 MiB) took about as long as this whole
+ * thread does now (1.7 s).
  */
 function lzopEncodeSteps (): InlineCoder {
   const pending = Buffer.allocUnsafeSlow(LZOP_BLOCK)
   let filled = 0
   const scratch = new Uint8Array(lzo1xBound(LZOP_BLOCK))
   const dict = new Int32Array(1 << 14)
+  const head = Buffer.allocUnsafe(LZOP_BLOCK_HEAD)
   let header: Buffer | undefined = lzopHeader()
   let src: Buffer = Buffer.alloc(0)
-  /** Room for `n` bytes after the stream's header, which goes first: [the slab's free end, where the bytes go]. */
-  const room = (out: BlockOut, n: number): [Buffer, number] => {
-    const into = out.space(n + (header?.length ?? 0))
-    const at = header?.copy(into) ?? 0
+  /** The stream's header goes first. */
+  const started = (out: BlockOut): void => {
+    if (header !== undefined) put(out, header)
     header = undefined
-    return [into, at]
   }
   const block = (out: BlockOut, data: Buffer): void => {
-    const [into, at] = room(out, LZOP_BLOCK_MAX)
-    out.emit(lzopBlockInto(data, scratch, dict, into, at))
+    started(out)
+    const body = lzopBlockParts(data, scratch, dict, head)
+    put(out, head)
+    put(out, body)
   }
   return {
     push (chunk) { src = chunk },
@@ -528,8 +566,8 @@ function lzopEncodeSteps (): InlineCoder {
         filled = 0
         return true
       }
-      const [into, at] = room(out, LZOP_END.length)
-      out.emit(at + LZOP_END.copy(into, at))
+      started(out)
+      put(out, LZOP_END)
       return false
     },
     end () {},
@@ -537,7 +575,7 @@ function lzopEncodeSteps (): InlineCoder {
 }
 
 function zstdCompressor (level = ZSTD_LEVEL): Filter {
-  if (zstdNapiLoads()) return slabCoder('zstd', zstdEncodeSteps(level))
+  if (zstdNapiLoads()) return slabCoder('zstd', zstdEncodeSteps(level), ENCODED)
   if (zlibZstd.createZstdCompress !== undefined) {
     const params = { [zlibZstd.constants.ZSTD_c_compressionLevel]: level }
     return zlibFilter(zlibZstd.createZstdCompress({ chunkSize: CHUNK, params }), 'zstd', 'E_IO')
@@ -558,7 +596,7 @@ function compressor (kind: Compression, level?: number, outputFd?: number): Filt
         zlibFilter(zlib.createGzip({ chunkSize: CHUNK, ...options }), 'gzip', 'E_IO')
     }
     case 'zstd': return zstdCompressor(level)
-    case 'lzo': return slabCoder('lzop', lzopEncodeSteps())
+    case 'lzo': return slabCoder('lzop', lzopEncodeSteps(), ENCODED)
   }
 }
 
@@ -574,8 +612,9 @@ class FilterStream extends Duplex {
   private inner?: Filter | null
   private waitingWrite?: () => void
 
-  constructor (private readonly choose: (head: Buffer) => Filter | null, private readonly headBytes: number, readableHighWaterMark = CHUNK) {
-    super({ readableHighWaterMark, writableHighWaterMark: CHUNK })
+  constructor (private readonly choose: (head: Buffer) => Filter | null, private readonly headBytes: number, readableHighWaterMark = CHUNK,
+    writableHighWaterMark = CHUNK) {
+    super({ readableHighWaterMark, writableHighWaterMark })
   }
 
   /** Which filter was chosen, once data has arrived. */
@@ -661,17 +700,17 @@ class FilterStream extends Duplex {
 
 /** Bytes in, decompressed bytes out: zstd, gzip, lzop or plain, told apart by magic. */
 export function createDecompressor (): Duplex & { chosen?: Compression } {
-  // Little decoded output waits here: what reads it (VmaReader) runs in this thread and keeps up (slabCoder, pace).
+  // Little decoded output waits here: what reads it (VmaReader) runs in this thread and keeps up (slabCoder).
   const stream: FilterStream = new FilterStream(head => {
     stream.chosen = detectCompression(head)
     return decompressor(stream.chosen)
-  }, DETECT_BYTES, PACED_STEP)
+  }, DETECT_BYTES, PACED_STEP, INPUT_WAITING)
   return stream
 }
 
 /** Bytes in, compressed bytes out. */
 export function createCompressor (kind: Compression, level?: number): Duplex {
-  const stream = new FilterStream(() => compressor(kind, level), 0)
+  const stream = new FilterStream(() => compressor(kind, level), 0, PACED_STEP, INPUT_WAITING)
   stream.chosen = kind
   return stream
 }

@@ -466,27 +466,27 @@ export function lzopHeader (mtime = Math.floor(Date.now() / 1000)): Buffer {
   return h
 }
 
-/** The most one lzop block takes: its header (sizes and checksum) and the data stored as is. */
-export const LZOP_BLOCK_MAX = 12 + LZOP_BLOCK
+/** The bytes before each lzop block's data: its sizes and the checksum of its data. */
+export const LZOP_BLOCK_HEAD = 12
 
 /**
- * One lzop block of `data` (at most LZOP_BLOCK bytes) written into `out` at
- * `at`; returns where it ends. Stored as is where LZO1X would not shrink it, as lzop does.
+ * One lzop block of `data` (at most LZOP_BLOCK bytes): its head written into
+ * `head` (LZOP_BLOCK_HEAD bytes), its data returned, in `scratch`, or `data`
+ * itself where LZO1X would not shrink it (stored as is, as lzop does).
  */
-export function lzopBlockInto (data: Uint8Array, scratch: Uint8Array, dict: Int32Array, out: Buffer, at: number): number {
+export function lzopBlockParts (data: Uint8Array, scratch: Uint8Array, dict: Int32Array, head: Buffer): Uint8Array {
   const packed = lzo1xCompress(data, scratch, dict)
   const body = packed.length >= data.length ? data : packed
-  out.writeUInt32BE(data.length, at)
-  out.writeUInt32BE(body.length, at + 4)
-  out.writeUInt32BE(adler32(data), at + 8)
-  out.set(body, at + 12)
-  return at + 12 + body.length
+  head.writeUInt32BE(data.length, 0)
+  head.writeUInt32BE(body.length, 4)
+  head.writeUInt32BE(adler32(data), 8)
+  return body
 }
 
 /** One lzop block of `data` in a buffer of its own. */
 export function lzopBlock (data: Uint8Array, scratch: Uint8Array, dict: Int32Array): Buffer {
-  const out = Buffer.allocUnsafeSlow(LZOP_BLOCK_MAX)
-  return out.subarray(0, lzopBlockInto(data, scratch, dict, out, 0))
+  const head = Buffer.allocUnsafe(LZOP_BLOCK_HEAD)
+  return Buffer.concat([head, lzopBlockParts(data, scratch, dict, head)])
 }
 
 /** The end of an lzop stream: a block of size zero. */
