@@ -11,10 +11,10 @@
  * Every copy is checked to be the disk's bytes.
  */
 import t from 'tap'
-import { statSync } from 'node:fs'
+import { statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
-import { benchFilesApart, cmp, exits, run } from './helpers/run.js'
-import { startQemuNbd } from './helpers/nbd.js'
+import { benchFilesApart, cmp, exits, run, tempDir, vma } from './helpers/run.js'
+import { startNbdkit, startQemuNbd } from './helpers/nbd.js'
 import { openExports } from '../lib/jobs/exports.js'
 import { extractToNbd } from '../lib/jobs/extract.js'
 import { openInput } from '../lib/io/input.js'
@@ -72,4 +72,27 @@ t.test('a restore of an archive file into qemu-nbd holds a few buffers, not slab
   const grew = (peak - before) / MIB
   // Three buffers of 1 MiB and the client's 128 KiB (3.3 measured); from records, 8.2.
   t.ok(grew < 5, `array buffers peaked ${grew.toFixed(1)} MiB above the ${(before / MIB).toFixed(1)} MiB before (under 5)`)
+})
+
+t.test('a copy by position writes holes longer than a WRITE as zeros into an export without WRITE_ZEROES', async t => {
+  const dir = tempDir(t)
+  // Data, a 5 MiB hole, data: the hole is one extent of the archive's map.
+  const disk = join(dir, 'disk.raw')
+  const bytes = Buffer.alloc(8 * MIB)
+  bytes.fill(0x5a, 0, MIB)
+  bytes.fill(0xa5, 6 * MIB)
+  writeFileSync(disk, bytes)
+  const archive = join(dir, 'a.vma')
+  exits(t, await vma(['create', archive, '-d', `drive-scsi0=${disk}`]), 0, 'vma create')
+  const socket = join(dir, 'k.sock')
+  await startNbdkit(t, socket, ['--filter=nozero', 'memory', `size=${8 * MIB}`, 'zeromode=none'])
+  const uri = `nbd+unix:///?socket=${socket}`
+  const junk = join(dir, 'junk.raw')
+  writeFileSync(junk, Buffer.alloc(8 * MIB, 0xff))
+  exits(t, await run('nbdcopy', [junk, uri]), 0, 'old data first')
+  const result = await extractToNbd(openInput(archive).stream, uri)
+  t.equal(result.written.prezeroed, false, 'the export cannot zero fast')
+  const back = join(dir, 'back.raw')
+  exits(t, await run('nbdcopy', [uri, back]), 0)
+  t.ok(cmp(back, disk), 'the export holds the disk, the hole as zeros')
 })

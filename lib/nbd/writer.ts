@@ -116,16 +116,15 @@ export class NbdDiskWriter implements DiskWriter {
     const free: Buffer[] = Array.from({ length: COPY_BUFFERS }, () => Buffer.allocUnsafeSlow(piece))
     for (let at = 0; at < disk.size; at += MAP_WINDOW) {
       for (const e of await disk.map(at, Math.min(MAP_WINDOW, disk.size - at))) {
-        if (!e.data) {
-          await this.zero(e.offset, e.length)
-          continue
-        }
-        for (let from = e.offset; from < e.offset + e.length; from += piece) {
+        const end = e.offset + e.length
+        // Holes in pieces too: where the export has no WRITE_ZEROES they go out as WRITEs of zeros, at most `piece` long.
+        for (let from = e.offset; !e.data && from < end; from += piece) await this.zero(from, Math.min(piece, end - from))
+        for (let from = e.offset; e.data && from < end; from += piece) {
           while (free.length === 0 && this.failure === undefined) await this.answer()
           if (this.failure !== undefined) throw this.failure
           if (signal?.aborted === true) throw new VmapipeError('E_INTERRUPTED', 'interrupted')
           const buf = free.pop() as Buffer
-          const bytes = buf.subarray(0, Math.min(piece, e.offset + e.length - from))
+          const bytes = buf.subarray(0, Math.min(piece, end - from))
           disk.readSync(bytes, from)
           await this.submit()
           this.run = { zero: false, offset: from, length: bytes.length, buffers: [bytes], release: () => free.push(buf) }
