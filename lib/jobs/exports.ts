@@ -82,7 +82,7 @@ async function openSource (path: string, names: string[], live: LiveOptions, pas
  * afresh at nearly every request. An image's map changes only if the file is
  * written while it is served; the second bounds how long that goes unseen.
  */
-function withMapCache (disk: RandomAccessDisk): RandomAccessDisk {
+function withMapCache (disk: RandomAccessDisk & { readSync?: (buf: Buffer, offset: number) => void }): RandomAccessDisk {
   const windows = new Map<number, { at: number, extents: Promise<Extent[]> }>()
   const windowAt = async (index: number): Promise<Extent[]> => {
     let w = windows.get(index)
@@ -109,6 +109,8 @@ function withMapCache (disk: RandomAccessDisk): RandomAccessDisk {
     size: disk.size,
     map,
     read: async (buf, offset) => { await disk.read(buf, offset) },
+    // A raw file's reads without the thread pool, as an archive's (nbd/server.ts readDisk).
+    ...(disk.readSync !== undefined ? { readSync: disk.readSync.bind(disk) } : {}),
     close: async () => { await disk.close() },
     ...(disk.bitmaps !== undefined ? { bitmaps: disk.bitmaps } : {}),
     ...(disk.describe !== undefined ? { describe: disk.describe.bind(disk) } : {}),

@@ -348,11 +348,48 @@ export async function extractToNbd (
   input: Readable, target: NbdAddress | string, options: ExtractOptions & { nbdTimeout?: number } = {}
 ): Promise<ExtractResult & { device: DeviceInfo, written: NbdWriteStats }> {
   let writer: NbdDiskWriter | undefined
-  const result = await extractOneDisk(input, options, 'an NBD export', async device => {
+  const open = async (device: DeviceInfo): Promise<NbdDiskWriter> => {
     writer = await NbdDiskWriter.open(target, device, options.nbdTimeout !== undefined ? { timeout: options.nbdTimeout } : {})
     return writer
-  })
+  }
+  // An uncompressed archive file is copied by position, as into a directory: no records and no slabs.
+  const file = await openUntouched(input)
+  const result = file !== undefined
+    ? await copyOneDisk(file, options, 'an NBD export', open)
+    : await extractOneDisk(input, options, 'an NBD export', open)
   return { ...result, written: (writer as NbdDiskWriter).stats }
+}
+
+/** extractOneDisk from an archive file, the disk's data copied by position (the writer's copyFrom). */
+async function copyOneDisk (
+  file: PositionalReader, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<NbdDiskWriter>
+): Promise<ExtractResult & { device: DeviceInfo }> {
+  let device: DeviceInfo | undefined
+  const index = await indexChecked(file, options, info => {
+    device = pickOneDisk(info.devices, options.devices, destination)
+    return [device]
+  })
+  try {
+    const chosen = device as DeviceInfo
+    const writer = await open(chosen)
+    const disk = index.disk(chosen)
+    // Progress counts archive bytes, as the streaming path does: the data as it is copied, the headers at the end.
+    let counted = 0
+    const progress: ProgressSink = { add: n => { counted += n; options.progress?.add(n) } }
+    try {
+      await writer.copyFrom(disk, progress, options.signal)
+      await writer.finish()
+    } catch (err) {
+      await writer.abort()
+      throw err
+    } finally {
+      await disk.close()
+    }
+    options.progress?.add(Math.max(0, file.size - counted))
+    return { info: index.info, files: [], archiveBytes: file.size, device: chosen }
+  } finally {
+    await index.close()
+  }
 }
 
 async function extractOneDisk (

@@ -91,8 +91,6 @@ const STATUS_WINDOW = 256 * 1024 * 1024
 const FIRST_WINDOW = 1024 * 1024
 /** Milliseconds a client has at shutdown to take the replies to its last requests. */
 const SHUTDOWN_GRACE = 5000
-/** The smallest read buffer (BufferPool). */
-const MIN_BUFFER = 64 * 1024
 /** Bytes of read buffers kept for reuse: what four connections of one client (nbdcopy's default) can hold at once. */
 const POOLED = 4 * CONNECTION_BUFFERS
 /** Descriptors per chunk: the spec's 2^20 would be an 8 MiB reply. */
@@ -145,6 +143,11 @@ class ByteBudget {
     await new Promise<void>(resolve => this.waiting.push({ bytes, grant: resolve }))
   }
 
+  /** Whether a request for more would wait. */
+  get full (): boolean {
+    return this.waiting.length > 0 || this.used >= this.limit
+  }
+
   release (bytes: number): void {
     this.used -= bytes
     while (this.waiting.length > 0 && this.used + this.waiting[0].bytes <= this.limit) {
@@ -191,53 +194,32 @@ class SharedBudget {
 /**
  * Read buffers kept for reuse once a reply has gone out: allocating a fresh
  * one per READ costs more than the read (measured: GC and allocation took a
- * sixth of the server's time under nbdcopy). Buffers come in powers of two
- * from 64 KiB, a READ's piece in the smallest that holds it: pieces cut at
- * holes have any length, and kept by exact length they would hardly ever be
- * reused (the garbage they left was a third of the server's peak RSS).
+ * sixth of the server's time under nbdcopy). Every buffer is one piece long,
+ * whatever part of it a read uses: buffers in powers of two by the length read
+ * (pieces cut at holes have any length) missed the pool whenever the lengths
+ * changed, and each miss was a new buffer soon garbage, which V8 frees only
+ * when 32 MiB of them have piled up in its young generation (the bench's
+ * 1 GiB archive: 105 buffers per nbdcopy, 4 with these; the server's peak
+ * RSS after nbdcopy and qemu-img convert 83-95 MiB, 67 with these). A buffer
+ * in use is counted against the budgets, so the buffers ever made are those
+ * in use at once plus those kept.
  */
 class BufferPool {
-  private readonly free = new Map<number, ArrayBuffer[]>()
-  private bytes = 0
+  private readonly free: ArrayBuffer[] = []
+  /** Buffers allocated so far. */
+  made = 0
   constructor (private readonly limit: number) {}
 
-  /** The bytes a buffer of `length` takes: what budgets count. */
-  static sizeOf (length: number): number {
-    return Math.max(MIN_BUFFER, 2 ** Math.ceil(Math.log2(length)))
-  }
-
   take (length: number): Buffer {
-    const size = BufferPool.sizeOf(length)
-    const memory = this.free.get(size)?.pop()
-    if (memory === undefined) return Buffer.allocUnsafeSlow(size).subarray(0, length)
-    this.bytes -= size
-    return Buffer.from(memory, 0, length)
+    const memory = this.free.pop()
+    if (memory !== undefined) return Buffer.from(memory, 0, length)
+    this.made++
+    return Buffer.allocUnsafeSlow(PIECE).subarray(0, length)
   }
 
-  /**
-   * Keeps a buffer whose reply has gone out, letting free ones of other
-   * sizes go to make room: a client's reads change size (64 KiB requests
-   * after nbdcopy's 256 KiB, and pieces cut at holes), and a pool full of the
-   * old sizes left every new buffer as garbage, one per READ (measured with
-   * 1 MiB pieces, nbdcopy then qemu-img convert from one server: its peak
-   * 70-71 MiB, 74-76 before).
-   */
+  /** Keeps a buffer whose reply has gone out, as long as fewer than `limit` bytes are kept. */
   give (buf: Buffer): void {
-    const memory = buf.buffer as ArrayBuffer
-    const size = memory.byteLength
-    for (const [other, list] of this.free) {
-      if (this.bytes + size <= this.limit) break
-      if (other === size) continue
-      while (list.length > 0 && this.bytes + size > this.limit) {
-        list.pop()
-        this.bytes -= other
-      }
-    }
-    if (this.bytes + size > this.limit) return
-    const list = this.free.get(size)
-    if (list === undefined) this.free.set(size, [memory])
-    else list.push(memory)
-    this.bytes += size
+    if ((this.free.length + 1) * PIECE <= this.limit) this.free.push(buf.buffer as ArrayBuffer)
   }
 }
 
@@ -446,7 +428,7 @@ class Connection {
       return
     }
     if (this.closed) return
-    if (this.socket.writableLength > MAX_BACKLOG || this.inFlight >= MAX_IN_FLIGHT || this.phase === 'closing') this.socket.pause()
+    if (this.socket.writableLength > MAX_BACKLOG || this.inFlight >= MAX_IN_FLIGHT || this.budget.full || this.phase === 'closing') this.socket.pause()
     else this.socket.resume()
   }
 
@@ -482,7 +464,9 @@ class Connection {
         return true
       }
       case 'requests': {
-        if (this.inFlight >= MAX_IN_FLIGHT) return false
+        // Requests wait as bytes while the read buffers are all taken: decoded, each would wait as objects
+        // that outlive collections and fill the old generation.
+        if (this.inFlight >= MAX_IN_FLIGHT || this.budget.full) return false
         const head = this.queue.take(REQUEST_SIZE)
         if (head === null) return false
         this.request(decodeRequest(head))
@@ -713,7 +697,7 @@ class Connection {
 
   /** A buffer of the disk's bytes, held against the budgets until `done` gives it back. */
   private async readHeld (disk: RandomAccessDisk, offset: number, length: number): Promise<Buffer> {
-    await this.hold(BufferPool.sizeOf(length))
+    await this.hold(PIECE)
     const buf = this.server.buffers.take(length)
     this.reading++
     try {
@@ -731,8 +715,9 @@ class Connection {
 
   /** A read buffer whose reply the socket has taken: back to the budgets and the pool. */
   private done (buf: Buffer): void {
-    this.unhold(BufferPool.sizeOf(buf.length))
+    this.unhold(PIECE)
     this.server.buffers.give(buf)
+    if (!this.closed) this.pump()
   }
 
   /**
