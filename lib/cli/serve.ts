@@ -137,10 +137,8 @@ const OLD_CHECK = 250
  * sparse image took the server's peak RSS to 65.2 MiB, 62.7 with this, at two collections of 3-5 ms a second.
  */
 async function collectOldGarbage (): Promise<() => void> {
-  const [{ getHeapSpaceStatistics, setFlagsFromString }, { runInNewContext }] = await Promise.all([import('node:v8'), import('node:vm')])
-  setFlagsFromString('--expose-gc')
-  const gc = runInNewContext('gc') as () => void
-  setFlagsFromString('--no-expose-gc')
+  const [{ getHeapSpaceStatistics }, { v8Collector }] = await Promise.all([import('node:v8'), import('../util/collector.js')])
+  const gc = v8Collector()
   const old = (): number => getHeapSpaceStatistics().find(s => s.space_name === 'old_space')?.space_used_size ?? 0
   let base = old()
   const timer = setInterval(() => {

@@ -6,10 +6,9 @@
  */
 import { Readable } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { setFlagsFromString } from 'node:v8'
-import { runInNewContext } from 'node:vm'
 import { GetObjectCommand, type S3Client } from '@aws-sdk/client-s3'
 import { VmapipeError } from '../errors.js'
+import { type Collector, v8Collector } from '../util/collector.js'
 import { backoff, isNetworkError, s3Error } from './fail.js'
 import { type S3Log, rate } from './log.js'
 import { formatS3Url } from './url.js'
@@ -46,7 +45,7 @@ const MiB = 1024 * 1024
  */
 const COLLECT_EVERY = 2 * MiB
 let sinceCollected = 0
-let collectYoung: ((options: { type: 'minor' }) => void) | undefined
+let collect: Collector | undefined
 
 /**
  * Counts `n` bytes read from a socket, and collects the young generation every COLLECT_EVERY of them. Node reads
@@ -57,12 +56,8 @@ function countRead (n: number): void {
   sinceCollected += n
   if (sinceCollected < COLLECT_EVERY) return
   sinceCollected = 0
-  if (collectYoung === undefined) {
-    setFlagsFromString('--expose-gc')
-    collectYoung = runInNewContext('gc') as typeof collectYoung
-    setFlagsFromString('--no-expose-gc')
-  }
-  collectYoung?.({ type: 'minor' })
+  collect ??= v8Collector()
+  collect({ type: 'minor' })
 }
 
 /** The bytes of `key` from `start` to `end` as a Readable (E_S3_NOT_FOUND, E_S3_PRECONDITION if it changes while read). */
