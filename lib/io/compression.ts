@@ -224,14 +224,13 @@ const PACED_STEP = 1 << 17
 /** What a coder puts out into: slabs of `size`, of which it may make `made` new (slabSource), beyond them fresh buffers. */
 interface Output { size: number, made: number }
 /**
- * A decoder's: half a MiB, and up to 4 MiB of them, about what the stages
- * after it hold while they flow. The extract writers held three or four
- * slabs of any size (one filling, the last one's records being written), so
- * 1.5-2 MiB rather than 3-4 with whole MiB slabs. The reader cuts records
- * from them, and a record cut by a slab's end is copied (io/slabs.ts,
- * scratch): 64 KiB more copied per half MiB, which measured no dearer.
+ * A decoder's: whole MiB slabs, up to 4 of them, about what the stages after
+ * it hold while they flow. Half-MiB slabs took 1-2 MiB off the extract
+ * writers' share but cost 15% more CPU on a barely compressible .vma.zst
+ * (6 interleaved pairs: records cut by a slab's end are copied, io/slabs.ts
+ * scratch, and each slab is a turn of the event loop).
  */
-const DECODED: Output = { size: SLAB_SIZE / 2, made: 8 }
+const DECODED: Output = { size: SLAB_SIZE, made: 4 }
 /**
  * An encoder's: small slabs, as many as the file writer holds (its 1 MiB
  * buffered and a write of as much in flight) and the slab being filled; the
