@@ -124,24 +124,26 @@ async function indexChecked (file: PositionalReader, options: ExtractOptions, ch
   }
 }
 
-/** extractToDirectory from an archive file in raw, qcow2 or Parallels: each disk's data copied by position (the writer's copyFrom). */
-async function copyToDirectory (
+/**
+ * The devices `choose` picks from an archive file, each copied by position
+ * (its writer's copyFrom) and finished; the writers not finished are aborted
+ * on failure. `open` creates the writers, handing each to `add` at once.
+ */
+async function copyByPosition (
   file: PositionalReader,
-  select: ((devices: DeviceInfo[]) => DeviceInfo[]) | undefined,
-  plan: (info: ArchiveInfo, selected: DeviceInfo[]) => Array<{ device: DeviceInfo, output: DiskOutput }>,
-  create: (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: DiskOutput }>, add: (device: number, w: DiskWriter) => void) => Promise<void>,
-  options: ExtractToDirOptions
+  options: ExtractOptions,
+  choose: (info: ArchiveInfo) => DeviceInfo[],
+  open: (info: ArchiveInfo, add: (device: number, w: DiskWriter) => void) => Promise<void>
 ): Promise<{ info: ArchiveInfo, archiveBytes: number }> {
-  let disks: Array<{ device: DeviceInfo, output: DiskOutput }> = []
+  let chosen: DeviceInfo[] = []
   const index = await indexChecked(file, options, info => {
-    const selected = select?.(info.devices) ?? info.devices
-    disks = plan(info, selected)
-    return selected
+    chosen = choose(info)
+    return chosen
   })
   const writers: Array<{ device: DeviceInfo, writer: DiskWriter }> = []
   const finished = new Set<DiskWriter>()
   try {
-    await create(index.info, disks, (id, writer) => { writers.push({ device: disks.find(d => d.device.id === id)?.device as DeviceInfo, writer }) })
+    await open(index.info, (id, writer) => { writers.push({ device: chosen.find(d => d.id === id) as DeviceInfo, writer }) })
     // Progress counts archive bytes, as the streaming path does: the data as it is copied, the headers at the end.
     let counted = 0
     const progress: ProgressSink = { add: n => { counted += n; options.progress?.add(n) } }
@@ -164,6 +166,22 @@ async function copyToDirectory (
     await index.close()
   }
   return { info: index.info, archiveBytes: file.size }
+}
+
+/** extractToDirectory from an archive file in raw, qcow2 or Parallels: each disk's data copied by position. */
+async function copyToDirectory (
+  file: PositionalReader,
+  select: ((devices: DeviceInfo[]) => DeviceInfo[]) | undefined,
+  plan: (info: ArchiveInfo, selected: DeviceInfo[]) => Array<{ device: DeviceInfo, output: DiskOutput }>,
+  create: (info: ArchiveInfo, disks: Array<{ device: DeviceInfo, output: DiskOutput }>, add: (device: number, w: DiskWriter) => void) => Promise<void>,
+  options: ExtractToDirOptions
+): Promise<{ info: ArchiveInfo, archiveBytes: number }> {
+  let disks: Array<{ device: DeviceInfo, output: DiskOutput }> = []
+  return await copyByPosition(file, options, info => {
+    const selected = select?.(info.devices) ?? info.devices
+    disks = plan(info, selected)
+    return selected
+  }, async (info, add) => { await create(info, disks, add) })
 }
 
 export interface ExtractToStreamOptions extends ExtractOptions, Omit<OutputOptions, 'dataFile'> {
@@ -360,36 +378,20 @@ export async function extractToNbd (
   return { ...result, written: (writer as NbdDiskWriter).stats }
 }
 
-/** extractOneDisk from an archive file, the disk's data copied by position (the writer's copyFrom). */
+/** extractOneDisk from an archive file, the disk's data copied by position. */
 async function copyOneDisk (
-  file: PositionalReader, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<NbdDiskWriter>
+  file: PositionalReader, options: ExtractOptions, destination: string, open: (device: DeviceInfo) => Promise<DiskWriter>
 ): Promise<ExtractResult & { device: DeviceInfo }> {
   let device: DeviceInfo | undefined
-  const index = await indexChecked(file, options, info => {
+  const choose = (info: ArchiveInfo): DeviceInfo[] => {
     device = pickOneDisk(info.devices, options.devices, destination)
     return [device]
-  })
-  try {
-    const chosen = device as DeviceInfo
-    const writer = await open(chosen)
-    const disk = index.disk(chosen)
-    // Progress counts archive bytes, as the streaming path does: the data as it is copied, the headers at the end.
-    let counted = 0
-    const progress: ProgressSink = { add: n => { counted += n; options.progress?.add(n) } }
-    try {
-      await writer.copyFrom(disk, progress, options.signal)
-      await writer.finish()
-    } catch (err) {
-      await writer.abort()
-      throw err
-    } finally {
-      await disk.close()
-    }
-    options.progress?.add(Math.max(0, file.size - counted))
-    return { info: index.info, files: [], archiveBytes: file.size, device: chosen }
-  } finally {
-    await index.close()
   }
+  const done = await copyByPosition(file, options, choose, async (_info, add) => {
+    const chosen = device as DeviceInfo
+    add(chosen.id, await open(chosen))
+  })
+  return { ...done, files: [], device: device as DeviceInfo }
 }
 
 async function extractOneDisk (
