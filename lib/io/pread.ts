@@ -11,8 +11,18 @@ import { VmapipeError, ioError } from '../errors.js'
 export async function readFully (file: FileHandle, buf: Buffer, position: number, where: string, zeroPastEnd = false): Promise<void> {
   const done = await readUpTo(file, buf, position, where)
   if (done === buf.length) return
-  if (!zeroPastEnd) throw new VmapipeError('E_IO', `${where} ended at byte ${position + done} while being read; did it change?`)
+  if (!zeroPastEnd) throw endedEarly(where, position + done)
   buf.fill(0, done)
+}
+
+/** readFully (without zeroPastEnd) by synchronous reads of a file descriptor. */
+export function readFullySync (fd: number, buf: Buffer, position: number, where: string): void {
+  const done = readUpToSync(fd, buf, position, where)
+  if (done < buf.length) throw endedEarly(where, position + done)
+}
+
+function endedEarly (where: string, at: number): VmapipeError {
+  return new VmapipeError('E_IO', `${where} ended at byte ${at} while being read; did it change?`)
 }
 
 /** Reads until `buf` is full or the file ends; returns the bytes read. */

@@ -8,7 +8,7 @@ import { open, type FileHandle } from 'node:fs/promises'
 import { VmapipeError, ioError } from '../errors.js'
 import type { DiskDescription, Extent, RandomAccessDisk } from '../contracts.js'
 import { sizeOf } from '../io/input.js'
-import { readFully, readUpToSync } from '../io/pread.js'
+import { readFully, readFullySync } from '../io/pread.js'
 import { dataExtents } from './holes.js'
 
 /** Bytes of the file whose holes are looked up at once: a sparse disk takes a few lookups per gigabyte, not one per read. */
@@ -66,9 +66,7 @@ export class RawImage implements RandomAccessDisk {
   /** read() by synchronous reads, for a server that copies from the page cache (nbd/server.ts readDisk). */
   readSync (buf: Buffer, offset: number): void {
     const inside = Math.max(0, Math.min(buf.length, this.size - offset))
-    if (readUpToSync(this.file.fd, buf.subarray(0, inside), offset, this.path) < inside) {
-      throw new VmapipeError('E_IO', `${this.path} ended at a byte before ${offset + inside} while being read; did it change?`)
-    }
+    readFullySync(this.file.fd, buf.subarray(0, inside), offset, this.path)
     buf.fill(0, inside)
   }
 
