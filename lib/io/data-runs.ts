@@ -5,7 +5,7 @@
  */
 import { fdatasync } from 'node:fs'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, ProgressSink, RandomAccessDisk } from '../contracts.js'
+import type { ClusterRecord, Extent, ProgressSink, RandomAccessDisk } from '../contracts.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 import { writeAll } from './write-queue.js'
 
@@ -19,9 +19,14 @@ const COPY_CLUSTERS = 16
  * young, where those of 256 MiB lived through collections and made V8 double
  * its young generation (4 MiB more RSS at 1 GiB).
  */
-export const MAP_WINDOW = 8 << 20
+const MAP_WINDOW = 8 << 20
 /** Bytes written between background syncs. */
 const FLUSH_EVERY = 64 << 20
+
+/** `disk`'s map in order, a window of MAP_WINDOW bytes at a time (one await a window, none an extent). */
+export async function * mapWindows (disk: Pick<RandomAccessDisk, 'map' | 'size'>): AsyncGenerator<Extent[]> {
+  for (let at = 0; at < disk.size; at += MAP_WINDOW) yield await disk.map(at, Math.min(MAP_WINDOW, disk.size - at))
+}
 
 /**
  * Calls `fn` for each run of neighbouring 64 KiB clusters of `disk` that hold
@@ -43,8 +48,8 @@ async function forEachDataRun (
       await fn(c, count, part)
     }
   }
-  for (let at = 0; at < disk.size; at += MAP_WINDOW) {
-    for (const e of await disk.map(at, Math.min(MAP_WINDOW, disk.size - at))) {
+  for await (const extents of mapWindows(disk)) {
+    for (const e of extents) {
       if (!e.data) continue
       const from = Math.floor(e.offset / CLUSTER_SIZE)
       const to = Math.ceil((e.offset + e.length) / CLUSTER_SIZE)

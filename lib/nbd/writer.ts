@@ -10,7 +10,7 @@
  */
 import { VmapipeError } from '../errors.js'
 import type { ClusterRecord, DeviceInfo, DiskWriter, ProgressSink } from '../contracts.js'
-import { type CopySource, MAP_WINDOW } from '../io/data-runs.js'
+import { type CopySource, mapWindows } from '../io/data-runs.js'
 import { giveBack, lend } from '../io/slabs.js'
 import { CLUSTER_SIZE, ZERO_CLUSTER, forEachRun } from '../record.js'
 import { type NbdAddress, type NbdClientOptions, NbdClient, NbdReplyError } from './client.js'
@@ -114,8 +114,8 @@ export class NbdDiskWriter implements DiskWriter {
   async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     const piece = Math.min(MAX_WRITE, this.client.maxPayload)
     const free: Buffer[] = Array.from({ length: COPY_BUFFERS }, () => Buffer.allocUnsafeSlow(piece))
-    for (let at = 0; at < disk.size; at += MAP_WINDOW) {
-      for (const e of await disk.map(at, Math.min(MAP_WINDOW, disk.size - at))) {
+    for await (const extents of mapWindows(disk)) {
+      for (const e of extents) {
         const end = e.offset + e.length
         // Holes in pieces too: where the export has no WRITE_ZEROES they go out as WRITEs of zeros, at most `piece` long.
         for (let from = e.offset; !e.data && from < end; from += piece) await this.zero(from, Math.min(piece, end - from))

@@ -9,16 +9,13 @@ import { Socket } from 'node:net'
 import { open, type FileHandle } from 'node:fs/promises'
 import type { Writable } from 'node:stream'
 import { VmapipeError, ioError } from '../errors.js'
-import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites, ProgressSink, RandomAccessDisk } from '../contracts.js'
+import type { ClusterRecord, DeviceInfo, DiskWriter, FileWrites, ProgressSink } from '../contracts.js'
 import { clusterCount, forEachRun } from '../record.js'
 import { ReorderBuffer, type ReorderOptions, expandLent } from '../io/reorder.js'
 import { drained } from '../io/drained.js'
 import { WriteQueue, abandonFile, completeFile, writeAllSync } from '../io/write-queue.js'
 import { giveBack } from '../io/slabs.js'
-import { MAP_WINDOW } from '../io/data-runs.js'
-
-/** What RawFileWriter.copyFrom reads: a disk's map, and its bytes read synchronously. */
-type CopySource = Pick<RandomAccessDisk, 'map'> & { readSync: (buf: Buffer, offset: number) => void }
+import { type CopySource, mapWindows } from '../io/data-runs.js'
 
 export class RawFileWriter implements DiskWriter {
   private constructor (
@@ -59,8 +56,8 @@ export class RawFileWriter implements DiskWriter {
   async copyFrom (disk: CopySource, progress?: ProgressSink, signal?: AbortSignal): Promise<void> {
     const buf = Buffer.allocUnsafeSlow(COPY_CHUNK)
     let sinceTurn = 0
-    for (let at = 0; at < this.size; at += MAP_WINDOW) {
-      for (const e of await disk.map(at, Math.min(MAP_WINDOW, this.size - at))) {
+    for await (const extents of mapWindows(disk)) {
+      for (const e of extents) {
         if (!e.data) continue
         for (let done = 0; done < e.length;) {
           const n = Math.min(COPY_CHUNK, e.length - done)
